@@ -1,0 +1,51 @@
+# Tern: build, generate, test, install. `make test` needs root (it creates
+# network namespaces, veths, BPF programs and iptables rules).
+
+GO        ?= go
+CLANG     ?= clang-19
+BIN       := bin
+DESTDIR   ?=
+CNI_BIN   ?= /opt/cni/bin
+CNI_CONF  ?= /etc/cni/net.d
+BINARIES  := tern ternbench
+GOTEST_FLAGS ?= -count=1 -timeout 40m
+
+.PHONY: all build generate test install lint bench clean demo
+
+all: build
+
+build:
+	@mkdir -p $(BIN)
+	$(GO) build -o $(BIN)/tern ./cmd/tern
+	@if [ -d cmd/ternctl ] && ls cmd/ternctl/*.go >/dev/null 2>&1; then $(GO) build -o $(BIN)/ternctl ./cmd/ternctl; fi
+	@if [ -d cmd/ternbench ] && ls cmd/ternbench/*.go >/dev/null 2>&1; then $(GO) build -o $(BIN)/ternbench ./cmd/ternbench; fi
+	$(GO) build -o $(BIN)/host-local github.com/containernetworking/plugins/plugins/ipam/host-local
+
+# Regenerate the BPF objects and their Go bindings (committed; CI checks
+# they are current).
+generate:
+	cd bpf && $(GO) generate ./...
+
+# Every test, against the real kernel. TERN_CNI_PATH points the end-to-end
+# tests at the binaries just built.
+test: build
+	TERN_CNI_PATH=$(CURDIR)/$(BIN) $(GO) test $(GOTEST_FLAGS) ./...
+
+install: build
+	install -d $(DESTDIR)$(CNI_BIN) $(DESTDIR)$(CNI_CONF)
+	install -m 0755 $(BIN)/tern $(DESTDIR)$(CNI_BIN)/tern
+	@if [ -f $(BIN)/ternctl ]; then install -m 0755 $(BIN)/ternctl $(DESTDIR)$(CNI_BIN)/../ternctl 2>/dev/null || true; fi
+	install -m 0644 examples/10-tern.conflist $(DESTDIR)$(CNI_CONF)/10-tern.conflist
+
+lint:
+	@out=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
+	$(GO) vet ./...
+
+bench: build
+	$(GO) run ./cmd/ternbench --out bench/results
+
+demo: build
+	./examples/demo.sh
+
+clean:
+	rm -rf $(BIN)

@@ -1,0 +1,187 @@
+// Package cni implements the tern CNI plugin's commands (ADD, DEL, CHECK,
+// STATUS, GC) as plain functions the thin main in cmd/tern hands to skel.
+package cni
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net"
+	"strings"
+
+	"github.com/containernetworking/cni/pkg/types"
+	"github.com/containernetworking/cni/pkg/version"
+
+	"github.com/ternlabs/tern/ipam"
+	"github.com/ternlabs/tern/loader"
+)
+
+// Datapath names accepted in the "datapath" field.
+const (
+	DatapathEBPF     = "ebpf"
+	DatapathIPTables = "iptables"
+)
+
+// Defaults for optional fields.
+const (
+	DefaultStateDir = "/var/lib/tern"
+	DefaultBPFFSDir = "/sys/fs/bpf/tern"
+	DefaultBridge   = "tern0"
+)
+
+// NetConf is the network configuration Tern reads on stdin.
+type NetConf struct {
+	types.PluginConf
+
+	Datapath           string   `json:"datapath,omitempty"`
+	MTU                int      `json:"mtu,omitempty"`
+	ClusterCIDR        string   `json:"clusterCIDR,omitempty"`
+	StateDir           string   `json:"stateDir,omitempty"`
+	BPFFSDir           string   `json:"bpffsDir,omitempty"`
+	Bridge             string   `json:"bridge,omitempty"`
+	IPMasq             *bool    `json:"ipMasq,omitempty"`
+	NonMasqueradeCIDRs []string `json:"nonMasqueradeCIDRs,omitempty"`
+	// TCAttach forces how programs attach: "auto" (default: TCX, else
+	// clsact), "tcx" or "legacy". For kernels and tests that need one.
+	TCAttach string `json:"tcAttach,omitempty"`
+
+	// Parsed forms, filled by ParseConfig.
+	clusterCIDR *net.IPNet
+	nonMasq     []net.IPNet
+	attachMode  loader.Mode
+	pool        *ipam.Pool // when ipam.type is tern-ipam
+	rawIPAM     ipam.Config
+}
+
+// ConfigError is a missing or invalid field; it maps to CNI error code 7.
+type ConfigError struct {
+	Field string
+	Msg   string
+}
+
+func (e *ConfigError) Error() string {
+	return fmt.Sprintf("invalid network config: %s: %s", e.Field, e.Msg)
+}
+
+func fieldErr(field, format string, args ...any) *ConfigError {
+	return &ConfigError{Field: field, Msg: fmt.Sprintf(format, args...)}
+}
+
+// cniError converts an error into the *types.Error skel prints, keeping
+// codes already chosen and mapping config errors to 7.
+func cniError(err error) error {
+	if err == nil {
+		return nil
+	}
+	if e, ok := err.(*types.Error); ok {
+		return e
+	}
+	var ce *ConfigError
+	if errors.As(err, &ce) {
+		return types.NewError(types.ErrInvalidNetworkConfig, err.Error(), "")
+	}
+	return types.NewError(types.ErrInternal, err.Error(), "")
+}
+
+// ParseConfig decodes and validates stdin, filling defaults.
+func ParseConfig(stdin []byte) (*NetConf, error) {
+	conf := &NetConf{}
+	if err := json.Unmarshal(stdin, conf); err != nil {
+		return nil, types.NewError(types.ErrDecodingFailure, "failed to decode network config", err.Error())
+	}
+	if err := version.ParsePrevResult(&conf.PluginConf); err != nil {
+		return nil, fieldErr("prevResult", "%v", err)
+	}
+	if conf.Name == "" {
+		return nil, fieldErr("name", "missing")
+	}
+	if conf.Datapath == "" {
+		conf.Datapath = DatapathEBPF
+	}
+	if conf.Datapath != DatapathEBPF && conf.Datapath != DatapathIPTables {
+		return nil, fieldErr("datapath", "%q is not one of %q, %q", conf.Datapath, DatapathEBPF, DatapathIPTables)
+	}
+	if conf.MTU < 0 || (conf.MTU != 0 && (conf.MTU < 576 || conf.MTU > 65535)) {
+		return nil, fieldErr("mtu", "%d is outside 576-65535", conf.MTU)
+	}
+	if conf.ClusterCIDR != "" {
+		_, n, err := net.ParseCIDR(conf.ClusterCIDR)
+		if err != nil || n.IP.To4() == nil {
+			return nil, fieldErr("clusterCIDR", "%q is not an IPv4 CIDR", conf.ClusterCIDR)
+		}
+		conf.clusterCIDR = n
+	}
+	for i, s := range conf.NonMasqueradeCIDRs {
+		_, n, err := net.ParseCIDR(s)
+		if err != nil || n.IP.To4() == nil {
+			return nil, fieldErr(fmt.Sprintf("nonMasqueradeCIDRs[%d]", i), "%q is not an IPv4 CIDR", s)
+		}
+		conf.nonMasq = append(conf.nonMasq, *n)
+	}
+	if conf.StateDir == "" {
+		conf.StateDir = DefaultStateDir
+	}
+	if !strings.HasPrefix(conf.StateDir, "/") {
+		return nil, fieldErr("stateDir", "%q is not an absolute path", conf.StateDir)
+	}
+	if conf.BPFFSDir == "" {
+		conf.BPFFSDir = DefaultBPFFSDir
+	}
+	if !strings.HasPrefix(conf.BPFFSDir, "/") {
+		return nil, fieldErr("bpffsDir", "%q is not an absolute path", conf.BPFFSDir)
+	}
+	if conf.Bridge == "" {
+		conf.Bridge = DefaultBridge
+	}
+	if len(conf.Bridge) > 15 || strings.ContainsAny(conf.Bridge, "/ \t") {
+		return nil, fieldErr("bridge", "%q is not a valid interface name", conf.Bridge)
+	}
+	mode, err := loader.ParseMode(conf.TCAttach)
+	if err != nil {
+		return nil, fieldErr("tcAttach", "%v", err)
+	}
+	conf.attachMode = mode
+
+	if conf.IPAM.Type == "" {
+		return nil, fieldErr("ipam.type", "missing")
+	}
+	if conf.IPAM.Type == ipam.TypeName {
+		var raw struct {
+			IPAM ipam.Config `json:"ipam"`
+		}
+		if err := json.Unmarshal(stdin, &raw); err != nil {
+			return nil, fieldErr("ipam", "%v", err)
+		}
+		pool, err := ipam.ParseConfig(raw.IPAM)
+		if err != nil {
+			var fe *ipam.FieldError
+			if errors.As(err, &fe) {
+				return nil, fieldErr(fe.Field, "%s", fe.Msg)
+			}
+			return nil, fieldErr("ipam", "%v", err)
+		}
+		conf.pool = pool
+		conf.rawIPAM = raw.IPAM
+	}
+	return conf, nil
+}
+
+// masquerade reports whether pod traffic leaving the cluster is SNATed.
+func (c *NetConf) masquerade() bool { return c.IPMasq == nil || *c.IPMasq }
+
+// K8sArgs are the CNI_ARGS a Kubernetes runtime passes.
+type K8sArgs struct {
+	types.CommonArgs
+	K8S_POD_NAMESPACE          types.UnmarshallableString //nolint:revive // CNI_ARGS key
+	K8S_POD_NAME               types.UnmarshallableString //nolint:revive
+	K8S_POD_INFRA_CONTAINER_ID types.UnmarshallableString //nolint:revive
+	K8S_POD_UID                types.UnmarshallableString //nolint:revive
+}
+
+func parseArgs(s string) (*K8sArgs, error) {
+	a := &K8sArgs{}
+	if err := types.LoadArgs(s, a); err != nil {
+		return nil, types.NewError(types.ErrInvalidEnvironmentVariables, "invalid CNI_ARGS", err.Error())
+	}
+	return a, nil
+}

@@ -1,0 +1,45 @@
+package cni
+
+import (
+	"fmt"
+	"net"
+
+	"github.com/ternlabs/tern/datapath"
+	ebpfdp "github.com/ternlabs/tern/datapath/ebpf"
+	"github.com/ternlabs/tern/datapath/iptables"
+)
+
+// newDatapath builds the configured datapath. The iptables datapath needs
+// the pod subnet and gateway for its bridge; they come from the pod's
+// address (subnet may be nil when unknown, e.g. DEL without a record).
+func (c *NetConf) newDatapath(subnet *net.IPNet, gateway net.IP) (datapath.Datapath, error) {
+	switch c.Datapath {
+	case DatapathEBPF:
+		return ebpfdp.New(ebpfdp.Config{BPFFSDir: c.BPFFSDir, StateDir: c.StateDir, Attach: c.attachMode}), nil
+	case DatapathIPTables:
+		if subnet == nil && c.pool != nil {
+			subnet, gateway = &c.pool.Subnet, c.pool.Gateway
+		}
+		if subnet == nil || gateway == nil {
+			return nil, fmt.Errorf("iptables datapath: pod subnet and gateway unknown")
+		}
+		return iptables.New(iptables.Config{
+			Network:            c.Name,
+			Bridge:             c.Bridge,
+			MTU:                c.MTU,
+			Subnet:             *subnet,
+			Gateway:            gateway,
+			ClusterCIDR:        c.clusterCIDR,
+			IPMasq:             c.masquerade(),
+			NonMasqueradeCIDRs: c.nonMasq,
+		})
+	}
+	return nil, fmt.Errorf("unknown datapath %q", c.Datapath)
+}
+
+// closeDatapath releases handles some datapaths hold.
+func closeDatapath(dp datapath.Datapath) {
+	if c, ok := dp.(interface{ Close() }); ok {
+		c.Close()
+	}
+}

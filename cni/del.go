@@ -1,0 +1,95 @@
+package cni
+
+import (
+	"errors"
+	"fmt"
+	"net"
+
+	"github.com/containernetworking/cni/pkg/skel"
+
+	"github.com/ternlabs/tern/datapath"
+	"github.com/ternlabs/tern/loader"
+)
+
+// CmdDel undoes ADD. It is idempotent and best-effort: the netns, the veth,
+// the record or the IP may already be gone, and the IP is released even
+// when everything else failed.
+func CmdDel(args *skel.CmdArgs) error {
+	return cniError(cmdDel(args))
+}
+
+func cmdDel(args *skel.CmdArgs) error {
+	conf, err := ParseConfig(args.StdinData)
+	if err != nil {
+		return err
+	}
+	var errs []error
+	if err := conf.teardown(args.ContainerID, args.IfName); err != nil {
+		errs = append(errs, err)
+	}
+	if err := conf.ipamDel(args.ContainerID, args.IfName, args.StdinData); err != nil {
+		errs = append(errs, err)
+	}
+	return errors.Join(errs...)
+}
+
+// teardown removes everything of one attachment but its IP: datapath
+// state, the veth pair, the record, and node state when it was the last.
+func (c *NetConf) teardown(containerID, ifname string) error {
+	recs := newRecords(c.StateDir, c.Name)
+	lock, err := loader.Lock(recs.lockPath())
+	if err != nil {
+		return err
+	}
+	defer lock.Unlock()
+
+	rec, err := recs.load(containerID, ifname)
+	if err != nil {
+		return err
+	}
+	ep := &datapath.Endpoint{ContainerID: containerID, IfName: ifname, HostVeth: hostVethName(containerID, ifname)}
+	if rec != nil {
+		ep = rec.endpoint()
+	}
+
+	var errs []error
+	dp, err := c.newDatapath(subnetOf(ep), ep.Gateway)
+	if err != nil {
+		if rec != nil {
+			errs = append(errs, err)
+		}
+		// Without a record there is no endpoint state to find: nothing to do.
+	} else {
+		defer closeDatapath(dp)
+		if err := dp.DelEndpoint(ep); err != nil {
+			errs = append(errs, fmt.Errorf("remove endpoint from datapath: %w", err))
+		}
+	}
+	if err := deleteHostVeth(ep.HostVeth); err != nil {
+		errs = append(errs, err)
+	}
+	if len(errs) > 0 {
+		// Keep the record so a retried DEL or GC can finish the job.
+		return errors.Join(errs...)
+	}
+	if err := recs.remove(containerID, ifname); err != nil {
+		return err
+	}
+	left, err := recs.list()
+	if err != nil {
+		return err
+	}
+	if dp != nil {
+		if err := dp.ReleaseNode(len(left)); err != nil {
+			return fmt.Errorf("release node datapath: %w", err)
+		}
+	}
+	return nil
+}
+
+func subnetOf(ep *datapath.Endpoint) *net.IPNet {
+	if ep.IP.IP == nil {
+		return nil
+	}
+	return &net.IPNet{IP: ep.IP.IP.Mask(ep.IP.Mask), Mask: ep.IP.Mask}
+}

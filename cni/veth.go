@@ -1,0 +1,126 @@
+package cni
+
+import (
+	"errors"
+	"fmt"
+	"net"
+
+	"github.com/containernetworking/plugins/pkg/netlinksafe"
+	"github.com/containernetworking/plugins/pkg/ns"
+	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
+)
+
+// podLink is the pair created for one attachment.
+type podLink struct {
+	hostName    string
+	hostIfindex int
+	hostMAC     net.HardwareAddr
+	podMAC      net.HardwareAddr
+}
+
+// createVeth makes the veth pair from the node's namespace, with the peer
+// created directly inside the pod's namespace under its final name, so no
+// half-configured interface is ever visible in the node namespace under
+// the pod's name.
+func createVeth(podNS ns.NetNS, hostName, ifname string, mtu int, alias string) (*podLink, error) {
+	var exists bool
+	if err := podNS.Do(func(ns.NetNS) error {
+		_, err := netlinksafe.LinkByName(ifname)
+		exists = err == nil
+		return nil
+	}); err != nil {
+		return nil, err
+	}
+	if exists {
+		return nil, fmt.Errorf("interface %s already exists in netns %s", ifname, podNS.Path())
+	}
+	if _, err := netlinksafe.LinkByName(hostName); err == nil {
+		return nil, fmt.Errorf("host interface %s already exists (ADD for an attachment that exists)", hostName)
+	}
+
+	veth := &netlink.Veth{
+		LinkAttrs:     netlink.LinkAttrs{Name: hostName, MTU: mtu, Alias: alias},
+		PeerName:      ifname,
+		PeerNamespace: netlink.NsFd(int(podNS.Fd())),
+	}
+	if err := netlink.LinkAdd(veth); err != nil {
+		return nil, fmt.Errorf("create veth %s/%s: %w", hostName, ifname, err)
+	}
+	host, err := netlinksafe.LinkByName(hostName)
+	if err != nil {
+		return nil, fmt.Errorf("look up new veth %s: %w", hostName, err)
+	}
+	// The alias is set separately: not every kernel honours it on create.
+	if host.Attrs().Alias != alias {
+		if err := netlink.LinkSetAlias(host, alias); err != nil {
+			return nil, fmt.Errorf("set alias on %s: %w", hostName, err)
+		}
+	}
+	if err := netlink.LinkSetUp(host); err != nil {
+		return nil, fmt.Errorf("set %s up: %w", hostName, err)
+	}
+	pl := &podLink{hostName: hostName, hostIfindex: host.Attrs().Index, hostMAC: host.Attrs().HardwareAddr}
+	err = podNS.Do(func(ns.NetNS) error {
+		pod, err := netlinksafe.LinkByName(ifname)
+		if err != nil {
+			return fmt.Errorf("look up %s in pod: %w", ifname, err)
+		}
+		pl.podMAC = pod.Attrs().HardwareAddr
+		return nil
+	})
+	return pl, err
+}
+
+// deleteHostVeth deletes the pair by its host end; a missing link is fine.
+func deleteHostVeth(name string) error {
+	lk, err := netlinksafe.LinkByName(name)
+	if err != nil {
+		var nf netlink.LinkNotFoundError
+		if errors.As(err, &nf) {
+			return nil
+		}
+		return fmt.Errorf("look up %s: %w", name, err)
+	}
+	if err := netlink.LinkDel(lk); err != nil && !errors.Is(err, unix.ENODEV) {
+		return fmt.Errorf("delete %s: %w", name, err)
+	}
+	return nil
+}
+
+// podAddressing is how the pod side is configured.
+type podAddressing struct {
+	addr   *netlink.Addr // the pod address
+	routes []*netlink.Route
+	neigh  *netlink.Neigh // permanent gateway entry (eBPF mode)
+}
+
+// configurePod applies addressing to ifname inside the pod namespace.
+func configurePod(podNS ns.NetNS, ifname string, pa podAddressing) error {
+	return podNS.Do(func(ns.NetNS) error {
+		lk, err := netlinksafe.LinkByName(ifname)
+		if err != nil {
+			return fmt.Errorf("look up %s in pod: %w", ifname, err)
+		}
+		if err := netlink.LinkSetUp(lk); err != nil {
+			return fmt.Errorf("set %s up: %w", ifname, err)
+		}
+		pa.addr.LinkIndex = lk.Attrs().Index
+		if err := netlink.AddrAdd(lk, pa.addr); err != nil {
+			return fmt.Errorf("add address %s to %s: %w", pa.addr.IPNet, ifname, err)
+		}
+		if pa.neigh != nil {
+			pa.neigh.LinkIndex = lk.Attrs().Index
+			if err := netlink.NeighSet(pa.neigh); err != nil {
+				return fmt.Errorf("add gateway neighbour %s: %w", pa.neigh.IP, err)
+			}
+		}
+		for _, r := range pa.routes {
+			r.LinkIndex = lk.Attrs().Index
+			if err := netlink.RouteAdd(r); err != nil && !errors.Is(err, unix.EEXIST) {
+				return fmt.Errorf("add route %s in pod: %w", r, err)
+			}
+		}
+		return nil
+	})
+}

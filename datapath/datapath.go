@@ -1,0 +1,49 @@
+// Package datapath defines what the CNI plugin asks of a datapath. Two
+// implementations live below it: ebpf (tc programs and pinned maps) and
+// iptables (a Linux bridge and iptables chains).
+//
+// Every method runs in the network namespace of the node (the namespace the
+// plugin was started in), never inside the pod's namespace.
+package datapath
+
+import (
+	"net"
+)
+
+// Endpoint is one pod interface as the datapath sees it.
+type Endpoint struct {
+	ContainerID string
+	IfName      string // interface name inside the pod (CNI_IFNAME)
+
+	HostVeth    string // host-side veth name
+	HostIfindex int
+	HostMAC     net.HardwareAddr
+	PodMAC      net.HardwareAddr
+
+	IP      net.IPNet // pod address (IPv4) with the prefix of its pool
+	Gateway net.IP    // gateway the pod routes through
+
+	PodNamespace string // K8S_POD_NAMESPACE, may be empty
+	PodName      string // K8S_POD_NAME, may be empty
+}
+
+// Datapath wires the host side of pod interfaces.
+type Datapath interface {
+	// EnsureNode prepares node-wide state (programs and maps, or bridge and
+	// chains). It is idempotent and safe to call from concurrent plugin
+	// processes.
+	EnsureNode() error
+	// AddEndpoint connects a new host-side veth to the datapath.
+	AddEndpoint(ep *Endpoint) error
+	// DelEndpoint removes every trace of the endpoint. Missing pieces are
+	// not an error: DEL must be idempotent.
+	DelEndpoint(ep *Endpoint) error
+	// CheckEndpoint reports the first piece of the endpoint's wiring that is
+	// missing or wrong.
+	CheckEndpoint(ep *Endpoint) error
+	// ReleaseNode removes node-wide state that only exists for endpoints,
+	// when the last endpoint of the network has gone (remaining == 0).
+	ReleaseNode(remaining int) error
+	// Status reports whether ADD can be served.
+	Status() error
+}

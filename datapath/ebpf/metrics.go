@@ -1,0 +1,47 @@
+package ebpf
+
+import (
+	"fmt"
+
+	cilium "github.com/cilium/ebpf"
+
+	ternbpf "github.com/ternlabs/tern/bpf"
+)
+
+// metricNames are the C enum metric names, in enum order, lower-cased and
+// without the prefix. TestMetricNames keeps it in step with the C header.
+var metricNames = [...]string{
+	ternbpf.TernMetricMETRIC_REDIRECT_PEER:  "redirect_peer",
+	ternbpf.TernMetricMETRIC_PASS_HOST:      "pass_host",
+	ternbpf.TernMetricMETRIC_PASS_NON_IPV4:  "pass_non_ipv4",
+	ternbpf.TernMetricMETRIC_PASS_TTL:       "pass_ttl",
+	ternbpf.TernMetricMETRIC_DROP_TRUNCATED: "drop_truncated",
+	ternbpf.TernMetricMETRIC_DROP_SPOOFED:   "drop_spoofed",
+	ternbpf.TernMetricMETRIC_DROP_REDIRECT:  "drop_redirect",
+}
+
+// MetricName is the name of a metric (e.g. "redirect_peer").
+func MetricName(m ternbpf.TernMetric) string {
+	if int(m) < len(metricNames) && metricNames[m] != "" {
+		return metricNames[m]
+	}
+	return fmt.Sprintf("metric_%d", m)
+}
+
+// ReadMetrics sums the per-CPU metrics array into totals by name.
+func ReadMetrics(m *cilium.Map) (map[string]ternbpf.TernMetricValue, error) {
+	out := map[string]ternbpf.TernMetricValue{}
+	for i := ternbpf.TernMetric(0); i < ternbpf.TernMetricMETRIC_MAX; i++ {
+		var perCPU []ternbpf.TernMetricValue
+		if err := m.Lookup(uint32(i), &perCPU); err != nil {
+			return nil, fmt.Errorf("read metric %d: %w", i, err)
+		}
+		var sum ternbpf.TernMetricValue
+		for _, v := range perCPU {
+			sum.Packets += v.Packets
+			sum.Bytes += v.Bytes
+		}
+		out[MetricName(i)] = sum
+	}
+	return out, nil
+}

@@ -1,0 +1,240 @@
+package loader
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+
+	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/link"
+	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
+)
+
+// Hook is a place a program attaches to on an interface.
+type Hook string
+
+const (
+	// HookPodIngress is tc ingress of a pod's host-side veth: packets the
+	// pod sends.
+	HookPodIngress Hook = "ingress"
+)
+
+func (h Hook) program() string {
+	switch h {
+	case HookPodIngress:
+		return "tern_from_pod"
+	}
+	return ""
+}
+
+func (h Hook) tcxAttach() ebpf.AttachType { return ebpf.AttachTCXIngress }
+func (h Hook) clsactParent() uint32    { return netlink.HANDLE_MIN_INGRESS }
+
+// Mode is how a program is attached.
+type Mode string
+
+const (
+	ModeAuto   Mode = ""       // TCX when the kernel has it, else legacy
+	ModeTCX    Mode = "tcx"    // bpf_link on the TCX hook, pinned
+	ModeLegacy Mode = "legacy" // clsact qdisc with a cls_bpf filter
+)
+
+// ParseMode validates a mode name from configuration.
+func ParseMode(s string) (Mode, error) {
+	switch Mode(s) {
+	case ModeAuto, ModeTCX, ModeLegacy:
+		return Mode(s), nil
+	case "auto":
+		return ModeAuto, nil
+	}
+	return "", fmt.Errorf("unknown attach mode %q (want auto, tcx or legacy)", s)
+}
+
+func attachmentName(ifname string, hook Hook) string { return ifname + "@" + string(hook) }
+
+func parseAttachmentName(name string) (string, Hook, error) {
+	ifname, hook, ok := strings.Cut(name, "@")
+	if !ok || Hook(hook).program() == "" {
+		return "", "", fmt.Errorf("not an attachment name: %q", name)
+	}
+	return ifname, Hook(hook), nil
+}
+
+func (l *Loader) linkPin(ifname string, hook Hook) string {
+	return filepath.Join(l.BPFFSDir, linksDir, attachmentName(ifname, hook))
+}
+
+func (l *Loader) legacyDir() string { return filepath.Join(l.StateDir, "bpf-legacy") }
+
+// Attach attaches the hook's program to the interface and records the
+// attachment so that it outlives this process and follows upgrades. It
+// returns the mode used. Attaching again replaces the previous attachment.
+func (l *Loader) Attach(objs *Objects, ifname string, ifindex int, hook Hook, mode Mode) (Mode, error) {
+	prog, err := objs.Program(hook.program())
+	if err != nil {
+		return "", err
+	}
+	var used Mode
+	err = l.Held(func() error {
+		if mode == ModeAuto || mode == ModeTCX {
+			err := l.attachTCX(prog, ifname, ifindex, hook)
+			if err == nil {
+				used = ModeTCX
+				return nil
+			}
+			if mode == ModeTCX || !errors.Is(err, ebpf.ErrNotSupported) {
+				return err
+			}
+		}
+		if err := l.attachLegacy(prog, ifname, ifindex, hook); err != nil {
+			return err
+		}
+		used = ModeLegacy
+		return nil
+	})
+	return used, err
+}
+
+func (l *Loader) attachTCX(prog *ebpf.Program, ifname string, ifindex int, hook Hook) error {
+	pin := l.linkPin(ifname, hook)
+	if err := os.MkdirAll(filepath.Dir(pin), 0o700); err != nil {
+		return fmt.Errorf("create link pin dir: %w", err)
+	}
+	// A pin left by an earlier attachment of a since-recreated interface
+	// would block the new pin; it refers to a dead or replaced link.
+	if err := os.Remove(pin); err != nil && !os.IsNotExist(err) {
+		return fmt.Errorf("remove stale link pin %s: %w", pin, err)
+	}
+	lk, err := link.AttachTCX(link.TCXOptions{
+		Interface: ifindex,
+		Program:   prog,
+		Attach:    hook.tcxAttach(),
+	})
+	if err != nil {
+		return fmt.Errorf("attach tcx %s to %s: %w", hook, ifname, err)
+	}
+	defer lk.Close()
+	if err := lk.Pin(pin); err != nil {
+		return fmt.Errorf("pin tcx link %s: %w", pin, err)
+	}
+	return nil
+}
+
+func (l *Loader) attachLegacy(prog *ebpf.Program, ifname string, ifindex int, hook Hook) error {
+	qdisc := &netlink.GenericQdisc{
+		QdiscAttrs: netlink.QdiscAttrs{
+			LinkIndex: ifindex,
+			Handle:    netlink.MakeHandle(0xffff, 0),
+			Parent:    netlink.HANDLE_CLSACT,
+		},
+		QdiscType: "clsact",
+	}
+	if err := netlink.QdiscReplace(qdisc); err != nil {
+		return fmt.Errorf("add clsact qdisc to %s: %w", ifname, err)
+	}
+	if err := replaceClsBPF(ifindex, hook, prog); err != nil {
+		return fmt.Errorf("attach cls_bpf %s to %s: %w", hook, ifname, err)
+	}
+	if err := os.MkdirAll(l.legacyDir(), 0o700); err != nil {
+		return fmt.Errorf("create legacy attachment dir: %w", err)
+	}
+	rec := filepath.Join(l.legacyDir(), attachmentName(ifname, hook))
+	if err := os.WriteFile(rec, []byte(strconv.Itoa(ifindex)), 0o600); err != nil {
+		return fmt.Errorf("record legacy attachment: %w", err)
+	}
+	return nil
+}
+
+// clsBPFHandle is the filter handle Tern uses, so replace finds its filter.
+const clsBPFHandle = 0x7e51
+
+func clsBPFAttrs(ifindex int, hook Hook) netlink.FilterAttrs {
+	return netlink.FilterAttrs{
+		LinkIndex: ifindex,
+		Parent:    hook.clsactParent(),
+		Handle:    clsBPFHandle,
+		Protocol:  unix.ETH_P_ALL,
+		Priority:  1,
+	}
+}
+
+func clsBPFFilter(ifindex int, hook Hook, prog *ebpf.Program) *netlink.BpfFilter {
+	return &netlink.BpfFilter{
+		FilterAttrs:  clsBPFAttrs(ifindex, hook),
+		Fd:           prog.FD(),
+		Name:         hook.program(),
+		DirectAction: true,
+	}
+}
+
+func replaceClsBPF(ifindex int, hook Hook, prog *ebpf.Program) error {
+	return netlink.FilterReplace(clsBPFFilter(ifindex, hook, prog))
+}
+
+type legacyAttachment struct {
+	Ifname  string
+	Hook    Hook
+	Ifindex int
+}
+
+func (l *Loader) legacyAttachments() ([]legacyAttachment, error) {
+	entries, err := os.ReadDir(l.legacyDir())
+	if os.IsNotExist(err) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, fmt.Errorf("list legacy attachments: %w", err)
+	}
+	var out []legacyAttachment
+	for _, e := range entries {
+		ifname, hook, err := parseAttachmentName(e.Name())
+		if err != nil {
+			continue
+		}
+		b, err := os.ReadFile(filepath.Join(l.legacyDir(), e.Name()))
+		if err != nil {
+			return nil, fmt.Errorf("read legacy attachment %s: %w", e.Name(), err)
+		}
+		ifindex, err := strconv.Atoi(strings.TrimSpace(string(b)))
+		if err != nil {
+			return nil, fmt.Errorf("parse legacy attachment %s: %w", e.Name(), err)
+		}
+		// An interface deleted behind our back leaves a stale record.
+		if lk, err := netlink.LinkByIndex(ifindex); err != nil || lk.Attrs().Name != ifname {
+			_ = os.Remove(filepath.Join(l.legacyDir(), e.Name()))
+			continue
+		}
+		out = append(out, legacyAttachment{Ifname: ifname, Hook: hook, Ifindex: ifindex})
+	}
+	return out, nil
+}
+
+// Detach removes the attachment of hook on ifname, whatever its mode.
+// Missing pieces are fine: the interface may already be gone.
+func (l *Loader) Detach(ifname string, hook Hook) error {
+	return l.Held(func() error {
+		var errs []error
+		if err := os.Remove(l.linkPin(ifname, hook)); err != nil && !os.IsNotExist(err) {
+			errs = append(errs, fmt.Errorf("unpin tcx link of %s: %w", ifname, err))
+		}
+		rec := filepath.Join(l.legacyDir(), attachmentName(ifname, hook))
+		if b, err := os.ReadFile(rec); err == nil {
+			if ifindex, err := strconv.Atoi(strings.TrimSpace(string(b))); err == nil {
+				if lk, err := netlink.LinkByIndex(ifindex); err == nil && lk.Attrs().Name == ifname {
+					f := &netlink.BpfFilter{FilterAttrs: clsBPFAttrs(ifindex, hook)}
+					if err := netlink.FilterDel(f); err != nil && !errors.Is(err, unix.ENOENT) {
+						errs = append(errs, fmt.Errorf("delete cls_bpf filter on %s: %w", ifname, err))
+					}
+				}
+			}
+			if err := os.Remove(rec); err != nil && !os.IsNotExist(err) {
+				errs = append(errs, fmt.Errorf("remove legacy record of %s: %w", ifname, err))
+			}
+		}
+		return errors.Join(errs...)
+	})
+}

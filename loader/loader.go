@@ -1,0 +1,267 @@
+package loader
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+
+	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/link"
+
+	ternbpf "github.com/ternlabs/tern/bpf"
+)
+
+// Pin layout under the node's bpffs directory:
+//
+//	maps/<map name>             every map, pinned by name (survives reloads)
+//	progs/<version>/<program>   the programs of one object version
+//	links/<ifname>@<hook>       TCX links, which keep programs attached
+const (
+	mapsDir  = "maps"
+	progsDir = "progs"
+	linksDir = "links"
+)
+
+// Loader loads one node's BPF objects. Its zero value is not usable: set
+// BPFFSDir and StateDir (or use New).
+type Loader struct {
+	BPFFSDir string // where maps, programs and links are pinned
+	StateDir string // node state on a normal filesystem: lock, legacy attachments
+
+	// Spec and Version select the object to load; New sets them to the
+	// embedded object. Tests override them to simulate an upgrade.
+	Spec    func() (*ebpf.CollectionSpec, error)
+	Version string
+}
+
+// New returns a loader for the embedded object.
+func New(bpffsDir, stateDir string) *Loader {
+	return &Loader{
+		BPFFSDir: bpffsDir,
+		StateDir: stateDir,
+		Spec:     ternbpf.LoadTern,
+		Version:  ternbpf.ObjectVersion(),
+	}
+}
+
+// Objects are handles to the node's loaded maps and programs. Close them;
+// the pins keep the kernel objects alive.
+type Objects struct {
+	Version  string
+	Maps     map[string]*ebpf.Map
+	Programs map[string]*ebpf.Program
+}
+
+// Close releases the handles (not the pinned objects).
+func (o *Objects) Close() {
+	for _, m := range o.Maps {
+		m.Close()
+	}
+	for _, p := range o.Programs {
+		p.Close()
+	}
+}
+
+// Map returns a map by name or an error naming it.
+func (o *Objects) Map(name string) (*ebpf.Map, error) {
+	m, ok := o.Maps[name]
+	if !ok {
+		return nil, fmt.Errorf("map %s not loaded", name)
+	}
+	return m, nil
+}
+
+// Program returns a program by name or an error naming it.
+func (o *Objects) Program(name string) (*ebpf.Program, error) {
+	p, ok := o.Programs[name]
+	if !ok {
+		return nil, fmt.Errorf("program %s not loaded", name)
+	}
+	return p, nil
+}
+
+func (l *Loader) lockPath() string { return filepath.Join(l.StateDir, "bpf.lock") }
+
+// Load returns the node's objects, loading and pinning them first when this
+// version is not pinned yet. When an older version is pinned, its
+// attachments are switched to the new programs atomically (TCX link update,
+// or cls_bpf filter replace), and its programs are unpinned. Maps are pinned
+// by name and reused, so endpoints survive. Safe for concurrent processes.
+func (l *Loader) Load() (*Objects, error) {
+	lock, err := Lock(l.lockPath())
+	if err != nil {
+		return nil, err
+	}
+	defer lock.Unlock()
+	return l.loadLocked()
+}
+
+// Held runs fn with the node's loader lock held; attach and detach use it so
+// that an upgrade never misses a link pinned at the same moment.
+func (l *Loader) Held(fn func() error) error {
+	lock, err := Lock(l.lockPath())
+	if err != nil {
+		return err
+	}
+	defer lock.Unlock()
+	return fn()
+}
+
+func (l *Loader) loadLocked() (*Objects, error) {
+	if err := EnsureBPFFS(l.BPFFSDir); err != nil {
+		return nil, err
+	}
+	spec, err := l.Spec()
+	if err != nil {
+		return nil, fmt.Errorf("load object spec: %w", err)
+	}
+	progDir := filepath.Join(l.BPFFSDir, progsDir, l.Version)
+	if _, err := os.Stat(progDir); err == nil {
+		objs, err := l.openPinned(spec, progDir)
+		if err == nil {
+			return objs, nil
+		}
+		// A half-pinned version (crash during a previous load): start over.
+		if err := os.RemoveAll(progDir); err != nil {
+			return nil, fmt.Errorf("remove incomplete pins %s: %w", progDir, err)
+		}
+	}
+	return l.loadNew(spec, progDir)
+}
+
+func (l *Loader) openPinned(spec *ebpf.CollectionSpec, progDir string) (*Objects, error) {
+	objs := &Objects{Version: l.Version, Maps: map[string]*ebpf.Map{}, Programs: map[string]*ebpf.Program{}}
+	for name, ms := range spec.Maps {
+		if ms.Pinning != ebpf.PinByName {
+			continue
+		}
+		m, err := ebpf.LoadPinnedMap(filepath.Join(l.BPFFSDir, mapsDir, name), nil)
+		if err != nil {
+			objs.Close()
+			return nil, fmt.Errorf("open pinned map %s: %w", name, err)
+		}
+		objs.Maps[name] = m
+	}
+	for name := range spec.Programs {
+		p, err := ebpf.LoadPinnedProgram(filepath.Join(progDir, name), nil)
+		if err != nil {
+			objs.Close()
+			return nil, fmt.Errorf("open pinned program %s: %w", name, err)
+		}
+		objs.Programs[name] = p
+	}
+	return objs, nil
+}
+
+func (l *Loader) loadNew(spec *ebpf.CollectionSpec, progDir string) (*Objects, error) {
+	mapPins := filepath.Join(l.BPFFSDir, mapsDir)
+	if err := os.MkdirAll(mapPins, 0o700); err != nil {
+		return nil, fmt.Errorf("create %s: %w", mapPins, err)
+	}
+	coll, err := ebpf.NewCollectionWithOptions(spec, ebpf.CollectionOptions{
+		Maps: ebpf.MapOptions{PinPath: mapPins},
+	})
+	if err != nil {
+		var verr *ebpf.VerifierError
+		if errors.As(err, &verr) {
+			return nil, fmt.Errorf("load BPF object: %+v", verr)
+		}
+		if errors.Is(err, ebpf.ErrMapIncompatible) {
+			return nil, fmt.Errorf("load BPF object: pinned maps under %s are from an incompatible version (remove them to reset the node): %w", mapPins, err)
+		}
+		return nil, fmt.Errorf("load BPF object: %w", err)
+	}
+	objs := &Objects{Version: l.Version, Maps: coll.Maps, Programs: coll.Programs}
+
+	// Pin into a temporary directory and rename it into place, so a version
+	// directory either holds every program or does not exist.
+	tmp := progDir + "_tmp" // bpffs rejects names with dots
+	_ = os.RemoveAll(tmp)
+	if err := os.MkdirAll(tmp, 0o700); err != nil {
+		objs.Close()
+		return nil, fmt.Errorf("create %s: %w", tmp, err)
+	}
+	for name, p := range objs.Programs {
+		if err := p.Pin(filepath.Join(tmp, name)); err != nil {
+			objs.Close()
+			_ = os.RemoveAll(tmp)
+			return nil, fmt.Errorf("pin program %s: %w", name, err)
+		}
+	}
+	if err := os.Rename(tmp, progDir); err != nil {
+		objs.Close()
+		_ = os.RemoveAll(tmp)
+		return nil, fmt.Errorf("publish programs %s: %w", progDir, err)
+	}
+
+	if err := l.upgradeAttachments(objs); err != nil {
+		objs.Close()
+		return nil, err
+	}
+	if err := l.unpinOldVersions(); err != nil {
+		objs.Close()
+		return nil, err
+	}
+	return objs, nil
+}
+
+// upgradeAttachments points every existing attachment at the new programs.
+func (l *Loader) upgradeAttachments(objs *Objects) error {
+	pins, err := os.ReadDir(filepath.Join(l.BPFFSDir, linksDir))
+	if err != nil && !os.IsNotExist(err) {
+		return fmt.Errorf("list link pins: %w", err)
+	}
+	for _, pin := range pins {
+		_, hook, err := parseAttachmentName(pin.Name())
+		if err != nil {
+			continue // not ours
+		}
+		prog, err := objs.Program(hook.program())
+		if err != nil {
+			return err
+		}
+		path := filepath.Join(l.BPFFSDir, linksDir, pin.Name())
+		lk, err := link.LoadPinnedLink(path, nil)
+		if err != nil {
+			return fmt.Errorf("open link pin %s: %w", path, err)
+		}
+		err = lk.Update(prog)
+		lk.Close()
+		if err != nil {
+			return fmt.Errorf("update link %s to the new program: %w", path, err)
+		}
+	}
+	legacy, err := l.legacyAttachments()
+	if err != nil {
+		return err
+	}
+	for _, a := range legacy {
+		prog, err := objs.Program(a.Hook.program())
+		if err != nil {
+			return err
+		}
+		if err := replaceClsBPF(a.Ifindex, a.Hook, prog); err != nil {
+			return fmt.Errorf("update %s on %s to the new program: %w", a.Hook, a.Ifname, err)
+		}
+	}
+	return nil
+}
+
+func (l *Loader) unpinOldVersions() error {
+	dir := filepath.Join(l.BPFFSDir, progsDir)
+	entries, err := os.ReadDir(dir)
+	if err != nil {
+		return fmt.Errorf("list %s: %w", dir, err)
+	}
+	for _, e := range entries {
+		if e.Name() == l.Version || strings.HasSuffix(e.Name(), "_tmp") {
+			continue
+		}
+		if err := os.RemoveAll(filepath.Join(dir, e.Name())); err != nil {
+			return fmt.Errorf("unpin old programs %s: %w", e.Name(), err)
+		}
+	}
+	return nil
+}
