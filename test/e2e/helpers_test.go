@@ -14,6 +14,7 @@ import (
 	"testing"
 
 	"github.com/cilium/ebpf"
+	"github.com/containernetworking/cni/pkg/types"
 	types100 "github.com/containernetworking/cni/pkg/types/100"
 
 	"github.com/ternlabs/tern/internal/testutil"
@@ -158,4 +159,12 @@ func endpointKeys(t *testing.T, n *testutil.Node) []string {
 		t.Fatal(err)
 	}
 	return keys
+}
+
+func resultJSON(res types.Result) ([]byte, error) {
+	r, err := types100.NewResultFromResult(res)
+	if err != nil {
+		return nil, err
+	}
+	return json.Marshal(r)
 }
