@@ -32,7 +32,7 @@ func (h Hook) program() string {
 }
 
 func (h Hook) tcxAttach() ebpf.AttachType { return ebpf.AttachTCXIngress }
-func (h Hook) clsactParent() uint32    { return netlink.HANDLE_MIN_INGRESS }
+func (h Hook) clsactParent() uint32       { return netlink.HANDLE_MIN_INGRESS }
 
 // Mode is how a program is attached.
 type Mode string

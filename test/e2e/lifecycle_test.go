@@ -328,4 +328,3 @@ func TestDelAfterNetnsGone(t *testing.T) {
 		})
 	}
 }
-
