@@ -7,7 +7,7 @@ BIN       := bin
 DESTDIR   ?=
 CNI_BIN   ?= /opt/cni/bin
 CNI_CONF  ?= /etc/cni/net.d
-BINARIES  := tern ternbench
+
 GOTEST_FLAGS ?= -count=1 -timeout 40m
 
 .PHONY: all build generate test install lint bench clean demo
