@@ -31,11 +31,14 @@ func cmdAdd(args *skel.CmdArgs) (err error) {
 	if err != nil {
 		return err
 	}
-	podNS, err := ns.GetNS(args.Netns)
+	podNS, err := openPodNS(args.Netns)
 	if err != nil {
-		return types.NewError(types.ErrInvalidNetNS, fmt.Sprintf("open netns %q", args.Netns), err.Error())
+		return err
 	}
 	defer podNS.Close()
+	if err := checkIfnameFree(podNS, args.IfName); err != nil {
+		return err
+	}
 
 	// Undo completed steps if a later one fails. Undo errors are reported
 	// on stderr (stdout carries the CNI error), never silently dropped.
@@ -161,6 +164,22 @@ func cmdAdd(args *skel.CmdArgs) (err error) {
 		result.Routes = append(result.Routes, &types.Route{Dst: *r.Dst, GW: r.Gw})
 	}
 	return types.PrintResult(result, conf.CNIVersion)
+}
+
+// openPodNS opens CNI_NETNS and makes sure it is a network namespace that
+// can be entered: ns.GetNS accepts any file on procfs or nsfs, such as
+// /proc/<pid>/ns/mnt, which would otherwise fail only after IPAM and the
+// datapath did their work, and with the wrong error code.
+func openPodNS(path string) (ns.NetNS, error) {
+	podNS, err := ns.GetNS(path)
+	if err != nil {
+		return nil, types.NewError(types.ErrInvalidNetNS, fmt.Sprintf("open netns %q", path), err.Error())
+	}
+	if err := podNS.Do(func(ns.NetNS) error { return nil }); err != nil {
+		podNS.Close()
+		return nil, types.NewError(types.ErrInvalidNetNS, fmt.Sprintf("enter netns %q", path), err.Error())
+	}
+	return podNS, nil
 }
 
 // podIPv4 picks the IPv4 address of an IPAM result.

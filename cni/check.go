@@ -5,7 +5,6 @@ import (
 	"net"
 
 	"github.com/containernetworking/cni/pkg/skel"
-	"github.com/containernetworking/cni/pkg/types"
 	current "github.com/containernetworking/cni/pkg/types/100"
 	"github.com/containernetworking/plugins/pkg/netlinksafe"
 	"github.com/containernetworking/plugins/pkg/ns"
@@ -59,9 +58,9 @@ func cmdCheck(args *skel.CmdArgs) error {
 		return fmt.Errorf("host veth %s is down", ep.HostVeth)
 	}
 
-	podNS, err := ns.GetNS(args.Netns)
+	podNS, err := openPodNS(args.Netns)
 	if err != nil {
-		return types.NewError(types.ErrInvalidNetNS, fmt.Sprintf("open netns %q", args.Netns), err.Error())
+		return err
 	}
 	defer podNS.Close()
 	want := conf.podAddressing(ep, rec.Routes)

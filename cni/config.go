@@ -68,7 +68,8 @@ func fieldErr(field, format string, args ...any) *ConfigError {
 }
 
 // cniError converts an error into the *types.Error skel prints, keeping
-// codes already chosen and mapping config errors to 7.
+// codes already chosen (also when wrapped with context, e.g. a delegated
+// IPAM plugin's error) and mapping config errors to 7.
 func cniError(err error) error {
 	if err == nil {
 		return nil
@@ -79,6 +80,11 @@ func cniError(err error) error {
 	var ce *ConfigError
 	if errors.As(err, &ce) {
 		return types.NewError(types.ErrInvalidNetworkConfig, err.Error(), "")
+	}
+	var te *types.Error
+	if errors.As(err, &te) {
+		// err.Error() already holds te's msg and details.
+		return types.NewError(te.Code, err.Error(), "")
 	}
 	return types.NewError(types.ErrInternal, err.Error(), "")
 }

@@ -258,6 +258,8 @@ func TestCNIError(t *testing.T) {
 		{"chosen code kept", types.NewError(types.ErrTryAgainLater, "IP pool exhausted", "d"), types.ErrTryAgainLater, "IP pool exhausted"},
 		{"config error", fieldErr("mtu", "bad"), types.ErrInvalidNetworkConfig, "invalid network config: mtu: bad"},
 		{"wrapped config error", fmt.Errorf("context: %w", fieldErr("name", "missing")), types.ErrInvalidNetworkConfig, "context: invalid network config: name: missing"},
+		{"wrapped chosen code", fmt.Errorf("delegate ADD to IPAM plugin host-local: %w", types.NewError(types.ErrTryAgainLater, "no IP left", "range full")), types.ErrTryAgainLater, "delegate ADD to IPAM plugin host-local: no IP left; range full"},
+		{"joined chosen code", errors.Join(types.NewError(types.ErrInvalidNetNS, "bad netns", "")), types.ErrInvalidNetNS, "bad netns"},
 		{"other error", errors.New("boom"), types.ErrInternal, "boom"},
 	}
 	for _, tt := range tests {

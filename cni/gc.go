@@ -78,8 +78,10 @@ func removeStrayVeths(network string, valid map[attachmentKey]bool) error {
 		if lk.Type() != "veth" || !strings.HasPrefix(alias, prefix) {
 			continue
 		}
-		id, ifname, ok := strings.Cut(strings.TrimPrefix(alias, prefix), ":")
-		if !ok || valid[attachmentKey{id, ifname}] {
+		// Interface names cannot hold ':', container IDs might: split at the last.
+		rest := strings.TrimPrefix(alias, prefix)
+		i := strings.LastIndex(rest, ":")
+		if i < 0 || valid[attachmentKey{rest[:i], rest[i+1:]}] {
 			continue
 		}
 		if err := deleteHostVeth(lk.Attrs().Name); err != nil {

@@ -63,7 +63,8 @@ func hostVethName(containerID, ifname string) string {
 }
 
 // records stores attachment records of one network:
-// <stateDir>/attachments/<network>/<containerID>_<ifname>.json.
+// <stateDir>/attachments/<network>/<containerID>:<ifname>.json. Interface
+// names cannot contain ':', so the last ':' splits the two unambiguously.
 type records struct{ dir string }
 
 func newRecords(stateDir, network string) records {
@@ -73,7 +74,7 @@ func newRecords(stateDir, network string) records {
 func (rs records) lockPath() string { return rs.dir + ".lock" }
 
 func (rs records) path(containerID, ifname string) string {
-	return filepath.Join(rs.dir, safeName(containerID)+"_"+safeName(ifname)+".json")
+	return filepath.Join(rs.dir, safeName(containerID)+":"+safeName(ifname)+".json")
 }
 
 // safeName keeps a path element from escaping the records directory.

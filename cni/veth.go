@@ -11,6 +11,23 @@ import (
 	"golang.org/x/sys/unix"
 )
 
+// checkIfnameFree fails when the pod already has an interface called
+// ifname: checked before IPAM so a doomed ADD allocates nothing.
+func checkIfnameFree(podNS ns.NetNS, ifname string) error {
+	var exists bool
+	if err := podNS.Do(func(ns.NetNS) error {
+		_, err := netlinksafe.LinkByName(ifname)
+		exists = err == nil
+		return nil
+	}); err != nil {
+		return err
+	}
+	if exists {
+		return fmt.Errorf("interface %s already exists in netns %s", ifname, podNS.Path())
+	}
+	return nil
+}
+
 // podLink is the pair created for one attachment.
 type podLink struct {
 	hostName    string
@@ -24,17 +41,6 @@ type podLink struct {
 // half-configured interface is ever visible in the node namespace under
 // the pod's name.
 func createVeth(podNS ns.NetNS, hostName, ifname string, mtu int, alias string) (*podLink, error) {
-	var exists bool
-	if err := podNS.Do(func(ns.NetNS) error {
-		_, err := netlinksafe.LinkByName(ifname)
-		exists = err == nil
-		return nil
-	}); err != nil {
-		return nil, err
-	}
-	if exists {
-		return nil, fmt.Errorf("interface %s already exists in netns %s", ifname, podNS.Path())
-	}
 	if _, err := netlinksafe.LinkByName(hostName); err == nil {
 		return nil, fmt.Errorf("host interface %s already exists (ADD for an attachment that exists)", hostName)
 	}

@@ -2,6 +2,8 @@ package loader
 
 import (
 	"fmt"
+	"os"
+	"path/filepath"
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
@@ -26,8 +28,17 @@ func (l *Loader) CheckAttached(objs *Objects, ifname string, ifindex int, hook H
 		return fmt.Errorf("kernel does not report program IDs")
 	}
 
+	// A TCX program stays attached only as long as its pinned link exists;
+	// without the pin the kernel releases it, asynchronously, so a query
+	// alone could still see it for a moment.
+	_, pinErr := os.Stat(l.linkPin(ifname, hook))
+	_, legacyErr := os.Stat(filepath.Join(l.legacyDir(), attachmentName(ifname, hook)))
+	if pinErr != nil && legacyErr != nil {
+		return fmt.Errorf("program %s is not attached at tc %s of %s: no link pin and no clsact record", hook.program(), hook, ifname)
+	}
+
 	res, err := link.QueryPrograms(link.QueryOptions{Target: ifindex, Attach: hook.tcxAttach()})
-	if err == nil {
+	if err == nil && pinErr == nil {
 		for _, p := range res.Programs {
 			if p.ID == want {
 				return nil
