@@ -42,6 +42,7 @@
 package compile
 
 import (
+	"cmp"
 	"encoding/json"
 	"fmt"
 	"net"
@@ -185,20 +186,17 @@ func (k PolicyKey) String() string {
 	return fmt.Sprintf("%s proto=%d local=%d remote=%s port=%d/%d", k.Dir, k.Proto, k.LocalID, r, k.Port, k.PortBits)
 }
 
-func (k PolicyKey) less(o PolicyKey) bool {
-	switch {
-	case k.Dir != o.Dir:
-		return k.Dir < o.Dir
-	case k.Proto != o.Proto:
-		return k.Proto < o.Proto
-	case k.LocalID != o.LocalID:
-		return k.LocalID < o.LocalID
-	case k.RemoteClass != o.RemoteClass:
-		return k.RemoteClass < o.RemoteClass
-	case k.Port != o.Port:
-		return k.Port < o.Port
-	}
-	return k.PortBits < o.PortBits
+// comparePolicyKey orders keys by direction, protocol, local identity,
+// remote class, port, port bits.
+func comparePolicyKey(a, b PolicyKey) int {
+	return cmp.Or(
+		cmp.Compare(a.Dir, b.Dir),
+		cmp.Compare(a.Proto, b.Proto),
+		cmp.Compare(a.LocalID, b.LocalID),
+		cmp.Compare(a.RemoteClass, b.RemoteClass),
+		cmp.Compare(a.Port, b.Port),
+		cmp.Compare(a.PortBits, b.PortBits),
+	)
 }
 
 // PolicyEntry is one entry of the policy LPM.

@@ -50,14 +50,14 @@ func (e *DecodeError) Unwrap() error { return e.Err }
 // default/allow-web: spec.ingress[0].ports[1].endPort: ...".
 type ObjectError struct {
 	Kind      string
-	Namespace string // empty for cluster-scoped objects
+	Namespace string // not shown for a Namespace
 	Name      string
 	Err       error
 }
 
 func (e *ObjectError) Error() string {
 	id := e.Name
-	if e.Namespace != "" {
+	if e.Namespace != "" && e.Kind != KindNamespace {
 		id = e.Namespace + "/" + e.Name
 	}
 	if id == "" {
@@ -81,8 +81,13 @@ func Decode(r io.Reader) ([]Object, error) {
 	}
 	var docs [][]byte
 	trimmed := bytes.TrimLeft(data, " \t\r\n")
+	var syntax *json.SyntaxError
 	if len(trimmed) > 0 && (trimmed[0] == '{' || trimmed[0] == '[') {
 		docs, err = splitJSON(trimmed)
+		if errors.As(err, &syntax) && len(docs) == 0 {
+			// Not JSON: a YAML document in flow style, "{kind: Pod, ...}".
+			docs, err = splitYAML(data)
+		}
 	} else {
 		docs, err = splitYAML(data)
 	}
@@ -135,7 +140,7 @@ func splitYAML(data []byte) ([][]byte, error) {
 		if rest, ok := strings.CutPrefix(line, "---"); ok {
 			rest = strings.TrimSpace(rest)
 			if rest != "" && !strings.HasPrefix(rest, "#") {
-				return raw, fmt.Errorf("invalid document separator %q", line)
+				return append(raw, nil), fmt.Errorf("invalid document separator %q", line)
 			}
 			raw = append(raw, bytes.Clone(cur.Bytes()))
 			cur.Reset()

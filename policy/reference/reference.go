@@ -11,6 +11,7 @@ package reference
 import (
 	"fmt"
 	"net/netip"
+	"slices"
 	"strings"
 
 	corev1 "k8s.io/api/core/v1"
@@ -127,9 +128,8 @@ func isHost(topo *policy.Topology, a netip.Addr) bool {
 // packet must match at least one rule of the direction of one such policy.
 func directionAllowed(st *manifest.State, dir networkingv1.PolicyType, self, remote peer, pkt policy.Packet) (bool, string) {
 	isolated := false
-	for _, obj := range st.Objects() {
-		np, ok := obj.(*networkingv1.NetworkPolicy)
-		if !ok || np.Namespace != self.pod.namespace || !hasType(np, dir) || !selectorMatches(&np.Spec.PodSelector, self.pod.labels) {
+	for _, np := range policiesOf(st, self.pod.namespace) {
+		if !hasType(np, dir) || !selectorMatches(&np.Spec.PodSelector, self.pod.labels) {
 			continue
 		}
 		isolated = true
@@ -151,6 +151,21 @@ func directionAllowed(st *manifest.State, dir networkingv1.PolicyType, self, rem
 		return true, "not isolated"
 	}
 	return false, "no rule matches"
+}
+
+// policiesOf returns the policies of a namespace, sorted by name.
+func policiesOf(st *manifest.State, ns string) []*networkingv1.NetworkPolicy {
+	if st == nil {
+		return nil
+	}
+	var out []*networkingv1.NetworkPolicy
+	for k, np := range st.Policies {
+		if k.Namespace == ns {
+			out = append(out, np)
+		}
+	}
+	slices.SortFunc(out, func(a, b *networkingv1.NetworkPolicy) int { return strings.Compare(a.Name, b.Name) })
+	return out
 }
 
 // hasType applies the defaulting of policyTypes: when empty, Ingress always,
