@@ -6,21 +6,22 @@ import (
 	"fmt"
 	"io"
 	"math"
+	"strconv"
 	"strings"
 )
 
 // Chart geometry, in SVG user units (pixels).
 const (
-	chartWidth   = 960
-	chartCols    = 3
-	panelWidth   = chartWidth / chartCols
-	panelHeight  = 250
-	chartHeader  = 80 // title and legend
-	plotLeft     = 58 // room for the y tick labels and the axis title
-	plotRight    = 14
-	plotTop      = 42 // room for the panel title
-	plotBottom   = 34 // room for the path names
-	chartFont    = "font-family=\"DejaVu Sans, Helvetica, Arial, sans-serif\""
+	chartWidth  = 960
+	chartCols   = 3
+	panelWidth  = chartWidth / chartCols
+	panelHeight = 250
+	chartHeader = 80 // title and legend
+	plotLeft    = 58 // room for the y tick labels and the axis title
+	plotRight   = 14
+	plotTop     = 42 // room for the panel title
+	plotBottom  = 34 // room for the path names
+	chartFont   = "font-family=\"DejaVu Sans, Helvetica, Arial, sans-serif\""
 )
 
 // pathColors gives every known path a fixed colour, so charts of different
@@ -35,8 +36,8 @@ var pathColors = map[string]string{
 var fallbackColors = []string{"#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22"}
 
 type panel struct {
-	title, unit, better string
-	bars                []bar
+	workload, metric, unit, better string
+	bars                           []bar
 }
 
 type bar struct {
@@ -55,7 +56,11 @@ func RenderChart(w io.Writer, r *Results) error {
 			if !m.Chart {
 				continue
 			}
-			pn := panel{title: wl.Title + " — " + m.Title, unit: m.Unit, better: m.Better}
+			short := wl.Short
+			if short == "" {
+				short = wl.Title
+			}
+			pn := panel{workload: short, metric: m.Title, unit: m.Unit, better: m.Better}
 			for _, p := range r.Paths {
 				if row := r.Row(wl.Name, m.Name, p.Name); row != nil {
 					pn.bars = append(pn.bars, bar{path: p.Name, med: row.Median, min: row.Min, max: row.Max})
@@ -117,21 +122,22 @@ func drawPanel(b *strings.Builder, pn panel, ox, oy int, colors map[string]strin
 	y1 := float64(oy + plotTop)
 
 	fmt.Fprintf(b, `<g>`+"\n")
-	fmt.Fprintf(b, `<text x="%d" y="%d" font-size="12" font-weight="bold">%s</text>`+"\n", ox+10, oy+16, esc(truncate(pn.title, 46)))
-	dir := ""
+	fmt.Fprintf(b, `<text x="%d" y="%d" font-size="13" font-weight="bold">%s</text>`+"\n", ox+10, oy+16, esc(truncate(pn.workload, 40)))
+	sub := pn.metric
 	switch pn.better {
 	case HigherIsBetter:
-		dir = "higher is better"
+		sub += " — higher is better"
 	case LowerIsBetter:
-		dir = "lower is better"
+		sub += " — lower is better"
 	}
-	fmt.Fprintf(b, `<text x="%d" y="%d" font-size="10" fill="#555555">%s</text>`+"\n", ox+10, oy+30, esc(dir))
+	fmt.Fprintf(b, `<text x="%d" y="%d" font-size="11" fill="#444444">%s</text>`+"\n", ox+10, oy+31, esc(truncate(sub, 50)))
 
 	top := 0.0
 	for _, br := range pn.bars {
 		top = math.Max(top, math.Max(br.med, br.max))
 	}
-	step, top := niceScale(top)
+	// 10% headroom keeps the value labels above the whiskers inside the plot.
+	step, top := niceScale(top * 1.1)
 	scale := func(v float64) float64 {
 		if top <= 0 {
 			return y0
@@ -142,7 +148,7 @@ func drawPanel(b *strings.Builder, pn panel, ox, oy int, colors map[string]strin
 	for v := 0.0; v <= top+step/2; v += step {
 		y := scale(v)
 		fmt.Fprintf(b, `<line x1="%.1f" y1="%.1f" x2="%.1f" y2="%.1f" stroke="#dddddd"/>`, x0, y, x1, y)
-		fmt.Fprintf(b, `<text x="%.1f" y="%.1f" font-size="10" text-anchor="end">%s</text>`+"\n", x0-4, y+3, esc(FormatValue(v)))
+		fmt.Fprintf(b, `<text x="%.1f" y="%.1f" font-size="10" text-anchor="end">%s</text>`+"\n", x0-4, y+3, esc(tickLabel(v, step)))
 	}
 	// Axes and the unit.
 	fmt.Fprintf(b, `<line x1="%.1f" y1="%.1f" x2="%.1f" y2="%.1f" stroke="#333333"/>`, x0, y0, x1, y0)
@@ -166,7 +172,7 @@ func drawPanel(b *strings.Builder, pn panel, ox, oy int, colors map[string]strin
 			fmt.Fprintf(b, `<line x1="%.1f" y1="%.1f" x2="%.1f" y2="%.1f" stroke="#000000"/>`+"\n", cx-5, yhi, cx+5, yhi)
 		}
 		labelY := math.Min(ym, scale(br.max)) - 4
-		fmt.Fprintf(b, `<text x="%.1f" y="%.1f" font-size="10" text-anchor="middle">%s</text>`, cx, labelY, esc(FormatValue(br.med)))
+		fmt.Fprintf(b, `<text x="%.1f" y="%.1f" font-size="10" text-anchor="middle">%s</text>`, cx, labelY, esc(CompactValue(br.med)))
 		fmt.Fprintf(b, `<text x="%.1f" y="%.1f" font-size="11" text-anchor="middle">%s</text>`+"\n", cx, y0+16, esc(br.path))
 	}
 	fmt.Fprintf(b, "</g>\n")
@@ -192,6 +198,27 @@ func niceScale(maxV float64) (step, top float64) {
 	}
 	top = math.Ceil(maxV/step) * step
 	return step, top
+}
+
+// tickLabel prints an axis value with as many decimals as the step needs
+// ("0", "2.5", "0.25") and a k, M or G suffix for large values.
+func tickLabel(v, step float64) string {
+	for _, u := range []struct {
+		div    float64
+		suffix string
+	}{{1e9, "G"}, {1e6, "M"}, {1e3, "k"}} {
+		if step >= u.div && v != 0 {
+			return tickLabel(v/u.div, step/u.div) + u.suffix
+		}
+	}
+	d := 0
+	if step < 1 {
+		d = int(math.Ceil(-math.Log10(step) - 1e-9))
+		if math.Abs(step*math.Pow(10, float64(d))-math.Round(step*math.Pow(10, float64(d)))) > 1e-9 {
+			d++
+		}
+	}
+	return strconv.FormatFloat(v, 'f', d, 64)
 }
 
 func esc(s string) string {

@@ -5,6 +5,7 @@ import (
 	"io"
 	"math"
 	"sort"
+	"strconv"
 	"strings"
 	"time"
 )
@@ -56,17 +57,33 @@ func RenderReport(w io.Writer, r *Results) error {
 		p("### %s\n\n", wl.Title)
 		p("| Metric | Path | Median | Min | Max | × limit | × iptables |\n")
 		p("|---|---|--:|--:|--:|--:|--:|\n")
+		var context []string
 		for _, m := range wl.Metrics {
+			var info []string
 			for _, row := range rows {
 				if row.Metric != m.Name {
 					continue
 				}
+				if m.Better == Informational {
+					info = append(info, fmt.Sprintf("%s %s", row.Path, FormatValue(row.Median)))
+					continue
+				}
 				p("| %s | %s | %s | %s | %s | %s | %s |\n", metricLabel(m), row.Path,
 					FormatValue(row.Median), FormatValue(row.Min), FormatValue(row.Max),
-					ratioCell(row.VsLimit, row.Path == PathLimit), ratioCell(row.VsIptables, row.Path == PathIptables))
+					ratioCell(row, row.VsLimit, PathLimit), ratioCell(row, row.VsIptables, PathIptables))
+			}
+			if len(info) > 0 {
+				label := m.Title
+				if m.Unit != "" {
+					label += " (" + m.Unit + ")"
+				}
+				context = append(context, label+": "+strings.Join(info, ", "))
 			}
 		}
 		p("\n")
+		if len(context) > 0 {
+			p("Also recorded (medians): %s.\n\n", strings.Join(context, "; "))
+		}
 		if len(wl.NotApplicable) > 0 {
 			var na []string
 			for _, path := range sortedKeys(wl.NotApplicable) {
@@ -163,8 +180,13 @@ func metricLabel(m MetricSpec) string {
 	return cell(s)
 }
 
-func ratioCell(r *Ratio, self bool) string {
-	if self {
+// ratioCell renders a paired ratio; empty for informational metrics, 1
+// on the reference path's own row.
+func ratioCell(row SummaryRow, r *Ratio, base string) string {
+	if row.Better == Informational {
+		return ""
+	}
+	if row.Path == base {
 		return "1"
 	}
 	if r == nil {
@@ -189,30 +211,78 @@ func FormatRatio(v float64) string {
 	}
 }
 
-// FormatValue prints v with three significant figures, switching to a k or
-// M suffix from 100,000 on.
+// FormatValue prints v for a table: three significant figures below
+// 1,000 ("15.6", "8.53", "0.931"), whole numbers with thousands
+// separators up to a million ("81,038"), then M and G ("1.96G").
 func FormatValue(v float64) string {
 	a := math.Abs(v)
 	switch {
 	case math.IsNaN(v) || math.IsInf(v, 0):
 		return "—"
-	case a >= 1e8:
-		return fmt.Sprintf("%.0fM", v/1e6)
-	case a >= 1e7:
-		return fmt.Sprintf("%.1fM", v/1e6)
+	case a >= 1e9:
+		return sig3(v/1e9) + "G"
 	case a >= 1e6:
-		return fmt.Sprintf("%.2fM", v/1e6)
-	case a >= 1e5:
-		return fmt.Sprintf("%.0fk", v/1e3)
-	case a >= 100:
-		return fmt.Sprintf("%.0f", v)
-	case a >= 10:
-		return fmt.Sprintf("%.1f", v)
-	case a == 0:
-		return "0"
+		return sig3(v/1e6) + "M"
+	case a >= 999.5: // rounds to four digits
+		return groupThousands(int64(math.Round(v)))
 	default:
-		return fmt.Sprintf("%.2f", v)
+		return sig3(v)
 	}
+}
+
+// CompactValue prints v in at most four characters and a suffix, for
+// chart labels ("81.0k", "15.6", "1.96G").
+func CompactValue(v float64) string {
+	a := math.Abs(v)
+	switch {
+	case math.IsNaN(v) || math.IsInf(v, 0):
+		return "—"
+	case a >= 1e9:
+		return sig3(v/1e9) + "G"
+	case a >= 1e6:
+		return sig3(v/1e6) + "M"
+	case a >= 1e3:
+		return sig3(v/1e3) + "k"
+	default:
+		return sig3(v)
+	}
+}
+
+// sig3 prints v with three significant figures, keeping trailing zeros
+// ("81.0", "5.00") and no exponent.
+func sig3(v float64) string {
+	if v == 0 {
+		return "0"
+	}
+	d := 2 - int(math.Floor(math.Log10(math.Abs(v))))
+	if d < 0 {
+		d = 0
+	}
+	s := strconv.FormatFloat(v, 'f', d, 64)
+	// Rounding may add a digit (9.995 → "10.00"): print again.
+	if r, err := strconv.ParseFloat(s, 64); err == nil && d > 0 && math.Floor(math.Log10(math.Abs(r))) > math.Floor(math.Log10(math.Abs(v))) {
+		s = strconv.FormatFloat(v, 'f', d-1, 64)
+	}
+	return s
+}
+
+func groupThousands(n int64) string {
+	neg := n < 0
+	if neg {
+		n = -n
+	}
+	s := strconv.FormatInt(n, 10)
+	var b strings.Builder
+	for i, c := range s {
+		if i > 0 && (len(s)-i)%3 == 0 {
+			b.WriteByte(',')
+		}
+		b.WriteRune(c)
+	}
+	if neg {
+		return "-" + b.String()
+	}
+	return b.String()
 }
 
 func secs(s float64) string {

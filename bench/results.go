@@ -117,7 +117,8 @@ type MetricSpec struct {
 type WorkloadResult struct {
 	Name    string       `json:"name"`
 	Title   string       `json:"title"`
-	Status  string       `json:"status"` // StatusOK or StatusUnavailable
+	Short   string       `json:"short,omitempty"` // chart heading
+	Status  string       `json:"status"`          // StatusOK or StatusUnavailable
 	Reason  string       `json:"reason,omitempty"`
 	Metrics []MetricSpec `json:"metrics"`
 	// NotApplicable maps a path to the reason the workload does not apply

@@ -1,0 +1,199 @@
+package bench
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"strings"
+	"time"
+)
+
+const (
+	ternModule    = "github.com/ternlabs/tern"
+	pluginsModule = "github.com/containernetworking/plugins"
+	// defaultPluginsVersion is used when the module's go.mod cannot be
+	// asked (no source tree).
+	defaultPluginsVersion = "v1.9.1"
+	buildTimeout          = 5 * time.Minute
+)
+
+var referencePlugins = []string{
+	pluginsModule + "/plugins/main/bridge",
+	pluginsModule + "/plugins/ipam/host-local",
+}
+
+// findSourceDir returns the root of the Tern module: the nearest directory
+// at or above the working directory whose go.mod declares it, or "".
+func findSourceDir() string {
+	dir, err := os.Getwd()
+	if err != nil {
+		return ""
+	}
+	for {
+		if modulePath(filepath.Join(dir, "go.mod")) == ternModule {
+			return dir
+		}
+		parent := filepath.Dir(dir)
+		if parent == dir {
+			return ""
+		}
+		dir = parent
+	}
+}
+
+func modulePath(gomod string) string {
+	f, err := os.Open(gomod)
+	if err != nil {
+		return ""
+	}
+	defer f.Close()
+	sc := bufio.NewScanner(f)
+	for sc.Scan() {
+		if m, ok := strings.CutPrefix(strings.TrimSpace(sc.Text()), "module "); ok {
+			return strings.Trim(strings.TrimSpace(m), `"`)
+		}
+	}
+	return ""
+}
+
+// goTool is the go command: from PATH, else the toolchain that built this
+// binary.
+func goTool() string {
+	if p, err := exec.LookPath("go"); err == nil {
+		return p
+	}
+	return filepath.Join(runtime.GOROOT(), "bin", "go")
+}
+
+// pluginsVersion is the containernetworking/plugins version the Tern
+// module requires.
+func pluginsVersion(ctx context.Context, srcDir string) string {
+	if srcDir == "" {
+		return defaultPluginsVersion
+	}
+	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, goTool(), "list", "-m", "-f", "{{.Version}}", pluginsModule)
+	cmd.Dir = srcDir
+	out, err := cmd.Output()
+	if v := strings.TrimSpace(string(out)); err == nil && strings.HasPrefix(v, "v") {
+		return v
+	}
+	return defaultPluginsVersion
+}
+
+// goRun runs the go command in dir and returns an error carrying the end
+// of its output.
+func goRun(ctx context.Context, dir string, env []string, args ...string) error {
+	ctx, cancel := context.WithTimeout(ctx, buildTimeout)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, goTool(), args...)
+	cmd.Dir = dir
+	cmd.Env = append(os.Environ(), env...)
+	out, err := cmd.CombinedOutput()
+	if err != nil {
+		return fmt.Errorf("go %s: %w: %s", strings.Join(args, " "), err, lastLines(string(out), 8))
+	}
+	return nil
+}
+
+// buildPlugins puts the CNI plugins the selected paths need into r.binDir
+// and returns, per path, why it is unavailable.
+func (r *runner) buildPlugins(ctx context.Context, version string) map[string]string {
+	unavailable := make(map[string]string)
+	needRef := r.selected(PathReference)
+	needTern := r.selected(PathEBPF) || r.selected(PathIptables)
+	markTern := func(reason string) {
+		for _, p := range []string{PathEBPF, PathIptables} {
+			if r.selected(p) {
+				unavailable[p] = reason
+			}
+		}
+	}
+
+	if r.cfg.PluginDir != "" {
+		r.binDir = r.cfg.PluginDir
+		if needRef {
+			for _, b := range []string{"bridge", "host-local"} {
+				if _, err := os.Stat(filepath.Join(r.binDir, b)); err != nil {
+					unavailable[PathReference] = fmt.Sprintf("plugin %s not in --plugin-dir %s", b, r.binDir)
+				}
+			}
+		}
+		if needTern {
+			if _, err := os.Stat(filepath.Join(r.binDir, "tern")); err != nil {
+				markTern("plugin tern not in --plugin-dir " + r.binDir)
+			}
+		}
+		return unavailable
+	}
+
+	r.binDir = filepath.Join(r.tmp, "bin")
+	if err := os.MkdirAll(r.binDir, 0o755); err != nil {
+		for _, p := range r.cfg.Paths {
+			unavailable[p] = err.Error()
+		}
+		return unavailable
+	}
+	if needRef {
+		r.logf("building reference plugins bridge and host-local %s", version)
+		if err := r.buildReference(ctx, version); err != nil {
+			unavailable[PathReference] = "cannot build the reference plugins: " + err.Error()
+		}
+	}
+	if needTern {
+		if r.cfg.SourceDir != "" {
+			r.logf("building tern from %s", filepath.Join(r.cfg.SourceDir, "cmd", "tern"))
+		}
+		if err := r.buildTern(ctx); err != nil {
+			markTern("cmd/tern does not build: " + err.Error())
+		}
+	}
+	return unavailable
+}
+
+// buildReference builds bridge and host-local: from the Tern module (so
+// the versions are exactly go.mod's) when its go.sum allows, else with
+// "go install …@version", which uses the plugins' own go.mod.
+func (r *runner) buildReference(ctx context.Context, version string) error {
+	var errs []error
+	if r.cfg.SourceDir != "" {
+		args := append([]string{"build", "-o", r.binDir + "/"}, referencePlugins...)
+		err := goRun(ctx, r.cfg.SourceDir, nil, args...)
+		if err == nil {
+			return nil
+		}
+		errs = append(errs, err)
+	}
+	args := []string{"install"}
+	for _, p := range referencePlugins {
+		args = append(args, p+"@"+version)
+	}
+	if err := goRun(ctx, r.tmp, []string{"GOBIN=" + r.binDir, "GOWORK=off"}, args...); err != nil {
+		return errors.Join(append(errs, err)...)
+	}
+	return nil
+}
+
+// buildTern builds cmd/tern, and cmd/tern-ipam when it exists (the
+// "tern-ipam" IPAM type may be built into tern or be its own binary).
+func (r *runner) buildTern(ctx context.Context) error {
+	if r.cfg.SourceDir == "" {
+		return fmt.Errorf("no %s source tree at or above the working directory (use --src)", ternModule)
+	}
+	pkgs := []string{"./cmd/tern"}
+	if hasGoFiles(filepath.Join(r.cfg.SourceDir, "cmd", "tern-ipam")) {
+		pkgs = append(pkgs, "./cmd/tern-ipam")
+	}
+	return goRun(ctx, r.cfg.SourceDir, nil, append([]string{"build", "-o", r.binDir + "/"}, pkgs...)...)
+}
+
+func hasGoFiles(dir string) bool {
+	m, _ := filepath.Glob(filepath.Join(dir, "*.go"))
+	return len(m) > 0
+}
