@@ -1,5 +1,10 @@
 // Package bpf holds Tern's eBPF programs, compiled by bpf2go into the
-// committed tern_bpfel.{go,o}, so building Tern needs no clang.
+// committed *_bpfel.{go,o}, so building Tern needs no clang. One object per
+// attach point: Tern (tc_pod.c, pod veths) and TernUplink (tc_uplink.c, the
+// node's uplink). Both define the same maps, pinned by name, so they share
+// them once loaded; the shared C types are generated once, from Tern.
+// -mcpu=v3 for the atomic compare-and-swap the NAT port allocator uses.
 package bpf
 
-//go:generate go tool bpf2go -cc clang-19 -cflags "-O2 -g -Wall -Werror -I/usr/include/x86_64-linux-gnu" -target bpfel -type endpoint -type metric -type metric_value Tern tc_pod.c
+//go:generate go tool bpf2go -cc clang-19 -cflags "-O2 -g -Wall -Werror -mcpu=v3 -I/usr/include/x86_64-linux-gnu" -target bpfel -type endpoint -type metric -type metric_value -type node_config -type lpm_v4_key -type nat_tuple -type nat_entry Tern tc_pod.c
+//go:generate go tool bpf2go -cc clang-19 -cflags "-O2 -g -Wall -Werror -mcpu=v3 -I/usr/include/x86_64-linux-gnu" -target bpfel -no-global-types TernUplink tc_uplink.c

@@ -7,11 +7,14 @@
  * Decides: drop spoofed packets (source IP or MAC not the sender's own);
  * deliver packets for another pod on this node straight into that pod's
  * namespace with bpf_redirect_peer (no host routing, no bridge, no
- * netfilter); hand everything else to the host stack. */
+ * netfilter); masquerade packets leaving the cluster through the uplink to
+ * the node IP and send them out with bpf_redirect_neigh (replies come back
+ * through tc_uplink.c); hand everything else to the host stack. */
 
 #include <linux/bpf.h>
 #include <linux/pkt_cls.h>
 #include <linux/if_ether.h>
+#include <linux/in.h>
 #include <linux/ip.h>
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_endian.h>
@@ -20,6 +23,11 @@
 #include "lib/maps.h"
 #include "lib/metrics.h"
 #include "lib/parse.h"
+#include "lib/csum.h"
+#include "lib/conntrack.h"
+#include "lib/nat.h"
+#include "lib/fib.h"
+#include "lib/forward.h"
 
 char __license[] SEC("license") = "Dual BSD/GPL";
 
@@ -29,27 +37,128 @@ static __always_inline int mac_equal(const __u8 *a, const __u8 *b)
 	       a[3] == b[3] && a[4] == b[4] && a[5] == b[5];
 }
 
-/* decrement_ttl acts as the router the pod believes it talks to. */
-static __always_inline int decrement_ttl(struct __sk_buff *skb, struct iphdr *ip)
-{
-	__u16 old = *(__u16 *)&ip->ttl; /* ttl and protocol share a 16-bit word */
-	__u16 new;
+/* The IPv4 header fields the off-node path needs, copied out of the packet
+ * before any helper invalidates packet pointers. */
+struct ip4 {
+	__be32 saddr;
+	__be32 daddr;
+	__be16 frag_off;
+	__u8 ttl;
+	__u8 proto;
+	__u8 ihl;
+	__u8 tos;
+};
 
-	ip->ttl--;
-	new = *(__u16 *)&ip->ttl;
-	return bpf_l3_csum_replace(skb, ETH_HLEN + offsetof(struct iphdr, check),
-				   old, new, sizeof(__u16));
+static __always_inline int multicast_or_broadcast(__be32 daddr)
+{
+	__u32 a = bpf_ntohl(daddr);
+
+	return (a & 0xf0000000) == 0xe0000000 || a == 0xffffffff;
+}
+
+/* snat_out masquerades a packet of src to the node IP and sends it out of
+ * the uplink the FIB chose. Returns a tc verdict. */
+static __always_inline int snat_out(struct __sk_buff *skb, const struct ip4 *ip,
+				    const struct node_config *cfg)
+{
+	struct bpf_fib_lookup fib;
+	struct nat_tuple orig = {};
+	struct l4 l4 = {};
+	__u32 port_off, csum_off;
+	__be16 nat_port, from_port;
+	__u64 now;
+	long rc;
+
+	if (parse_l4(skb, ip->proto, ip->ihl, ip->frag_off, &l4) != L4_OK) {
+		count(METRIC_DROP_TRUNCATED, skb->len);
+		return TC_ACT_SHOT;
+	}
+
+	rc = fib_lookup_v4(skb, &fib, ip->saddr, ip->daddr, ip->tos, ip->proto, l4.sport, l4.dport);
+	if (rc != BPF_FIB_LKUP_RET_SUCCESS || fib.ifindex != cfg->uplink_ifindex) {
+		/* Local, unreachable, too big for the egress MTU, or routed
+		 * elsewhere than the uplink whose address we would use: the
+		 * stack knows best (ICMP errors, its own rules). */
+		count(METRIC_PASS_HOST, skb->len);
+		return TC_ACT_OK;
+	}
+	if (ip->ttl <= 1) {
+		count(METRIC_PASS_TTL, skb->len);
+		return TC_ACT_OK;
+	}
+
+	orig.saddr = ip->saddr;
+	orig.daddr = ip->daddr;
+	orig.proto = ip->proto;
+	switch (ip->proto) {
+	case IPPROTO_TCP:
+	case IPPROTO_UDP:
+		if (l4.nonfirst)
+			goto unsupported; /* no ports to translate by */
+		orig.sport = l4.sport;
+		orig.dport = l4.dport;
+		port_off = l4.off; /* source port */
+		break;
+	case IPPROTO_ICMP:
+		if (l4.nonfirst)
+			goto unsupported;
+		if (l4.icmp_type != ICMP_ECHO) {
+			/* Echo replies and errors a pod sends answer traffic
+			 * that reached its own address: not masqueraded. */
+			count(METRIC_PASS_HOST, skb->len);
+			return TC_ACT_OK;
+		}
+		orig.sport = l4.icmp_id; /* the identifier plays the port */
+		port_off = l4.off + ICMP_ID_OFF;
+		break;
+	default:
+		goto unsupported;
+	}
+
+	now = bpf_ktime_get_ns();
+	switch (snat_lookup(&orig, cfg->node_ip, tcp_close_flags(&l4, NAT_F_FIN_POD),
+			    l4.proto == IPPROTO_TCP && (l4.tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN,
+			    now, &nat_port)) {
+	case SNAT_TRANSLATE:
+		break;
+	case SNAT_INBOUND:
+		count(METRIC_PASS_HOST, skb->len);
+		return TC_ACT_OK;
+	case SNAT_NO_PORT:
+		count(METRIC_DROP_NAT_NO_PORT, skb->len);
+		return TC_ACT_SHOT;
+	default:
+		count(METRIC_DROP_NAT_MAP_FULL, skb->len);
+		return TC_ACT_SHOT;
+	}
+
+	from_port = orig.sport;
+	csum_off = l4.off + l4_csum_off(ip->proto);
+	if (nat_rewrite(skb, ip->proto, IP_SADDR_OFF, ip->saddr, cfg->node_ip,
+			port_off, from_port, nat_port, csum_off) < 0 ||
+	    decrement_ttl_at(skb, ip->ttl) < 0) {
+		count(METRIC_DROP_REDIRECT, skb->len);
+		return TC_ACT_SHOT;
+	}
+	count(METRIC_SNAT, skb->len);
+	return redirect_neigh_v4(&fib);
+
+unsupported:
+	/* Sending it on would leak the pod address; the stack would too. */
+	count(METRIC_DROP_NAT_UNSUPPORTED, skb->len);
+	return TC_ACT_SHOT;
 }
 
 SEC("tc")
 int tern_from_pod(struct __sk_buff *skb)
 {
 	struct endpoint *src, *dst;
+	struct node_config *cfg;
 	struct ethhdr *eth;
-	struct iphdr *ip;
-	__u32 daddr;
+	struct iphdr *iph;
+	struct ip4 ip;
 
-	switch (parse_ipv4(skb, &eth, &ip)) {
+	switch (parse_ipv4(skb, &eth, &iph)) {
 	case PARSE_IPV4:
 		break;
 	case PARSE_NOT_IPV4:
@@ -61,33 +170,33 @@ int tern_from_pod(struct __sk_buff *skb)
 	}
 
 	/* Anti-spoofing: the source must be the endpoint behind this veth. */
-	src = bpf_map_lookup_elem(&tern_endpoints, &ip->saddr);
+	src = bpf_map_lookup_elem(&tern_endpoints, &iph->saddr);
 	if (!src || src->ifindex != skb->ifindex || !mac_equal(eth->h_source, src->pod_mac)) {
 		count(METRIC_DROP_SPOOFED, skb->len);
 		return TC_ACT_SHOT;
 	}
 
-	daddr = ip->daddr;
-	dst = bpf_map_lookup_elem(&tern_endpoints, &daddr);
-	if (!dst) {
-		count(METRIC_PASS_HOST, skb->len);
-		return TC_ACT_OK;
-	}
-	if (ip->ttl <= 1) {
-		count(METRIC_PASS_TTL, skb->len);
-		return TC_ACT_OK;
-	}
+	ip.saddr = iph->saddr;
+	ip.daddr = iph->daddr;
+	ip.frag_off = iph->frag_off;
+	ip.ttl = iph->ttl;
+	ip.proto = iph->protocol;
+	ip.ihl = iph->ihl;
+	ip.tos = iph->tos;
 
-	if (decrement_ttl(skb, ip) < 0) {
-		count(METRIC_DROP_REDIRECT, skb->len);
-		return TC_ACT_SHOT;
-	}
-	/* The csum helper may have moved the data: store MACs by offset. */
-	if (bpf_skb_store_bytes(skb, offsetof(struct ethhdr, h_dest), dst->pod_mac, ETH_ALEN, 0) < 0 ||
-	    bpf_skb_store_bytes(skb, offsetof(struct ethhdr, h_source), dst->host_mac, ETH_ALEN, 0) < 0) {
-		count(METRIC_DROP_REDIRECT, skb->len);
-		return TC_ACT_SHOT;
-	}
-	count(METRIC_REDIRECT_PEER, skb->len);
-	return bpf_redirect_peer(dst->ifindex, 0);
+	dst = bpf_map_lookup_elem(&tern_endpoints, &ip.daddr);
+	if (dst)
+		return deliver_to_endpoint(skb, dst, ip.ttl, METRIC_REDIRECT_PEER);
+
+	/* Masquerade what leaves the cluster, when this pod's network asks
+	 * for it and the node has an uplink with an address. */
+	cfg = node_config();
+	if (cfg && cfg->node_ip && cfg->uplink_ifindex && (src->flags & ENDPOINT_F_MASQ) &&
+	    !multicast_or_broadcast(ip.daddr) && !nomasq(ip.daddr))
+		return snat_out(skb, &ip, cfg);
+
+	/* The node itself, other nodes' pods, and unmasqueraded traffic: the
+	 * host stack routes it (and kube-proxy's rules see it). */
+	count(METRIC_PASS_HOST, skb->len);
+	return TC_ACT_OK;
 }

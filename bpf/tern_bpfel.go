@@ -22,17 +22,36 @@ type TernEndpoint struct {
 	Flags    uint32
 }
 
+type TernEndpointFlags uint32
+
+const (
+	TernEndpointFlagsENDPOINT_F_NONE TernEndpointFlags = 0
+	TernEndpointFlagsENDPOINT_F_MASQ TernEndpointFlags = 1
+)
+
+type TernLpmV4Key struct {
+	_         structs.HostLayout
+	Prefixlen uint32
+	Addr      uint32
+}
+
 type TernMetric uint32
 
 const (
-	TernMetricMETRIC_REDIRECT_PEER  TernMetric = 0
-	TernMetricMETRIC_PASS_HOST      TernMetric = 1
-	TernMetricMETRIC_PASS_NON_IPV4  TernMetric = 2
-	TernMetricMETRIC_PASS_TTL       TernMetric = 3
-	TernMetricMETRIC_DROP_TRUNCATED TernMetric = 4
-	TernMetricMETRIC_DROP_SPOOFED   TernMetric = 5
-	TernMetricMETRIC_DROP_REDIRECT  TernMetric = 6
-	TernMetricMETRIC_MAX            TernMetric = 7
+	TernMetricMETRIC_REDIRECT_PEER        TernMetric = 0
+	TernMetricMETRIC_PASS_HOST            TernMetric = 1
+	TernMetricMETRIC_PASS_NON_IPV4        TernMetric = 2
+	TernMetricMETRIC_PASS_TTL             TernMetric = 3
+	TernMetricMETRIC_DROP_TRUNCATED       TernMetric = 4
+	TernMetricMETRIC_DROP_SPOOFED         TernMetric = 5
+	TernMetricMETRIC_DROP_REDIRECT        TernMetric = 6
+	TernMetricMETRIC_SNAT                 TernMetric = 7
+	TernMetricMETRIC_REV_SNAT             TernMetric = 8
+	TernMetricMETRIC_PASS_UPLINK          TernMetric = 9
+	TernMetricMETRIC_DROP_NAT_NO_PORT     TernMetric = 10
+	TernMetricMETRIC_DROP_NAT_MAP_FULL    TernMetric = 11
+	TernMetricMETRIC_DROP_NAT_UNSUPPORTED TernMetric = 12
+	TernMetricMETRIC_MAX                  TernMetric = 13
 )
 
 type TernMetricValue struct {
@@ -41,13 +60,60 @@ type TernMetricValue struct {
 	Bytes   uint64
 }
 
+type TernNatEntry struct {
+	_        structs.HostLayout
+	LastSeen uint64
+	Addr     uint32
+	Port     uint16
+	Flags    uint16
+}
+
+type TernNatFlags uint32
+
+const (
+	TernNatFlagsNAT_F_INBOUND    TernNatFlags = 1
+	TernNatFlagsNAT_F_SEEN_REPLY TernNatFlags = 2
+	TernNatFlagsNAT_F_FIN_POD    TernNatFlags = 4
+	TernNatFlagsNAT_F_FIN_REMOTE TernNatFlags = 8
+	TernNatFlagsNAT_F_RST        TernNatFlags = 16
+)
+
+type TernNatTuple struct {
+	_     structs.HostLayout
+	Saddr uint32
+	Daddr uint32
+	Sport uint16
+	Dport uint16
+	Proto uint8
+	Pad   [3]uint8
+}
+
+type TernNodeConfig struct {
+	_             structs.HostLayout
+	NodeIp        uint32
+	UplinkIfindex uint32
+}
+
 // Names of all BPF objects in the ELF.
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
-	TernMapTernEndpoints = "tern_endpoints"
-	TernMapTernMetrics   = "tern_metrics"
-	TernProgTernFromPod  = "tern_from_pod"
+	TernMapTernConfig           = "tern_config"
+	TernMapTernEndpoints        = "tern_endpoints"
+	TernMapTernMetrics          = "tern_metrics"
+	TernMapTernNat              = "tern_nat"
+	TernMapTernNatRev           = "tern_nat_rev"
+	TernMapTernNomasq           = "tern_nomasq"
+	TernProgTernFromPod         = "tern_from_pod"
+	TernVarCtTimeoutIcmp        = "ct_timeout_icmp"
+	TernVarCtTimeoutTcp         = "ct_timeout_tcp"
+	TernVarCtTimeoutTcpClose    = "ct_timeout_tcp_close"
+	TernVarCtTimeoutTcpSyn      = "ct_timeout_tcp_syn"
+	TernVarCtTimeoutUdp         = "ct_timeout_udp"
+	TernVarNatPortMax           = "nat_port_max"
+	TernVarNatPortMin           = "nat_port_min"
+	TernVarTernBtfEndpointFlags = "tern_btf_endpoint_flags"
+	TernVarTernBtfNatFlags      = "tern_btf_nat_flags"
 )
 
 // LoadTern returns the embedded CollectionSpec for Tern.
@@ -99,14 +165,27 @@ type TernProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type TernMapSpecs struct {
+	TernConfig    *ebpf.MapSpec `ebpf:"tern_config"`
 	TernEndpoints *ebpf.MapSpec `ebpf:"tern_endpoints"`
 	TernMetrics   *ebpf.MapSpec `ebpf:"tern_metrics"`
+	TernNat       *ebpf.MapSpec `ebpf:"tern_nat"`
+	TernNatRev    *ebpf.MapSpec `ebpf:"tern_nat_rev"`
+	TernNomasq    *ebpf.MapSpec `ebpf:"tern_nomasq"`
 }
 
 // TernVariableSpecs contains global variables before they are loaded into the kernel.
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type TernVariableSpecs struct {
+	CtTimeoutIcmp        *ebpf.VariableSpec `ebpf:"ct_timeout_icmp"`
+	CtTimeoutTcp         *ebpf.VariableSpec `ebpf:"ct_timeout_tcp"`
+	CtTimeoutTcpClose    *ebpf.VariableSpec `ebpf:"ct_timeout_tcp_close"`
+	CtTimeoutTcpSyn      *ebpf.VariableSpec `ebpf:"ct_timeout_tcp_syn"`
+	CtTimeoutUdp         *ebpf.VariableSpec `ebpf:"ct_timeout_udp"`
+	NatPortMax           *ebpf.VariableSpec `ebpf:"nat_port_max"`
+	NatPortMin           *ebpf.VariableSpec `ebpf:"nat_port_min"`
+	TernBtfEndpointFlags *ebpf.VariableSpec `ebpf:"tern_btf_endpoint_flags"`
+	TernBtfNatFlags      *ebpf.VariableSpec `ebpf:"tern_btf_nat_flags"`
 }
 
 // TernObjects contains all objects after they have been loaded into the kernel.
@@ -129,14 +208,22 @@ func (o *TernObjects) Close() error {
 //
 // It can be passed to LoadTernObjects or ebpf.CollectionSpec.LoadAndAssign.
 type TernMaps struct {
+	TernConfig    *ebpf.Map `ebpf:"tern_config"`
 	TernEndpoints *ebpf.Map `ebpf:"tern_endpoints"`
 	TernMetrics   *ebpf.Map `ebpf:"tern_metrics"`
+	TernNat       *ebpf.Map `ebpf:"tern_nat"`
+	TernNatRev    *ebpf.Map `ebpf:"tern_nat_rev"`
+	TernNomasq    *ebpf.Map `ebpf:"tern_nomasq"`
 }
 
 func (m *TernMaps) Close() error {
 	return _TernClose(
+		m.TernConfig,
 		m.TernEndpoints,
 		m.TernMetrics,
+		m.TernNat,
+		m.TernNatRev,
+		m.TernNomasq,
 	)
 }
 
@@ -144,6 +231,15 @@ func (m *TernMaps) Close() error {
 //
 // It can be passed to LoadTernObjects or ebpf.CollectionSpec.LoadAndAssign.
 type TernVariables struct {
+	CtTimeoutIcmp        *ebpf.Variable `ebpf:"ct_timeout_icmp"`
+	CtTimeoutTcp         *ebpf.Variable `ebpf:"ct_timeout_tcp"`
+	CtTimeoutTcpClose    *ebpf.Variable `ebpf:"ct_timeout_tcp_close"`
+	CtTimeoutTcpSyn      *ebpf.Variable `ebpf:"ct_timeout_tcp_syn"`
+	CtTimeoutUdp         *ebpf.Variable `ebpf:"ct_timeout_udp"`
+	NatPortMax           *ebpf.Variable `ebpf:"nat_port_max"`
+	NatPortMin           *ebpf.Variable `ebpf:"nat_port_min"`
+	TernBtfEndpointFlags *ebpf.Variable `ebpf:"tern_btf_endpoint_flags"`
+	TernBtfNatFlags      *ebpf.Variable `ebpf:"tern_btf_nat_flags"`
 }
 
 // TernPrograms contains all programs after they have been loaded into the kernel.

@@ -120,6 +120,23 @@ func cmdAdd(args *skel.CmdArgs) (err error) {
 		}
 	}
 
+	// NetworkPolicy before forwarding: the rule set in force, with this
+	// pod in it, is applied before AddEndpoint lets its first packet
+	// through, so a pod that policy isolates is never open.
+	existing, err := recs.list()
+	if err != nil {
+		return err
+	}
+	others := make([]*datapath.Endpoint, 0, len(existing)+1)
+	for _, r := range existing {
+		others = append(others, r.endpoint())
+	}
+	others = withoutAttachment(others, args.ContainerID, args.IfName)
+	if err := conf.syncPolicy(dp, append(others, ep)); err != nil {
+		return err
+	}
+	undo = append(undo, func() error { return conf.syncPolicy(dp, others) })
+
 	if err := dp.AddEndpoint(ep); err != nil {
 		return fmt.Errorf("add endpoint to datapath: %w", err)
 	}

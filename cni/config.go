@@ -41,6 +41,11 @@ type NetConf struct {
 	Bridge             string   `json:"bridge,omitempty"`
 	IPMasq             *bool    `json:"ipMasq,omitempty"`
 	NonMasqueradeCIDRs []string `json:"nonMasqueradeCIDRs,omitempty"`
+	// Uplink is the node's interface toward the outside: masqueraded pod
+	// traffic leaves by it with its first IPv4 address, and its replies are
+	// translated back at its tc ingress (eBPF datapath). Default: the
+	// interface of the node's IPv4 default route.
+	Uplink string `json:"uplink,omitempty"`
 	// TCAttach forces how programs attach: "auto" (default: TCX, else
 	// clsact), "tcx" or "legacy". For kernels and tests that need one.
 	TCAttach string `json:"tcAttach,omitempty"`
@@ -142,6 +147,9 @@ func ParseConfig(stdin []byte) (*NetConf, error) {
 	if len(conf.Bridge) > 15 || strings.ContainsAny(conf.Bridge, "/ \t") {
 		return nil, fieldErr("bridge", "%q is not a valid interface name", conf.Bridge)
 	}
+	if conf.Uplink != "" && !validIfname(conf.Uplink) {
+		return nil, fieldErr("uplink", "%q is not a valid interface name", conf.Uplink)
+	}
 	mode, err := loader.ParseMode(conf.TCAttach)
 	if err != nil {
 		return nil, fieldErr("tcAttach", "%v", err)
@@ -170,6 +178,20 @@ func ParseConfig(stdin []byte) (*NetConf, error) {
 		conf.rawIPAM = raw.IPAM
 	}
 	return conf, nil
+}
+
+// validIfname applies the kernel's rules for interface names
+// (dev_valid_name): 1-15 bytes, not "." or "..", no '/', ':' or space.
+func validIfname(s string) bool {
+	if s == "" || len(s) > 15 || s == "." || s == ".." {
+		return false
+	}
+	for _, r := range s {
+		if r == '/' || r == ':' || r <= ' ' || r == 0x7f {
+			return false
+		}
+	}
+	return true
 }
 
 // masquerade reports whether pod traffic leaving the cluster is SNATed.

@@ -11,11 +11,27 @@ import (
 
 // newDatapath builds the configured datapath. The iptables datapath needs
 // the pod subnet and gateway for its bridge; they come from the pod's
-// address (subnet may be nil when unknown, e.g. DEL without a record).
+// address (subnet may be nil when unknown, e.g. DEL without a record). The
+// eBPF datapath gets the SNAT settings and the node's uplink (name,
+// ifindex, first IPv4 address), looked up in the namespace the plugin runs
+// in, the node's.
 func (c *NetConf) newDatapath(subnet *net.IPNet, gateway net.IP) (datapath.Datapath, error) {
 	switch c.Datapath {
 	case DatapathEBPF:
-		return ebpfdp.New(ebpfdp.Config{BPFFSDir: c.BPFFSDir, StateDir: c.StateDir, Attach: c.attachMode}), nil
+		cfg := ebpfdp.Config{
+			BPFFSDir:           c.BPFFSDir,
+			StateDir:           c.StateDir,
+			Attach:             c.attachMode,
+			IPMasq:             c.masquerade(),
+			ClusterCIDR:        c.clusterCIDR,
+			NonMasqueradeCIDRs: c.nonMasq,
+			PodSubnet:          subnet,
+		}
+		// Resolved on every command, but only ADD and STATUS fail when
+		// the configured uplink is missing: DEL, CHECK and GC must work
+		// on a node that lost it.
+		cfg.Uplink, cfg.UplinkErr = ebpfdp.ResolveUplink(c.Uplink)
+		return ebpfdp.New(cfg), nil
 	case DatapathIPTables:
 		if subnet == nil && c.pool != nil {
 			subnet, gateway = &c.pool.Subnet, c.pool.Gateway

@@ -9,6 +9,7 @@ import (
 
 	"github.com/ternlabs/tern/datapath"
 	"github.com/ternlabs/tern/loader"
+	"github.com/ternlabs/tern/policy/store"
 )
 
 // CmdDel undoes ADD. It is idempotent and best-effort: the netns, the veth,
@@ -55,6 +56,7 @@ func (c *NetConf) teardown(containerID, ifname string) error {
 	var errs []error
 	dp, err := c.newDatapath(subnetOf(ep), ep.Gateway)
 	if err != nil {
+		dp = nil // not a typed nil pointer: no datapath
 		if rec != nil {
 			errs = append(errs, err)
 		}
@@ -79,9 +81,24 @@ func (c *NetConf) teardown(containerID, ifname string) error {
 	if err != nil {
 		return err
 	}
+	// Withdraw the pod from NetworkPolicy now that it is gone, before its
+	// IP can go to another pod.
+	eps := make([]*datapath.Endpoint, 0, len(left))
+	for _, r := range left {
+		eps = append(eps, r.endpoint())
+	}
+	if err := c.syncPolicyAfterDel(dp, eps); err != nil {
+		return err
+	}
 	if dp != nil {
 		if err := dp.ReleaseNode(len(left)); err != nil {
 			return fmt.Errorf("release node datapath: %w", err)
+		}
+		if len(left) == 0 {
+			// ReleaseNode took the network's policy state with it.
+			if err := store.New(c.StateDir).Forget(c.Name); err != nil {
+				return err
+			}
 		}
 	}
 	return nil

@@ -1,5 +1,6 @@
 // Package ctl implements ternctl, which shows what a node's Tern datapath
-// does: endpoints, attached programs and counters.
+// does (endpoints, attached programs, counters, NetworkPolicies in force)
+// and changes the node's NetworkPolicy state.
 package ctl
 
 import (
@@ -22,8 +23,18 @@ import (
 const usage = `usage: ternctl [--cni-conf FILE] [-o table|json] COMMAND
 
 commands:
-  get endpoints     pods on this node: IP, MACs, host veth, attached program
-  get metrics       datapath counters (packets and bytes by outcome and drop reason)
+  get endpoints         pods on this node: IP, MACs, host veth, attached program
+  get metrics           datapath counters (packets and bytes by outcome and drop reason)
+  get policies          NetworkPolicies in force: selected local pods, policy types, rules
+  apply -f FILE|DIR     add or replace the Pods, Namespaces and NetworkPolicies of
+                        the manifests in the node's policy state, and enforce it
+  delete -f FILE|DIR    remove them (by kind, namespace and name), and enforce it
+
+apply and delete read multi-document YAML or JSON (a directory: its *.yaml,
+*.yml and *.json files, "-": standard input), strictly: an invalid object is
+named and nothing changes. The datapath is updated before they return.
+Endpoints are matched to Pod objects by the K8S_POD_NAMESPACE and
+K8S_POD_NAME they were added with.
 
 --cni-conf defaults to the first conflist in /etc/cni/net.d with a tern plugin.
 `
@@ -39,12 +50,19 @@ func Run(args []string, stdout, stderr io.Writer) error {
 		return err
 	}
 	rest := fs.Args()
-	if len(rest) != 2 || rest[0] != "get" {
+	if len(rest) == 0 || (rest[0] == "get" && len(rest) != 2) || (rest[0] != "get" && rest[0] != "apply" && rest[0] != "delete") {
 		fs.Usage()
 		return errors.New("unknown command")
 	}
 	if *output != "table" && *output != "json" {
 		return fmt.Errorf("unknown output format %q", *output)
+	}
+	var files []string
+	if rest[0] == "apply" || rest[0] == "delete" {
+		var err error
+		if files, err = parseFileFlags(rest[0], rest[1:], stderr); err != nil {
+			return err
+		}
 	}
 	path := *confPath
 	if path == "" {
@@ -58,11 +76,19 @@ func Run(args []string, stdout, stderr io.Writer) error {
 	if err != nil {
 		return err
 	}
+	switch rest[0] {
+	case "apply":
+		return applyManifests(conf, files, false, stdout)
+	case "delete":
+		return applyManifests(conf, files, true, stdout)
+	}
 	switch rest[1] {
 	case "endpoints", "endpoint", "ep":
 		return getEndpoints(conf, *output, stdout)
 	case "metrics", "counters":
 		return getMetrics(conf, *output, stdout)
+	case "policies", "policy", "networkpolicies", "netpol":
+		return getPolicies(conf, *output, stdout)
 	}
 	fs.Usage()
 	return fmt.Errorf("unknown resource %q", rest[1])

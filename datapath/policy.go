@@ -11,5 +11,11 @@ type PolicyEnforcer interface {
 	// last. Endpoints in next that the datapath has not seen yet (a pod
 	// being added) get their policy state now, so their first packet is
 	// already checked.
+	//
+	// prev is the rule set the policy store recorded as applied (package
+	// policy/store). ReleaseNode(0) must remove the network's policy state
+	// along with everything else; the store then forgets prev, so the next
+	// ApplyPolicy gets prev == nil. On error the datapath must keep
+	// enforcing prev: the store keeps prev as the applied rule set.
 	ApplyPolicy(prev, next *compile.RuleSet) error
 }

@@ -21,12 +21,17 @@ const (
 	// HookPodIngress is tc ingress of a pod's host-side veth: packets the
 	// pod sends.
 	HookPodIngress Hook = "ingress"
+	// HookUplinkIngress is tc ingress of the node's uplink: replies to
+	// masqueraded pod traffic. One attachment per node.
+	HookUplinkIngress Hook = "uplink"
 )
 
 func (h Hook) program() string {
 	switch h {
 	case HookPodIngress:
 		return "tern_from_pod"
+	case HookUplinkIngress:
+		return "tern_from_uplink"
 	}
 	return ""
 }
@@ -104,6 +109,13 @@ func (l *Loader) attachTCX(prog *ebpf.Program, ifname string, ifindex int, hook 
 	if err := os.MkdirAll(filepath.Dir(pin), 0o700); err != nil {
 		return fmt.Errorf("create link pin dir: %w", err)
 	}
+	// Already attached here: swap the link's program in place. Unpinning
+	// and attaching anew would leave the interface without its program in
+	// between, and fails with EEXIST while the kernel has not yet released
+	// the unpinned link (it does so asynchronously).
+	if updated, err := updatePinnedTCX(pin, ifindex, hook, prog); err != nil || updated {
+		return err
+	}
 	// A pin left by an earlier attachment of a since-recreated interface
 	// would block the new pin; it refers to a dead or replaced link.
 	if err := os.Remove(pin); err != nil && !os.IsNotExist(err) {
@@ -122,6 +134,43 @@ func (l *Loader) attachTCX(prog *ebpf.Program, ifname string, ifindex int, hook 
 		return fmt.Errorf("pin tcx link %s: %w", pin, err)
 	}
 	return nil
+}
+
+// updatePinnedTCX points the TCX link pinned at pin to prog, if that link
+// is still attached at hook of ifindex, and reports whether it did.
+func updatePinnedTCX(pin string, ifindex int, hook Hook, prog *ebpf.Program) (bool, error) {
+	lk, err := link.LoadPinnedLink(pin, nil)
+	if err != nil {
+		return false, nil // no pin, or not a link: replaced by the caller
+	}
+	defer lk.Close()
+	info, err := lk.Info()
+	if err != nil {
+		return false, nil
+	}
+	tcx := info.TCX()
+	if tcx == nil || int(tcx.Ifindex) != ifindex || ebpf.AttachType(tcx.AttachType) != hook.tcxAttach() {
+		return false, nil // the link of a deleted or other interface
+	}
+	if err := lk.Update(prog); err != nil {
+		if errors.Is(err, unix.ENOLINK) {
+			return false, nil // its interface went away meanwhile
+		}
+		return false, fmt.Errorf("update tcx link %s: %w", pin, err)
+	}
+	return true, nil
+}
+
+// detachPinnedTCX detaches the TCX link pinned at pin, if any, so that the
+// program is off the interface when Detach returns: unpinning alone lets
+// the kernel release the link asynchronously.
+func detachPinnedTCX(pin string) {
+	lk, err := link.LoadPinnedLink(pin, nil)
+	if err != nil {
+		return
+	}
+	defer lk.Close()
+	_ = lk.Detach() // best effort: fails only for a link already severed
 }
 
 func (l *Loader) attachLegacy(prog *ebpf.Program, ifname string, ifindex int, hook Hook) error {
@@ -218,6 +267,7 @@ func (l *Loader) legacyAttachments() ([]legacyAttachment, error) {
 func (l *Loader) Detach(ifname string, hook Hook) error {
 	return l.Held(func() error {
 		var errs []error
+		detachPinnedTCX(l.linkPin(ifname, hook))
 		if err := os.Remove(l.linkPin(ifname, hook)); err != nil && !os.IsNotExist(err) {
 			errs = append(errs, fmt.Errorf("unpin tcx link of %s: %w", ifname, err))
 		}

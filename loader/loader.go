@@ -9,6 +9,7 @@ import (
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
+	"golang.org/x/sys/unix"
 
 	ternbpf "github.com/ternlabs/tern/bpf"
 )
@@ -30,10 +31,15 @@ type Loader struct {
 	BPFFSDir string // where maps, programs and links are pinned
 	StateDir string // node state on a normal filesystem: lock, legacy attachments
 
-	// Spec and Version select the object to load; New sets them to the
-	// embedded object. Tests override them to simulate an upgrade.
-	Spec    func() (*ebpf.CollectionSpec, error)
+	// Specs and Version select the objects to load; New sets them to the
+	// embedded objects. Their programs have distinct names; maps of the
+	// same name are one map, pinned by name and shared. Version covers
+	// every object: a new version of any of them loads and swaps all.
+	Specs   func() ([]*ebpf.CollectionSpec, error)
 	Version string
+	// Spec, when set, replaces Specs with a single object (tests use it
+	// to simulate an upgrade).
+	Spec func() (*ebpf.CollectionSpec, error)
 }
 
 // New returns a loader for the embedded object.
@@ -41,9 +47,24 @@ func New(bpffsDir, stateDir string) *Loader {
 	return &Loader{
 		BPFFSDir: bpffsDir,
 		StateDir: stateDir,
-		Spec:     ternbpf.LoadTern,
+		Specs:    ternbpf.LoadSpecs,
 		Version:  ternbpf.ObjectVersion(),
 	}
+}
+
+// specs returns the specs of every object to load.
+func (l *Loader) specs() ([]*ebpf.CollectionSpec, error) {
+	if l.Spec != nil {
+		spec, err := l.Spec()
+		if err != nil {
+			return nil, err
+		}
+		return []*ebpf.CollectionSpec{spec}, nil
+	}
+	if l.Specs == nil {
+		return nil, errors.New("loader has no object specs")
+	}
+	return l.Specs()
 }
 
 // Objects are handles to the node's loaded maps and programs. Close them;
@@ -113,14 +134,20 @@ func (l *Loader) loadLocked() (*Objects, error) {
 	if err := EnsureBPFFS(l.BPFFSDir); err != nil {
 		return nil, err
 	}
-	spec, err := l.Spec()
+	specs, err := l.specs()
 	if err != nil {
 		return nil, fmt.Errorf("load object spec: %w", err)
 	}
 	progDir := filepath.Join(l.BPFFSDir, progsDir, l.Version)
 	if _, err := os.Stat(progDir); err == nil {
-		objs, err := l.openPinned(spec, progDir)
+		objs, err := l.openPinned(specs, progDir)
 		if err == nil {
+			// Older versions still pinned: a previous load of this version
+			// published its programs but did not finish the upgrade.
+			if err := l.finishUpgrade(objs); err != nil {
+				objs.Close()
+				return nil, err
+			}
 			return objs, nil
 		}
 		// A half-pinned version (crash during a previous load): start over.
@@ -128,52 +155,88 @@ func (l *Loader) loadLocked() (*Objects, error) {
 			return nil, fmt.Errorf("remove incomplete pins %s: %w", progDir, err)
 		}
 	}
-	return l.loadNew(spec, progDir)
+	return l.loadNew(specs, progDir)
 }
 
-func (l *Loader) openPinned(spec *ebpf.CollectionSpec, progDir string) (*Objects, error) {
+func (l *Loader) openPinned(specs []*ebpf.CollectionSpec, progDir string) (*Objects, error) {
 	objs := &Objects{Version: l.Version, Maps: map[string]*ebpf.Map{}, Programs: map[string]*ebpf.Program{}}
-	for name, ms := range spec.Maps {
-		if ms.Pinning != ebpf.PinByName {
-			continue
+	for _, spec := range specs {
+		for name, ms := range spec.Maps {
+			if _, ok := objs.Maps[name]; ok || ms.Pinning != ebpf.PinByName {
+				continue // shared with an earlier object, or not pinned
+			}
+			m, err := ebpf.LoadPinnedMap(filepath.Join(l.BPFFSDir, mapsDir, name), nil)
+			if err != nil {
+				objs.Close()
+				return nil, fmt.Errorf("open pinned map %s: %w", name, err)
+			}
+			objs.Maps[name] = m
 		}
-		m, err := ebpf.LoadPinnedMap(filepath.Join(l.BPFFSDir, mapsDir, name), nil)
-		if err != nil {
-			objs.Close()
-			return nil, fmt.Errorf("open pinned map %s: %w", name, err)
+		for name := range spec.Programs {
+			p, err := ebpf.LoadPinnedProgram(filepath.Join(progDir, name), nil)
+			if err != nil {
+				objs.Close()
+				return nil, fmt.Errorf("open pinned program %s: %w", name, err)
+			}
+			objs.Programs[name] = p
 		}
-		objs.Maps[name] = m
-	}
-	for name := range spec.Programs {
-		p, err := ebpf.LoadPinnedProgram(filepath.Join(progDir, name), nil)
-		if err != nil {
-			objs.Close()
-			return nil, fmt.Errorf("open pinned program %s: %w", name, err)
-		}
-		objs.Programs[name] = p
 	}
 	return objs, nil
 }
 
-func (l *Loader) loadNew(spec *ebpf.CollectionSpec, progDir string) (*Objects, error) {
+// loadObjects loads every object, in order, with pinned maps under
+// mapPins: the first object creates and pins them, later ones reuse the
+// pins, so all programs share one set of maps. Unpinned maps (.rodata)
+// belong to their object's programs only and are not returned.
+func loadObjects(specs []*ebpf.CollectionSpec, mapPins string, version string) (*Objects, error) {
+	seen := map[string]bool{}
+	for _, spec := range specs {
+		for name := range spec.Programs {
+			if seen[name] {
+				return nil, fmt.Errorf("load BPF object: program %s is defined by two objects", name)
+			}
+			seen[name] = true
+		}
+	}
+	objs := &Objects{Version: version, Maps: map[string]*ebpf.Map{}, Programs: map[string]*ebpf.Program{}}
+	for _, spec := range specs {
+		coll, err := ebpf.NewCollectionWithOptions(spec, ebpf.CollectionOptions{
+			Maps: ebpf.MapOptions{PinPath: mapPins},
+		})
+		if err != nil {
+			objs.Close()
+			var verr *ebpf.VerifierError
+			if errors.As(err, &verr) {
+				return nil, fmt.Errorf("load BPF object: %+v", verr)
+			}
+			if errors.Is(err, ebpf.ErrMapIncompatible) {
+				return nil, fmt.Errorf("load BPF object: pinned maps under %s are from an incompatible version (remove them to reset the node): %w", mapPins, err)
+			}
+			return nil, fmt.Errorf("load BPF object: %w", err)
+		}
+		for name, m := range coll.Maps {
+			if _, dup := objs.Maps[name]; dup || spec.Maps[name].Pinning != ebpf.PinByName {
+				m.Close() // the same pinned map, already held; or internal
+				continue
+			}
+			objs.Maps[name] = m
+		}
+		for name, p := range coll.Programs {
+			objs.Programs[name] = p
+		}
+	}
+	return objs, nil
+}
+
+func (l *Loader) loadNew(specs []*ebpf.CollectionSpec, progDir string) (*Objects, error) {
 	mapPins := filepath.Join(l.BPFFSDir, mapsDir)
 	if err := os.MkdirAll(mapPins, 0o700); err != nil {
 		return nil, fmt.Errorf("create %s: %w", mapPins, err)
 	}
-	coll, err := ebpf.NewCollectionWithOptions(spec, ebpf.CollectionOptions{
-		Maps: ebpf.MapOptions{PinPath: mapPins},
-	})
+	objs, err := loadObjects(specs, mapPins, l.Version)
 	if err != nil {
-		var verr *ebpf.VerifierError
-		if errors.As(err, &verr) {
-			return nil, fmt.Errorf("load BPF object: %+v", verr)
-		}
-		if errors.Is(err, ebpf.ErrMapIncompatible) {
-			return nil, fmt.Errorf("load BPF object: pinned maps under %s are from an incompatible version (remove them to reset the node): %w", mapPins, err)
-		}
-		return nil, fmt.Errorf("load BPF object: %w", err)
+		return nil, err
 	}
-	objs := &Objects{Version: l.Version, Maps: coll.Maps, Programs: coll.Programs}
 
 	// Pin into a temporary directory and rename it into place, so a version
 	// directory either holds every program or does not exist.
@@ -207,6 +270,24 @@ func (l *Loader) loadNew(spec *ebpf.CollectionSpec, progDir string) (*Objects, e
 	return objs, nil
 }
 
+// finishUpgrade moves attachments to objs and unpins older versions when
+// any older version is still pinned.
+func (l *Loader) finishUpgrade(objs *Objects) error {
+	entries, err := os.ReadDir(filepath.Join(l.BPFFSDir, progsDir))
+	if err != nil {
+		return fmt.Errorf("list %s: %w", progsDir, err)
+	}
+	for _, e := range entries {
+		if e.Name() != l.Version && !strings.HasSuffix(e.Name(), "_tmp") {
+			if err := l.upgradeAttachments(objs); err != nil {
+				return err
+			}
+			return l.unpinOldVersions()
+		}
+	}
+	return nil
+}
+
 // upgradeAttachments points every existing attachment at the new programs.
 func (l *Loader) upgradeAttachments(objs *Objects) error {
 	pins, err := os.ReadDir(filepath.Join(l.BPFFSDir, linksDir))
@@ -229,6 +310,14 @@ func (l *Loader) upgradeAttachments(objs *Objects) error {
 		}
 		err = lk.Update(prog)
 		lk.Close()
+		if errors.Is(err, unix.ENOLINK) {
+			// Its interface was deleted without a DEL (the pod's netns
+			// went away): nothing to upgrade, and the pin is stale.
+			if err := os.Remove(path); err != nil && !os.IsNotExist(err) {
+				return fmt.Errorf("remove stale link pin %s: %w", path, err)
+			}
+			continue
+		}
 		if err != nil {
 			return fmt.Errorf("update link %s to the new program: %w", path, err)
 		}

@@ -18,9 +18,11 @@
 // Semantics are those of Kubernetes NetworkPolicy, with these choices where
 // Kubernetes leaves room or where this package has to decide:
 //
-//   - Traffic from a host IP (the node itself) to a local pod is always
-//     allowed. Traffic from a pod to a host IP is subject to the pod's
-//     egress policy like any non-pod address (ipBlocks match it by IP).
+//   - Traffic between a local pod and a host IP (an address of the node the
+//     pod runs on) is always allowed, in both directions, as Kubernetes
+//     requires: ingress from a host IP and egress to a host IP pass whatever
+//     the pod's policies say. (ipBlocks still match host IPs by IP, which
+//     only matters for policies of pods on other nodes.)
 //   - A pod's traffic to its own IP is treated like traffic to any other
 //     pod: both its egress and its ingress policy apply.
 //   - ipBlock matches by IP, pod IPs included (Kubernetes leaves this to the
@@ -77,7 +79,7 @@ type Topology struct {
 	// to the pod.
 	Endpoints map[string]Endpoint
 	// Hosts are the addresses of this node. Traffic from them to local pods
-	// is always allowed.
+	// and from local pods to them is always allowed.
 	Hosts []net.IP
 }
 

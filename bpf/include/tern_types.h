@@ -19,18 +19,77 @@ struct endpoint {
 
 enum endpoint_flags {
 	ENDPOINT_F_NONE = 0,
+	/* The pod's network has ipMasq: its traffic to destinations outside
+	 * tern_nomasq is masqueraded to the node IP. Per endpoint, so that
+	 * networks sharing a node can differ. */
+	ENDPOINT_F_MASQ = 1 << 0,
+};
+
+/* node_config: the single entry of tern_config, written by the plugin on
+ * every ADD. A map rather than load-time constants because the uplink and
+ * its address may change while programs stay loaded. */
+struct node_config {
+	__be32 node_ip;        /* SNAT source: first IPv4 address of the uplink; 0 disables SNAT */
+	__u32 uplink_ifindex;  /* interface SNATed traffic must leave by; 0 = none */
+};
+
+/* lpm_v4_key: key of tern_nomasq (LPM trie of destinations that keep the
+ * pod's source address: cluster CIDR and nonMasqueradeCIDRs). */
+struct lpm_v4_key {
+	__u32 prefixlen;
+	__be32 addr;
+};
+
+/* nat_tuple: a flow as one direction sees it. Key of both NAT maps:
+ *  - tern_nat: the flow as the pod sent it (saddr = pod, daddr = remote);
+ *  - tern_nat_rev: the reply as it arrives on the uplink (saddr = remote,
+ *    daddr = node IP, dport = NAT port).
+ * For ICMP echo the identifier takes the place of the pod/NAT port and the
+ * remote port is 0. */
+struct nat_tuple {
+	__be32 saddr;
+	__be32 daddr;
+	__be16 sport;
+	__be16 dport;
+	__u8 proto;
+	__u8 pad[3];
+};
+
+/* nat_entry: value of both NAT maps. In tern_nat, addr/port is the
+ * translated source (node IP, NAT port); in tern_nat_rev, the original pod
+ * address and port the reply is translated back to. */
+struct nat_entry {
+	__u64 last_seen; /* bpf_ktime_get_ns of the last packet; compare-and-swapped when a port is reclaimed */
+	__be32 addr;
+	__be16 port;
+	__u16 flags;     /* enum nat_flags */
+};
+
+enum nat_flags {
+	NAT_F_INBOUND = 1 << 0,    /* tern_nat only: opened from outside to the pod's own IP: never translated */
+	NAT_F_SEEN_REPLY = 1 << 1, /* a reply came back */
+	NAT_F_FIN_POD = 1 << 2,    /* TCP FIN from the pod */
+	NAT_F_FIN_REMOTE = 1 << 3, /* TCP FIN from the remote */
+	NAT_F_RST = 1 << 4,        /* TCP RST either way */
 };
 
 /* metric: index into the per-CPU metrics array. Forwarding outcomes first,
- * then drop reasons; Go prints them by name (bpf2go -type metric). */
+ * then drop reasons; Go prints them by name (bpf2go -type metric). New
+ * values go before METRIC_MAX: Go's name table follows this order. */
 enum metric {
-	METRIC_REDIRECT_PEER = 0, /* same-node pod to pod, delivered by bpf_redirect_peer */
-	METRIC_PASS_HOST,         /* handed to the host stack (off-node, host, unknown dst) */
+	METRIC_REDIRECT_PEER = 0, /* delivered into a pod of this node by bpf_redirect_peer */
+	METRIC_PASS_HOST,         /* handed to the host stack (off-node without SNAT, host, FIB says so) */
 	METRIC_PASS_NON_IPV4,     /* ARP, IPv6 and other non-IPv4 frames */
 	METRIC_PASS_TTL,          /* TTL would expire: let the stack send ICMP */
 	METRIC_DROP_TRUNCATED,    /* frame too short for the headers it claims */
 	METRIC_DROP_SPOOFED,      /* source IP or MAC is not the sending pod's */
 	METRIC_DROP_REDIRECT,     /* a helper on the forwarding path failed */
+	METRIC_SNAT,              /* masqueraded to the node IP and sent out of the uplink */
+	METRIC_REV_SNAT,          /* reply (or ICMP error) of a masqueraded flow, delivered to the pod */
+	METRIC_PASS_UPLINK,       /* uplink ingress: not for a pod, left to the host stack */
+	METRIC_DROP_NAT_NO_PORT,  /* masquerade needed, every probed NAT port was taken */
+	METRIC_DROP_NAT_MAP_FULL, /* masquerade needed, a NAT map refused the entry */
+	METRIC_DROP_NAT_UNSUPPORTED, /* masquerade needed for a protocol or fragment NAT cannot handle */
 	METRIC_MAX,
 };
 

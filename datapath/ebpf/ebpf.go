@@ -1,6 +1,8 @@
 // Package ebpf is Tern's eBPF datapath: pods' host-side veths run
 // tern_from_pod at tc ingress, and the pinned endpoints map tells it where
-// each pod lives.
+// each pod lives. Pod traffic leaving the cluster is masqueraded to the node
+// IP by tern_from_pod and its replies are translated back by
+// tern_from_uplink on the node's uplink (see snat.go and docs/snat.md).
 package ebpf
 
 import (
@@ -16,11 +18,32 @@ import (
 	"github.com/ternlabs/tern/loader"
 )
 
-// Config selects where the node's pins and state live.
+// Config selects where the node's pins and state live, and how pod traffic
+// leaves the node.
 type Config struct {
 	BPFFSDir string
 	StateDir string
 	Attach   loader.Mode
+
+	// Uplink is the node's interface toward the outside, resolved by
+	// ResolveUplink. The zero value means none: no SNAT, and the node's
+	// SNAT state is left as it is.
+	Uplink Uplink
+	// UplinkErr is why a configured uplink could not be resolved. It fails
+	// EnsureNode and Status (ADD, STATUS) but not DEL, CHECK or GC.
+	UplinkErr error
+	// IPMasq marks the network's endpoints for masquerading: their traffic
+	// to destinations outside ClusterCIDR and NonMasqueradeCIDRs leaves
+	// with the node IP.
+	IPMasq             bool
+	ClusterCIDR        *net.IPNet
+	NonMasqueradeCIDRs []net.IPNet
+	// PodSubnet stands in for ClusterCIDR when that is unset (as in the
+	// iptables datapath). Nil when unknown (DEL without a record).
+	PodSubnet *net.IPNet
+	// NAT holds the programs' load-time settings; the zero value means
+	// DefaultNAT().
+	NAT NAT
 }
 
 // Datapath implements datapath.Datapath with TC programs.
@@ -32,9 +55,14 @@ type Datapath struct {
 
 var _ datapath.Datapath = (*Datapath)(nil)
 
-// New returns the datapath; nothing is loaded until EnsureNode.
+// New returns the datapath; nothing is loaded until it is needed.
 func New(cfg Config) *Datapath {
-	return &Datapath{cfg: cfg, loader: loader.New(cfg.BPFFSDir, cfg.StateDir)}
+	if cfg.NAT == (NAT{}) {
+		cfg.NAT = DefaultNAT()
+	}
+	d := &Datapath{cfg: cfg, loader: loader.New(cfg.BPFFSDir, cfg.StateDir)}
+	d.loader.Specs, d.loader.Version = cfg.NAT.specs(d.loader.Specs, d.loader.Version)
+	return d
 }
 
 // WithLoader replaces the loader (tests use it to simulate upgrades).
@@ -51,8 +79,9 @@ func (d *Datapath) Close() {
 	}
 }
 
-// EnsureNode loads and pins the programs and maps once per node.
-func (d *Datapath) EnsureNode() error {
+// open loads and pins the programs and maps once per node, or opens the
+// pinned ones. It changes nothing else: DEL, CHECK and GC use it.
+func (d *Datapath) open() error {
 	if d.objs != nil {
 		return nil
 	}
@@ -64,8 +93,21 @@ func (d *Datapath) EnsureNode() error {
 	return nil
 }
 
+// EnsureNode loads the programs and maps and prepares the node for SNAT:
+// sysctls, the uplink program, the no-masquerade destinations and the node
+// config the programs read. Idempotent; ADD calls it for every pod.
+func (d *Datapath) EnsureNode() error {
+	if d.cfg.UplinkErr != nil {
+		return d.cfg.UplinkErr
+	}
+	if err := d.open(); err != nil {
+		return err
+	}
+	return d.snatHeld(d.ensureSNAT)
+}
+
 func (d *Datapath) endpoints() (*cilium.Map, error) {
-	if err := d.EnsureNode(); err != nil {
+	if err := d.open(); err != nil {
 		return nil, err
 	}
 	return d.objs.Map(ternbpf.TernMapTernEndpoints)
@@ -92,8 +134,21 @@ func EndpointValue(ep *datapath.Endpoint) (ternbpf.TernEndpoint, error) {
 	return v, nil
 }
 
-// AddEndpoint registers the pod in the endpoints map, then attaches the
-// program: the map entry must exist before the first packet is checked.
+// endpointValue is EndpointValue with this network's flags.
+func (d *Datapath) endpointValue(ep *datapath.Endpoint) (ternbpf.TernEndpoint, error) {
+	v, err := EndpointValue(ep)
+	if err != nil {
+		return v, err
+	}
+	if d.cfg.IPMasq {
+		v.Flags |= uint32(ternbpf.TernEndpointFlagsENDPOINT_F_MASQ)
+	}
+	return v, nil
+}
+
+// AddEndpoint registers the pod in the endpoints map, makes its gateway
+// address answer on the node, then attaches the program: the map entry
+// must exist before the first packet is checked.
 func (d *Datapath) AddEndpoint(ep *datapath.Endpoint) error {
 	m, err := d.endpoints()
 	if err != nil {
@@ -103,12 +158,24 @@ func (d *Datapath) AddEndpoint(ep *datapath.Endpoint) error {
 	if err != nil {
 		return err
 	}
-	val, err := EndpointValue(ep)
+	val, err := d.endpointValue(ep)
 	if err != nil {
 		return err
 	}
-	if err := m.Put(key, val); err != nil {
-		return fmt.Errorf("add endpoint %s to map: %w", ep.IP.IP, err)
+	// Under the SNAT lock, and SNAT state checked again once the entry is
+	// in: a ReleaseNode that saw the map empty just before may have taken
+	// it down since EnsureNode.
+	err = d.snatHeld(func() error {
+		if err := m.Put(key, val); err != nil {
+			return fmt.Errorf("add endpoint %s to map: %w", ep.IP.IP, err)
+		}
+		return d.ensureSNAT()
+	})
+	if err != nil {
+		return err
+	}
+	if err := ensureGatewayAddr(ep.Gateway); err != nil {
+		return err
 	}
 	if _, err := d.loader.Attach(d.objs, ep.HostVeth, ep.HostIfindex, loader.HookPodIngress, d.cfg.Attach); err != nil {
 		return err
@@ -118,46 +185,56 @@ func (d *Datapath) AddEndpoint(ep *datapath.Endpoint) error {
 
 // DelEndpoint detaches the program and removes the map entry, but only an
 // entry that still belongs to this endpoint's veth: after a DEL is retried
-// the IP may already serve another pod.
+// the IP may already serve another pod. The pod's NAT entries go last,
+// once no program can create new ones for it.
 func (d *Datapath) DelEndpoint(ep *datapath.Endpoint) error {
 	var errs []error
 	if err := d.loader.Detach(ep.HostVeth, loader.HookPodIngress); err != nil {
 		errs = append(errs, err)
 	}
 	if ep.IP.IP != nil {
-		if err := d.deleteEntry(ep); err != nil {
+		removed, err := d.deleteEntry(ep)
+		if err != nil {
 			errs = append(errs, err)
+		}
+		if removed {
+			if err := d.flushNAT(func(ip net.IP) bool { return ip.Equal(ep.IP.IP) }); err != nil {
+				errs = append(errs, err)
+			}
 		}
 	}
 	return errors.Join(errs...)
 }
 
-func (d *Datapath) deleteEntry(ep *datapath.Endpoint) error {
+// deleteEntry removes ep's endpoints map entry and reports whether the IP
+// is now free of any endpoint (false when another pod owns it).
+func (d *Datapath) deleteEntry(ep *datapath.Endpoint) (bool, error) {
 	m, err := d.endpoints()
 	if err != nil {
-		return err
+		return false, err
 	}
 	key, err := EndpointKey(ep.IP.IP)
 	if err != nil {
-		return err
+		return false, err
 	}
 	var cur ternbpf.TernEndpoint
 	if err := m.Lookup(key, &cur); err != nil {
 		if errors.Is(err, cilium.ErrKeyNotExist) {
-			return nil
+			return true, nil
 		}
-		return fmt.Errorf("look up endpoint %s: %w", ep.IP.IP, err)
+		return false, fmt.Errorf("look up endpoint %s: %w", ep.IP.IP, err)
 	}
 	if ep.HostIfindex != 0 && int(cur.Ifindex) != ep.HostIfindex {
-		return nil
+		return false, nil
 	}
 	if err := m.Delete(key); err != nil && !errors.Is(err, cilium.ErrKeyNotExist) {
-		return fmt.Errorf("delete endpoint %s from map: %w", ep.IP.IP, err)
+		return false, fmt.Errorf("delete endpoint %s from map: %w", ep.IP.IP, err)
 	}
-	return nil
+	return true, nil
 }
 
-// CheckEndpoint verifies the map entry and the attached program.
+// CheckEndpoint verifies the map entry, the attached programs and the
+// gateway address.
 func (d *Datapath) CheckEndpoint(ep *datapath.Endpoint) error {
 	m, err := d.endpoints()
 	if err != nil {
@@ -167,7 +244,7 @@ func (d *Datapath) CheckEndpoint(ep *datapath.Endpoint) error {
 	if err != nil {
 		return err
 	}
-	want, err := EndpointValue(ep)
+	want, err := d.endpointValue(ep)
 	if err != nil {
 		return err
 	}
@@ -178,19 +255,61 @@ func (d *Datapath) CheckEndpoint(ep *datapath.Endpoint) error {
 	if got.Ifindex != want.Ifindex || got.PodMac != want.PodMac || got.HostMac != want.HostMac {
 		return fmt.Errorf("endpoint %s in the endpoints map is stale: ifindex %d, want %d", ep.IP.IP, got.Ifindex, want.Ifindex)
 	}
-	return d.loader.CheckAttached(d.objs, ep.HostVeth, ep.HostIfindex, loader.HookPodIngress)
+	if got.Flags != want.Flags {
+		return fmt.Errorf("endpoint %s in the endpoints map has flags %#x, want %#x (ipMasq changed?)", ep.IP.IP, got.Flags, want.Flags)
+	}
+	if err := d.loader.CheckAttached(d.objs, ep.HostVeth, ep.HostIfindex, loader.HookPodIngress); err != nil {
+		return err
+	}
+	if err := checkGatewayAddr(ep.Gateway); err != nil {
+		return err
+	}
+	if up := d.cfg.Uplink; up.Ifindex != 0 && up.IP != nil {
+		if err := d.loader.CheckAttached(d.objs, up.Name, up.Ifindex, loader.HookUplinkIngress); err != nil {
+			return fmt.Errorf("uplink: %w", err)
+		}
+	}
+	return nil
 }
 
 // ReleaseNode keeps programs and maps loaded when the last pod goes: they
-// cost nothing idle, and the next ADD does not pay for a reload.
-func (d *Datapath) ReleaseNode(remaining int) error { return nil }
-
-// Status reports whether the programs are loaded or can be.
-func (d *Datapath) Status() error {
-	return d.EnsureNode()
+// cost nothing idle, and the next ADD does not pay for a reload. Once no
+// endpoint of any network is left, it takes the node's SNAT state down:
+// node config, uplink program, gateway addresses, NAT entries.
+func (d *Datapath) ReleaseNode(remaining int) error {
+	if remaining > 0 {
+		return nil
+	}
+	m, err := d.endpoints()
+	if err != nil {
+		return err
+	}
+	return d.snatHeld(func() error {
+		var (
+			key uint32
+			val ternbpf.TernEndpoint
+		)
+		it := m.Iterate()
+		if it.Next(&key, &val) {
+			return nil // another network's pods still need it
+		}
+		if err := it.Err(); err != nil {
+			return fmt.Errorf("iterate endpoints: %w", err)
+		}
+		return d.releaseSNAT()
+	})
 }
 
-// Sweep removes endpoint entries and attachments that belong to none of
+// Status reports whether the programs are loaded or can be, and whether
+// the configured uplink exists.
+func (d *Datapath) Status() error {
+	if d.cfg.UplinkErr != nil {
+		return d.cfg.UplinkErr
+	}
+	return d.open()
+}
+
+// Sweep removes endpoint entries, and NAT entries, that belong to none of
 // keep (GC).
 func (d *Datapath) Sweep(keep []*datapath.Endpoint) error {
 	m, err := d.endpoints()
@@ -223,12 +342,19 @@ func (d *Datapath) Sweep(keep []*datapath.Endpoint) error {
 			errs = append(errs, fmt.Errorf("delete stale endpoint: %w", err))
 		}
 	}
+	err = d.flushNAT(func(ip net.IP) bool {
+		k, err := EndpointKey(ip)
+		return err == nil && !valid[k]
+	})
+	if err != nil {
+		errs = append(errs, err)
+	}
 	return errors.Join(errs...)
 }
 
 // Metrics sums the per-CPU counters by name.
 func (d *Datapath) Metrics() (map[string]ternbpf.TernMetricValue, error) {
-	if err := d.EnsureNode(); err != nil {
+	if err := d.open(); err != nil {
 		return nil, err
 	}
 	m, err := d.objs.Map(ternbpf.TernMapTernMetrics)

@@ -11,13 +11,19 @@ import (
 // metricNames are the C enum metric names, in enum order, lower-cased and
 // without the prefix. TestMetricNames keeps it in step with the C header.
 var metricNames = [...]string{
-	ternbpf.TernMetricMETRIC_REDIRECT_PEER:  "redirect_peer",
-	ternbpf.TernMetricMETRIC_PASS_HOST:      "pass_host",
-	ternbpf.TernMetricMETRIC_PASS_NON_IPV4:  "pass_non_ipv4",
-	ternbpf.TernMetricMETRIC_PASS_TTL:       "pass_ttl",
-	ternbpf.TernMetricMETRIC_DROP_TRUNCATED: "drop_truncated",
-	ternbpf.TernMetricMETRIC_DROP_SPOOFED:   "drop_spoofed",
-	ternbpf.TernMetricMETRIC_DROP_REDIRECT:  "drop_redirect",
+	ternbpf.TernMetricMETRIC_REDIRECT_PEER:        "redirect_peer",
+	ternbpf.TernMetricMETRIC_PASS_HOST:            "pass_host",
+	ternbpf.TernMetricMETRIC_PASS_NON_IPV4:        "pass_non_ipv4",
+	ternbpf.TernMetricMETRIC_PASS_TTL:             "pass_ttl",
+	ternbpf.TernMetricMETRIC_DROP_TRUNCATED:       "drop_truncated",
+	ternbpf.TernMetricMETRIC_DROP_SPOOFED:         "drop_spoofed",
+	ternbpf.TernMetricMETRIC_DROP_REDIRECT:        "drop_redirect",
+	ternbpf.TernMetricMETRIC_SNAT:                 "snat",
+	ternbpf.TernMetricMETRIC_REV_SNAT:             "rev_snat",
+	ternbpf.TernMetricMETRIC_PASS_UPLINK:          "pass_uplink",
+	ternbpf.TernMetricMETRIC_DROP_NAT_NO_PORT:     "drop_nat_no_port",
+	ternbpf.TernMetricMETRIC_DROP_NAT_MAP_FULL:    "drop_nat_map_full",
+	ternbpf.TernMetricMETRIC_DROP_NAT_UNSUPPORTED: "drop_nat_unsupported",
 }
 
 // MetricName is the name of a metric (e.g. "redirect_peer").

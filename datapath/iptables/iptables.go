@@ -14,7 +14,11 @@
 //   - the bridge (Config.Bridge) holding Gateway/prefix of Subnet;
 //   - net.ipv4.ip_forward=1 and net.bridge.bridge-nf-call-iptables=1;
 //   - filter chain TERN-FWD-<hash>, jumped to from FORWARD (first rule),
+//     accepting replies (conntrack), sending new connections through the
+//     NetworkPolicy dispatch chain TERN-POL-<hash> (see policy.go), then
 //     accepting what enters or leaves the bridge;
+//   - with NetworkPolicy in force, ipsets TERN-C-<hash>-* and chains
+//     TERN-<hash>-* (policy.go);
 //   - with IPMasq, nat chain TERN-NAT-<hash>, jumped to from POSTROUTING for
 //     sources in Subnet, returning for cluster and non-masquerade
 //     destinations and masquerading the rest (multicast excepted).
@@ -58,6 +62,7 @@ type Datapath struct {
 	fwdChain string
 	natChain string
 	comment  string
+	pol      *Policy
 }
 
 var _ datapath.Datapath = (*Datapath)(nil)
@@ -111,7 +116,11 @@ func New(cfg Config) (*Datapath, error) {
 	if len(comment) > maxCommentLen {
 		comment = comment[:maxCommentLen]
 	}
-	return &Datapath{cfg: cfg, fwdChain: fwd, natChain: nat, comment: comment}, nil
+	pol, err := NewPolicy(cfg.Network)
+	if err != nil {
+		return nil, err
+	}
+	return &Datapath{cfg: cfg, fwdChain: fwd, natChain: nat, comment: comment, pol: pol}, nil
 }
 
 // ipv4Net returns n masked to its prefix, or an error if it is not IPv4.

@@ -89,6 +89,7 @@ func TestEnsureNodeIdempotentConcurrent(t *testing.T) {
 
 	wantFwd := []string{
 		"-A " + fwd + " -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT",
+		"-A " + fwd + " -j " + DispatchChain(cfg.Network),
 		"-A " + fwd + " -i tern0 -j ACCEPT",
 		"-A " + fwd + " -o tern0 -j ACCEPT",
 	}

@@ -46,9 +46,14 @@ var (
 // TERN-FWD-<hash> and TERN-NAT-<hash>, <hash> being the first 8 hex digits
 // of the SHA-256 of the name.
 func ChainNames(network string) (fwd, nat string) {
-	sum := sha256.Sum256([]byte(network))
-	h := hex.EncodeToString(sum[:4])
+	h := networkHash(network)
 	return "TERN-FWD-" + h, "TERN-NAT-" + h
+}
+
+// networkHash is the first 8 hex digits of the SHA-256 of a network name.
+func networkHash(network string) string {
+	sum := sha256.Sum256([]byte(network))
+	return hex.EncodeToString(sum[:4])
 }
 
 // chain is one of our chains with the rules it must hold, each rule as the
@@ -73,6 +78,7 @@ func (d *Datapath) fwdChainSpec() chain {
 	br := d.cfg.Bridge
 	return chain{table: "filter", name: d.fwdChain, rules: [][]string{
 		{"-m", "conntrack", "--ctstate", "RELATED,ESTABLISHED", "-j", "ACCEPT"},
+		{"-j", d.pol.names.dispatch}, // NetworkPolicy of new connections (policy.go)
 		{"-i", br, "-j", "ACCEPT"},
 		{"-o", br, "-j", "ACCEPT"},
 	}}
@@ -134,6 +140,12 @@ func (d *Datapath) ensureRules() error {
 	if d.cfg.IPMasq {
 		chains = append(chains, d.natChainSpec())
 	}
+	// The forward chain jumps to the policy dispatch chain, which must
+	// exist first; it is created empty and never flushed here (its rules
+	// are ApplyPolicy's).
+	if err := d.pol.ensureDispatch(); err != nil {
+		return err
+	}
 	var stale []chain
 	for _, c := range chains {
 		cur, exists, err := listChain(c.table, c.name)
@@ -182,10 +194,17 @@ func (d *Datapath) checkRules() error {
 			return fmt.Errorf("iptables jump rule from %s to %s in table %s is missing", j.parent, j.target, j.table)
 		}
 	}
+	if _, exists, err := listChain("filter", d.pol.names.dispatch); err != nil || !exists {
+		if err == nil {
+			err = fmt.Errorf("iptables policy chain %s does not exist", d.pol.names.dispatch)
+		}
+		return err
+	}
 	return nil
 }
 
-// removeRules deletes every jump to our chains and the chains themselves.
+// removeRules deletes every jump to our chains, the chains themselves and
+// the network's policy chains and sets.
 func (d *Datapath) removeRules() error {
 	unlock, err := lockIptables()
 	if err != nil {
@@ -197,7 +216,7 @@ func (d *Datapath) removeRules() error {
 			return err
 		}
 	}
-	return nil
+	return d.pol.release()
 }
 
 // lines returns the chain's rules as iptables -S prints them.

@@ -59,16 +59,17 @@ type compiler struct {
 	identOf  map[string]*ident // by key
 	local    []*ident          // identities with a local endpoint, sorted by ID
 
-	blocks   []*cblock // ipBlocks of relevant policies, IPv4 only, by key
-	hosts    map[netip.Addr]bool
-	classes  []*class            // allocated classes (id >= 2), sorted by ID
-	hostCls  []*class            // classes with Host set
-	podCls   []*class            // classes of pods
-	byBlock  map[string][]*class // classes whose blocks include the key
-	ipcache  []IPCacheEntry
-	policy   map[PolicyKey]bool
-	isolated map[uint32]*[2]bool
-	remotes  map[*crule][]*class // matching classes of a rule, by rule
+	blocks    []*cblock // ipBlocks of relevant policies, IPv4 only, by key
+	hosts     map[netip.Addr]bool
+	classes   []*class            // allocated classes (id >= 2), sorted by ID
+	hostCls   []*class            // classes with Host set
+	hostPlain bool                // some host address has ClassHost
+	podCls    []*class            // classes of pods
+	byBlock   map[string][]*class // classes whose blocks include the key
+	ipcache   []IPCacheEntry
+	policy    map[PolicyKey]bool
+	isolated  map[uint32]*[2]bool
+	remotes   map[*crule][]*class // matching classes of a rule, by rule
 }
 
 type pod struct {
@@ -523,6 +524,7 @@ func (c *compiler) buildIPCache(prev *RuleSet) {
 				d.ident = pd.ident
 			} else if c.hosts[p.Addr()] {
 				d.host = true
+				c.hostPlain = c.hostPlain || len(d.blocks) == 0
 			}
 		}
 		descs[p] = d
@@ -684,6 +686,16 @@ func (c *compiler) buildPolicy() {
 			// ClassHost itself is allowed by the lookup algorithm.
 			for _, h := range c.hostCls {
 				c.add(PolicyKey{Dir: Ingress, Proto: ProtoAny, LocalID: L.id, RemoteClass: h.id})
+			}
+		}
+		if iso[Egress] {
+			// Egress to the node is always allowed: explicit entries, so
+			// the lookup needs no special case (see the package docs).
+			if c.hostPlain {
+				c.add(PolicyKey{Dir: Egress, Proto: ProtoAny, LocalID: L.id, RemoteClass: ClassHost})
+			}
+			for _, h := range c.hostCls {
+				c.add(PolicyKey{Dir: Egress, Proto: ProtoAny, LocalID: L.id, RemoteClass: h.id})
 			}
 		}
 	}

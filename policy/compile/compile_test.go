@@ -101,9 +101,10 @@ spec:
 	}
 }
 
-// TestHostInsideBlock: a host address inside an ipBlock cannot be class 1
-// (its class must carry the block for egress), so it gets a class of its
-// own plus explicit ingress allow entries.
+// TestHostInsideBlock: a host address inside an ipBlock gets a class of its
+// own that carries the block (as every address inside one does), plus
+// explicit allow entries in both directions, so that it is as allowed as a
+// class-1 host: traffic between a pod and its node always passes.
 func TestHostInsideBlock(t *testing.T) {
 	st := mustState(t, webPod+`
 ---
@@ -136,6 +137,12 @@ spec:
 	if !slices.ContainsFunc(rs.Policy, func(e compile.PolicyEntry) bool { return e.Key == wantKey }) {
 		t.Errorf("no ingress allow entry for the host class: %+v", rs.Policy)
 	}
+	for _, r := range []uint32{hostClass, compile.ClassHost} {
+		wantKey := compile.PolicyKey{Dir: compile.Egress, Proto: compile.ProtoAny, LocalID: 1, RemoteClass: r}
+		if !slices.ContainsFunc(rs.Policy, func(e compile.PolicyEntry) bool { return e.Key == wantKey }) {
+			t.Errorf("no egress allow entry for host class %d: %+v", r, rs.Policy)
+		}
+	}
 	pkt := func(src, dst string) policy.Packet {
 		return policy.Packet{SrcIP: net.ParseIP(src), DstIP: net.ParseIP(dst), Proto: 6, DstPort: 10250}
 	}
@@ -147,7 +154,9 @@ spec:
 		{pkt("10.244.1.1", "10.244.1.10"), true},  // host (class 1) to pod
 		{pkt("172.18.0.9", "10.244.1.10"), false}, // not a host, ingress closed
 		{pkt("10.244.1.10", "172.18.0.2"), true},  // egress to the host, by ipBlock
-		{pkt("10.244.1.10", "10.244.1.1"), false}, // egress to the other host: no rule
+		{pkt("10.244.1.10", "10.244.1.1"), true},  // egress to the other host: always allowed
+		{pkt("10.244.1.10", "172.18.0.9"), true},  // egress by ipBlock
+		{pkt("10.244.1.10", "192.0.2.1"), false},  // egress: no rule
 	} {
 		if got := compile.Simulate(rs, c.p); got != c.want {
 			t.Errorf("%v: got %v, want %v", c.p, got, c.want)

@@ -8,8 +8,8 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/ternlabs/tern/internal/policygen"
 	"github.com/ternlabs/tern/policy/compile"
-	"github.com/ternlabs/tern/policy/internal/policygen"
 	"github.com/ternlabs/tern/policy/manifest"
 	"github.com/ternlabs/tern/policy/reference"
 )

@@ -20,7 +20,7 @@
 // set containing its most specific entry. Class 0 is the world (no entry, or
 // an entry that clears a less specific one), class 1 the host (a host address
 // inside no ipBlock); a host address inside an ipBlock gets a class of its
-// own, and the compiler emits explicit ingress allow entries for it.
+// own (Class.Host set), and the compiler emits explicit allow entries for it.
 //
 // Policy (longest-prefix match, PolicyKey -> verdict): key data is direction
 // (8 bits), protocol (8), local identity (32), remote class (32), then the
@@ -39,6 +39,17 @@
 // any of these four lookups (full 96-bit data, prefix length 96) hits:
 // (d, proto, L, R, port), (d, proto, L, ClassAny, port), (d, 0, L, R, any),
 // (d, 0, L, ClassAny, any). The packet passes if both directions allow it.
+//
+// # Host traffic
+//
+// Traffic between a local pod and its node is always allowed (package
+// policy). Ingress from ClassHost is the lookup's special case above;
+// ingress from a host class with blocks is allowed by explicit entries
+// (Ingress, ProtoAny, L, host class). Egress to the host needs no special
+// case in the lookup: every egress-isolated local identity gets explicit
+// entries (Egress, ProtoAny, L, ClassHost) and (Egress, ProtoAny, L, host
+// class) for each host class with blocks, so a datapath that implements the
+// lookup above allows it without knowing about it.
 package compile
 
 import (

@@ -28,7 +28,8 @@ import (
 // Allowed reports whether the packet may pass: the egress policy of the
 // source (if it is a local endpoint) and the ingress policy of the
 // destination (if it is a local endpoint) must both allow it. Traffic from a
-// host address to a local pod is always allowed in ingress.
+// host address to a local pod is always allowed in ingress, and traffic from
+// a local pod to a host address always in egress.
 func Allowed(st *manifest.State, topo *policy.Topology, pkt policy.Packet) bool {
 	return Decide(st, topo, pkt).Allowed
 }
@@ -46,10 +47,14 @@ func Decide(st *manifest.State, topo *policy.Topology, pkt policy.Packet) Decisi
 	dst := lookupPeer(st, topo, pkt.DstIP)
 	var reasons []string
 	if src.pod != nil && src.local {
-		ok, why := directionAllowed(st, networkingv1.PolicyTypeEgress, src, dst, pkt)
-		reasons = append(reasons, "egress of "+src.String()+": "+why)
-		if !ok {
-			return Decision{false, strings.Join(reasons, "; ")}
+		if isHost(topo, dst.ip) {
+			reasons = append(reasons, "egress of "+src.String()+": to host")
+		} else {
+			ok, why := directionAllowed(st, networkingv1.PolicyTypeEgress, src, dst, pkt)
+			reasons = append(reasons, "egress of "+src.String()+": "+why)
+			if !ok {
+				return Decision{false, strings.Join(reasons, "; ")}
+			}
 		}
 	}
 	if dst.pod != nil && dst.local {

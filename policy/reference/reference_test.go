@@ -245,10 +245,13 @@ var rows = []row{
 	// The node's own addresses always reach local pods.
 	{"host to pod always allowed", np("prod", "p", "podSelector: {}\ningress: []"), "host", "prod/db", tcp, 1, true},
 	{"node IP to pod always allowed", np("prod", "p", "podSelector: {}"), "node", "prod/db", udp, 1, true},
-	// A pod's traffic to the host is subject to its egress policy...
-	{"pod to host is egress", np("prod", "p", "podSelector: {}\npolicyTypes: [Egress]"), "prod/web", "node", tcp, 10250, false},
-	// ... where the host is an address like any other for ipBlocks.
+	// A pod's traffic to its node is always allowed too, egress isolation or not.
+	{"pod to node IP always allowed", np("prod", "p", "podSelector: {}\npolicyTypes: [Egress]"), "prod/web", "node", tcp, 10250, true},
+	{"pod to gateway always allowed", np("prod", "p", "podSelector: {}\npolicyTypes: [Egress]\negress: []"), "prod/web", "host", udp, 53, true},
+	{"pod to host, ipBlock excluding it", np("prod", "p", "podSelector: {}\npolicyTypes: [Egress]\negress: [{to: [{ipBlock: {cidr: 0.0.0.0/0, except: [172.18.0.0/16]}}], ports: [{port: 1}]}]"), "prod/web", "node", sctp, 9, true},
 	{"pod to host by ipBlock", np("prod", "p", "podSelector: {}\npolicyTypes: [Egress]\negress: [{to: [{ipBlock: {cidr: 172.18.0.0/16}}]}]"), "prod/web", "node", tcp, 10250, true},
+	// Only the node's own addresses: a neighbour of the node is not a host.
+	{"pod to non-host neighbour is egress", np("prod", "p", "podSelector: {}\npolicyTypes: [Egress]"), "prod/web", "ext", tcp, 10250, false},
 	// Policy of a pod on another node is enforced there, not here.
 	{"remote-node destination not enforced here", np("prod", "p", "podSelector: {}"), "dev/client", "prod/far", tcp, 8080, true},
 	{"remote-node source egress not enforced here", np("prod", "p", "podSelector: {}\npolicyTypes: [Egress]"), "prod/far", "dev/client", tcp, 1, true},
