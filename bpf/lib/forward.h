@@ -1,0 +1,36 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
+/* Delivery into a pod of this node. */
+#ifndef TERN_FORWARD_H
+#define TERN_FORWARD_H
+
+#include <linux/bpf.h>
+#include <linux/pkt_cls.h>
+#include <linux/if_ether.h>
+#include <bpf/bpf_helpers.h>
+#include "../include/tern_types.h"
+#include "csum.h"
+#include "metrics.h"
+
+/* deliver_to_endpoint routes the packet into dst's namespace: TTL minus one,
+ * MACs rewritten as the pod's gateway would send them, bpf_redirect_peer
+ * into the pod (no host routing, no netfilter). ttl is the packet's current
+ * TTL. A packet whose TTL would expire goes to the host stack instead, which
+ * answers with ICMP time exceeded; m is counted on success. */
+static __always_inline int deliver_to_endpoint(struct __sk_buff *skb, const struct endpoint *dst,
+					       __u8 ttl, enum metric m)
+{
+	if (ttl <= 1) {
+		count(METRIC_PASS_TTL, skb->len);
+		return TC_ACT_OK;
+	}
+	if (decrement_ttl_at(skb, ttl) < 0 ||
+	    bpf_skb_store_bytes(skb, offsetof(struct ethhdr, h_dest), dst->pod_mac, ETH_ALEN, 0) < 0 ||
+	    bpf_skb_store_bytes(skb, offsetof(struct ethhdr, h_source), dst->host_mac, ETH_ALEN, 0) < 0) {
+		count(METRIC_DROP_REDIRECT, skb->len);
+		return TC_ACT_SHOT;
+	}
+	count(m, skb->len);
+	return bpf_redirect_peer(dst->ifindex, 0);
+}
+
+#endif /* TERN_FORWARD_H */

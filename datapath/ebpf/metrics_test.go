@@ -1,0 +1,60 @@
+package ebpf
+
+import (
+	"fmt"
+	"strings"
+	"testing"
+
+	"github.com/cilium/ebpf/btf"
+
+	ternbpf "github.com/ternlabs/tern/bpf"
+)
+
+// TestMetricNames keeps metricNames in step with the C enum metric, read
+// from the object's BTF: one name per enumerator below METRIC_MAX, in enum
+// order, lower-cased and without the METRIC_ prefix.
+func TestMetricNames(t *testing.T) {
+	spec, err := ternbpf.LoadTern()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var enum *btf.Enum
+	if err := spec.Types.TypeByName("metric", &enum); err != nil {
+		t.Fatalf("enum metric in BTF: %v", err)
+	}
+
+	var maxValue uint64
+	seen := map[uint64]bool{}
+	for _, v := range enum.Values {
+		if v.Name == "METRIC_MAX" {
+			maxValue = v.Value
+			continue
+		}
+		seen[v.Value] = true
+		want := strings.ToLower(strings.TrimPrefix(v.Name, "METRIC_"))
+		if v.Value >= uint64(len(metricNames)) {
+			t.Errorf("C %s = %d has no entry in metricNames (len %d)", v.Name, v.Value, len(metricNames))
+			continue
+		}
+		if got := metricNames[v.Value]; got != want {
+			t.Errorf("metricNames[%d] = %q, C enumerator %s wants %q", v.Value, got, v.Name, want)
+		}
+		if got := MetricName(ternbpf.TernMetric(v.Value)); got != want {
+			t.Errorf("MetricName(%d) = %q, want %q", v.Value, got, want)
+		}
+	}
+	if maxValue == 0 {
+		t.Fatal("enum metric has no METRIC_MAX")
+	}
+	if uint64(len(metricNames)) != maxValue {
+		t.Errorf("metricNames has %d names, C METRIC_MAX is %d", len(metricNames), maxValue)
+	}
+	for i := range maxValue {
+		if !seen[i] {
+			t.Errorf("C enum metric has no value %d below METRIC_MAX", i)
+		}
+	}
+	if got, want := MetricName(ternbpf.TernMetric(maxValue)), fmt.Sprintf("metric_%d", maxValue); got != want {
+		t.Errorf("MetricName(METRIC_MAX) = %q, want %q", got, want)
+	}
+}
