@@ -9,6 +9,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"runtime"
+	"slices"
 	"strings"
 	"time"
 )
@@ -129,6 +130,13 @@ func (r *runner) buildPlugins(ctx context.Context, version string) map[string]st
 			if _, err := os.Stat(filepath.Join(r.binDir, "tern")); err != nil {
 				markTern("plugin tern not in --plugin-dir " + r.binDir)
 			}
+			if r.needTernctl() {
+				if _, err := os.Stat(filepath.Join(r.binDir, "ternctl")); err != nil {
+					r.noTernctl = "ternctl (which applies NetworkPolicy) not in --plugin-dir " + r.binDir
+				} else {
+					r.ternctl = filepath.Join(r.binDir, "ternctl")
+				}
+			}
 		}
 		return unavailable
 	}
@@ -152,6 +160,12 @@ func (r *runner) buildPlugins(ctx context.Context, version string) map[string]st
 		}
 		if err := r.buildTern(ctx); err != nil {
 			markTern("cmd/tern does not build: " + err.Error())
+		} else if r.needTernctl() {
+			if err := goRun(ctx, r.cfg.SourceDir, nil, "build", "-o", r.binDir+"/", "./cmd/ternctl"); err != nil {
+				r.noTernctl = "cmd/ternctl (which applies NetworkPolicy) does not build: " + err.Error()
+			} else {
+				r.ternctl = filepath.Join(r.binDir, "ternctl")
+			}
 		}
 	}
 	return unavailable
@@ -191,6 +205,11 @@ func (r *runner) buildTern(ctx context.Context) error {
 		pkgs = append(pkgs, "./cmd/tern-ipam")
 	}
 	return goRun(ctx, r.cfg.SourceDir, nil, append([]string{"build", "-o", r.binDir + "/"}, pkgs...)...)
+}
+
+// needTernctl reports whether a selected workload applies NetworkPolicy.
+func (r *runner) needTernctl() bool {
+	return slices.Contains(r.cfg.Workloads, policySweepName)
 }
 
 func hasGoFiles(dir string) bool {

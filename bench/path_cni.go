@@ -177,6 +177,7 @@ func (r *runner) setupReference(ctx context.Context) (*Topology, error) {
 		return t, err
 	}
 	t.verifier = &referenceVerifier{t: t, bridge: bridge}
+	t.noPolicy = "the reference bridge plugin does not implement NetworkPolicy"
 	return t, r.finish(ctx, t)
 }
 
@@ -221,6 +222,11 @@ func (r *runner) setupTern(ctx context.Context, datapath string) (*Topology, err
 		}},
 	}
 	if t.cni, err = r.newCNINetwork(t.Node, conf); err != nil {
+		return t, err
+	}
+	if r.ternctl == "" {
+		t.noPolicy = r.noTernctl
+	} else if t.policy, err = r.newTernPolicy(t, datapath, stateDir, conf); err != nil {
 		return t, err
 	}
 	if err := r.addPods(ctx, t); err != nil {

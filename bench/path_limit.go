@@ -38,6 +38,7 @@ func (r *runner) setupLimit(ctx context.Context) (*Topology, error) {
 		}
 	}
 	t.verifier = &limitVerifier{t: t}
+	t.noPolicy = "no CNI plugin: nothing enforces NetworkPolicy on this path"
 	return t, r.finish(ctx, t)
 }
 

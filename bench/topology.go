@@ -26,6 +26,9 @@ type Topology struct {
 	Server *Pod
 
 	cni      *cniNetwork // nil when the path has no CNI plugin
+	policy   *ternPolicy // nil when the path has no NetworkPolicy support
+	// noPolicy says why policy is nil.
+	noPolicy string
 	verifier verifier
 	checks   []string
 	closers  []closer // undone in reverse order by Close
@@ -54,13 +57,19 @@ type PodProvisioner interface {
 	DelPod(ctx context.Context, p *Pod) error
 }
 
-// PolicyApplier is what the policy sweep will need from a path: make n
-// NetworkPolicy rules select the server pod, none of which matches the
-// benchmark traffic, so every packet is checked against all of them
-// (n = 0 removes them). No path implements it yet: Tern has no
-// NetworkPolicy support, so the sweep is reported as not measured.
+// PolicyApplier is what the policy sweep needs from a path: put a rule set
+// of n NetworkPolicy rules selecting the server pod in force (SweepPolicies:
+// n that do not match the benchmark traffic and one that allows it),
+// through the path's own policy machinery, and remove it again. Tern's
+// paths implement it with `ternctl apply` and `ternctl delete`; the limit
+// and the reference plugins have no NetworkPolicy.
+//
+// A datapath that cannot enforce policy yet makes ApplyPolicyRules return
+// an *unavailableError: the sweep is then reported unavailable on that
+// path, not failed.
 type PolicyApplier interface {
-	ApplyPolicyRules(ctx context.Context, n int) error
+	ApplyPolicyRules(ctx context.Context, n int) (PolicyApplied, error)
+	RemovePolicyRules(ctx context.Context) (time.Duration, error)
 }
 
 // PodProvisioner returns the path's CNI plugin, or nil when it has none.
@@ -70,10 +79,6 @@ func (t *Topology) PodProvisioner() PodProvisioner {
 	}
 	return t.cni
 }
-
-// PolicyApplier returns the path's policy support, or nil (always, for
-// now).
-func (t *Topology) PolicyApplier() PolicyApplier { return nil }
 
 func (t *Topology) onClose(what string, fn func(context.Context) error) {
 	t.closers = append(t.closers, closer{what, fn})

@@ -2,7 +2,6 @@ package bench
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"os/exec"
 	"strconv"
@@ -13,8 +12,11 @@ import (
 // control plane). A workload runs once per repetition on every path it
 // supports, interleaved with the other paths.
 //
-// New workloads (the policy sweep, cross-node traffic, pod churn) plug in
-// here: declare the metrics, say which paths they apply to, and measure.
+// New workloads (cross-node traffic, pod churn) plug in here: declare the
+// metrics, say which paths they apply to, and measure. A workload that
+// leaves state on a path that would change what other workloads measure
+// (the policy sweep leaves the node's policy store in use) implements
+// lateWorkload: its repetitions run after every other workload's.
 type Workload interface {
 	Name() string  // flag and JSON name, e.g. "tcp-stream"
 	Title() string // report heading
@@ -33,6 +35,15 @@ type Workload interface {
 	Run(ctx context.Context, wc *WorkloadContext, t *Topology) (map[string]float64, error)
 }
 
+// lateWorkload is implemented by workloads whose repetitions run after all
+// the repetitions of the others (still interleaving the paths).
+type lateWorkload interface{ RunsLast() bool }
+
+func runsLast(w Workload) bool {
+	l, ok := w.(lateWorkload)
+	return ok && l.RunsLast()
+}
+
 // WorkloadContext carries the run's settings to a workload.
 type WorkloadContext struct {
 	Rep      int           // 1-based repetition
@@ -41,6 +52,8 @@ type WorkloadContext struct {
 	Pin      string        // CPU list for taskset, "" for no pinning
 	Pods     int           // control plane: pods per phase
 	Parallel int           // control plane: concurrent CNI calls
+	// PolicyRules are the rule counts of the policy sweep, ascending.
+	PolicyRules []int
 
 	r *runner
 }
@@ -62,9 +75,6 @@ func secondsArg(d time.Duration) string {
 	return strconv.Itoa(int(d.Round(time.Second) / time.Second))
 }
 
-// errPending marks a workload that is designed but waits for a feature.
-var errPending = errors.New("pending")
-
 // allWorkloads returns the catalogue in report order.
 func allWorkloads() []Workload {
 	return []Workload{
@@ -85,35 +95,4 @@ func needTools(tools ...string) error {
 		}
 	}
 	return nil
-}
-
-// policySweepWorkload will measure TCP stream, TCP ping-pong and
-// connection rate with 0, 100, 1,000 and 10,000 NetworkPolicy rules
-// selecting the server pod, through Topology.PolicyApplier, with metrics
-// named "<metric>@<rules>" (e.g. "gbps@1000"). It is in the catalogue so
-// that it can be selected and reported, but is not implemented: Tern has
-// no NetworkPolicy support yet.
-type policySweepWorkload struct{}
-
-// PolicyRuleCounts are the rule counts the sweep will measure.
-var PolicyRuleCounts = []int{0, 100, 1000, 10000}
-
-func (*policySweepWorkload) Name() string { return "policy-sweep" }
-func (*policySweepWorkload) Title() string {
-	return "Policy sweep (0, 100, 1,000, 10,000 rules)"
-}
-func (*policySweepWorkload) Short() string         { return "Policy sweep" }
-func (*policySweepWorkload) Metrics() []MetricSpec { return nil }
-func (*policySweepWorkload) Available() error {
-	return fmt.Errorf("%w NetworkPolicy support", errPending)
-}
-func (*policySweepWorkload) Supports(t *Topology) error {
-	if t.PolicyApplier() == nil {
-		return fmt.Errorf("%w NetworkPolicy support", errPending)
-	}
-	return nil
-}
-func (*policySweepWorkload) Traffic() bool { return true }
-func (*policySweepWorkload) Run(context.Context, *WorkloadContext, *Topology) (map[string]float64, error) {
-	return nil, fmt.Errorf("policy sweep: %w NetworkPolicy support", errPending)
 }

@@ -9,7 +9,14 @@
  * namespace with bpf_redirect_peer (no host routing, no bridge, no
  * netfilter); masquerade packets leaving the cluster through the uplink to
  * the node IP and send them out with bpf_redirect_neigh (replies come back
- * through tc_uplink.c); hand everything else to the host stack. */
+ * through tc_uplink.c); hand everything else to the host stack.
+ * NetworkPolicy (lib/policy.h), after anti-spoofing: the sender's egress
+ * rules, and the receiver's ingress rules when it is a pod of this node
+ * (bpf_redirect_peer skips that pod's veth egress, where tern_to_pod runs).
+ *
+ * tern_to_pod, in this file as the other direction of the same veth, runs at
+ * its tc egress: it applies the pod's ingress rules to what the host stack
+ * delivers (the node itself, other nodes, the outside). */
 
 #include <linux/bpf.h>
 #include <linux/pkt_cls.h>
@@ -28,6 +35,7 @@
 #include "lib/nat.h"
 #include "lib/fib.h"
 #include "lib/forward.h"
+#include "lib/policy.h"
 
 char __license[] SEC("license") = "Dual BSD/GPL";
 
@@ -157,6 +165,7 @@ int tern_from_pod(struct __sk_buff *skb)
 	struct ethhdr *eth;
 	struct iphdr *iph;
 	struct ip4 ip;
+	__be16 ip_id;
 
 	switch (parse_ipv4(skb, &eth, &iph)) {
 	case PARSE_IPV4:
@@ -183,6 +192,12 @@ int tern_from_pod(struct __sk_buff *skb)
 	ip.proto = iph->protocol;
 	ip.ihl = iph->ihl;
 	ip.tos = iph->tos;
+	ip_id = iph->id;
+
+	/* NetworkPolicy, once the source is known to be this pod's own (a
+	 * forged source would be policed as the pod it claims to be). */
+	if (!policy_pass(skb, ip.saddr, ip.daddr, ip.proto, ip.ihl, ip.frag_off, ip_id))
+		return TC_ACT_SHOT;
 
 	dst = bpf_map_lookup_elem(&tern_endpoints, &ip.daddr);
 	if (dst)
@@ -198,5 +213,48 @@ int tern_from_pod(struct __sk_buff *skb)
 	/* The node itself, other nodes' pods, and unmasqueraded traffic: the
 	 * host stack routes it (and kube-proxy's rules see it). */
 	count(METRIC_PASS_HOST, skb->len);
+	return TC_ACT_OK;
+}
+
+/* tern_to_pod: attached at tc egress (TCX, or clsact) of every pod's
+ * host-side veth: it sees what the host stack sends into the pod (the node
+ * itself, other nodes' pods and the outside, routed to the pod's /32).
+ * Packets tern_from_pod and tern_from_uplink deliver with bpf_redirect_peer
+ * never come here: they were decided before the redirect (replies of
+ * masqueraded flows are replies of flows whose egress passed).
+ *
+ * Decides: the pod's ingress policy (and, for a packet a local pod sent
+ * through the host stack, that pod's egress policy); everything else, and
+ * replies of allowed flows, pass. It never changes the packet. */
+SEC("tc")
+int tern_to_pod(struct __sk_buff *skb)
+{
+	struct ethhdr *eth;
+	struct iphdr *iph;
+	__be32 saddr, daddr;
+	__be16 frag_off, id;
+	__u8 proto, ihl;
+
+	switch (parse_ipv4(skb, &eth, &iph)) {
+	case PARSE_IPV4:
+		break;
+	case PARSE_NOT_IPV4:
+		count(METRIC_PASS_TO_POD, skb->len); /* ARP, IPv6: policy is IPv4 only */
+		return TC_ACT_OK;
+	default:
+		/* Undecidable, and no pod could make sense of it either. */
+		count(METRIC_DROP_TRUNCATED, skb->len);
+		return TC_ACT_SHOT;
+	}
+	saddr = iph->saddr;
+	daddr = iph->daddr;
+	frag_off = iph->frag_off;
+	id = iph->id;
+	proto = iph->protocol;
+	ihl = iph->ihl;
+
+	if (!policy_pass(skb, saddr, daddr, proto, ihl, frag_off, id))
+		return TC_ACT_SHOT;
+	count(METRIC_PASS_TO_POD, skb->len);
 	return TC_ACT_OK;
 }

@@ -29,6 +29,19 @@ const (
 	TernEndpointFlagsENDPOINT_F_MASQ TernEndpointFlags = 1
 )
 
+type TernEpPolicy struct {
+	_       structs.HostLayout
+	LocalId uint32
+	Flags   uint32
+}
+
+type TernEpPolicyFlags uint32
+
+const (
+	TernEpPolicyFlagsEP_POLICY_F_INGRESS TernEpPolicyFlags = 1
+	TernEpPolicyFlagsEP_POLICY_F_EGRESS  TernEpPolicyFlags = 2
+)
+
 type TernLpmV4Key struct {
 	_         structs.HostLayout
 	Prefixlen uint32
@@ -51,7 +64,10 @@ const (
 	TernMetricMETRIC_DROP_NAT_NO_PORT     TernMetric = 10
 	TernMetricMETRIC_DROP_NAT_MAP_FULL    TernMetric = 11
 	TernMetricMETRIC_DROP_NAT_UNSUPPORTED TernMetric = 12
-	TernMetricMETRIC_MAX                  TernMetric = 13
+	TernMetricMETRIC_DROP_POLICY_INGRESS  TernMetric = 13
+	TernMetricMETRIC_DROP_POLICY_EGRESS   TernMetric = 14
+	TernMetricMETRIC_PASS_TO_POD          TernMetric = 15
+	TernMetricMETRIC_MAX                  TernMetric = 16
 )
 
 type TernMetricValue struct {
@@ -94,17 +110,102 @@ type TernNodeConfig struct {
 	UplinkIfindex uint32
 }
 
+type TernPolicyClass uint32
+
+const (
+	TernPolicyClassPOLICY_CLASS_WORLD TernPolicyClass = 0
+	TernPolicyClassPOLICY_CLASS_HOST  TernPolicyClass = 1
+	TernPolicyClassPOLICY_CLASS_ANY   TernPolicyClass = 4294967295
+)
+
+type TernPolicyCtEntry struct {
+	_        structs.HostLayout
+	LastSeen uint64
+	Flags    uint16
+	Pad      [6]uint8
+}
+
+type TernPolicyCtFlags uint32
+
+const (
+	TernPolicyCtFlagsPOLICY_CT_F_ORIG_HI    TernPolicyCtFlags = 1
+	TernPolicyCtFlagsPOLICY_CT_F_SEEN_REPLY TernPolicyCtFlags = 2
+	TernPolicyCtFlagsPOLICY_CT_F_FIN_ORIG   TernPolicyCtFlags = 4
+	TernPolicyCtFlagsPOLICY_CT_F_FIN_REPLY  TernPolicyCtFlags = 8
+	TernPolicyCtFlagsPOLICY_CT_F_RST        TernPolicyCtFlags = 16
+)
+
+type TernPolicyCtKey struct {
+	_      structs.HostLayout
+	LoAddr uint32
+	HiAddr uint32
+	LoPort uint16
+	HiPort uint16
+	Proto  uint8
+	Pad    [3]uint8
+}
+
+type TernPolicyDir uint32
+
+const (
+	TernPolicyDirPOLICY_DIR_INGRESS TernPolicyDir = 0
+	TernPolicyDirPOLICY_DIR_EGRESS  TernPolicyDir = 1
+)
+
+type TernPolicyFragKey struct {
+	_     structs.HostLayout
+	Saddr uint32
+	Daddr uint32
+	Id    uint16
+	Proto uint8
+	Pad   uint8
+}
+
+type TernPolicyFragPorts struct {
+	_     structs.HostLayout
+	Sport uint16
+	Dport uint16
+}
+
+type TernPolicyKey struct {
+	_           structs.HostLayout
+	Prefixlen   uint32
+	Dir         uint8
+	Proto       uint8
+	LocalId     [4]uint8
+	RemoteClass [4]uint8
+	Dport       uint16
+}
+
+type TernPolicyValue struct {
+	_       structs.HostLayout
+	Verdict uint8
+	Pad     [3]uint8
+}
+
+type TernPolicyVerdict uint32
+
+const (
+	TernPolicyVerdictPOLICY_VERDICT_ALLOW TernPolicyVerdict = 1
+)
+
 // Names of all BPF objects in the ELF.
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
 	TernMapTernConfig           = "tern_config"
 	TernMapTernEndpoints        = "tern_endpoints"
+	TernMapTernEpPolicy         = "tern_ep_policy"
+	TernMapTernIpcache          = "tern_ipcache"
 	TernMapTernMetrics          = "tern_metrics"
 	TernMapTernNat              = "tern_nat"
 	TernMapTernNatRev           = "tern_nat_rev"
 	TernMapTernNomasq           = "tern_nomasq"
+	TernMapTernPolicy           = "tern_policy"
+	TernMapTernPolicyCt         = "tern_policy_ct"
+	TernMapTernPolicyFrag       = "tern_policy_frag"
 	TernProgTernFromPod         = "tern_from_pod"
+	TernProgTernToPod           = "tern_to_pod"
 	TernVarCtTimeoutIcmp        = "ct_timeout_icmp"
 	TernVarCtTimeoutTcp         = "ct_timeout_tcp"
 	TernVarCtTimeoutTcpClose    = "ct_timeout_tcp_close"
@@ -113,7 +214,12 @@ const (
 	TernVarNatPortMax           = "nat_port_max"
 	TernVarNatPortMin           = "nat_port_min"
 	TernVarTernBtfEndpointFlags = "tern_btf_endpoint_flags"
+	TernVarTernBtfEpPolicyFlags = "tern_btf_ep_policy_flags"
 	TernVarTernBtfNatFlags      = "tern_btf_nat_flags"
+	TernVarTernBtfPolicyClass   = "tern_btf_policy_class"
+	TernVarTernBtfPolicyCtFlags = "tern_btf_policy_ct_flags"
+	TernVarTernBtfPolicyDir     = "tern_btf_policy_dir"
+	TernVarTernBtfPolicyVerdict = "tern_btf_policy_verdict"
 )
 
 // LoadTern returns the embedded CollectionSpec for Tern.
@@ -159,18 +265,24 @@ type TernSpecs struct {
 // It can be passed ebpf.CollectionSpec.Assign.
 type TernProgramSpecs struct {
 	TernFromPod *ebpf.ProgramSpec `ebpf:"tern_from_pod"`
+	TernToPod   *ebpf.ProgramSpec `ebpf:"tern_to_pod"`
 }
 
 // TernMapSpecs contains maps before they are loaded into the kernel.
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type TernMapSpecs struct {
-	TernConfig    *ebpf.MapSpec `ebpf:"tern_config"`
-	TernEndpoints *ebpf.MapSpec `ebpf:"tern_endpoints"`
-	TernMetrics   *ebpf.MapSpec `ebpf:"tern_metrics"`
-	TernNat       *ebpf.MapSpec `ebpf:"tern_nat"`
-	TernNatRev    *ebpf.MapSpec `ebpf:"tern_nat_rev"`
-	TernNomasq    *ebpf.MapSpec `ebpf:"tern_nomasq"`
+	TernConfig     *ebpf.MapSpec `ebpf:"tern_config"`
+	TernEndpoints  *ebpf.MapSpec `ebpf:"tern_endpoints"`
+	TernEpPolicy   *ebpf.MapSpec `ebpf:"tern_ep_policy"`
+	TernIpcache    *ebpf.MapSpec `ebpf:"tern_ipcache"`
+	TernMetrics    *ebpf.MapSpec `ebpf:"tern_metrics"`
+	TernNat        *ebpf.MapSpec `ebpf:"tern_nat"`
+	TernNatRev     *ebpf.MapSpec `ebpf:"tern_nat_rev"`
+	TernNomasq     *ebpf.MapSpec `ebpf:"tern_nomasq"`
+	TernPolicy     *ebpf.MapSpec `ebpf:"tern_policy"`
+	TernPolicyCt   *ebpf.MapSpec `ebpf:"tern_policy_ct"`
+	TernPolicyFrag *ebpf.MapSpec `ebpf:"tern_policy_frag"`
 }
 
 // TernVariableSpecs contains global variables before they are loaded into the kernel.
@@ -185,7 +297,12 @@ type TernVariableSpecs struct {
 	NatPortMax           *ebpf.VariableSpec `ebpf:"nat_port_max"`
 	NatPortMin           *ebpf.VariableSpec `ebpf:"nat_port_min"`
 	TernBtfEndpointFlags *ebpf.VariableSpec `ebpf:"tern_btf_endpoint_flags"`
+	TernBtfEpPolicyFlags *ebpf.VariableSpec `ebpf:"tern_btf_ep_policy_flags"`
 	TernBtfNatFlags      *ebpf.VariableSpec `ebpf:"tern_btf_nat_flags"`
+	TernBtfPolicyClass   *ebpf.VariableSpec `ebpf:"tern_btf_policy_class"`
+	TernBtfPolicyCtFlags *ebpf.VariableSpec `ebpf:"tern_btf_policy_ct_flags"`
+	TernBtfPolicyDir     *ebpf.VariableSpec `ebpf:"tern_btf_policy_dir"`
+	TernBtfPolicyVerdict *ebpf.VariableSpec `ebpf:"tern_btf_policy_verdict"`
 }
 
 // TernObjects contains all objects after they have been loaded into the kernel.
@@ -208,22 +325,32 @@ func (o *TernObjects) Close() error {
 //
 // It can be passed to LoadTernObjects or ebpf.CollectionSpec.LoadAndAssign.
 type TernMaps struct {
-	TernConfig    *ebpf.Map `ebpf:"tern_config"`
-	TernEndpoints *ebpf.Map `ebpf:"tern_endpoints"`
-	TernMetrics   *ebpf.Map `ebpf:"tern_metrics"`
-	TernNat       *ebpf.Map `ebpf:"tern_nat"`
-	TernNatRev    *ebpf.Map `ebpf:"tern_nat_rev"`
-	TernNomasq    *ebpf.Map `ebpf:"tern_nomasq"`
+	TernConfig     *ebpf.Map `ebpf:"tern_config"`
+	TernEndpoints  *ebpf.Map `ebpf:"tern_endpoints"`
+	TernEpPolicy   *ebpf.Map `ebpf:"tern_ep_policy"`
+	TernIpcache    *ebpf.Map `ebpf:"tern_ipcache"`
+	TernMetrics    *ebpf.Map `ebpf:"tern_metrics"`
+	TernNat        *ebpf.Map `ebpf:"tern_nat"`
+	TernNatRev     *ebpf.Map `ebpf:"tern_nat_rev"`
+	TernNomasq     *ebpf.Map `ebpf:"tern_nomasq"`
+	TernPolicy     *ebpf.Map `ebpf:"tern_policy"`
+	TernPolicyCt   *ebpf.Map `ebpf:"tern_policy_ct"`
+	TernPolicyFrag *ebpf.Map `ebpf:"tern_policy_frag"`
 }
 
 func (m *TernMaps) Close() error {
 	return _TernClose(
 		m.TernConfig,
 		m.TernEndpoints,
+		m.TernEpPolicy,
+		m.TernIpcache,
 		m.TernMetrics,
 		m.TernNat,
 		m.TernNatRev,
 		m.TernNomasq,
+		m.TernPolicy,
+		m.TernPolicyCt,
+		m.TernPolicyFrag,
 	)
 }
 
@@ -239,7 +366,12 @@ type TernVariables struct {
 	NatPortMax           *ebpf.Variable `ebpf:"nat_port_max"`
 	NatPortMin           *ebpf.Variable `ebpf:"nat_port_min"`
 	TernBtfEndpointFlags *ebpf.Variable `ebpf:"tern_btf_endpoint_flags"`
+	TernBtfEpPolicyFlags *ebpf.Variable `ebpf:"tern_btf_ep_policy_flags"`
 	TernBtfNatFlags      *ebpf.Variable `ebpf:"tern_btf_nat_flags"`
+	TernBtfPolicyClass   *ebpf.Variable `ebpf:"tern_btf_policy_class"`
+	TernBtfPolicyCtFlags *ebpf.Variable `ebpf:"tern_btf_policy_ct_flags"`
+	TernBtfPolicyDir     *ebpf.Variable `ebpf:"tern_btf_policy_dir"`
+	TernBtfPolicyVerdict *ebpf.Variable `ebpf:"tern_btf_policy_verdict"`
 }
 
 // TernPrograms contains all programs after they have been loaded into the kernel.
@@ -247,11 +379,13 @@ type TernVariables struct {
 // It can be passed to LoadTernObjects or ebpf.CollectionSpec.LoadAndAssign.
 type TernPrograms struct {
 	TernFromPod *ebpf.Program `ebpf:"tern_from_pod"`
+	TernToPod   *ebpf.Program `ebpf:"tern_to_pod"`
 }
 
 func (p *TernPrograms) Close() error {
 	return _TernClose(
 		p.TernFromPod,
+		p.TernToPod,
 	)
 }
 

@@ -18,10 +18,15 @@ import (
 const (
 	TernUplinkMapTernConfig           = "tern_config"
 	TernUplinkMapTernEndpoints        = "tern_endpoints"
+	TernUplinkMapTernEpPolicy         = "tern_ep_policy"
+	TernUplinkMapTernIpcache          = "tern_ipcache"
 	TernUplinkMapTernMetrics          = "tern_metrics"
 	TernUplinkMapTernNat              = "tern_nat"
 	TernUplinkMapTernNatRev           = "tern_nat_rev"
 	TernUplinkMapTernNomasq           = "tern_nomasq"
+	TernUplinkMapTernPolicy           = "tern_policy"
+	TernUplinkMapTernPolicyCt         = "tern_policy_ct"
+	TernUplinkMapTernPolicyFrag       = "tern_policy_frag"
 	TernUplinkProgTernFromUplink      = "tern_from_uplink"
 	TernUplinkVarCtTimeoutIcmp        = "ct_timeout_icmp"
 	TernUplinkVarCtTimeoutTcp         = "ct_timeout_tcp"
@@ -31,7 +36,12 @@ const (
 	TernUplinkVarNatPortMax           = "nat_port_max"
 	TernUplinkVarNatPortMin           = "nat_port_min"
 	TernUplinkVarTernBtfEndpointFlags = "tern_btf_endpoint_flags"
+	TernUplinkVarTernBtfEpPolicyFlags = "tern_btf_ep_policy_flags"
 	TernUplinkVarTernBtfNatFlags      = "tern_btf_nat_flags"
+	TernUplinkVarTernBtfPolicyClass   = "tern_btf_policy_class"
+	TernUplinkVarTernBtfPolicyCtFlags = "tern_btf_policy_ct_flags"
+	TernUplinkVarTernBtfPolicyDir     = "tern_btf_policy_dir"
+	TernUplinkVarTernBtfPolicyVerdict = "tern_btf_policy_verdict"
 )
 
 // LoadTernUplink returns the embedded CollectionSpec for TernUplink.
@@ -83,12 +93,17 @@ type TernUplinkProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type TernUplinkMapSpecs struct {
-	TernConfig    *ebpf.MapSpec `ebpf:"tern_config"`
-	TernEndpoints *ebpf.MapSpec `ebpf:"tern_endpoints"`
-	TernMetrics   *ebpf.MapSpec `ebpf:"tern_metrics"`
-	TernNat       *ebpf.MapSpec `ebpf:"tern_nat"`
-	TernNatRev    *ebpf.MapSpec `ebpf:"tern_nat_rev"`
-	TernNomasq    *ebpf.MapSpec `ebpf:"tern_nomasq"`
+	TernConfig     *ebpf.MapSpec `ebpf:"tern_config"`
+	TernEndpoints  *ebpf.MapSpec `ebpf:"tern_endpoints"`
+	TernEpPolicy   *ebpf.MapSpec `ebpf:"tern_ep_policy"`
+	TernIpcache    *ebpf.MapSpec `ebpf:"tern_ipcache"`
+	TernMetrics    *ebpf.MapSpec `ebpf:"tern_metrics"`
+	TernNat        *ebpf.MapSpec `ebpf:"tern_nat"`
+	TernNatRev     *ebpf.MapSpec `ebpf:"tern_nat_rev"`
+	TernNomasq     *ebpf.MapSpec `ebpf:"tern_nomasq"`
+	TernPolicy     *ebpf.MapSpec `ebpf:"tern_policy"`
+	TernPolicyCt   *ebpf.MapSpec `ebpf:"tern_policy_ct"`
+	TernPolicyFrag *ebpf.MapSpec `ebpf:"tern_policy_frag"`
 }
 
 // TernUplinkVariableSpecs contains global variables before they are loaded into the kernel.
@@ -103,7 +118,12 @@ type TernUplinkVariableSpecs struct {
 	NatPortMax           *ebpf.VariableSpec `ebpf:"nat_port_max"`
 	NatPortMin           *ebpf.VariableSpec `ebpf:"nat_port_min"`
 	TernBtfEndpointFlags *ebpf.VariableSpec `ebpf:"tern_btf_endpoint_flags"`
+	TernBtfEpPolicyFlags *ebpf.VariableSpec `ebpf:"tern_btf_ep_policy_flags"`
 	TernBtfNatFlags      *ebpf.VariableSpec `ebpf:"tern_btf_nat_flags"`
+	TernBtfPolicyClass   *ebpf.VariableSpec `ebpf:"tern_btf_policy_class"`
+	TernBtfPolicyCtFlags *ebpf.VariableSpec `ebpf:"tern_btf_policy_ct_flags"`
+	TernBtfPolicyDir     *ebpf.VariableSpec `ebpf:"tern_btf_policy_dir"`
+	TernBtfPolicyVerdict *ebpf.VariableSpec `ebpf:"tern_btf_policy_verdict"`
 }
 
 // TernUplinkObjects contains all objects after they have been loaded into the kernel.
@@ -126,22 +146,32 @@ func (o *TernUplinkObjects) Close() error {
 //
 // It can be passed to LoadTernUplinkObjects or ebpf.CollectionSpec.LoadAndAssign.
 type TernUplinkMaps struct {
-	TernConfig    *ebpf.Map `ebpf:"tern_config"`
-	TernEndpoints *ebpf.Map `ebpf:"tern_endpoints"`
-	TernMetrics   *ebpf.Map `ebpf:"tern_metrics"`
-	TernNat       *ebpf.Map `ebpf:"tern_nat"`
-	TernNatRev    *ebpf.Map `ebpf:"tern_nat_rev"`
-	TernNomasq    *ebpf.Map `ebpf:"tern_nomasq"`
+	TernConfig     *ebpf.Map `ebpf:"tern_config"`
+	TernEndpoints  *ebpf.Map `ebpf:"tern_endpoints"`
+	TernEpPolicy   *ebpf.Map `ebpf:"tern_ep_policy"`
+	TernIpcache    *ebpf.Map `ebpf:"tern_ipcache"`
+	TernMetrics    *ebpf.Map `ebpf:"tern_metrics"`
+	TernNat        *ebpf.Map `ebpf:"tern_nat"`
+	TernNatRev     *ebpf.Map `ebpf:"tern_nat_rev"`
+	TernNomasq     *ebpf.Map `ebpf:"tern_nomasq"`
+	TernPolicy     *ebpf.Map `ebpf:"tern_policy"`
+	TernPolicyCt   *ebpf.Map `ebpf:"tern_policy_ct"`
+	TernPolicyFrag *ebpf.Map `ebpf:"tern_policy_frag"`
 }
 
 func (m *TernUplinkMaps) Close() error {
 	return _TernUplinkClose(
 		m.TernConfig,
 		m.TernEndpoints,
+		m.TernEpPolicy,
+		m.TernIpcache,
 		m.TernMetrics,
 		m.TernNat,
 		m.TernNatRev,
 		m.TernNomasq,
+		m.TernPolicy,
+		m.TernPolicyCt,
+		m.TernPolicyFrag,
 	)
 }
 
@@ -157,7 +187,12 @@ type TernUplinkVariables struct {
 	NatPortMax           *ebpf.Variable `ebpf:"nat_port_max"`
 	NatPortMin           *ebpf.Variable `ebpf:"nat_port_min"`
 	TernBtfEndpointFlags *ebpf.Variable `ebpf:"tern_btf_endpoint_flags"`
+	TernBtfEpPolicyFlags *ebpf.Variable `ebpf:"tern_btf_ep_policy_flags"`
 	TernBtfNatFlags      *ebpf.Variable `ebpf:"tern_btf_nat_flags"`
+	TernBtfPolicyClass   *ebpf.Variable `ebpf:"tern_btf_policy_class"`
+	TernBtfPolicyCtFlags *ebpf.Variable `ebpf:"tern_btf_policy_ct_flags"`
+	TernBtfPolicyDir     *ebpf.Variable `ebpf:"tern_btf_policy_dir"`
+	TernBtfPolicyVerdict *ebpf.Variable `ebpf:"tern_btf_policy_verdict"`
 }
 
 // TernUplinkPrograms contains all programs after they have been loaded into the kernel.

@@ -22,6 +22,7 @@ func (c *NetConf) newDatapath(subnet *net.IPNet, gateway net.IP) (datapath.Datap
 			BPFFSDir:           c.BPFFSDir,
 			StateDir:           c.StateDir,
 			Attach:             c.attachMode,
+			Network:            c.Name,
 			IPMasq:             c.masquerade(),
 			ClusterCIDR:        c.clusterCIDR,
 			NonMasqueradeCIDRs: c.nonMasq,

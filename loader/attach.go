@@ -24,6 +24,9 @@ const (
 	// HookUplinkIngress is tc ingress of the node's uplink: replies to
 	// masqueraded pod traffic. One attachment per node.
 	HookUplinkIngress Hook = "uplink"
+	// HookPodEgress is tc egress of a pod's host-side veth: what the host
+	// stack delivers to the pod (NetworkPolicy ingress).
+	HookPodEgress Hook = "egress"
 )
 
 func (h Hook) program() string {
@@ -32,12 +35,25 @@ func (h Hook) program() string {
 		return "tern_from_pod"
 	case HookUplinkIngress:
 		return "tern_from_uplink"
+	case HookPodEgress:
+		return "tern_to_pod"
 	}
 	return ""
 }
 
-func (h Hook) tcxAttach() ebpf.AttachType { return ebpf.AttachTCXIngress }
-func (h Hook) clsactParent() uint32       { return netlink.HANDLE_MIN_INGRESS }
+func (h Hook) tcxAttach() ebpf.AttachType {
+	if h == HookPodEgress {
+		return ebpf.AttachTCXEgress
+	}
+	return ebpf.AttachTCXIngress
+}
+
+func (h Hook) clsactParent() uint32 {
+	if h == HookPodEgress {
+		return netlink.HANDLE_MIN_EGRESS
+	}
+	return netlink.HANDLE_MIN_INGRESS
+}
 
 // Mode is how a program is attached.
 type Mode string

@@ -87,8 +87,8 @@ func TestMultiObject(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer again.Close()
-	if len(again.Programs) != 2 || len(again.Maps) != len(objs.Maps) {
-		t.Errorf("reopened: %d programs, %d maps; want 2 and %d", len(again.Programs), len(again.Maps), len(objs.Maps))
+	if len(again.Programs) != len(objs.Programs) || len(again.Maps) != len(objs.Maps) {
+		t.Errorf("reopened: %d programs, %d maps; want %d and %d", len(again.Programs), len(again.Maps), len(objs.Programs), len(objs.Maps))
 	}
 }
 

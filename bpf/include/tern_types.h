@@ -90,7 +90,113 @@ enum metric {
 	METRIC_DROP_NAT_NO_PORT,  /* masquerade needed, every probed NAT port was taken */
 	METRIC_DROP_NAT_MAP_FULL, /* masquerade needed, a NAT map refused the entry */
 	METRIC_DROP_NAT_UNSUPPORTED, /* masquerade needed for a protocol or fragment NAT cannot handle */
+	METRIC_DROP_POLICY_INGRESS, /* NetworkPolicy: the destination pod's ingress rules deny the flow */
+	METRIC_DROP_POLICY_EGRESS,  /* NetworkPolicy: the source pod's egress rules deny the flow */
+	METRIC_PASS_TO_POD,         /* tc egress of a pod's veth: what the host stack delivers, let through */
 	METRIC_MAX,
+};
+
+/* NetworkPolicy. The three policy maps hold a compiled rule set
+ * (policy/compile: ruleset.go's package doc is the lookup specification,
+ * layout.go the byte layouts, written from Go with compile's MarshalBinary
+ * so that the two cannot drift; a test checks these structs against it). */
+
+/* ep_policy: value of tern_ep_policy, keyed by a local pod's IPv4 address
+ * (network order). Layout of compile.EndpointPolicy. */
+struct ep_policy {
+	__u32 local_id; /* local identity: the pod's equivalence class in tern_policy keys */
+	__u32 flags;    /* enum ep_policy_flags */
+};
+
+enum ep_policy_flags {
+	EP_POLICY_F_INGRESS = 1 << 0, /* isolated for ingress: what it receives is checked */
+	EP_POLICY_F_EGRESS = 1 << 1,  /* isolated for egress: what it sends is checked */
+};
+
+/* Reserved remote classes and key values (compile.ClassWorld, ClassHost,
+ * ClassAny, ProtoAny, Ingress, Egress, VerdictAllow). */
+enum policy_class {
+	POLICY_CLASS_WORLD = 0,          /* no tern_ipcache entry: not a pod, in no ipBlock */
+	POLICY_CLASS_HOST = 1,           /* an address of this node inside no ipBlock */
+	POLICY_CLASS_ANY = 0xffffffffu,  /* key wildcard: any remote */
+};
+
+enum policy_dir {
+	POLICY_DIR_INGRESS = 0,
+	POLICY_DIR_EGRESS = 1,
+};
+
+enum policy_verdict {
+	POLICY_VERDICT_ALLOW = 1, /* the only verdict: policy is allow-only, a miss denies */
+};
+
+#define POLICY_PROTO_ANY 0 /* key wildcard: any protocol (with 0 port bits) */
+
+/* policy_key: key of tern_policy, an LPM trie over the 96 bits after
+ * prefixlen. prefixlen is 80 + the port bits of the entry; lookups use 96.
+ * 16 bytes, compile.PolicyKey's encoding: the two identities sit at offsets
+ * 6 and 10, unaligned, so they are byte arrays holding a host-order __u32
+ * (memcpy in and out) rather than a packed struct, which bpf2go's Go type
+ * could not reproduce. */
+struct policy_key {
+	__u32 prefixlen;
+	__u8 dir;              /* enum policy_dir */
+	__u8 proto;            /* IPPROTO_*, POLICY_PROTO_ANY */
+	__u8 local_id[4];      /* ep_policy.local_id of the local end */
+	__u8 remote_class[4];  /* tern_ipcache class of the remote end, or POLICY_CLASS_ANY */
+	__be16 dport;          /* destination port, network order: port ranges are prefixes */
+};
+
+/* policy_value: value of tern_policy. */
+struct policy_value {
+	__u8 verdict; /* enum policy_verdict */
+	__u8 pad[3];
+};
+
+/* policy_ct_key: key of tern_policy_ct, the conntrack that lets a flow's
+ * later packets, and its replies, pass without a policy decision. Both
+ * directions of a flow share one key: the end with the lower (address,
+ * port) is "lo", whoever sends. ICMP echo requests and replies carry the
+ * identifier in both ports, so that they too are one flow. */
+struct policy_ct_key {
+	__be32 lo_addr;
+	__be32 hi_addr;
+	__be16 lo_port;
+	__be16 hi_port;
+	__u8 proto;
+	__u8 pad[3];
+};
+
+/* policy_ct_entry: value of tern_policy_ct. */
+struct policy_ct_entry {
+	__u64 last_seen; /* bpf_ktime_get_ns, refreshed at most once a second */
+	__u16 flags;     /* enum policy_ct_flags */
+	__u8 pad[6];
+};
+
+enum policy_ct_flags {
+	POLICY_CT_F_ORIG_HI = 1 << 0,    /* the flow's first packet came from the key's hi end */
+	POLICY_CT_F_SEEN_REPLY = 1 << 1, /* a packet came back the other way */
+	POLICY_CT_F_FIN_ORIG = 1 << 2,   /* TCP FIN from the originator */
+	POLICY_CT_F_FIN_REPLY = 1 << 3,  /* TCP FIN from the responder */
+	POLICY_CT_F_RST = 1 << 4,        /* TCP RST either way */
+};
+
+/* policy_frag_key: key of tern_policy_frag. A non-first IPv4 fragment has
+ * no ports; the first fragment of a datagram that passed leaves them here,
+ * under the fields that identify the datagram (RFC 791). */
+struct policy_frag_key {
+	__be32 saddr;
+	__be32 daddr;
+	__be16 id;
+	__u8 proto;
+	__u8 pad;
+};
+
+/* policy_frag_ports: value of tern_policy_frag. */
+struct policy_frag_ports {
+	__be16 sport;
+	__be16 dport;
 };
 
 /* metric_value: one per-CPU slot of the metrics array. */

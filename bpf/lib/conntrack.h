@@ -74,6 +74,7 @@ parse_l4(struct __sk_buff *skb, __u8 proto, __u8 ihl, __be16 frag_off, struct l4
 		l4->tcp_flags = hdr[13];
 		break;
 	case IPPROTO_UDP:
+	case IPPROTO_SCTP: /* ports where UDP has them; policy matches SCTP ports (NAT does not translate SCTP) */
 	case IPPROTO_ICMP:
 		if (bpf_skb_load_bytes(skb, l4->off, hdr, 8) < 0)
 			return L4_TRUNCATED;

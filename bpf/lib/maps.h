@@ -14,6 +14,17 @@
  * used flows go first; the port allocator copes with either half missing. */
 #define TERN_MAX_NAT 65536
 #define TERN_MAX_NOMASQ 256
+/* NetworkPolicy. One policy rule becomes a few tern_policy entries (port
+ * ranges split into prefix-aligned blocks, one entry per matching remote
+ * class): room for well over 10,000 rules. The LPM tries allocate on
+ * insert (BPF_F_NO_PREALLOC), so their size is a limit, not a cost. */
+#define TERN_MAX_IPCACHE 65536
+#define TERN_MAX_POLICY 262144
+/* Tracked flows of pods with policy state (both directions in one entry).
+ * LRU: under pressure the least recently used flows go first, and their
+ * next packet is simply checked again. */
+#define TERN_MAX_POLICY_CT 131072
+#define TERN_MAX_POLICY_FRAG 8192
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
@@ -70,10 +81,64 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } tern_nat_rev SEC(".maps");
 
+/* tern_ep_policy: local pod IPv4 -> its policy (compile.RuleSet.Endpoints).
+ * No entry: the pod has no policy state, nothing is decided or tracked. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, TERN_MAX_ENDPOINTS);
+	__type(key, __u32); /* pod IPv4, network byte order */
+	__type(value, struct ep_policy);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} tern_ep_policy SEC(".maps");
+
+/* tern_ipcache: IPv4 prefix -> remote class (compile.RuleSet.IPCache). */
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(max_entries, TERN_MAX_IPCACHE);
+	__uint(map_flags, BPF_F_NO_PREALLOC); /* required for LPM tries */
+	__type(key, struct lpm_v4_key);
+	__type(value, __u32);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} tern_ipcache SEC(".maps");
+
+/* tern_policy: (direction, protocol, local identity, remote class, port
+ * prefix) -> verdict (compile.RuleSet.Policy). */
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(max_entries, TERN_MAX_POLICY);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct policy_key);
+	__type(value, struct policy_value);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} tern_policy SEC(".maps");
+
+/* tern_policy_ct: flows whose first packet passed policy. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, TERN_MAX_POLICY_CT);
+	__type(key, struct policy_ct_key);
+	__type(value, struct policy_ct_entry);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} tern_policy_ct SEC(".maps");
+
+/* tern_policy_frag: ports of fragmented datagrams that passed policy. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, TERN_MAX_POLICY_FRAG);
+	__type(key, struct policy_frag_key);
+	__type(value, struct policy_frag_ports);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} tern_policy_frag SEC(".maps");
+
 /* The flag enums only ever travel in integer fields, so nothing would put
- * them in BTF, where bpf2go -type looks for them: these two constants do.
+ * them in BTF, where bpf2go -type looks for them: these constants do.
  * Programs never read them. */
 const volatile enum endpoint_flags tern_btf_endpoint_flags = ENDPOINT_F_NONE;
 const volatile enum nat_flags tern_btf_nat_flags = 0;
+const volatile enum ep_policy_flags tern_btf_ep_policy_flags = 0;
+const volatile enum policy_ct_flags tern_btf_policy_ct_flags = 0;
+const volatile enum policy_class tern_btf_policy_class = POLICY_CLASS_WORLD;
+const volatile enum policy_dir tern_btf_policy_dir = POLICY_DIR_INGRESS;
+const volatile enum policy_verdict tern_btf_policy_verdict = POLICY_VERDICT_ALLOW;
 
 #endif /* TERN_MAPS_H */

@@ -3,6 +3,8 @@
 // each pod lives. Pod traffic leaving the cluster is masqueraded to the node
 // IP by tern_from_pod and its replies are translated back by
 // tern_from_uplink on the node's uplink (see snat.go and docs/snat.md).
+// tern_to_pod at tc egress of the same veths and tern_from_pod enforce
+// NetworkPolicy from maps ApplyPolicy writes (see policy.go).
 package ebpf
 
 import (
@@ -24,6 +26,9 @@ type Config struct {
 	BPFFSDir string
 	StateDir string
 	Attach   loader.Mode
+	// Network is the CNI network name: the owner of the node's policy
+	// maps when its rule set is in them (see policy.go).
+	Network string
 
 	// Uplink is the node's interface toward the outside, resolved by
 	// ResolveUplink. The zero value means none: no SNAT, and the node's
@@ -177,8 +182,12 @@ func (d *Datapath) AddEndpoint(ep *datapath.Endpoint) error {
 	if err := ensureGatewayAddr(ep.Gateway); err != nil {
 		return err
 	}
-	if _, err := d.loader.Attach(d.objs, ep.HostVeth, ep.HostIfindex, loader.HookPodIngress, d.cfg.Attach); err != nil {
-		return err
+	// The receiving side first: once tern_from_pod lets the pod's first
+	// packet out, what comes back through the host meets its policy.
+	for _, hook := range []loader.Hook{loader.HookPodEgress, loader.HookPodIngress} {
+		if _, err := d.loader.Attach(d.objs, ep.HostVeth, ep.HostIfindex, hook, d.cfg.Attach); err != nil {
+			return err
+		}
 	}
 	return nil
 }
@@ -189,8 +198,10 @@ func (d *Datapath) AddEndpoint(ep *datapath.Endpoint) error {
 // once no program can create new ones for it.
 func (d *Datapath) DelEndpoint(ep *datapath.Endpoint) error {
 	var errs []error
-	if err := d.loader.Detach(ep.HostVeth, loader.HookPodIngress); err != nil {
-		errs = append(errs, err)
+	for _, hook := range []loader.Hook{loader.HookPodIngress, loader.HookPodEgress} {
+		if err := d.loader.Detach(ep.HostVeth, hook); err != nil {
+			errs = append(errs, err)
+		}
 	}
 	if ep.IP.IP != nil {
 		removed, err := d.deleteEntry(ep)
@@ -199,6 +210,9 @@ func (d *Datapath) DelEndpoint(ep *datapath.Endpoint) error {
 		}
 		if removed {
 			if err := d.flushNAT(func(ip net.IP) bool { return ip.Equal(ep.IP.IP) }); err != nil {
+				errs = append(errs, err)
+			}
+			if err := d.forgetPolicyEndpoints(func(ip net.IP) bool { return ip.Equal(ep.IP.IP) }); err != nil {
 				errs = append(errs, err)
 			}
 		}
@@ -258,8 +272,10 @@ func (d *Datapath) CheckEndpoint(ep *datapath.Endpoint) error {
 	if got.Flags != want.Flags {
 		return fmt.Errorf("endpoint %s in the endpoints map has flags %#x, want %#x (ipMasq changed?)", ep.IP.IP, got.Flags, want.Flags)
 	}
-	if err := d.loader.CheckAttached(d.objs, ep.HostVeth, ep.HostIfindex, loader.HookPodIngress); err != nil {
-		return err
+	for _, hook := range []loader.Hook{loader.HookPodIngress, loader.HookPodEgress} {
+		if err := d.loader.CheckAttached(d.objs, ep.HostVeth, ep.HostIfindex, hook); err != nil {
+			return err
+		}
 	}
 	if err := checkGatewayAddr(ep.Gateway); err != nil {
 		return err
@@ -273,15 +289,19 @@ func (d *Datapath) CheckEndpoint(ep *datapath.Endpoint) error {
 }
 
 // ReleaseNode keeps programs and maps loaded when the last pod goes: they
-// cost nothing idle, and the next ADD does not pay for a reload. Once no
-// endpoint of any network is left, it takes the node's SNAT state down:
-// node config, uplink program, gateway addresses, NAT entries.
+// cost nothing idle, and the next ADD does not pay for a reload. The
+// network's policy state goes with its last pod (datapath.PolicyEnforcer).
+// Once no endpoint of any network is left, it takes the node's SNAT state
+// down: node config, uplink program, gateway addresses, NAT entries.
 func (d *Datapath) ReleaseNode(remaining int) error {
 	if remaining > 0 {
 		return nil
 	}
 	m, err := d.endpoints()
 	if err != nil {
+		return err
+	}
+	if err := d.releasePolicy(); err != nil {
 		return err
 	}
 	return d.snatHeld(func() error {
@@ -309,8 +329,8 @@ func (d *Datapath) Status() error {
 	return d.open()
 }
 
-// Sweep removes endpoint entries, and NAT entries, that belong to none of
-// keep (GC).
+// Sweep removes endpoint entries, NAT entries and policy state that belong
+// to none of keep (GC).
 func (d *Datapath) Sweep(keep []*datapath.Endpoint) error {
 	m, err := d.endpoints()
 	if err != nil {
@@ -343,6 +363,13 @@ func (d *Datapath) Sweep(keep []*datapath.Endpoint) error {
 		}
 	}
 	err = d.flushNAT(func(ip net.IP) bool {
+		k, err := EndpointKey(ip)
+		return err == nil && !valid[k]
+	})
+	if err != nil {
+		errs = append(errs, err)
+	}
+	err = d.forgetPolicyEndpoints(func(ip net.IP) bool {
 		k, err := EndpointKey(ip)
 		return err == nil && !valid[k]
 	})

@@ -24,6 +24,9 @@ var metricNames = [...]string{
 	ternbpf.TernMetricMETRIC_DROP_NAT_NO_PORT:     "drop_nat_no_port",
 	ternbpf.TernMetricMETRIC_DROP_NAT_MAP_FULL:    "drop_nat_map_full",
 	ternbpf.TernMetricMETRIC_DROP_NAT_UNSUPPORTED: "drop_nat_unsupported",
+	ternbpf.TernMetricMETRIC_DROP_POLICY_INGRESS:  "drop_policy_ingress",
+	ternbpf.TernMetricMETRIC_DROP_POLICY_EGRESS:   "drop_policy_egress",
+	ternbpf.TernMetricMETRIC_PASS_TO_POD:          "pass_to_pod",
 }
 
 // MetricName is the name of a metric (e.g. "redirect_peer").
