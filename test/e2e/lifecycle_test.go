@@ -198,17 +198,20 @@ func TestCheck(t *testing.T) {
 			if err := n.Check(t.Context(), conf, p.ID, p.Path, "eth0", k8sArgs); err != nil {
 				t.Fatalf("CHECK after restoring the route: %v", err)
 			}
-			// Detach: the pinned TCX link is what keeps the program on.
+			// Detach: the pinned TCX links are what keep the programs on
+			// (tc ingress and egress of the host veth).
 			pins, _ := filepath.Glob(filepath.Join(n.BPFFSDir, "links", "*"))
-			if len(pins) != 1 {
-				t.Fatalf("want 1 link pin, got %v", pins)
+			if len(pins) != 2 || !strings.HasSuffix(pins[0], "@egress") || !strings.HasSuffix(pins[1], "@ingress") {
+				t.Fatalf("want an egress and an ingress link pin, got %v", pins)
 			}
-			if err := os.Remove(pins[0]); err != nil {
-				t.Fatal(err)
-			}
-			err = n.Check(t.Context(), conf, p.ID, p.Path, "eth0", k8sArgs)
-			if err == nil || !strings.Contains(err.Error(), "not attached") {
-				t.Fatalf("CHECK after detaching the program: %v", err)
+			for _, pin := range pins {
+				if err := os.Remove(pin); err != nil {
+					t.Fatal(err)
+				}
+				err = n.Check(t.Context(), conf, p.ID, p.Path, "eth0", k8sArgs)
+				if err == nil || !strings.Contains(err.Error(), "not attached") {
+					t.Fatalf("CHECK after detaching %s: %v", filepath.Base(pin), err)
+				}
 			}
 		})
 	}

@@ -2,6 +2,7 @@ package e2e
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"net"
@@ -16,10 +17,9 @@ import (
 	types100 "github.com/containernetworking/cni/pkg/types/100"
 	"github.com/containernetworking/plugins/pkg/ns"
 
-	"github.com/ternlabs/tern/datapath"
-	ebpfdp "github.com/ternlabs/tern/datapath/ebpf"
+	"github.com/cilium/ebpf"
+
 	"github.com/ternlabs/tern/internal/testutil"
-	"github.com/ternlabs/tern/policy/manifest"
 )
 
 // policyProbeTimeout is how long a probe waits before it calls the
@@ -198,14 +198,6 @@ func expect(t *testing.T, step string, rs ...reach) {
 	}
 }
 
-// ebpfEnforcesPolicy reports whether the eBPF datapath implements
-// datapath.PolicyEnforcer (the tern and ternctl binaries are built from
-// this tree, so they agree).
-func ebpfEnforcesPolicy() bool {
-	_, ok := any((*ebpfdp.Datapath)(nil)).(datapath.PolicyEnforcer)
-	return ok
-}
-
 // policyWorld is a node with a tern network, ternctl, and a directory of
 // manifests.
 type policyWorld struct {
@@ -308,53 +300,8 @@ func TestNetworkPolicy(t *testing.T) {
 		t.Run(dp, func(t *testing.T) {
 			testutil.RequirePrivileged(t)
 			t.Parallel()
-			if dp == "ebpf" && !ebpfEnforcesPolicy() {
-				checkPolicyNotImplemented(t)
-				t.Skip("eBPF policy enforcement not implemented yet")
-			}
 			testNetworkPolicy(t, dp)
 		})
-	}
-}
-
-// checkPolicyNotImplemented: until the eBPF datapath enforces policy,
-// ternctl apply refuses policies on an ebpf network with a clear error and
-// changes nothing, while pods still come up.
-func checkPolicyNotImplemented(t *testing.T) {
-	w := newPolicyWorld(t, "ebpf")
-	addK8sPod(t, w.node, w.conf, "prod", "db")
-	w.mustTernctl("apply", "-f", w.write("cluster.yaml", policyCluster))
-	_, err := w.ternctl("apply", "-f", w.write("deny.yaml", denyAllIngress))
-	if err == nil || !strings.Contains(err.Error(), "not implemented yet") {
-		t.Fatalf("ternctl apply of a policy on an ebpf network: %v", err)
-	}
-	if out := w.mustTernctl("get", "policies"); strings.Contains(out, "deny-all") {
-		t.Errorf("refused policy is in the state:\n%s", out)
-	}
-
-	// Policies in the node's state (another network of the node put them
-	// there): ADD refuses a pod it cannot isolate, and undoes itself.
-	objs, err := manifest.Decode(strings.NewReader(policyCluster + "---" + denyAllIngress))
-	if err != nil {
-		t.Fatal(err)
-	}
-	st, err := manifest.NewState().Apply(objs)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := st.Save(filepath.Join(w.node.StateDir, "policy", "state.json")); err != nil {
-		t.Fatal(err)
-	}
-	vethsBefore := hostVeths(t, w.node)
-	p := w.node.Pod(t, "web")
-	args := [][2]string{{"IgnoreUnknown", "1"}, {"K8S_POD_NAMESPACE", "prod"}, {"K8S_POD_NAME", "web"}}
-	t.Cleanup(func() { _ = w.node.Del(context.Background(), w.conf, "c-"+p.Name, p.Path, "eth0", args) })
-	_, err = w.node.Add(t.Context(), w.conf, "c-"+p.Name, p.Path, "eth0", args)
-	if err == nil || !strings.Contains(err.Error(), "not implemented yet") {
-		t.Fatalf("ADD with policies on an ebpf network: %v", err)
-	}
-	if v := hostVeths(t, w.node); len(v) != len(vethsBefore) {
-		t.Errorf("failed ADD left veths: %v (before: %v)", v, vethsBefore)
 	}
 }
 
@@ -394,6 +341,17 @@ func testNetworkPolicy(t *testing.T, dp string) {
 		tcp(web, client, 80, true), udp(db, devweb, 53, true), tcp(client, devweb, 80, true))
 	// The node reaches its pods whatever the policy.
 	expect(t, "host to isolated pod", reach{from: n.NS, fromS: "node", ip: db.IP, toS: db.String(), proto: "tcp", port: 5432, want: true})
+	if dp == "ebpf" {
+		// The drops are counted by reason.
+		var metrics map[string]map[string]uint64
+		if err := json.Unmarshal([]byte(w.mustTernctl("-o", "json", "get", "metrics")), &metrics); err != nil {
+			t.Fatal(err)
+		}
+		if metrics["drop_policy_ingress"]["packets"] == 0 || metrics["drop_policy_egress"] == nil {
+			t.Errorf("ternctl get metrics after denied probes: drop_policy_ingress %v, drop_policy_egress %v",
+				metrics["drop_policy_ingress"], metrics["drop_policy_egress"])
+		}
+	}
 
 	// Allow from a labelled pod, one port.
 	w.mustTernctl("apply", "-f", w.write("db.yaml", `
@@ -537,5 +495,31 @@ spec:
 		if keys := endpointKeys(t, n); len(keys) != 0 {
 			t.Errorf("endpoint map not empty after DEL: %v", keys)
 		}
+		// ReleaseNode took the network's policy state with it.
+		for _, name := range []string{"tern_ep_policy", "tern_ipcache", "tern_policy", "tern_policy_ct"} {
+			if k := mapKeys(t, n, name); k != 0 {
+				t.Errorf("%s holds %d entries after DEL of every pod", name, k)
+			}
+		}
 	}
+}
+
+// mapKeys counts the entries of a pinned map of the node.
+func mapKeys(t *testing.T, n *testutil.Node, name string) int {
+	t.Helper()
+	m, err := ebpf.LoadPinnedMap(filepath.Join(n.BPFFSDir, "maps", name), nil)
+	if err != nil {
+		t.Fatalf("open %s: %v", name, err)
+	}
+	defer m.Close()
+	var k, v []byte
+	count := 0
+	it := m.Iterate()
+	for it.Next(&k, &v) {
+		count++
+	}
+	if err := it.Err(); err != nil {
+		t.Fatal(err)
+	}
+	return count
 }

@@ -1,0 +1,369 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
+/* NetworkPolicy: the per-packet decision over the compiled rule set, and the
+ * conntrack that makes only the first packet of a flow pay for it.
+ *
+ * The decision is exactly compile.Simulator's (policy/compile: ruleset.go's
+ * package doc is the specification, simulate.go the executable one, and a
+ * differential test holds this file to both and to policy/reference):
+ *   - egress is decided when the source is a local pod isolated for egress,
+ *     with the destination as the remote end; ingress when the destination
+ *     is a local pod isolated for ingress, with the source as the remote;
+ *   - the remote class is tern_ipcache's longest-prefix match (world when
+ *     none); ingress from POLICY_CLASS_HOST is allowed outright (egress to
+ *     the host is allowed by entries the compiler writes);
+ *   - otherwise four tern_policy lookups with the full 96 bits:
+ *     (proto, class, port), (proto, any, port), (any, class), (any, any).
+ * That is at most 2 hash + 2 x (1 + 4) LPM lookups, whatever the number of
+ * rules: no loop over rules.
+ *
+ * Stateful: a flow whose first packet passes gets a tern_policy_ct entry,
+ * and every later packet of it, either way, passes on that entry alone. A
+ * flow is tracked as soon as either end has policy state (a tern_ep_policy
+ * entry), isolated or not, so that a policy isolating a pod later does not
+ * cut the connections it already has (as the iptables datapath's
+ * ESTABLISHED rule does not). Pods without policy state cost two hash
+ * misses per packet and nothing else. */
+#ifndef TERN_POLICY_H
+#define TERN_POLICY_H
+
+#include <linux/bpf.h>
+#include <linux/in.h>
+#include <linux/ip.h>
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_endian.h>
+#include "../include/tern_types.h"
+#include "maps.h"
+#include "metrics.h"
+#include "conntrack.h"
+
+/* Prefix length of a lookup key: every bit of the 96 after prefixlen. */
+#define POLICY_LOOKUP_PREFIXLEN 96
+
+#define IP_MF 0x2000 /* more fragments (host order) */
+
+#define ICMP_ERROR_HDR 8 /* type, code, checksum, unused/MTU: then the offending IP header */
+
+enum policy_result {
+	POLICY_PASS = 0,
+	POLICY_DROP_EGRESS,
+	POLICY_DROP_INGRESS,
+	POLICY_DROP_TRUNCATED,
+};
+
+/* policy_class_of returns the remote class of addr: its longest-prefix
+ * entry in tern_ipcache, world without one. */
+static __always_inline __u32 policy_class_of(__be32 addr)
+{
+	struct lpm_v4_key key = { .prefixlen = 32, .addr = addr };
+	__u32 *cls = bpf_map_lookup_elem(&tern_ipcache, &key);
+
+	return cls ? *cls : POLICY_CLASS_WORLD;
+}
+
+static __always_inline int policy_entry_allows(const struct policy_key *key)
+{
+	struct policy_value *v = bpf_map_lookup_elem(&tern_policy, key);
+
+	return v && v->verdict == POLICY_VERDICT_ALLOW;
+}
+
+/* policy_allows decides one direction for the local identity local_id,
+ * with remote the address of the other end. dport is the destination port
+ * (network order; 0 for protocols without ports, whose entries never have
+ * port bits). */
+static __always_inline int policy_allows(__u8 dir, __u32 local_id, __be32 remote, __u8 proto,
+					 __be16 dport)
+{
+	__u32 cls = policy_class_of(remote);
+	const __u32 any = POLICY_CLASS_ANY;
+	struct policy_key key = {};
+
+	if (dir == POLICY_DIR_INGRESS && cls == POLICY_CLASS_HOST)
+		return 1; /* the node reaches its pods whatever their policy */
+
+	key.prefixlen = POLICY_LOOKUP_PREFIXLEN;
+	key.dir = dir;
+	key.proto = proto;
+	__builtin_memcpy(key.local_id, &local_id, sizeof(key.local_id));
+	__builtin_memcpy(key.remote_class, &cls, sizeof(key.remote_class));
+	key.dport = dport;
+	if (policy_entry_allows(&key))
+		return 1;
+	__builtin_memcpy(key.remote_class, &any, sizeof(key.remote_class));
+	if (policy_entry_allows(&key))
+		return 1;
+	/* Any-protocol entries have no port bits: the port in the key is
+	 * beyond their prefix and does not matter. */
+	key.proto = POLICY_PROTO_ANY;
+	__builtin_memcpy(key.remote_class, &cls, sizeof(key.remote_class));
+	if (policy_entry_allows(&key))
+		return 1;
+	__builtin_memcpy(key.remote_class, &any, sizeof(key.remote_class));
+	return policy_entry_allows(&key);
+}
+
+/* policy_ct_key_of fills the flow key of a packet from saddr:sport to
+ * daddr:dport and returns whether the sender is the key's hi end. */
+static __always_inline int policy_ct_key_of(struct policy_ct_key *key, __be32 saddr, __be32 daddr,
+					    __be16 sport, __be16 dport, __u8 proto)
+{
+	int hi = saddr > daddr || (saddr == daddr && sport > dport);
+
+	key->lo_addr = hi ? daddr : saddr;
+	key->hi_addr = hi ? saddr : daddr;
+	key->lo_port = hi ? dport : sport;
+	key->hi_port = hi ? sport : dport;
+	key->proto = proto;
+	key->pad[0] = key->pad[1] = key->pad[2] = 0;
+	return hi;
+}
+
+/* policy_ct_timeout_ns is how long a flow with flags may stay idle. The
+ * timeouts are the NAT's (conntrack.h), set together before load. */
+static __always_inline __u64 policy_ct_timeout_ns(__u8 proto, __u16 flags)
+{
+	const __u16 fins = POLICY_CT_F_FIN_ORIG | POLICY_CT_F_FIN_REPLY;
+	__u32 s;
+
+	switch (proto) {
+	case IPPROTO_TCP:
+		if ((flags & POLICY_CT_F_RST) || (flags & fins) == fins)
+			s = ct_timeout_tcp_close; /* closed: only stragglers left */
+		else if (!(flags & POLICY_CT_F_SEEN_REPLY))
+			s = ct_timeout_tcp_syn;
+		else
+			s = ct_timeout_tcp;
+		break;
+	case IPPROTO_ICMP:
+		s = ct_timeout_icmp;
+		break;
+	default:
+		s = ct_timeout_udp; /* UDP, SCTP (heartbeats every 30 s) and the rest */
+	}
+	return (__u64)s * NSEC_PER_SEC;
+}
+
+static __always_inline int policy_ct_expired(const struct policy_ct_entry *e, __u64 now, __u8 proto)
+{
+	return now > e->last_seen && now - e->last_seen > policy_ct_timeout_ns(proto, e->flags);
+}
+
+/* policy_tcp_flags maps a packet's FIN/RST to the flags of its direction. */
+static __always_inline __u16 policy_tcp_flags(const struct l4 *l4, int reply)
+{
+	__u16 f = 0;
+
+	if (l4->proto != IPPROTO_TCP)
+		return 0;
+	if (l4->tcp_flags & TCP_FLAG_FIN)
+		f |= reply ? POLICY_CT_F_FIN_REPLY : POLICY_CT_F_FIN_ORIG;
+	if (l4->tcp_flags & TCP_FLAG_RST)
+		f |= POLICY_CT_F_RST;
+	return f;
+}
+
+/* policy_icmp_related reports whether an ICMP error (destination
+ * unreachable, incl. fragmentation needed, time exceeded, parameter
+ * problem) is about a tracked flow: the offending packet it quotes belongs
+ * to a flow that passed. Such errors pass like replies (what the iptables
+ * datapath's RELATED does), so path MTU discovery works for isolated pods. */
+static __always_inline int policy_icmp_related(struct __sk_buff *skb, const struct l4 *l4, __u64 now)
+{
+	__u32 in_ip = l4->off + ICMP_ERROR_HDR;
+	struct policy_ct_key key;
+	struct policy_ct_entry *e;
+	__be16 sport, dport;
+	struct iphdr inner;
+	__u32 in_l4;
+	__u8 hdr[8];
+
+	if (l4->icmp_type != ICMP_DEST_UNREACH && l4->icmp_type != ICMP_TIME_EXCEEDED &&
+	    l4->icmp_type != ICMP_PARAMETERPROB)
+		return 0;
+	if (bpf_skb_load_bytes(skb, in_ip, &inner, sizeof(inner)) < 0)
+		return 0;
+	if (inner.version != 4 || inner.ihl < 5 || (inner.frag_off & bpf_htons(0x1fff)))
+		return 0; /* not IPv4, or a later fragment: no ports to find the flow by */
+	in_l4 = in_ip + ((__u32)inner.ihl & 0xf) * 4; /* 4 bits: bounded for the verifier */
+	if (bpf_skb_load_bytes(skb, in_l4, hdr, sizeof(hdr)) < 0)
+		return 0; /* RFC 792 quotes 8 bytes of it: always there when genuine */
+
+	switch (inner.protocol) {
+	case IPPROTO_TCP:
+	case IPPROTO_UDP:
+	case IPPROTO_SCTP:
+		__builtin_memcpy(&sport, &hdr[0], sizeof(sport));
+		__builtin_memcpy(&dport, &hdr[2], sizeof(dport));
+		break;
+	case IPPROTO_ICMP:
+		if (hdr[0] != ICMP_ECHO && hdr[0] != ICMP_ECHOREPLY)
+			return 0;
+		__builtin_memcpy(&sport, &hdr[4], sizeof(sport)); /* the identifier, both ways */
+		dport = sport;
+		break;
+	default:
+		return 0;
+	}
+	policy_ct_key_of(&key, inner.saddr, inner.daddr, sport, dport, inner.protocol);
+	e = bpf_map_lookup_elem(&tern_policy_ct, &key);
+	return e && !policy_ct_expired(e, now, inner.protocol);
+}
+
+/* policy_decide is the stateless decision for the first packet of a flow.
+ * src and dst are the ends' policy state (zero when none). */
+static __always_inline enum policy_result policy_decide(const struct ep_policy *src,
+							const struct ep_policy *dst,
+							__be32 saddr, __be32 daddr, __u8 proto,
+							__be16 dport)
+{
+	if ((src->flags & EP_POLICY_F_EGRESS) &&
+	    !policy_allows(POLICY_DIR_EGRESS, src->local_id, daddr, proto, dport))
+		return POLICY_DROP_EGRESS;
+	if ((dst->flags & EP_POLICY_F_INGRESS) &&
+	    !policy_allows(POLICY_DIR_INGRESS, dst->local_id, saddr, proto, dport))
+		return POLICY_DROP_INGRESS;
+	return POLICY_PASS;
+}
+
+/* policy_check decides an IPv4 packet from saddr to daddr whose header the
+ * caller has parsed (ihl, frag_off and id as in the header). */
+static __always_inline enum policy_result policy_check(struct __sk_buff *skb, __be32 saddr,
+						       __be32 daddr, __u8 proto, __u8 ihl,
+						       __be16 frag_off, __be16 id)
+{
+	struct ep_policy src = {}, dst = {};
+	struct policy_frag_key fkey = {};
+	struct policy_ct_entry *e;
+	struct policy_ct_key key;
+	struct ep_policy *ep;
+	__be16 sport = 0, dport = 0, pport = 0;
+	struct l4 l4 = {};
+	enum policy_result r;
+	int hi, reply;
+	__u64 now;
+
+	/* Copies: the maps may change under us, a decision needs one view. */
+	ep = bpf_map_lookup_elem(&tern_ep_policy, &saddr);
+	if (ep)
+		src = *ep;
+	ep = bpf_map_lookup_elem(&tern_ep_policy, &daddr);
+	if (ep)
+		dst = *ep;
+	if (!src.local_id && !dst.local_id)
+		return POLICY_PASS; /* neither end has policy state (0 is never an identity) */
+
+	if (parse_l4(skb, proto, ihl, frag_off, &l4) != L4_OK)
+		return POLICY_DROP_TRUNCATED;
+
+	fkey.saddr = saddr;
+	fkey.daddr = daddr;
+	fkey.id = id;
+	fkey.proto = proto;
+	if (l4.nonfirst) {
+		/* No L4 header. The datagram's first fragment passed (and
+		 * left its ports) or nothing of it may: an isolated end
+		 * cannot have the rest. */
+		if (bpf_map_lookup_elem(&tern_policy_frag, &fkey))
+			return POLICY_PASS;
+		if (src.flags & EP_POLICY_F_EGRESS)
+			return POLICY_DROP_EGRESS;
+		if (dst.flags & EP_POLICY_F_INGRESS)
+			return POLICY_DROP_INGRESS;
+		return POLICY_PASS;
+	}
+
+	switch (proto) {
+	case IPPROTO_TCP:
+	case IPPROTO_UDP:
+	case IPPROTO_SCTP:
+		sport = l4.sport;
+		dport = l4.dport;
+		pport = l4.dport;
+		break;
+	case IPPROTO_ICMP:
+		if (l4.icmp_type == ICMP_ECHO || l4.icmp_type == ICMP_ECHOREPLY)
+			sport = dport = l4.icmp_id; /* request and reply: one flow */
+		break;
+	}
+
+	/* The coarse clock (CLOCK_MONOTONIC as of the last tick): timeouts
+	 * are seconds, and it costs a fraction of bpf_ktime_get_ns, which
+	 * reads the clock source (~25 ns per tracked packet under KVM). */
+	now = bpf_ktime_get_coarse_ns();
+	hi = policy_ct_key_of(&key, saddr, daddr, sport, dport, proto);
+	e = bpf_map_lookup_elem(&tern_policy_ct, &key);
+	if (e && !policy_ct_expired(e, now, proto)) {
+		__u16 flags = e->flags;
+
+		reply = !(flags & POLICY_CT_F_ORIG_HI) != !hi;
+		/* A SYN on a closed connection's tuple opens a new one, which
+		 * the policy in force now decides. */
+		if (!(proto == IPPROTO_TCP &&
+		      (l4.tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN &&
+		      (flags & (POLICY_CT_F_FIN_ORIG | POLICY_CT_F_FIN_REPLY | POLICY_CT_F_RST)))) {
+			__u16 add = policy_tcp_flags(&l4, reply) | (reply ? POLICY_CT_F_SEEN_REPLY : 0);
+
+			/* Plain stores: a lost race costs a second of
+			 * lifetime or a flag the next packet sets again;
+			 * writing only on change keeps the cache line shared. */
+			if (now > e->last_seen + CT_REFRESH_NS)
+				e->last_seen = now;
+			if ((flags | add) != flags)
+				e->flags = flags | add;
+			goto pass;
+		}
+	}
+
+	if (proto == IPPROTO_ICMP && policy_icmp_related(skb, &l4, now))
+		goto pass; /* tracked as part of its flow: no entry of its own */
+
+	r = policy_decide(&src, &dst, saddr, daddr, proto, pport);
+	if (r != POLICY_PASS)
+		return r;
+
+	{
+		struct policy_ct_entry ne = {
+			.last_seen = now,
+			.flags = (hi ? POLICY_CT_F_ORIG_HI : 0) | policy_tcp_flags(&l4, 0),
+		};
+
+		/* BPF_ANY replaces an expired or closed entry of the tuple.
+		 * Failing (no free LRU node) costs only a check of the next
+		 * packet: it passes, it was allowed. */
+		if (bpf_map_update_elem(&tern_policy_ct, &key, &ne, BPF_ANY) < 0)
+			goto pass;
+	}
+
+pass:
+	if (frag_off & bpf_htons(IP_MF)) {
+		struct policy_frag_ports ports = { .sport = sport, .dport = dport };
+
+		/* The later fragments pass on this. Failing, they are
+		 * decided on their own (dropped when an end is isolated). */
+		if (bpf_map_update_elem(&tern_policy_frag, &fkey, &ports, BPF_ANY) < 0)
+			return POLICY_PASS;
+	}
+	return POLICY_PASS;
+}
+
+/* policy_pass enforces policy on a packet: it returns 1 when the packet
+ * may go on, 0 when it must be dropped (counted by reason). */
+static __always_inline int policy_pass(struct __sk_buff *skb, __be32 saddr, __be32 daddr, __u8 proto,
+				       __u8 ihl, __be16 frag_off, __be16 id)
+{
+	switch (policy_check(skb, saddr, daddr, proto, ihl, frag_off, id)) {
+	case POLICY_PASS:
+		return 1;
+	case POLICY_DROP_EGRESS:
+		count(METRIC_DROP_POLICY_EGRESS, skb->len);
+		return 0;
+	case POLICY_DROP_INGRESS:
+		count(METRIC_DROP_POLICY_INGRESS, skb->len);
+		return 0;
+	default:
+		count(METRIC_DROP_TRUNCATED, skb->len);
+		return 0;
+	}
+}
+
+#endif /* TERN_POLICY_H */
