@@ -804,7 +804,7 @@ func TestTypesMatchBTF(t *testing.T) {
 		maxEntries uint32
 	}{
 		{TernMapTernEndpoints, ebpf.Hash, 4, endpointSize, 65536},
-		{TernMapTernMetrics, ebpf.PerCPUArray, uint32(unsafe.Sizeof(TernMetric(0))), uint32(unsafe.Sizeof(TernMetricValue{})), uint32(TernMetricMETRIC_MAX)},
+		{TernMapTernMetrics, ebpf.PerCPUArray, uint32(unsafe.Sizeof(TernMetric(0))), uint32(unsafe.Sizeof(TernMetricValue{})), 64},
 	}
 	for _, want := range maps {
 		ms, ok := spec.Maps[want.name]

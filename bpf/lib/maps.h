@@ -10,6 +10,7 @@
 #include "../include/tern_types.h"
 
 #define TERN_MAX_ENDPOINTS 65536
+#define TERN_METRIC_SLOTS 64
 /* Masqueraded flows per direction. LRU: under pressure the least recently
  * used flows go first; the port allocator copes with either half missing. */
 #define TERN_MAX_NAT 65536
@@ -36,7 +37,9 @@ struct {
 
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-	__uint(max_entries, METRIC_MAX);
+	/* Room beyond METRIC_MAX: a new counter must not change the map's
+	 * definition, or a node's pinned map would be incompatible on upgrade. */
+	__uint(max_entries, TERN_METRIC_SLOTS);
 	__type(key, enum metric);
 	__type(value, struct metric_value);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
