@@ -31,6 +31,7 @@ import (
 	"runtime"
 	"slices"
 	"sort"
+	"strconv"
 	"strings"
 	"sync/atomic"
 	"syscall"
@@ -78,8 +79,11 @@ type Config struct {
 	Pods      int    // control-plane pods per phase; default 100 (--quick: 10)
 	Parallel  int    // control-plane calls in flight in the parallel phase; default 10
 	SourceDir string // Tern module root to build cmd/tern from; default: found from the working directory
-	PluginDir string // use the CNI plugins (bridge, host-local, tern) in this directory instead of building them
-	Log       io.Writer
+	PluginDir string // use the CNI plugins (bridge, host-local, tern, ternctl) in this directory instead of building them
+	// PolicyRules are the rule counts of the policy sweep; default
+	// PolicyRuleCounts (--quick: QuickPolicyRuleCounts).
+	PolicyRules []int
+	Log         io.Writer
 }
 
 // RegisterFlags defines the command-line flags of cfg on fs.
@@ -100,7 +104,29 @@ func (cfg *Config) RegisterFlags(fs *flag.FlagSet) {
 	fs.IntVar(&cfg.Pods, "pods", 0, fmt.Sprintf("control plane: pods added then deleted per phase (default %d, --quick %d, at most %d)", DefaultPods, QuickPods, maxPods))
 	fs.IntVar(&cfg.Parallel, "parallel", 0, fmt.Sprintf("control plane: CNI calls in flight in the parallel phase (default %d)", DefaultParallel))
 	fs.StringVar(&cfg.SourceDir, "src", "", "Tern source tree to build cmd/tern from (default: the module at or above the working directory)")
-	fs.StringVar(&cfg.PluginDir, "plugin-dir", "", "directory with prebuilt bridge, host-local and tern plugins (default: build them)")
+	fs.StringVar(&cfg.PluginDir, "plugin-dir", "", "directory with prebuilt bridge, host-local and tern plugins and ternctl (default: build them)")
+	fs.Func("policy-rules", fmt.Sprintf("comma-separated rule counts of the policy sweep (default %s, --quick %s)", intList(PolicyRuleCounts), intList(QuickPolicyRuleCounts)), func(s string) error {
+		cfg.PolicyRules = nil
+		for _, f := range splitList(s) {
+			n, err := strconv.Atoi(strings.ReplaceAll(f, "_", ""))
+			if err != nil {
+				return fmt.Errorf("rule count %q: %w", f, err)
+			}
+			cfg.PolicyRules = append(cfg.PolicyRules, n)
+		}
+		if len(cfg.PolicyRules) == 0 {
+			return errors.New("no rule count")
+		}
+		return nil
+	})
+}
+
+func intList(ns []int) string {
+	var s []string
+	for _, n := range ns {
+		s = append(s, strconv.Itoa(n))
+	}
+	return strings.Join(s, ",")
 }
 
 func splitList(s string) []string {
@@ -176,6 +202,22 @@ func (cfg *Config) resolve() error {
 	if cfg.Parallel < 1 {
 		return fmt.Errorf("--parallel %d: need at least 1", cfg.Parallel)
 	}
+	if len(cfg.PolicyRules) == 0 {
+		cfg.PolicyRules = slices.Clone(PolicyRuleCounts)
+		if cfg.Quick {
+			cfg.PolicyRules = slices.Clone(QuickPolicyRuleCounts)
+		}
+	}
+	cfg.PolicyRules = slices.Clone(cfg.PolicyRules)
+	slices.Sort(cfg.PolicyRules)
+	for i, n := range cfg.PolicyRules {
+		if n < 0 || n > maxPolicyRules {
+			return fmt.Errorf("--policy-rules %d: need 0 to %d", n, maxPolicyRules)
+		}
+		if i > 0 && cfg.PolicyRules[i-1] == n {
+			return fmt.Errorf("--policy-rules: %d given twice", n)
+		}
+	}
 	if cfg.Out == "" {
 		cfg.Out = DefaultOut
 	}
@@ -217,6 +259,12 @@ type runner struct {
 	port   atomic.Int32
 	res    *Results
 	topos  []*Topology // set up and verified, in path order
+	// ternctl is the ternctl binary the policy sweep applies policy with,
+	// "" if there is none (noTernctl says why).
+	ternctl, noTernctl string
+	// unavailable marks (workload, path) pairs found unavailable while
+	// running: they are not tried again.
+	unavailable map[[2]string]bool
 }
 
 func (r *runner) logf(format string, args ...any) {
@@ -269,6 +317,9 @@ func Run(ctx context.Context, cfg Config) (res *Results, dir string, err error) 
 			DurationSec: cfg.Duration.Seconds(), OmitSec: omit.Seconds(), Quick: cfg.Quick,
 			Pin: cfg.Pin, Pods: cfg.Pods, Parallel: cfg.Parallel,
 		},
+	}
+	if slices.Contains(cfg.Workloads, policySweepName) {
+		res.Config.PolicyRules = cfg.PolicyRules
 	}
 	r.res = res
 	if dir, err = makeOutDir(cfg.Out, started); err != nil {
@@ -348,12 +399,13 @@ func (r *runner) execute(ctx context.Context) error {
 		if !slices.Contains(r.cfg.Workloads, w.Name()) {
 			continue
 		}
+		if ps, ok := w.(*policySweepWorkload); ok {
+			ps.counts = r.cfg.PolicyRules
+		}
 		wr := WorkloadResult{Name: w.Name(), Title: w.Title(), Short: w.Short(), Metrics: w.Metrics(), Status: StatusOK}
 		if err := w.Available(); err != nil {
 			wr.Status, wr.Reason = StatusUnavailable, err.Error()
-			if !errors.Is(err, errPending) {
-				res.NotMeasured = append(res.NotMeasured, fmt.Sprintf("%s — %s", w.Name(), err))
-			}
+			res.NotMeasured = append(res.NotMeasured, fmt.Sprintf("%s — %s", w.Name(), err))
 			res.Workloads = append(res.Workloads, wr)
 			continue
 		}
@@ -369,20 +421,32 @@ func (r *runner) execute(ctx context.Context) error {
 		res.Workloads = append(res.Workloads, wr)
 		runnable = append(runnable, w)
 	}
-	res.NotMeasured = append(res.NotMeasured, "policy sweep — pending NetworkPolicy support (designed: Topology.PolicyApplier, workload policy-sweep with 0, 100, 1,000, 10,000 rules)")
 
-	wc := &WorkloadContext{Duration: r.cfg.Duration, Omit: omit, Pin: r.cfg.Pin, Pods: r.cfg.Pods, Parallel: r.cfg.Parallel, r: r}
-	for rep := 1; rep <= r.cfg.Reps; rep++ {
-		wc.Rep = rep
-		for _, w := range runnable {
-			for _, t := range slices.Clone(r.topos) {
-				if w.Supports(t) != nil || res.Path(t.Path).Status != StatusOK {
-					continue
+	wc := &WorkloadContext{Duration: r.cfg.Duration, Omit: omit, Pin: r.cfg.Pin, Pods: r.cfg.Pods, Parallel: r.cfg.Parallel,
+		PolicyRules: r.cfg.PolicyRules, r: r}
+	// Two phases, each interleaving the paths repetition by repetition:
+	// the workloads that leave state behind on a path run last.
+	var first, last []Workload
+	for _, w := range runnable {
+		if runsLast(w) {
+			last = append(last, w)
+		} else {
+			first = append(first, w)
+		}
+	}
+	for _, phase := range [][]Workload{first, last} {
+		for rep := 1; rep <= r.cfg.Reps && len(phase) > 0; rep++ {
+			wc.Rep = rep
+			for _, w := range phase {
+				for _, t := range slices.Clone(r.topos) {
+					if w.Supports(t) != nil || res.Path(t.Path).Status != StatusOK || r.unavailable[[2]string{w.Name(), t.Path}] {
+						continue
+					}
+					if ctx.Err() != nil {
+						return ctx.Err()
+					}
+					r.sample(ctx, wc, w, t)
 				}
-				if ctx.Err() != nil {
-					return ctx.Err()
-				}
-				r.sample(ctx, wc, w, t)
 			}
 		}
 	}
@@ -427,6 +491,11 @@ func (r *runner) sample(ctx context.Context, wc *WorkloadContext, w Workload, t 
 			}
 		}
 	}
+	var un *unavailableError
+	if errors.As(err, &un) && ctx.Err() == nil {
+		r.markUnavailable(w, t, un.reason)
+		return
+	}
 	if err != nil {
 		if ctx.Err() != nil {
 			return // interrupted: not a measurement
@@ -445,6 +514,27 @@ func (r *runner) sample(ctx context.Context, wc *WorkloadContext, w Workload, t 
 	r.res.Samples = append(r.res.Samples, s)
 }
 
+// markUnavailable records that w cannot run on t's path, found out while
+// running: reported with the reason, not a failure, not tried again.
+func (r *runner) markUnavailable(w Workload, t *Topology, reason string) {
+	if r.unavailable == nil {
+		r.unavailable = make(map[[2]string]bool)
+	}
+	r.unavailable[[2]string{w.Name(), t.Path}] = true
+	if wr := r.res.Workload(w.Name()); wr != nil {
+		if wr.NotApplicable == nil {
+			wr.NotApplicable = make(map[string]string)
+		}
+		wr.NotApplicable[t.Path] = unavailablePrefix + reason
+	}
+	r.res.NotMeasured = append(r.res.NotMeasured, fmt.Sprintf("%s on %s — unavailable: %s", w.Name(), t.Path, oneLine(reason)))
+	r.logf("%s on %s UNAVAILABLE: %s", w.Name(), t.Path, oneLine(reason))
+}
+
+// unavailablePrefix starts the NotApplicable reason of a workload found
+// unavailable on a path while running (others start with "n/a: ").
+const unavailablePrefix = "unavailable: "
+
 func (r *runner) failPath(t *Topology, err error) {
 	pr := r.res.Path(t.Path)
 	pr.Status, pr.Reason = StatusFailed, err.Error()
@@ -453,6 +543,9 @@ func (r *runner) failPath(t *Topology, err error) {
 
 // headline formats the charted metrics of a sample for the log.
 func headline(w Workload, m map[string]float64) string {
+	if w.Name() == policySweepName {
+		return "done (one line per rule count above)"
+	}
 	var parts []string
 	for _, spec := range w.Metrics() {
 		if v, ok := m[spec.Name]; ok && spec.Chart {
@@ -551,10 +644,6 @@ func PrintCatalog(w io.Writer) {
 	}
 	fmt.Fprintln(w, "workloads:")
 	for _, wl := range allWorkloads() {
-		note := ""
-		if err := wl.Available(); errors.Is(err, errPending) {
-			note = " [not measured: " + err.Error() + "]"
-		}
-		fmt.Fprintf(w, "  %-12s %s%s\n", wl.Name(), wl.Title(), note)
+		fmt.Fprintf(w, "  %-12s %s\n", wl.Name(), wl.Title())
 	}
 }

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"math"
+	"slices"
 	"strconv"
 	"strings"
 )
@@ -38,6 +39,14 @@ var fallbackColors = []string{"#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd
 type panel struct {
 	workload, metric, unit, better string
 	bars                           []bar
+	// groups, when set, replace bars: a group of bars (one per path) per
+	// point of a sweep, labelled under the axis.
+	groups []barGroup
+}
+
+type barGroup struct {
+	label string
+	bars  []bar
 }
 
 type bar struct {
@@ -52,6 +61,10 @@ type bar struct {
 func RenderChart(w io.Writer, r *Results) error {
 	var panels []panel
 	for _, wl := range r.Workloads {
+		if wl.Name == policySweepName {
+			panels = append(panels, r.sweepPanels(wl)...)
+			continue
+		}
 		for _, m := range wl.Metrics {
 			if !m.Chart {
 				continue
@@ -115,6 +128,34 @@ func RenderChart(w io.Writer, r *Results) error {
 	return err
 }
 
+// sweepPanels draws each charted metric of the policy sweep as one panel:
+// a group per rule count, a bar per path.
+func (r *Results) sweepPanels(wl WorkloadResult) []panel {
+	l := r.sweepLayout(wl)
+	var out []panel
+	for _, spec := range l.bases {
+		if !spec.Chart {
+			continue
+		}
+		pn := panel{workload: sweepChartHeading(spec.Name), metric: spec.Title, unit: spec.Unit, better: spec.Better}
+		any := false
+		for _, n := range l.counts {
+			g := barGroup{label: groupThousands(int64(n))}
+			for _, path := range l.paths {
+				if row := r.Row(wl.Name, sweepMetricName(spec.Name, n), path); row != nil {
+					g.bars = append(g.bars, bar{path: path, med: row.Median, min: row.Min, max: row.Max})
+					any = true
+				}
+			}
+			pn.groups = append(pn.groups, g)
+		}
+		if any {
+			out = append(out, pn)
+		}
+	}
+	return out
+}
+
 func drawPanel(b *strings.Builder, pn panel, ox, oy int, colors map[string]string) {
 	x0 := float64(ox + plotLeft)
 	x1 := float64(ox + panelWidth - plotRight)
@@ -133,7 +174,11 @@ func drawPanel(b *strings.Builder, pn panel, ox, oy int, colors map[string]strin
 	fmt.Fprintf(b, `<text x="%d" y="%d" font-size="11" fill="#444444">%s</text>`+"\n", ox+10, oy+31, esc(truncate(sub, 50)))
 
 	top := 0.0
-	for _, br := range pn.bars {
+	all := slices.Clone(pn.bars)
+	for _, g := range pn.groups {
+		all = append(all, g.bars...)
+	}
+	for _, br := range all {
 		top = math.Max(top, math.Max(br.med, br.max))
 	}
 	// 10% headroom keeps the value labels above the whiskers inside the plot.
@@ -157,22 +202,44 @@ func drawPanel(b *strings.Builder, pn panel, ox, oy int, colors map[string]strin
 	fmt.Fprintf(b, `<text x="%d" y="%.1f" font-size="11" text-anchor="middle" transform="rotate(-90 %d %.1f)">%s</text>`+"\n",
 		ox+14, cy, ox+14, cy, esc(pn.unit))
 
+	drawBar := func(br bar, cx, bw float64, what string, labelSize int) {
+		ym := scale(br.med)
+		fmt.Fprintf(b, `<rect x="%.1f" y="%.1f" width="%.1f" height="%.1f" fill="%s"><title>%s</title></rect>`+"\n",
+			cx-bw/2, ym, bw, math.Max(0, y0-ym), colors[br.path],
+			esc(fmt.Sprintf("%s: median %s %s (min %s, max %s)", what, FormatValue(br.med), pn.unit, FormatValue(br.min), FormatValue(br.max))))
+		if br.max > br.min {
+			w := math.Min(5, bw/2)
+			ylo, yhi := scale(br.min), scale(br.max)
+			fmt.Fprintf(b, `<line x1="%.1f" y1="%.1f" x2="%.1f" y2="%.1f" stroke="#000000"/>`, cx, ylo, cx, yhi)
+			fmt.Fprintf(b, `<line x1="%.1f" y1="%.1f" x2="%.1f" y2="%.1f" stroke="#000000"/>`, cx-w, ylo, cx+w, ylo)
+			fmt.Fprintf(b, `<line x1="%.1f" y1="%.1f" x2="%.1f" y2="%.1f" stroke="#000000"/>`+"\n", cx-w, yhi, cx+w, yhi)
+		}
+		labelY := math.Min(ym, scale(br.max)) - 4
+		fmt.Fprintf(b, `<text x="%.1f" y="%.1f" font-size="%d" text-anchor="middle">%s</text>`, cx, labelY, labelSize, esc(CompactValue(br.med)))
+	}
+	if len(pn.groups) > 0 {
+		gslot := (x1 - x0) / float64(len(pn.groups))
+		for gi, g := range pn.groups {
+			gx := x0 + gslot*float64(gi)
+			if len(g.bars) > 0 {
+				slot := gslot * 0.9 / float64(len(g.bars))
+				bw := math.Min(30, slot*0.8)
+				for i, br := range g.bars {
+					cx := gx + gslot*0.05 + slot*(float64(i)+0.5)
+					drawBar(br, cx, bw, br.path+", "+g.label+" rules", 9)
+				}
+			}
+			fmt.Fprintf(b, `<text x="%.1f" y="%.1f" font-size="11" text-anchor="middle">%s</text>`+"\n", gx+gslot/2, y0+16, esc(g.label))
+		}
+		fmt.Fprintf(b, `<text x="%.1f" y="%.1f" font-size="10" text-anchor="middle" fill="#444444">%s</text>`+"\n", (x0+x1)/2, y0+29, esc("NetworkPolicy rules"))
+		fmt.Fprintf(b, "</g>\n")
+		return
+	}
 	slot := (x1 - x0) / float64(len(pn.bars))
 	bw := math.Min(44, slot*0.6)
 	for i, br := range pn.bars {
 		cx := x0 + slot*(float64(i)+0.5)
-		ym := scale(br.med)
-		fmt.Fprintf(b, `<rect x="%.1f" y="%.1f" width="%.1f" height="%.1f" fill="%s"><title>%s</title></rect>`+"\n",
-			cx-bw/2, ym, bw, math.Max(0, y0-ym), colors[br.path],
-			esc(fmt.Sprintf("%s: median %s %s (min %s, max %s)", br.path, FormatValue(br.med), pn.unit, FormatValue(br.min), FormatValue(br.max))))
-		if br.max > br.min {
-			ylo, yhi := scale(br.min), scale(br.max)
-			fmt.Fprintf(b, `<line x1="%.1f" y1="%.1f" x2="%.1f" y2="%.1f" stroke="#000000"/>`, cx, ylo, cx, yhi)
-			fmt.Fprintf(b, `<line x1="%.1f" y1="%.1f" x2="%.1f" y2="%.1f" stroke="#000000"/>`, cx-5, ylo, cx+5, ylo)
-			fmt.Fprintf(b, `<line x1="%.1f" y1="%.1f" x2="%.1f" y2="%.1f" stroke="#000000"/>`+"\n", cx-5, yhi, cx+5, yhi)
-		}
-		labelY := math.Min(ym, scale(br.max)) - 4
-		fmt.Fprintf(b, `<text x="%.1f" y="%.1f" font-size="10" text-anchor="middle">%s</text>`, cx, labelY, esc(CompactValue(br.med)))
+		drawBar(br, cx, bw, br.path, 10)
 		fmt.Fprintf(b, `<text x="%.1f" y="%.1f" font-size="11" text-anchor="middle">%s</text>`+"\n", cx, y0+16, esc(br.path))
 	}
 	fmt.Fprintf(b, "</g>\n")

@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"io"
 	"math"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
@@ -41,6 +42,13 @@ func RenderReport(w io.Writer, r *Results) error {
 			p("> Path `%s` unavailable: %s\n\n", pr.Name, pr.Reason)
 		}
 	}
+	for _, wl := range r.Workloads {
+		for _, path := range sortedKeys(wl.NotApplicable) {
+			if reason, ok := strings.CutPrefix(wl.NotApplicable[path], unavailablePrefix); ok {
+				p("> Workload `%s` unavailable on path `%s`: %s\n\n", wl.Name, path, oneLine(reason))
+			}
+		}
+	}
 	if r.Env.ForeignLoad != "" {
 		p("> **Foreign load**: %s\n\n", r.Env.ForeignLoad)
 	}
@@ -49,6 +57,12 @@ func RenderReport(w io.Writer, r *Results) error {
 	p("Median over the repetitions, with the minimum and maximum. **× limit** and **× iptables** are the median of the per-repetition ratios *this path / that path* (paired: both measured back to back in the same repetition), with their range in parentheses. For metrics where lower is better (latency), a ratio below 1 means faster than the other path; for the others, above 1 means more.\n\n")
 	measured := false
 	for _, wl := range r.Workloads {
+		if wl.Name == policySweepName {
+			if r.renderSweep(&b, wl) {
+				measured = true
+			}
+			continue
+		}
 		rows := r.rowsOf(wl.Name)
 		if len(rows) == 0 {
 			continue
@@ -305,4 +319,208 @@ func sortedKeys[V any](m map[string]V) []string {
 	}
 	sort.Strings(keys)
 	return keys
+}
+
+// sweepLayout is what the policy sweep's tables are made of: its rule
+// counts and base metrics (in the workload's order) and the paths it
+// applies to.
+type sweepLayout struct {
+	counts []int
+	bases  []MetricSpec // Name is the base name ("p50_us")
+	paths  []string     // ok paths the sweep applies to (measured or found unavailable)
+}
+
+func (r *Results) sweepLayout(wl WorkloadResult) sweepLayout {
+	var l sweepLayout
+	seenN, seenB := map[int]bool{}, map[string]bool{}
+	for _, m := range wl.Metrics {
+		base, n, ok := splitSweepMetric(m.Name)
+		if !ok {
+			continue
+		}
+		if !seenN[n] {
+			seenN[n] = true
+			l.counts = append(l.counts, n)
+		}
+		if !seenB[base] {
+			seenB[base] = true
+			spec := m
+			spec.Name = base
+			l.bases = append(l.bases, spec)
+		}
+	}
+	sort.Ints(l.counts)
+	for _, pr := range r.Paths {
+		if pr.Status != StatusOK {
+			continue
+		}
+		if reason, ok := wl.NotApplicable[pr.Name]; ok && !strings.HasPrefix(reason, unavailablePrefix) {
+			continue
+		}
+		l.paths = append(l.paths, pr.Name)
+	}
+	return l
+}
+
+// sweepVsFirst is the paired ratio of a path's metric at n rules to the
+// same path's at the lowest rule count, repetition by repetition.
+func (r *Results) sweepVsFirst(wl WorkloadResult, base string, first, n int, path string) *Ratio {
+	return SummarizeRatios(PairedRatios(r.values(wl.Name, sweepMetricName(base, n), path), r.values(wl.Name, sweepMetricName(base, first), path)))
+}
+
+func ratioText(rt *Ratio) string {
+	if rt == nil {
+		return "—"
+	}
+	s := FormatRatio(rt.Median)
+	if rt.N > 1 {
+		s += fmt.Sprintf(" (%s–%s)", FormatRatio(rt.Min), FormatRatio(rt.Max))
+	}
+	return s
+}
+
+// renderSweep writes the policy sweep's section: per metric a table with
+// a row per rule count and a column per path, the paired ratios against
+// iptables and against the path's own figure at the lowest rule count. It
+// reports whether anything was measured.
+func (r *Results) renderSweep(b *strings.Builder, wl WorkloadResult) bool {
+	p := func(format string, args ...any) { fmt.Fprintf(b, format, args...) }
+	l := r.sweepLayout(wl)
+	rows := r.rowsOf(wl.Name)
+	var unavailable []string
+	for _, path := range l.paths {
+		if reason, ok := strings.CutPrefix(wl.NotApplicable[path], unavailablePrefix); ok {
+			unavailable = append(unavailable, fmt.Sprintf("**%s: unavailable** — %s", path, oneLine(reason)))
+		}
+	}
+	if len(rows) == 0 && len(unavailable) == 0 {
+		return false
+	}
+	p("### %s\n\n", wl.Title)
+	p("For each rule count *n* the server pod is selected by NetworkPolicies with *n* ingress rules that do not match the benchmark traffic "+
+		"(a third each: other TCP ports from the client pod, pods of another node, unrelated ipBlocks; one peer and one port each, so one compiled policy entry each) "+
+		"and one rule that allows it (TCP %d–%d from any peer), which sorts after all of them: in the iptables rendering a new flow is tested against every one of the *n* rules first. "+
+		"The rule set is applied with `ternctl apply` (the node's policy store: decode, compile, the datapath's ApplyPolicy), timed; "+
+		"it is proven in force (TCP to port %d, which no rule allows, must not connect within %s, TCP to an allowed port must); "+
+		"then the tcp-rr, tcp-stream and tcp-crr workloads run as above; then the rule set is removed with `ternctl delete`. "+
+		"Both datapaths are stateful, so only the first packet of a connection meets the rules: one long connection (stream, ping-pong) hardly sees them, the connection rate does. "+
+		"**× iptables** is the paired ratio this path / iptables at the same rule count; **× %s rules** the paired ratio to the same path at %s rules, each within one repetition. "+
+		"The sweep's repetitions run after every other workload's.\n\n",
+		sweepAllowLo, sweepAllowHi, sweepDeniedPort, deniedProbeTimeout, groupThousands(int64(l.counts[0])), groupThousands(int64(l.counts[0])))
+	for _, u := range unavailable {
+		p("%s\n\n", u)
+	}
+	if len(rows) == 0 {
+		return false
+	}
+	first := l.counts[0]
+	hasIpt := slices.Contains(l.paths, PathIptables)
+	for _, spec := range l.bases {
+		if spec.Better == Informational {
+			continue
+		}
+		p("#### %s\n\n", metricLabel(spec))
+		head := []string{"Rules"}
+		align := []string{"--:"}
+		head = append(head, l.paths...)
+		for _, path := range l.paths {
+			if hasIpt && path != PathIptables {
+				head = append(head, path+" × iptables")
+			}
+		}
+		for _, path := range l.paths {
+			head = append(head, fmt.Sprintf("%s × %s rules", path, groupThousands(int64(first))))
+		}
+		for len(align) < len(head) {
+			align = append(align, "--:")
+		}
+		p("| %s |\n|%s|\n", strings.Join(head, " | "), strings.Join(align, "|"))
+		for _, n := range l.counts {
+			cells := []string{groupThousands(int64(n))}
+			for _, path := range l.paths {
+				cells = append(cells, r.sweepCell(wl, spec.Name, n, path))
+			}
+			for _, path := range l.paths {
+				if hasIpt && path != PathIptables {
+					c := "—"
+					if row := r.Row(wl.Name, sweepMetricName(spec.Name, n), path); row != nil {
+						c = ratioText(row.VsIptables)
+					}
+					cells = append(cells, c)
+				}
+			}
+			for _, path := range l.paths {
+				c := "1"
+				if n != first {
+					c = ratioText(r.sweepVsFirst(wl, spec.Name, first, n, path))
+				} else if r.Row(wl.Name, sweepMetricName(spec.Name, n), path) == nil {
+					c = "—"
+				}
+				cells = append(cells, c)
+			}
+			p("| %s |\n", strings.Join(cells, " | "))
+		}
+		p("\n")
+	}
+	// The informational figures: one table, a column per metric and path
+	// that has any.
+	head := []string{"Rules"}
+	type col struct {
+		base, unit, path string
+	}
+	var cols []col
+	for _, spec := range l.bases {
+		if spec.Better != Informational {
+			continue
+		}
+		for _, path := range l.paths {
+			for _, n := range l.counts {
+				if r.Row(wl.Name, sweepMetricName(spec.Name, n), path) != nil {
+					label := spec.Title
+					if spec.Unit != "" {
+						label += " (" + spec.Unit + ")"
+					}
+					head = append(head, cell(label+", "+path))
+					cols = append(cols, col{spec.Name, spec.Unit, path})
+					break
+				}
+			}
+		}
+	}
+	if len(cols) > 0 {
+		p("Also recorded (medians):\n\n| %s |\n|%s|\n", strings.Join(head, " | "), strings.TrimSuffix(strings.Repeat("--:|", len(head)), "|"))
+		for _, n := range l.counts {
+			cells := []string{groupThousands(int64(n))}
+			for _, c := range cols {
+				v := "—"
+				if row := r.Row(wl.Name, sweepMetricName(c.base, n), c.path); row != nil {
+					v = FormatValue(row.Median)
+					if c.unit == "" && row.Median == math.Trunc(row.Median) && math.Abs(row.Median) < 1e9 {
+						v = groupThousands(int64(row.Median)) // a count
+					}
+				}
+				cells = append(cells, v)
+			}
+			p("| %s |\n", strings.Join(cells, " | "))
+		}
+		p("\n")
+	}
+	return true
+}
+
+// sweepCell is "median (min–max)" of a sweep metric, "unavailable" on a
+// path the sweep could not run on.
+func (r *Results) sweepCell(wl WorkloadResult, base string, n int, path string) string {
+	row := r.Row(wl.Name, sweepMetricName(base, n), path)
+	if row == nil {
+		if strings.HasPrefix(wl.NotApplicable[path], unavailablePrefix) {
+			return "unavailable"
+		}
+		return "—"
+	}
+	s := FormatValue(row.Median)
+	if row.N > 1 {
+		s += fmt.Sprintf(" (%s–%s)", FormatValue(row.Min), FormatValue(row.Max))
+	}
+	return s
 }

@@ -64,6 +64,7 @@ type RunConfig struct {
 	Pin         string   `json:"pin"` // CPU list given to taskset, "" when not pinned
 	Pods        int      `json:"pods"`
 	Parallel    int      `json:"parallel"`
+	PolicyRules []int    `json:"policyRules,omitempty"` // rule counts of the policy sweep
 }
 
 // Env describes the machine and the software under test.

@@ -51,21 +51,25 @@ func assertNoLeftovers(t *testing.T, res *Results) {
 }
 
 // TestSmokeQuick runs the harness as `ternbench --quick --workloads
-// tcp-stream` on every path and checks the three files and that every
-// path moved real traffic. The ebpf and iptables paths need cmd/tern to
-// build: if it does not, their subtests fail.
+// tcp-stream,policy-sweep --policy-rules 100` on every path and checks the
+// three files, that every path moved real traffic, and that the policy
+// sweep measured Tern's datapaths with 100 rules in force (ebpf may report
+// it unavailable while its NetworkPolicy enforcement is not implemented).
+// The ebpf and iptables paths need cmd/tern to build: if it does not,
+// their subtests fail.
 func TestSmokeQuick(t *testing.T) {
 	testutil.RequirePrivileged(t)
-	requireTools(t, "iperf3", "iptables", "iptables-save", "taskset")
+	requireTools(t, "iperf3", "sockperf", "iptables", "iptables-save", "ipset", "taskset")
 	out := t.TempDir()
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 	defer cancel()
 	res, dir, err := Run(ctx, Config{
-		Quick:     true,
-		Workloads: []string{"tcp-stream"},
-		Duration:  time.Second,
-		Out:       out,
-		Log:       testLog{t},
+		Quick:       true,
+		Workloads:   []string{"tcp-stream", policySweepName},
+		PolicyRules: []int{100},
+		Duration:    time.Second,
+		Out:         out,
+		Log:         testLog{t},
 	})
 	if res == nil {
 		t.Fatalf("Run: %v", err)
@@ -84,7 +88,8 @@ func TestSmokeQuick(t *testing.T) {
 		t.Fatal(merr)
 	}
 	checkMarkdownTables(t, string(md))
-	for _, want := range []string{"### TCP stream throughput", "| Throughput (Gbit/s, higher is better) | limit |", "not measured: policy sweep — pending NetworkPolicy support"} {
+	for _, want := range []string{"### TCP stream throughput", "| Throughput (Gbit/s, higher is better) | limit |",
+		"### Policy sweep: 100 NetworkPolicy rules on the server pod", "policy-sweep on limit — n/a"} {
 		if !strings.Contains(string(md), want) {
 			t.Errorf("report.md lacks %q", want)
 		}
@@ -122,6 +127,7 @@ func TestSmokeQuick(t *testing.T) {
 			if row := got.Row("tcp-stream", "gbps", path); row == nil || row.Median <= 0 {
 				t.Fatalf("no throughput summary for %s", path)
 			}
+			checkSmokeSweep(t, got, path)
 			t.Logf("%s: %.3g bytes, checks: %s", path, bytes, strings.Join(pr.Checks, "; "))
 		})
 	}
@@ -162,4 +168,56 @@ func TestInterruptCleansUp(t *testing.T) {
 		t.Errorf("no report of the interrupted run: %v", err)
 	}
 	assertNoLeftovers(t, res)
+}
+
+// checkSmokeSweep checks the policy sweep of the smoke run on one path:
+// not applicable to the limit and the reference plugins; on Tern's paths
+// 100 rules compiled to 101 entries, in force, and the three traffic
+// figures taken (or, on ebpf, unavailable because the datapath does not
+// enforce NetworkPolicy yet).
+func checkSmokeSweep(t *testing.T, res *Results, path string) {
+	t.Helper()
+	wl := res.Workload(policySweepName)
+	if wl == nil {
+		t.Fatal("no policy-sweep workload in the results")
+	}
+	reason := wl.NotApplicable[path]
+	switch path {
+	case PathLimit, PathReference:
+		if !strings.HasPrefix(reason, "n/a: ") {
+			t.Errorf("policy sweep on %s: %q, want n/a", path, reason)
+		}
+		return
+	}
+	if path == PathEBPF && strings.Contains(reason, "does not enforce NetworkPolicy yet") {
+		t.Logf("policy sweep on ebpf unavailable: %s", reason)
+		return
+	}
+	if reason != "" {
+		t.Fatalf("policy sweep on %s: %s", path, reason)
+	}
+	n := 0
+	for _, s := range res.Samples {
+		if s.Path != path || s.Workload != policySweepName {
+			continue
+		}
+		n++
+		if s.Error != "" {
+			t.Fatalf("policy sweep sample failed: %s", s.Error)
+		}
+		if e := s.Metrics["entries@100"]; e != 101 {
+			t.Errorf("compiled policy entries at 100 rules = %v, want 101", e)
+		}
+		for _, m := range []string{"apply_ms@100", "p50_us@100", "gbps@100", "conns_per_s@100"} {
+			if s.Metrics[m] <= 0 {
+				t.Errorf("%s = %v", m, s.Metrics[m])
+			}
+		}
+		if path == PathIptables && s.Metrics["chain_rules@100"] < 101 {
+			t.Errorf("the server's iptables ingress chain has %v rules", s.Metrics["chain_rules@100"])
+		}
+	}
+	if n != 1 {
+		t.Fatalf("%d policy sweep samples on %s, want 1", n, path)
+	}
 }

@@ -25,8 +25,8 @@ type Topology struct {
 	Client *Pod
 	Server *Pod
 
-	cni      *cniNetwork // nil when the path has no CNI plugin
-	policy   *ternPolicy // nil when the path has no NetworkPolicy support
+	cni    *cniNetwork // nil when the path has no CNI plugin
+	policy *ternPolicy // nil when the path has no NetworkPolicy support
 	// noPolicy says why policy is nil.
 	noPolicy string
 	verifier verifier
