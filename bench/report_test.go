@@ -24,7 +24,7 @@ func TestRenderReport(t *testing.T) {
 		"| p50 latency (µs, lower is better) | iptables |",
 		"Also recorded (medians): Retransmits (segments): limit 0",
 		"Not applicable: limit (n/a: no CNI plugin on this path).",
-		"- not measured: policy sweep — pending NetworkPolicy support",
+		"- not measured: udp-pps — iperf3 not found in PATH",
 		"Path `extra` unavailable: cmd/tern does not build",
 		"**Foreign load**: CPU 40% busy before the run",
 		"rep 2, tcp-rr on reference: sockperf: no reply from the server",

@@ -45,7 +45,8 @@ type Results struct {
 	Summary   []SummaryRow     `json:"summary"`
 
 	// NotMeasured lists what was asked for (or designed) but not measured,
-	// with the reason, e.g. "policy sweep — pending NetworkPolicy support".
+	// with the reason, e.g. "policy-sweep on reference — n/a: the reference
+	// bridge plugin does not implement NetworkPolicy".
 	NotMeasured []string `json:"notMeasured,omitempty"`
 	// Errors are failures that make the run's exit status non-zero.
 	Errors []string `json:"errors,omitempty"`

@@ -34,7 +34,7 @@ func fixtureResults() *Results {
 			{Name: PathEBPF, Description: ebpfDescription, Status: StatusOK, Checks: []string{"tcx ingress tern_from_pod"}},
 			{Name: PathIptables, Description: iptablesDescription, Status: StatusOK},
 		},
-		NotMeasured: []string{"policy sweep — pending NetworkPolicy support"},
+		NotMeasured: []string{"udp-pps — iperf3 not found in PATH"},
 	}
 	for _, w := range []Workload{&iperfWorkload{}, &sockperfWorkload{}, &cniWorkload{}} {
 		wr := WorkloadResult{Name: w.Name(), Title: w.Title(), Short: w.Short(), Metrics: w.Metrics(), Status: StatusOK}
