@@ -2,12 +2,11 @@
 # network namespaces, veths, BPF programs and iptables rules).
 
 GO        ?= go
-CLANG     ?= clang-19
 BIN       := bin
 DESTDIR   ?=
 CNI_BIN   ?= /opt/cni/bin
 CNI_CONF  ?= /etc/cni/net.d
-
+PREFIX    ?= /usr/local
 GOTEST_FLAGS ?= -count=1 -timeout 40m
 
 .PHONY: all build generate test install lint bench clean demo
@@ -17,8 +16,8 @@ all: build
 build:
 	@mkdir -p $(BIN)
 	$(GO) build -o $(BIN)/tern ./cmd/tern
-	@if [ -d cmd/ternctl ] && ls cmd/ternctl/*.go >/dev/null 2>&1; then $(GO) build -o $(BIN)/ternctl ./cmd/ternctl; fi
-	@if [ -d cmd/ternbench ] && ls cmd/ternbench/*.go >/dev/null 2>&1; then $(GO) build -o $(BIN)/ternbench ./cmd/ternbench; fi
+	$(GO) build -o $(BIN)/ternctl ./cmd/ternctl
+	$(GO) build -o $(BIN)/ternbench ./cmd/ternbench
 	$(GO) build -o $(BIN)/host-local github.com/containernetworking/plugins/plugins/ipam/host-local
 
 # Regenerate the BPF objects and their Go bindings (committed; CI checks
@@ -34,7 +33,8 @@ test: build
 install: build
 	install -d $(DESTDIR)$(CNI_BIN) $(DESTDIR)$(CNI_CONF)
 	install -m 0755 $(BIN)/tern $(DESTDIR)$(CNI_BIN)/tern
-	@if [ -f $(BIN)/ternctl ]; then install -m 0755 $(BIN)/ternctl $(DESTDIR)$(CNI_BIN)/../ternctl 2>/dev/null || true; fi
+	install -d $(DESTDIR)$(PREFIX)/bin
+	install -m 0755 $(BIN)/ternctl $(DESTDIR)$(PREFIX)/bin/ternctl
 	install -m 0644 examples/10-tern.conflist $(DESTDIR)$(CNI_CONF)/10-tern.conflist
 
 lint:
