@@ -7,9 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
-	"os"
 	"os/exec"
-	"path/filepath"
 	"slices"
 	"strings"
 	"syscall"
@@ -33,12 +31,14 @@ var (
 	errEEXIST   = syscall.EEXIST
 	errNotFound = errors.New("not found")
 
-	// lockPath is the file whose flock serialises Tern's iptables changes
-	// across plugin processes (and goroutines: each acquisition opens its
-	// own file description). iptables-nft takes no lock of its own, so
-	// check-then-add would otherwise race. The lock is host-wide, not per
-	// namespace: over-serialising a few short edits costs nothing.
-	lockPath    = "/run/tern/iptables.lock"
+	// lockName is the abstract unix socket whose bind serialises Tern's
+	// iptables changes across plugin processes and goroutines.
+	// iptables-nft takes no lock of its own, so check-then-add would
+	// otherwise race. Abstract sockets belong to a network namespace, as
+	// iptables tables do, so the lock is exactly as wide as the rules it
+	// guards; the kernel releases it when its holder exits, and it leaves
+	// no file behind.
+	lockName    = "@tern-iptables-lock"
 	lockTimeout = time.Minute
 )
 
@@ -463,35 +463,30 @@ func splitWords(s string) ([]string, error) {
 	return words, nil
 }
 
-// lockIptables takes the host-wide flock on lockPath, polling until
-// lockTimeout, and returns the function that releases it.
+// lockIptables binds lockName in the calling thread's network namespace,
+// polling until lockTimeout, and returns the function that releases it.
 func lockIptables() (func(), error) {
-	if err := os.MkdirAll(filepath.Dir(lockPath), 0o755); err != nil {
-		return nil, fmt.Errorf("create iptables lock directory: %w", err)
-	}
-	f, err := os.OpenFile(lockPath, os.O_RDWR|os.O_CREATE, 0o600)
-	if err != nil {
-		return nil, fmt.Errorf("open iptables lock: %w", err)
-	}
 	deadline := time.Now().Add(lockTimeout)
 	wait := time.Millisecond
 	for {
-		err := unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB)
-		if err == nil {
-			break
+		fd, err := unix.Socket(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+		if err != nil {
+			return nil, fmt.Errorf("iptables lock socket: %w", err)
 		}
-		if !errors.Is(err, unix.EWOULDBLOCK) && !errors.Is(err, unix.EINTR) {
-			f.Close()
-			return nil, fmt.Errorf("lock %s: %w", lockPath, err)
+		err = unix.Bind(fd, &unix.SockaddrUnix{Name: lockName})
+		if err == nil {
+			return func() { unix.Close(fd) }, nil
+		}
+		unix.Close(fd)
+		if !errors.Is(err, unix.EADDRINUSE) {
+			return nil, fmt.Errorf("iptables lock %s: %w", lockName, err)
 		}
 		if time.Now().After(deadline) {
-			f.Close()
-			return nil, fmt.Errorf("lock %s: still held by another process after %s", lockPath, lockTimeout)
+			return nil, fmt.Errorf("iptables lock %s: still held by another process after %s", lockName, lockTimeout)
 		}
 		time.Sleep(wait)
 		wait = min(2*wait, 50*time.Millisecond)
 	}
-	return func() { f.Close() }, nil // closing the last descriptor releases the flock
 }
 
 // isLinkNotFound reports whether err says the link does not exist.
