@@ -3,7 +3,6 @@ package bpf
 import (
 	"bytes"
 	"encoding/binary"
-	"errors"
 	"net"
 	"net/netip"
 	"reflect"
@@ -56,32 +55,8 @@ type polTest struct {
 func newPolTest(t *testing.T) *polTest {
 	t.Helper()
 	testutil.RequirePrivileged(t)
-	spec, err := LoadTern()
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, m := range spec.Maps {
-		m.Pinning = ebpf.PinNone
-	}
-	coll, err := ebpf.NewCollection(spec)
-	if err != nil {
-		var verr *ebpf.VerifierError
-		if errors.As(err, &verr) {
-			t.Fatalf("load: %+v", verr)
-		}
-		t.Fatalf("load: %v", err)
-	}
-	t.Cleanup(coll.Close)
-	w := &polTest{
-		from: coll.Programs[TernProgTernFromPod],
-		to:   coll.Programs[TernProgTernToPod],
-		objs: &testObjs{
-			prog:      coll.Programs[TernProgTernFromPod],
-			endpoints: coll.Maps[TernMapTernEndpoints],
-			metrics:   coll.Maps[TernMapTernMetrics],
-			maps:      coll.Maps,
-		},
-	}
+	objs := loadUnpinned(t)
+	w := &polTest{from: objs.prog, to: objs.programs[TernProgTernToPod], objs: objs}
 	if w.from == nil || w.to == nil {
 		t.Fatalf("object lacks %s or %s", TernProgTernFromPod, TernProgTernToPod)
 	}

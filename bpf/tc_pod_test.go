@@ -67,6 +67,7 @@ type testObjs struct {
 	endpoints *ebpf.Map
 	metrics   *ebpf.Map
 	maps      map[string]*ebpf.Map // every map of the object, for resets
+	programs  map[string]*ebpf.Program
 }
 
 // loadUnpinned loads the embedded collection with pinning switched off, so
@@ -94,6 +95,7 @@ func loadUnpinned(t *testing.T) *testObjs {
 		endpoints: coll.Maps[TernMapTernEndpoints],
 		metrics:   coll.Maps[TernMapTernMetrics],
 		maps:      coll.Maps,
+		programs:  coll.Programs,
 	}
 	if objs.prog == nil || objs.endpoints == nil || objs.metrics == nil {
 		t.Fatalf("object lacks %s, %s or %s", TernProgTernFromPod, TernMapTernEndpoints, TernMapTernMetrics)
