@@ -610,6 +610,58 @@ func TestPolicyICMP(t *testing.T) {
 	w.run(t, w.to, w.a.ifindex, icmpErr(stranger), shot, TernMetricMETRIC_DROP_POLICY_INGRESS)
 }
 
+// TestPolicyICMPForgedError: an ICMP error passes as "related" only when
+// the packet it quotes was sent by the error's destination (netfilter's
+// rule). A forged error quoting someone else's tracked flow is decided as
+// plain ICMP: an ingress-isolated pod does not receive it from the world,
+// and an egress-isolated pod cannot send one (with any payload after the
+// quote) to a destination its policy denies.
+func TestPolicyICMPForgedError(t *testing.T) {
+	w := newPolTest(t)
+	// A: isolated both ways, egress allows UDP 53 only, ingress nothing.
+	// B: policy state (tracked) but not isolated.
+	rs := polRuleSet(true, false, pk(compile.Egress, udpP, polIDA, compile.ClassAny, 53, 16))
+	rs.Endpoints["10.244.1.2"] = compile.EndpointPolicy{LocalID: polIDA, IngressIsolated: true, EgressIsolated: true}
+	w.install(t, rs)
+	shot, ok := uint32(tcActShot), uint32(tcActOK)
+
+	// Tracked flows: B:5555 -> 8.8.8.8:53 and A:44444 -> 8.8.8.8:53.
+	bFlow := natPkt{src: w.b.ip, dst: polWorld, proto: udpP, sport: 5555, dport: 53, payload: []byte("q")}
+	aFlow := natPkt{src: w.a.ip, dst: polWorld, proto: udpP, sport: 44444, dport: 53, payload: []byte("q")}
+	w.run(t, w.from, w.b.ifindex, w.fromB(bFlow).frame(), ok, TernMetricMETRIC_PASS_HOST)
+	w.run(t, w.from, w.a.ifindex, w.fromA(aFlow).frame(), ok, TernMetricMETRIC_PASS_HOST)
+
+	// icmpErr is an ICMP error of type/code quoting the first 28 bytes of
+	// quoted's IPv4 packet, followed by extra bytes.
+	icmpErr := func(typ, code byte, quoted natPkt, extra []byte) []byte {
+		q := quoted
+		q.srcMAC, q.dstMAC = w.a.mac, w.a.hostMAC
+		b := []byte{typ, code, 0, 0, 0, 0, 0x05, 0xdc}
+		b = append(b, q.frame()[ethHdrLen:ethHdrLen+28]...)
+		b = append(b, extra...)
+		binary.BigEndian.PutUint16(b[2:], natCsum(b))
+		return b
+	}
+
+	// Ingress. Genuine: a router's "fragmentation needed" about A's own
+	// packet reaches A.
+	genuine := w.into(w.a, natPkt{src: polRouter, proto: icmp, l4: icmpErr(3, 4, aFlow, nil)}).frame()
+	w.run(t, w.to, w.a.ifindex, genuine, ok, TernMetricMETRIC_PASS_TO_POD)
+	// Forged: the same error about B's packet, sent to A.
+	forged := w.into(w.a, natPkt{src: polRouter, proto: icmp, l4: icmpErr(3, 4, bFlow, nil)}).frame()
+	w.run(t, w.to, w.a.ifindex, forged, shot, TernMetricMETRIC_DROP_POLICY_INGRESS)
+
+	// Egress. Genuine: A answers a datagram 8.8.8.8:53 sent it (the reply
+	// direction of A's flow) with "port unreachable" to 8.8.8.8.
+	answer := natPkt{src: polWorld, dst: w.a.ip, proto: udpP, sport: 53, dport: 44444, payload: []byte("a")}
+	portUnreach := w.fromA(natPkt{dst: polWorld, proto: icmp, l4: icmpErr(3, 3, answer, nil)}).frame()
+	w.run(t, w.from, w.a.ifindex, portUnreach, ok, TernMetricMETRIC_PASS_HOST)
+	// Forged: A sends 203.0.113.9 (its egress denies ICMP there) an
+	// "error" about B's flow, carrying data of its own after the quote.
+	exfil := w.fromA(natPkt{dst: polBlock, proto: icmp, l4: icmpErr(3, 3, bFlow, []byte("secret data"))}).frame()
+	w.run(t, w.from, w.a.ifindex, exfil, shot, TernMetricMETRIC_DROP_POLICY_EGRESS)
+}
+
 // TestPolicyFragments: the first fragment of an allowed datagram leaves
 // its ports, so the later ones (no L4 header) pass; later fragments of an
 // unknown datagram to an isolated pod do not, to a pod that is not

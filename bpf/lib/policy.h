@@ -164,10 +164,18 @@ static __always_inline __u16 policy_tcp_flags(const struct l4 *l4, int reply)
 
 /* policy_icmp_related reports whether an ICMP error (destination
  * unreachable, incl. fragmentation needed, time exceeded, parameter
- * problem) is about a tracked flow: the offending packet it quotes belongs
- * to a flow that passed. Such errors pass like replies (what the iptables
- * datapath's RELATED does), so path MTU discovery works for isolated pods. */
-static __always_inline int policy_icmp_related(struct __sk_buff *skb, const struct l4 *l4, __u64 now)
+ * problem) sent to daddr is about a tracked flow: the offending packet it
+ * quotes belongs to a flow that passed, and was sent by daddr. Such errors
+ * pass like replies (what the iptables datapath's RELATED does), so path
+ * MTU discovery works for isolated pods.
+ *
+ * The quoted source must be the error's destination, as netfilter's
+ * conntrack requires (nf_conntrack_inet_error): an error goes back to
+ * whoever sent the offending packet. Without that, anyone could reach an
+ * isolated pod, or an egress-isolated pod anyone, with an "error" quoting
+ * some other tracked flow, and a payload of its choice after the quote. */
+static __always_inline int policy_icmp_related(struct __sk_buff *skb, const struct l4 *l4,
+					       __be32 daddr, __u64 now)
 {
 	__u32 in_ip = l4->off + ICMP_ERROR_HDR;
 	struct policy_ct_key key;
@@ -184,6 +192,8 @@ static __always_inline int policy_icmp_related(struct __sk_buff *skb, const stru
 		return 0;
 	if (inner.version != 4 || inner.ihl < 5 || (inner.frag_off & bpf_htons(0x1fff)))
 		return 0; /* not IPv4, or a later fragment: no ports to find the flow by */
+	if (inner.saddr != daddr)
+		return 0; /* an error about someone else's packet: forged */
 	in_l4 = in_ip + ((__u32)inner.ihl & 0xf) * 4; /* 4 bits: bounded for the verifier */
 	if (bpf_skb_load_bytes(skb, in_l4, hdr, sizeof(hdr)) < 0)
 		return 0; /* RFC 792 quotes 8 bytes of it: always there when genuine */
@@ -314,7 +324,7 @@ static __always_inline enum policy_result policy_check(struct __sk_buff *skb, __
 		}
 	}
 
-	if (proto == IPPROTO_ICMP && policy_icmp_related(skb, &l4, now))
+	if (proto == IPPROTO_ICMP && policy_icmp_related(skb, &l4, daddr, now))
 		goto pass; /* tracked as part of its flow: no entry of its own */
 
 	r = policy_decide(&src, &dst, saddr, daddr, proto, pport);
