@@ -36,6 +36,7 @@
 #include "lib/fib.h"
 #include "lib/forward.h"
 #include "lib/policy.h"
+#include "lib/arp.h"
 
 char __license[] SEC("license") = "Dual BSD/GPL";
 
@@ -167,12 +168,35 @@ int tern_from_pod(struct __sk_buff *skb)
 	struct ip4 ip;
 	__be16 ip_id;
 
+	/* A tag the veth's receive path took off (skb_vlan_untag): the
+	 * frame below it may look like IPv4, but no pod of Tern's sends
+	 * tagged frames. */
+	if (skb->vlan_present) {
+		count(METRIC_DROP_NON_IPV4, skb->len);
+		return TC_ACT_SHOT;
+	}
 	switch (parse_ipv4(skb, &eth, &iph)) {
 	case PARSE_IPV4:
 		break;
 	case PARSE_NOT_IPV4:
-		count(METRIC_PASS_NON_IPV4, skb->len);
-		return TC_ACT_OK;
+		/* IPv4 and ARP only (lib/arp.h): IPv6 (router
+		 * advertisements included) and every other ethertype would
+		 * reach the stack without anti-spoofing or policy. */
+		if (eth->h_proto != bpf_htons(ETH_P_ARP)) {
+			count(METRIC_DROP_NON_IPV4, skb->len);
+			return TC_ACT_SHOT;
+		}
+		switch (arp_from_endpoint(skb, skb->ifindex)) {
+		case ARP_OK:
+			count(METRIC_PASS_NON_IPV4, skb->len);
+			return TC_ACT_OK;
+		case ARP_SPOOFED:
+			count(METRIC_DROP_ARP_SPOOFED, skb->len);
+			return TC_ACT_SHOT;
+		default:
+			count(METRIC_DROP_TRUNCATED, skb->len);
+			return TC_ACT_SHOT;
+		}
 	default:
 		count(METRIC_DROP_TRUNCATED, skb->len);
 		return TC_ACT_SHOT;
@@ -182,6 +206,14 @@ int tern_from_pod(struct __sk_buff *skb)
 	src = bpf_map_lookup_elem(&tern_endpoints, &iph->saddr);
 	if (!src || src->ifindex != skb->ifindex || !mac_equal(eth->h_source, src->pod_mac)) {
 		count(METRIC_DROP_SPOOFED, skb->len);
+		return TC_ACT_SHOT;
+	}
+	/* 127.0.0.0/8 is martian off the loopback interface, unless
+	 * route_localnet is on for the veth (kube-proxy sets it for its
+	 * localhost NodePorts): then the node would deliver a pod's packet to
+	 * services bound to the node's 127.0.0.1 (CVE-2020-8558). */
+	if ((bpf_ntohl(iph->daddr) >> 24) == 127) {
+		count(METRIC_DROP_LOOPBACK, skb->len);
 		return TC_ACT_SHOT;
 	}
 
@@ -239,8 +271,18 @@ int tern_to_pod(struct __sk_buff *skb)
 	case PARSE_IPV4:
 		break;
 	case PARSE_NOT_IPV4:
-		count(METRIC_PASS_TO_POD, skb->len); /* ARP, IPv6: policy is IPv4 only */
-		return TC_ACT_OK;
+		/* ARP passes: the node resolves a pod's MAC with it when its
+		 * permanent neighbour entry is gone, and the pod answers with
+		 * its own (checked on the way out). Nothing else: the pod
+		 * is IPv4 only and the host veth has IPv6 disabled, so IPv6
+		 * here was forwarded from elsewhere (another interface with
+		 * IPv6 forwarding), past every policy. */
+		if (eth->h_proto == bpf_htons(ETH_P_ARP) && !skb->vlan_present) {
+			count(METRIC_PASS_TO_POD, skb->len);
+			return TC_ACT_OK;
+		}
+		count(METRIC_DROP_NON_IPV4, skb->len);
+		return TC_ACT_SHOT;
 	default:
 		/* Undecidable, and no pod could make sense of it either. */
 		count(METRIC_DROP_TRUNCATED, skb->len);

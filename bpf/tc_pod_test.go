@@ -372,6 +372,35 @@ func arpRequest(srcMAC net.HardwareAddr, srcIP, targetIP netip.Addr) []byte {
 	return append(b, d[:]...)
 }
 
+// arpPacket is an Ethernet/IPv4 ARP packet of operation op (1 request, 2
+// reply).
+func arpPacket(op byte, sha net.HardwareAddr, spa netip.Addr, tha net.HardwareAddr, tpa netip.Addr) []byte {
+	b := []byte{0, 1, 0x08, 0x00, 6, 4, 0, op}
+	s, d := spa.As4(), tpa.As4()
+	b = append(b, sha...)
+	b = append(b, s[:]...)
+	b = append(b, tha...)
+	return append(b, d[:]...)
+}
+
+// ipv6RouterAdvert is an IPv6 ICMPv6 router advertisement (type 134) from
+// src to all nodes (ff02::1), hop limit 255, router lifetime 1800 s, with a
+// prefix information option for 2001:db8::/64 (checksum left 0: the program
+// must not care).
+func ipv6RouterAdvert(src netip.Addr) []byte {
+	ra := []byte{134, 0, 0, 0, 64, 0, 0x07, 0x08, 0, 0, 0, 0, 0, 0, 0, 0}
+	pio := []byte{3, 4, 64, 0xc0, 0, 0x27, 0x8d, 0, 0, 0x09, 0x3a, 0x80, 0, 0, 0, 0}
+	pfx := netip.MustParseAddr("2001:db8::").As16()
+	ra = append(append(ra, pio...), pfx[:]...)
+	b := []byte{0x60, 0, 0, 0}
+	b = binary.BigEndian.AppendUint16(b, uint16(len(ra)))
+	b = append(b, unix.IPPROTO_ICMPV6, 255)
+	s, d := src.As16(), netip.MustParseAddr("ff02::1").As16()
+	b = append(b, s[:]...)
+	b = append(b, d[:]...)
+	return append(b, ra...)
+}
+
 // ipv6UDP is an IPv6 header (hop limit 64) followed by a UDP datagram.
 func ipv6UDP(src, dst netip.Addr, payload []byte) []byte {
 	u := udp(5000, 6000, payload)
@@ -464,9 +493,98 @@ func TestFromPod(t *testing.T) {
 			verdict: tcActOK, metric: TernMetricMETRIC_PASS_NON_IPV4,
 		},
 		{
+			name:    "ARP reply from podA about itself, built by arpPacket",
+			pkt:     ethernet(podA.hostMAC, podA.mac, etherTypeARP, arpPacket(2, podA.mac, podA.ip, podA.hostMAC, netip.MustParseAddr("169.254.1.1"))),
+			verdict: tcActOK, metric: TernMetricMETRIC_PASS_NON_IPV4,
+		},
+		{
+			name:    "ARP from podA claiming podB's IP as sender (spa)",
+			pkt:     ethernet(broadcast, podA.mac, etherTypeARP, arpRequest(podA.mac, podB.ip, netip.MustParseAddr("169.254.1.1"))),
+			verdict: tcActShot, metric: TernMetricMETRIC_DROP_ARP_SPOOFED,
+		},
+		{
+			name:    "ARP from podA claiming the gateway 10.244.1.1 (no endpoint) as sender",
+			pkt:     ethernet(broadcast, podA.mac, etherTypeARP, arpRequest(podA.mac, netip.MustParseAddr("10.244.1.1"), podB.ip)),
+			verdict: tcActShot, metric: TernMetricMETRIC_DROP_ARP_SPOOFED,
+		},
+		{
+			name:    "ARP from podA's MAC with a foreign sender MAC (sha) 02:de:ad:be:ef:01",
+			pkt:     ethernet(broadcast, podA.mac, etherTypeARP, arpRequest(net.HardwareAddr{2, 0xde, 0xad, 0xbe, 0xef, 1}, podA.ip, netip.MustParseAddr("169.254.1.1"))),
+			verdict: tcActShot, metric: TernMetricMETRIC_DROP_ARP_SPOOFED,
+		},
+		{
+			name:    "ARP with podA's sha and spa from a foreign Ethernet source",
+			pkt:     ethernet(broadcast, net.HardwareAddr{2, 0xde, 0xad, 0xbe, 0xef, 1}, etherTypeARP, arpRequest(podA.mac, podA.ip, netip.MustParseAddr("169.254.1.1"))),
+			verdict: tcActShot, metric: TernMetricMETRIC_DROP_ARP_SPOOFED,
+		},
+		{
+			name:    "podB's valid ARP arriving on podA's veth (wrong ifindex)",
+			pkt:     ethernet(broadcast, podB.mac, etherTypeARP, arpRequest(podB.mac, podB.ip, netip.MustParseAddr("169.254.1.1"))),
+			verdict: tcActShot, metric: TernMetricMETRIC_DROP_ARP_SPOOFED,
+		},
+		{
+			name:    "ARP probe from podA (sender IP 0.0.0.0, RFC 5227)",
+			pkt:     ethernet(broadcast, podA.mac, etherTypeARP, arpRequest(podA.mac, netip.MustParseAddr("0.0.0.0"), podA.ip)),
+			verdict: tcActShot, metric: TernMetricMETRIC_DROP_ARP_SPOOFED,
+		},
+		{
+			name: "ARP with hardware type 6 (IEEE 802) instead of Ethernet",
+			pkt: ethernet(broadcast, podA.mac, etherTypeARP, func() []byte {
+				b := arpRequest(podA.mac, podA.ip, netip.MustParseAddr("169.254.1.1"))
+				b[1] = 6
+				return b
+			}()),
+			verdict: tcActShot, metric: TernMetricMETRIC_DROP_ARP_SPOOFED,
+		},
+		{
+			name:    "ARP cut after 20 of its 28 bytes",
+			pkt:     ethernet(broadcast, podA.mac, etherTypeARP, arpRequest(podA.mac, podA.ip, netip.MustParseAddr("169.254.1.1"))[:20]),
+			verdict: tcActShot, metric: TernMetricMETRIC_DROP_TRUNCATED,
+		},
+		{
 			name:    "IPv6 UDP from podA, built by ipv6UDP",
 			pkt:     ethernet(gwMAC, podA.mac, etherTypeIPv6, ipv6UDP(netip.MustParseAddr("fd00::2"), netip.MustParseAddr("fd00::3"), []byte("v6"))),
-			verdict: tcActOK, metric: TernMetricMETRIC_PASS_NON_IPV4,
+			verdict: tcActShot, metric: TernMetricMETRIC_DROP_NON_IPV4,
+		},
+		{
+			name:    "IPv6 router advertisement from podA to ff02::1, built by ipv6RouterAdvert",
+			pkt:     ethernet(net.HardwareAddr{0x33, 0x33, 0, 0, 0, 1}, podA.mac, etherTypeIPv6, ipv6RouterAdvert(netip.MustParseAddr("fe80::1"))),
+			verdict: tcActShot, metric: TernMetricMETRIC_DROP_NON_IPV4,
+		},
+		{
+			name:    "802.1Q-tagged (VLAN 5) IPv4 from podA, valid inside the tag",
+			pkt:     ethernet(gwMAC, podA.mac, 0x8100, append([]byte{0, 5, 0x08, 0x00}, validIP...)),
+			verdict: tcActShot, metric: TernMetricMETRIC_DROP_NON_IPV4,
+		},
+		{
+			name:    "802.1ad (QinQ) outer tag from podA",
+			pkt:     ethernet(gwMAC, podA.mac, 0x88a8, append([]byte{0, 5, 0x81, 0x00, 0, 6, 0x08, 0x00}, validIP...)),
+			verdict: tcActShot, metric: TernMetricMETRIC_DROP_NON_IPV4,
+		},
+		{
+			name:    "LLDP (ethertype 0x88cc) from podA",
+			pkt:     ethernet(net.HardwareAddr{0x01, 0x80, 0xc2, 0, 0, 0x0e}, podA.mac, 0x88cc, make([]byte, 46)),
+			verdict: tcActShot, metric: TernMetricMETRIC_DROP_NON_IPV4,
+		},
+		{
+			name:    "RARP (ethertype 0x8035) from podA",
+			pkt:     ethernet(broadcast, podA.mac, 0x8035, arpRequest(podA.mac, podA.ip, podA.ip)),
+			verdict: tcActShot, metric: TernMetricMETRIC_DROP_NON_IPV4,
+		},
+		{
+			name:    "UDP podA->127.0.0.1 (route_localnet target)",
+			pkt:     fromA(ipv4{ttl: 64, proto: unix.IPPROTO_UDP, dst: netip.MustParseAddr("127.0.0.1")}, udp(1234, 8080, []byte("x"))),
+			verdict: tcActShot, metric: TernMetricMETRIC_DROP_LOOPBACK,
+		},
+		{
+			name:    "ICMP echo podA->127.255.255.254",
+			pkt:     fromA(ipv4{ttl: 64, proto: unix.IPPROTO_ICMP, dst: netip.MustParseAddr("127.255.255.254")}, ping),
+			verdict: tcActShot, metric: TernMetricMETRIC_DROP_LOOPBACK,
+		},
+		{
+			name:    "UDP podA->128.0.0.1 (next to 127/8, not loopback): host stack",
+			pkt:     fromA(ipv4{ttl: 64, proto: unix.IPPROTO_UDP, dst: netip.MustParseAddr("128.0.0.1")}, udp(1234, 8080, []byte("x"))),
+			verdict: tcActOK, metric: TernMetricMETRIC_PASS_HOST,
 		},
 		{
 			name:    "IPv4 header with ihl 4 (shorter than the minimum 5 words)",
@@ -558,6 +676,62 @@ func TestFromPod(t *testing.T) {
 			}
 			if err := objs.endpoints.Lookup(endpointKey(podB.ip), &b); err != nil || b != podB.endpoint() {
 				t.Errorf("podB's endpoint changed: %+v, %v", b, err)
+			}
+		})
+	}
+}
+
+// TestToPodNonIPv4: at the veth's egress (what the host stack sends into
+// the pod), ARP passes (the node resolves a pod whose neighbour entry is
+// gone) and every other non-IPv4 frame is dropped: the pod is IPv4 only and
+// policy cannot see anything else.
+func TestToPodNonIPv4(t *testing.T) {
+	testutil.RequirePrivileged(t)
+	objs := loadUnpinned(t)
+	world, podA, _ := newWorld(t)
+	to := objs.programs[TernProgTernToPod]
+	if to == nil {
+		t.Fatalf("object lacks %s", TernProgTernToPod)
+	}
+	gw := netip.MustParseAddr("169.254.1.1")
+	cases := []struct {
+		name    string
+		pkt     []byte
+		verdict uint32
+		metric  TernMetric
+	}{
+		{"ARP who-has podA from the node", ethernet(broadcast, podA.hostMAC, etherTypeARP, arpRequest(podA.hostMAC, gw, podA.ip)),
+			tcActOK, TernMetricMETRIC_PASS_TO_POD},
+		{"IPv6 router advertisement to ff02::1", ethernet(net.HardwareAddr{0x33, 0x33, 0, 0, 0, 1}, podA.hostMAC, etherTypeIPv6, ipv6RouterAdvert(netip.MustParseAddr("fe80::1"))),
+			tcActShot, TernMetricMETRIC_DROP_NON_IPV4},
+		{"IPv6 UDP forwarded to the pod", ethernet(podA.mac, podA.hostMAC, etherTypeIPv6, ipv6UDP(netip.MustParseAddr("2001:db8::1"), netip.MustParseAddr("fd00::2"), []byte("v6"))),
+			tcActShot, TernMetricMETRIC_DROP_NON_IPV4},
+		{"802.1Q-tagged frame", ethernet(podA.mac, podA.hostMAC, 0x8100, append([]byte{0, 5, 0x08, 0x00}, ipv4{ttl: 64, proto: unix.IPPROTO_UDP, src: gw, dst: podA.ip}.bytes(udp(1, 2, nil))...)),
+			tcActShot, TernMetricMETRIC_DROP_NON_IPV4},
+		{"UDP over IPv4 from the node", ethernet(podA.mac, podA.hostMAC, etherTypeIPv4, ipv4{ttl: 64, proto: unix.IPPROTO_UDP, src: gw, dst: podA.ip}.bytes(udp(1, 2, nil))),
+			tcActOK, TernMetricMETRIC_PASS_TO_POD},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			resetMaps(t, objs, podA)
+			verdict, out, err := runFromPod(world, to, podA.ifindex, tc.pkt)
+			if err != nil {
+				t.Fatalf("run: %v", err)
+			}
+			if verdict != tc.verdict {
+				t.Errorf("verdict %d, want %d", verdict, tc.verdict)
+			}
+			if !bytes.Equal(out, tc.pkt) {
+				t.Errorf("packet changed")
+			}
+			for m, v := range readMetrics(t, objs) {
+				var want TernMetricValue
+				if TernMetric(m) == tc.metric {
+					want = TernMetricValue{Packets: 1, Bytes: uint64(len(tc.pkt))}
+				}
+				if v != want {
+					t.Errorf("metric %d: %+v, want %+v", m, v, want)
+				}
 			}
 		})
 	}

@@ -67,7 +67,10 @@ const (
 	TernMetricMETRIC_DROP_POLICY_INGRESS  TernMetric = 13
 	TernMetricMETRIC_DROP_POLICY_EGRESS   TernMetric = 14
 	TernMetricMETRIC_PASS_TO_POD          TernMetric = 15
-	TernMetricMETRIC_MAX                  TernMetric = 16
+	TernMetricMETRIC_DROP_NON_IPV4        TernMetric = 16
+	TernMetricMETRIC_DROP_ARP_SPOOFED     TernMetric = 17
+	TernMetricMETRIC_DROP_LOOPBACK        TernMetric = 18
+	TernMetricMETRIC_MAX                  TernMetric = 19
 )
 
 type TernMetricValue struct {

@@ -79,7 +79,7 @@ enum nat_flags {
 enum metric {
 	METRIC_REDIRECT_PEER = 0, /* delivered into a pod of this node by bpf_redirect_peer */
 	METRIC_PASS_HOST,         /* handed to the host stack (off-node without SNAT, host, FIB says so) */
-	METRIC_PASS_NON_IPV4,     /* ARP, IPv6 and other non-IPv4 frames */
+	METRIC_PASS_NON_IPV4,     /* ARP from a pod about itself (other non-IPv4 frames: METRIC_DROP_NON_IPV4) */
 	METRIC_PASS_TTL,          /* TTL would expire: let the stack send ICMP */
 	METRIC_DROP_TRUNCATED,    /* frame too short for the headers it claims */
 	METRIC_DROP_SPOOFED,      /* source IP or MAC is not the sending pod's */
@@ -93,6 +93,9 @@ enum metric {
 	METRIC_DROP_POLICY_INGRESS, /* NetworkPolicy: the destination pod's ingress rules deny the flow */
 	METRIC_DROP_POLICY_EGRESS,  /* NetworkPolicy: the source pod's egress rules deny the flow */
 	METRIC_PASS_TO_POD,         /* tc egress of a pod's veth: what the host stack delivers, let through */
+	METRIC_DROP_NON_IPV4,       /* pod veth: neither IPv4 nor ARP (IPv6, VLAN-tagged, other ethertypes) */
+	METRIC_DROP_ARP_SPOOFED,    /* ARP from a pod whose sender MAC or IP is not its own, or not Ethernet/IPv4 */
+	METRIC_DROP_LOOPBACK,       /* from a pod to 127.0.0.0/8: martian, reachable only through route_localnet */
 	METRIC_MAX,
 };
 

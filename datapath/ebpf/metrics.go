@@ -27,6 +27,9 @@ var metricNames = [...]string{
 	ternbpf.TernMetricMETRIC_DROP_POLICY_INGRESS:  "drop_policy_ingress",
 	ternbpf.TernMetricMETRIC_DROP_POLICY_EGRESS:   "drop_policy_egress",
 	ternbpf.TernMetricMETRIC_PASS_TO_POD:          "pass_to_pod",
+	ternbpf.TernMetricMETRIC_DROP_NON_IPV4:        "drop_non_ipv4",
+	ternbpf.TernMetricMETRIC_DROP_ARP_SPOOFED:     "drop_arp_spoofed",
+	ternbpf.TernMetricMETRIC_DROP_LOOPBACK:        "drop_loopback",
 }
 
 // MetricName is the name of a metric (e.g. "redirect_peer").
