@@ -944,6 +944,57 @@ func TestSNATICMPError(t *testing.T) {
 	w.wantMetrics(t, map[TernMetric]uint64{TernMetricMETRIC_SNAT: 1, TernMetricMETRIC_REV_SNAT: 1})
 }
 
+// TestSNATReplyTTL: a reply (or an ICMP error) of a masqueraded flow that
+// arrives with TTL 1 would expire on the hop into the pod. It is dropped
+// untranslated: handed to the stack translated, the stack's "time
+// exceeded" would quote the pod's address to the outside. TTL 2 still
+// reaches the pod.
+func TestSNATReplyTTL(t *testing.T) {
+	w := newNATWorld(t, natOptions{})
+	v, out := w.fromPodRun(t, w.a, natPkt{dst: natServer, proto: unix.IPPROTO_UDP, sport: 5353, dport: 53, payload: []byte("q")})
+	if v != natActRedirect {
+		t.Fatalf("tern_from_pod verdict %d", v)
+	}
+	natPort := natParse(t, out).sport
+	quoted := append([]byte{}, out[14:14+28]...)
+	icmpErr := []byte{3, 3, 0, 0, 0, 0, 0, 0} // port unreachable
+	icmpErr = append(icmpErr, quoted...)
+	binary.BigEndian.PutUint16(icmpErr[2:], natCsum(icmpErr))
+
+	for _, tc := range []struct {
+		name string
+		pkt  natPkt
+	}{
+		{"UDP reply server:53 -> node:NAT port", natPkt{src: natServer, proto: unix.IPPROTO_UDP, sport: 53, dport: natPort, payload: []byte("a")}},
+		{"ICMP port unreachable about the masqueraded datagram", natPkt{src: natServer, proto: unix.IPPROTO_ICMP, l4: icmpErr}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			for _, ttl := range []uint8{1, 2} {
+				before := w.metrics(t)
+				p := tc.pkt
+				p.ttl = ttl
+				p.srcMAC, p.dstMAC = net.HardwareAddr{2, 0, 0, 0, 0, 2}, w.uplinkMAC
+				p.dst = natNodeIP
+				in := p.frame()
+				v, got := w.run(t, w.fromUplink, w.uplink, in)
+				after := w.metrics(t)
+				if ttl == 1 {
+					if v != natActShot || !bytes.Equal(got, in) {
+						t.Errorf("TTL 1: verdict %d, packet changed %v; want dropped untranslated", v, !bytes.Equal(got, in))
+					}
+					if after[TernMetricMETRIC_DROP_REV_TTL] != before[TernMetricMETRIC_DROP_REV_TTL]+1 {
+						t.Errorf("TTL 1: drop_rev_ttl not counted: %v", after)
+					}
+					continue
+				}
+				if r := natParse(t, got); v != natActRedirect || r.dst != w.a.ip || r.ttl != 1 {
+					t.Errorf("TTL 2: verdict %d, delivered to %s with TTL %d; want redirect to pod a, TTL 1", v, r.dst, r.ttl)
+				}
+			}
+		})
+	}
+}
+
 // TestSNATInbound: a connection from outside straight to a pod's address
 // (routed pod CIDR) passes the uplink to the host stack and is remembered,
 // so the pod's answer keeps its address instead of being masqueraded.

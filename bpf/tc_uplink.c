@@ -34,6 +34,21 @@ char __license[] SEC("license") = "Dual BSD/GPL";
 /* Return value of the helpers below when the packet is not theirs. */
 #define NOT_OURS -1
 
+/* rev_ttl_expires reports (and counts) a packet for a pod whose TTL would
+ * expire on the hop into it. It is checked before the translation, which
+ * must not happen then: handed to the stack rewritten, the packet would
+ * make the stack send "time exceeded" quoting the pod's address to the
+ * outside; handed over untranslated, the stack would deliver it to the
+ * node's own port (a TCP reset for the remote). Dropped, the remote sees
+ * what a lost packet looks like. */
+static __always_inline int rev_ttl_expires(struct __sk_buff *skb, __u8 ttl)
+{
+	if (ttl > 1)
+		return 0;
+	count(METRIC_DROP_REV_TTL, skb->len);
+	return 1;
+}
+
 /* rev_snat_icmp_error translates an ICMP error (destination unreachable,
  * incl. fragmentation needed, time exceeded, parameter problem) sent to the
  * node IP about a masqueraded packet: outer destination, and the embedded
@@ -95,6 +110,8 @@ static __always_inline int rev_snat_icmp_error(struct __sk_buff *skb, __u8 ttl, 
 	ep = bpf_map_lookup_elem(&tern_endpoints, &pod_addr);
 	if (!ep)
 		return NOT_OURS;
+	if (rev_ttl_expires(skb, ttl))
+		return TC_ACT_SHOT;
 
 	if (bpf_l3_csum_replace(skb, IP_CSUM_OFF, node_ip, pod_addr, sizeof(pod_addr)) < 0 ||
 	    bpf_skb_store_bytes(skb, IP_DADDR_OFF, &pod_addr, sizeof(pod_addr), 0) < 0 ||
@@ -152,6 +169,8 @@ static __always_inline int rev_snat(struct __sk_buff *skb, __be32 saddr, __u8 tt
 	ep = bpf_map_lookup_elem(&tern_endpoints, &pod_addr);
 	if (!ep)
 		return NOT_OURS; /* pod gone: the stack refuses it */
+	if (rev_ttl_expires(skb, ttl))
+		return TC_ACT_SHOT;
 
 	if (nat_rewrite(skb, proto, IP_DADDR_OFF, node_ip, pod_addr, port_off, rk.dport, pod_port,
 			l4->off + l4_csum_off(proto)) < 0) {

@@ -70,7 +70,8 @@ const (
 	TernMetricMETRIC_DROP_NON_IPV4        TernMetric = 16
 	TernMetricMETRIC_DROP_ARP_SPOOFED     TernMetric = 17
 	TernMetricMETRIC_DROP_LOOPBACK        TernMetric = 18
-	TernMetricMETRIC_MAX                  TernMetric = 19
+	TernMetricMETRIC_DROP_REV_TTL         TernMetric = 19
+	TernMetricMETRIC_MAX                  TernMetric = 20
 )
 
 type TernMetricValue struct {

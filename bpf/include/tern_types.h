@@ -96,6 +96,7 @@ enum metric {
 	METRIC_DROP_NON_IPV4,       /* pod veth: neither IPv4 nor ARP (IPv6, VLAN-tagged, other ethertypes) */
 	METRIC_DROP_ARP_SPOOFED,    /* ARP from a pod whose sender MAC or IP is not its own, or not Ethernet/IPv4 */
 	METRIC_DROP_LOOPBACK,       /* from a pod to 127.0.0.0/8: martian, reachable only through route_localnet */
+	METRIC_DROP_REV_TTL,        /* uplink: reply of a masqueraded flow whose TTL expires on the hop into the pod */
 	METRIC_MAX,
 };
 

@@ -30,6 +30,7 @@ var metricNames = [...]string{
 	ternbpf.TernMetricMETRIC_DROP_NON_IPV4:        "drop_non_ipv4",
 	ternbpf.TernMetricMETRIC_DROP_ARP_SPOOFED:     "drop_arp_spoofed",
 	ternbpf.TernMetricMETRIC_DROP_LOOPBACK:        "drop_loopback",
+	ternbpf.TernMetricMETRIC_DROP_REV_TTL:         "drop_rev_ttl",
 }
 
 // MetricName is the name of a metric (e.g. "redirect_peer").
