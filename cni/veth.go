@@ -4,6 +4,8 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"os"
+	"path/filepath"
 
 	"github.com/containernetworking/plugins/pkg/netlinksafe"
 	"github.com/containernetworking/plugins/pkg/ns"
@@ -57,6 +59,11 @@ func createVeth(podNS ns.NetNS, hostName, ifname string, mtu int, alias string) 
 	if err != nil {
 		return nil, fmt.Errorf("look up new veth %s: %w", hostName, err)
 	}
+	// Before the link is up, so the node never gives it an IPv6 address
+	// or listens to router advertisements on it.
+	if err := disableIPv6(hostName); err != nil {
+		return nil, err
+	}
 	// The alias is set separately: not every kernel honours it on create.
 	if host.Attrs().Alias != alias {
 		if err := netlink.LinkSetAlias(host, alias); err != nil {
@@ -76,6 +83,40 @@ func createVeth(podNS ns.NetNS, hostName, ifname string, mtu int, alias string) 
 		return nil
 	})
 	return pl, err
+}
+
+// ipv6ConfDir is where the current network namespace's per-interface IPv6
+// sysctls live (/proc/sys/net belongs to the netns of the opening thread).
+const ipv6ConfDir = "/proc/sys/net/ipv6/conf"
+
+// disableIPv6 turns IPv6 off on ifname, in the calling thread's network
+// namespace. Tern's pods are IPv4 only, and a veth with IPv6 on would
+// accept router advertisements a pod sends (making the pod the node's IPv6
+// default router) and, with IPv6 forwarding, route a pod's IPv6 past every
+// rule. Where disable_ipv6 cannot be set, it falls back to refusing router
+// advertisements and forwarding on the interface. A kernel without IPv6
+// has nothing to disable.
+func disableIPv6(ifname string) error {
+	dir := filepath.Join(ipv6ConfDir, ifname)
+	if _, err := os.Stat(dir); errors.Is(err, os.ErrNotExist) {
+		if _, err := os.Stat(ipv6ConfDir); errors.Is(err, os.ErrNotExist) {
+			return nil // no IPv6 in this kernel (or ipv6.disable=1)
+		}
+	}
+	err := os.WriteFile(filepath.Join(dir, "disable_ipv6"), []byte("1"), 0o644)
+	if err == nil {
+		return nil
+	}
+	errs := []error{fmt.Errorf("disable IPv6 on %s: %w", ifname, err)}
+	for _, name := range []string{"accept_ra", "forwarding", "autoconf"} {
+		if err := os.WriteFile(filepath.Join(dir, name), []byte("0"), 0o644); err != nil {
+			errs = append(errs, fmt.Errorf("set %s=0 on %s: %w", name, ifname, err))
+		}
+	}
+	if len(errs) == 1 {
+		return nil // router advertisements and forwarding are off
+	}
+	return errors.Join(errs...)
 }
 
 // deleteHostVeth deletes the pair by its host end; a missing link is fine.
@@ -107,6 +148,9 @@ func configurePod(podNS ns.NetNS, ifname string, pa podAddressing) error {
 		lk, err := netlinksafe.LinkByName(ifname)
 		if err != nil {
 			return fmt.Errorf("look up %s in pod: %w", ifname, err)
+		}
+		if err := disableIPv6(ifname); err != nil {
+			return fmt.Errorf("in pod: %w", err)
 		}
 		if err := netlink.LinkSetUp(lk); err != nil {
 			return fmt.Errorf("set %s up: %w", ifname, err)
