@@ -29,6 +29,7 @@
 #include "include/tern_types.h"
 #include "lib/maps.h"
 #include "lib/metrics.h"
+#include "lib/verdict.h"
 #include "lib/parse.h"
 #include "lib/csum.h"
 #include "lib/conntrack.h"
@@ -89,11 +90,11 @@ static __always_inline int snat_out(struct __sk_buff *skb, const struct ip4 *ip,
 		 * elsewhere than the uplink whose address we would use: the
 		 * stack knows best (ICMP errors, its own rules). */
 		count(METRIC_PASS_HOST, skb->len);
-		return TC_ACT_OK;
+		return TERN_PASS;
 	}
 	if (ip->ttl <= 1) {
 		count(METRIC_PASS_TTL, skb->len);
-		return TC_ACT_OK;
+		return TERN_PASS;
 	}
 
 	orig.saddr = ip->saddr;
@@ -115,7 +116,7 @@ static __always_inline int snat_out(struct __sk_buff *skb, const struct ip4 *ip,
 			/* Echo replies and errors a pod sends answer traffic
 			 * that reached its own address: not masqueraded. */
 			count(METRIC_PASS_HOST, skb->len);
-			return TC_ACT_OK;
+			return TERN_PASS;
 		}
 		orig.sport = l4.icmp_id; /* the identifier plays the port */
 		port_off = l4.off + ICMP_ID_OFF;
@@ -132,7 +133,7 @@ static __always_inline int snat_out(struct __sk_buff *skb, const struct ip4 *ip,
 		break;
 	case SNAT_INBOUND:
 		count(METRIC_PASS_HOST, skb->len);
-		return TC_ACT_OK;
+		return TERN_PASS;
 	case SNAT_NO_PORT:
 		count(METRIC_DROP_NAT_NO_PORT, skb->len);
 		return TC_ACT_SHOT;
@@ -189,7 +190,7 @@ int tern_from_pod(struct __sk_buff *skb)
 		switch (arp_from_endpoint(skb, skb->ifindex)) {
 		case ARP_OK:
 			count(METRIC_PASS_NON_IPV4, skb->len);
-			return TC_ACT_OK;
+			return TERN_PASS;
 		case ARP_SPOOFED:
 			count(METRIC_DROP_ARP_SPOOFED, skb->len);
 			return TC_ACT_SHOT;
@@ -245,7 +246,7 @@ int tern_from_pod(struct __sk_buff *skb)
 	/* The node itself, other nodes' pods, and unmasqueraded traffic: the
 	 * host stack routes it (and kube-proxy's rules see it). */
 	count(METRIC_PASS_HOST, skb->len);
-	return TC_ACT_OK;
+	return TERN_PASS;
 }
 
 /* tern_to_pod: attached at tc egress (TCX, or clsact) of every pod's
@@ -279,7 +280,7 @@ int tern_to_pod(struct __sk_buff *skb)
 		 * IPv6 forwarding), past every policy. */
 		if (eth->h_proto == bpf_htons(ETH_P_ARP) && !skb->vlan_present) {
 			count(METRIC_PASS_TO_POD, skb->len);
-			return TC_ACT_OK;
+			return TERN_PASS;
 		}
 		count(METRIC_DROP_NON_IPV4, skb->len);
 		return TC_ACT_SHOT;
@@ -298,5 +299,5 @@ int tern_to_pod(struct __sk_buff *skb)
 	if (!policy_pass(skb, saddr, daddr, proto, ihl, frag_off, id))
 		return TC_ACT_SHOT;
 	count(METRIC_PASS_TO_POD, skb->len);
-	return TC_ACT_OK;
+	return TERN_PASS;
 }

@@ -23,6 +23,7 @@
 #include "include/tern_types.h"
 #include "lib/maps.h"
 #include "lib/metrics.h"
+#include "lib/verdict.h"
 #include "lib/parse.h"
 #include "lib/csum.h"
 #include "lib/conntrack.h"
@@ -31,8 +32,9 @@
 
 char __license[] SEC("license") = "Dual BSD/GPL";
 
-/* Return value of the helpers below when the packet is not theirs. */
-#define NOT_OURS -1
+/* Return value of the helpers below when the packet is not theirs: no tc
+ * verdict (TERN_PASS is -1). */
+#define NOT_OURS -2
 
 /* rev_ttl_expires reports (and counts) a packet for a pod whose TTL would
  * expire on the hop into it. It is checked before the translation, which
@@ -234,5 +236,5 @@ int tern_from_uplink(struct __sk_buff *skb)
 
 pass:
 	count(METRIC_PASS_UPLINK, skb->len);
-	return TC_ACT_OK;
+	return TERN_PASS;
 }

@@ -10,6 +10,7 @@
 #include "../include/tern_types.h"
 #include "csum.h"
 #include "metrics.h"
+#include "verdict.h"
 
 /* deliver_to_endpoint routes the packet into dst's namespace: TTL minus one,
  * MACs rewritten as the pod's gateway would send them, bpf_redirect_peer
@@ -21,7 +22,7 @@ static __always_inline int deliver_to_endpoint(struct __sk_buff *skb, const stru
 {
 	if (ttl <= 1) {
 		count(METRIC_PASS_TTL, skb->len);
-		return TC_ACT_OK;
+		return TERN_PASS;
 	}
 	if (decrement_ttl_at(skb, ttl) < 0 ||
 	    bpf_skb_store_bytes(skb, offsetof(struct ethhdr, h_dest), dst->pod_mac, ETH_ALEN, 0) < 0 ||
