@@ -10,6 +10,7 @@ import (
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
+	"github.com/containernetworking/plugins/pkg/netlinksafe"
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 )
@@ -137,10 +138,16 @@ func (l *Loader) attachTCX(prog *ebpf.Program, ifname string, ifindex int, hook 
 	if err := os.Remove(pin); err != nil && !os.IsNotExist(err) {
 		return fmt.Errorf("remove stale link pin %s: %w", pin, err)
 	}
+	// At the head of the chain: anti-spoofing and policy must see every
+	// packet before a foreign program can pass it for good, and Tern
+	// passes with TCX_NEXT so what comes after still runs. A program
+	// attached later with its own Head anchor goes in front of Tern:
+	// CheckAttached reports that.
 	lk, err := link.AttachTCX(link.TCXOptions{
 		Interface: ifindex,
 		Program:   prog,
 		Attach:    hook.tcxAttach(),
+		Anchor:    link.Head(),
 	})
 	if err != nil {
 		return fmt.Errorf("attach tcx %s to %s: %w", hook, ifname, err)
@@ -201,6 +208,9 @@ func (l *Loader) attachLegacy(prog *ebpf.Program, ifname string, ifindex int, ho
 	if err := netlink.QdiscReplace(qdisc); err != nil {
 		return fmt.Errorf("add clsact qdisc to %s: %w", ifname, err)
 	}
+	if err := checkClsBPFSlot(ifindex, hook); err != nil {
+		return fmt.Errorf("attach cls_bpf %s to %s: %w", hook, ifname, err)
+	}
 	if err := replaceClsBPF(ifindex, hook, prog); err != nil {
 		return fmt.Errorf("attach cls_bpf %s to %s: %w", hook, ifname, err)
 	}
@@ -214,8 +224,13 @@ func (l *Loader) attachLegacy(prog *ebpf.Program, ifname string, ifindex int, ho
 	return nil
 }
 
-// clsBPFHandle is the filter handle Tern uses, so replace finds its filter.
-const clsBPFHandle = 0x7e51
+// Tern's cls_bpf filter: handle, so replace finds it, and priority 1, the
+// first that runs (tc runs the lowest priority number first). Tern passes
+// with TC_ACT_UNSPEC, so the filters of later priorities still run.
+const (
+	clsBPFHandle   = 0x7e51
+	clsBPFPriority = 1
+)
 
 func clsBPFAttrs(ifindex int, hook Hook) netlink.FilterAttrs {
 	return netlink.FilterAttrs{
@@ -223,8 +238,44 @@ func clsBPFAttrs(ifindex int, hook Hook) netlink.FilterAttrs {
 		Parent:    hook.clsactParent(),
 		Handle:    clsBPFHandle,
 		Protocol:  unix.ETH_P_ALL,
-		Priority:  1,
+		Priority:  clsBPFPriority,
 	}
+}
+
+// isTernClsBPF reports whether f is a filter Tern put at hook: its handle,
+// priority and protocol, a bpf filter named after the hook's program.
+func isTernClsBPF(f netlink.Filter, hook Hook) bool {
+	bf, ok := f.(*netlink.BpfFilter)
+	if !ok {
+		return false
+	}
+	a := bf.Attrs()
+	return a.Handle == clsBPFHandle && a.Priority == clsBPFPriority &&
+		a.Protocol == unix.ETH_P_ALL && strings.HasPrefix(bf.Name, hook.program())
+}
+
+// checkClsBPFSlot refuses to attach where a foreign filter holds Tern's
+// priority: replacing would clobber it if it had Tern's handle, and joining
+// its priority would leave the order between the two to the classifier.
+// Tern must run first, so it does not move to another priority either.
+func checkClsBPFSlot(ifindex int, hook Hook) error {
+	lk, err := netlink.LinkByIndex(ifindex)
+	if err != nil {
+		return err
+	}
+	filters, err := netlinksafe.FilterList(lk, hook.clsactParent())
+	if err != nil {
+		return fmt.Errorf("list filters: %w", err)
+	}
+	for _, f := range filters {
+		a := f.Attrs()
+		if a.Priority != clsBPFPriority || isTernClsBPF(f, hook) {
+			continue
+		}
+		return fmt.Errorf("priority %d of clsact %s is held by a foreign %s filter (handle %#x); "+
+			"Tern runs first there and will not replace or join it", clsBPFPriority, hook, f.Type(), a.Handle)
+	}
+	return nil
 }
 
 func clsBPFFilter(ifindex int, hook Hook, prog *ebpf.Program) *netlink.BpfFilter {

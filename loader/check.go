@@ -37,12 +37,19 @@ func (l *Loader) CheckAttached(objs *Objects, ifname string, ifindex int, hook H
 		return fmt.Errorf("program %s is not attached at tc %s of %s: no link pin and no clsact record", hook.program(), hook, ifname)
 	}
 
+	// Attached, and first: a program or filter that runs before Tern can
+	// pass a packet for good, past anti-spoofing and policy.
 	res, err := link.QueryPrograms(link.QueryOptions{Target: ifindex, Attach: hook.tcxAttach()})
 	if err == nil && pinErr == nil {
-		for _, p := range res.Programs {
-			if p.ID == want {
-				return nil
+		for i, p := range res.Programs {
+			if p.ID != want {
+				continue
 			}
+			if i > 0 {
+				return fmt.Errorf("program %s (id %d) is attached at tcx %s of %s but runs after %d foreign program(s), first id %d",
+					hook.program(), want, hook, ifname, i, res.Programs[0].ID)
+			}
+			return nil
 		}
 	}
 	lk, err := netlinksafe.LinkByName(ifname)
@@ -53,11 +60,34 @@ func (l *Loader) CheckAttached(objs *Objects, ifname string, ifindex int, hook H
 	if err == nil {
 		for _, f := range filters {
 			if bf, ok := f.(*netlink.BpfFilter); ok && bf.Id == int(want) {
-				return nil
+				return checkClsBPFFirst(ifname, hook, bf, filters, res)
 			}
 		}
 	}
 	return fmt.Errorf("program %s (id %d) is not attached at tc %s of %s", hook.program(), want, hook, ifname)
+}
+
+// checkClsBPFFirst reports an error unless Tern's filter is where Tern
+// puts it and nothing runs before it: no TCX program (TCX runs before
+// clsact), no filter of a lower priority, and no other filter sharing its
+// priority.
+func checkClsBPFFirst(ifname string, hook Hook, ours *netlink.BpfFilter, filters []netlink.Filter, tcx *link.QueryResult) error {
+	if !isTernClsBPF(ours, hook) {
+		return fmt.Errorf("program %s is attached at clsact %s of %s by a filter that is not Tern's (priority %d, handle %#x)",
+			hook.program(), hook, ifname, ours.Priority, ours.Handle)
+	}
+	if tcx != nil && len(tcx.Programs) > 0 {
+		return fmt.Errorf("program %s (clsact %s of %s) runs after %d TCX program(s), first id %d",
+			hook.program(), hook, ifname, len(tcx.Programs), tcx.Programs[0].ID)
+	}
+	for _, f := range filters {
+		a := f.Attrs()
+		if a.Priority < ours.Priority || (a.Priority == ours.Priority && a.Handle != ours.Handle) {
+			return fmt.Errorf("program %s (clsact %s of %s, priority %d) does not run first: foreign %s filter at priority %d, handle %#x",
+				hook.program(), hook, ifname, ours.Priority, f.Type(), a.Priority, a.Handle)
+		}
+	}
+	return nil
 }
 
 // ProgramID returns the kernel ID of a loaded program, for diagnostics.
