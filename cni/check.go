@@ -57,6 +57,9 @@ func cmdCheck(args *skel.CmdArgs) error {
 	if host.Attrs().OperState == netlink.OperDown {
 		return fmt.Errorf("host veth %s is down", ep.HostVeth)
 	}
+	if err := checkIPv6Off(ep.HostVeth); err != nil {
+		return err
+	}
 
 	podNS, err := openPodNS(args.Netns)
 	if err != nil {

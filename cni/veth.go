@@ -6,6 +6,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"strings"
 
 	"github.com/containernetworking/plugins/pkg/netlinksafe"
 	"github.com/containernetworking/plugins/pkg/ns"
@@ -117,6 +118,28 @@ func disableIPv6(ifname string) error {
 		return nil // router advertisements and forwarding are off
 	}
 	return errors.Join(errs...)
+}
+
+// checkIPv6Off reports an error unless ifname is as disableIPv6 leaves
+// it: IPv6 disabled, or at least router advertisements and forwarding off.
+func checkIPv6Off(ifname string) error {
+	dir := filepath.Join(ipv6ConfDir, ifname)
+	read := func(name string) string {
+		b, err := os.ReadFile(filepath.Join(dir, name))
+		if err != nil {
+			return "?"
+		}
+		return strings.TrimSpace(string(b))
+	}
+	if _, err := os.Stat(ipv6ConfDir); errors.Is(err, os.ErrNotExist) {
+		return nil // no IPv6 in this kernel
+	}
+	disabled, ra, fwd := read("disable_ipv6"), read("accept_ra"), read("forwarding")
+	if disabled == "1" || (ra == "0" && fwd == "0") {
+		return nil
+	}
+	return fmt.Errorf("interface %s has IPv6 on (disable_ipv6=%s, accept_ra=%s, forwarding=%s): a pod could send it router advertisements",
+		ifname, disabled, ra, fwd)
 }
 
 // deleteHostVeth deletes the pair by its host end; a missing link is fine.

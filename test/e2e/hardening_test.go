@@ -158,6 +158,16 @@ func TestHostVethIPv6Off(t *testing.T) {
 			if out, _ := n.Exec(t, "ip", "-6", "addr", "show", "dev", veths[0]); strings.Contains(out, "inet6") {
 				t.Errorf("host veth has IPv6 addresses:\n%s", out)
 			}
+			// CHECK notices IPv6 switched back on.
+			args := append(k8sArgs, [2]string{"K8S_POD_NAME", p.Name})
+			if err := n.Check(t.Context(), conf, p.ID, p.Path, "eth0", args); err != nil {
+				t.Errorf("CHECK of a fresh pod: %v", err)
+			}
+			writeSysctl(t, n.NS, "net/ipv6/conf/"+veths[0]+"/disable_ipv6", "0")
+			err := n.Check(t.Context(), conf, p.ID, p.Path, "eth0", args)
+			if err == nil || !strings.Contains(err.Error(), veths[0]) || !strings.Contains(err.Error(), "IPv6") {
+				t.Errorf("CHECK with IPv6 back on on the host veth: %v, want an error naming it", err)
+			}
 		})
 	}
 }
@@ -215,6 +225,49 @@ func TestPodIPv6RouterAdvertDropped(t *testing.T) {
 	}
 	if out, err := n.Exec(t, "ip", "-6", "route", "show", "default"); err != nil || strings.TrimSpace(out) != "" {
 		t.Errorf("node has an IPv6 default route after the pod's RA (err %v):\n%s", err, out)
+	}
+}
+
+// TestPodVLANTaggedDropped: a pod sends 802.1Q-tagged IPv4 frames (VLAN 5,
+// and a priority tag, VLAN 0) with its own valid source. The receiving
+// veth takes the tag off before tc (skb_vlan_untag), so the program sees
+// what looks like the pod's IPv4 packet with a tag in the skb's metadata:
+// it must drop it (no pod of Tern's sends tagged frames) rather than pass
+// it on with the tag.
+func TestPodVLANTaggedDropped(t *testing.T) {
+	testutil.RequirePrivileged(t)
+	t.Parallel()
+	n := testutil.NewNode(t)
+	conf := conflist(t, n, testutil.UniqueName("net"), netConf{Datapath: "ebpf", Subnet: subnetFor(t)})
+	p := addPod(t, n, conf, "vl")
+	veths := hostVeths(t, n)
+	if len(veths) != 1 {
+		t.Fatalf("host veths %v, want one", veths)
+	}
+	plain := udpFrame(linkMAC(t, n.NS, veths[0]), linkMAC(t, p.NS, "eth0"), netip.MustParseAddr(p.IP),
+		netip.MustParseAddr("10.99.0.1"), 40000, 9, []byte("tagged"))
+	before := snatMetrics(t, n)
+	for _, vid := range []byte{5, 0} {
+		tagged := append(append([]byte{}, plain[:12]...), 0x81, 0x00, 0, vid)
+		tagged = append(tagged, plain[12:]...)
+		if err := sendRaw(p.NS, "eth0", tagged); err != nil {
+			t.Fatal(err)
+		}
+	}
+	deadline := time.Now().Add(3 * time.Second)
+	var after map[string]uint64
+	for {
+		after = snatMetrics(t, n)
+		if after["drop_non_ipv4"]-before["drop_non_ipv4"] >= 2 || time.Now().After(deadline) {
+			break
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	if got := after["drop_non_ipv4"] - before["drop_non_ipv4"]; got != 2 {
+		t.Errorf("drop_non_ipv4 moved by %d, want 2; counters %v", got, after)
+	}
+	if got := after["pass_host"] - before["pass_host"]; got != 0 {
+		t.Errorf("pass_host moved by %d: a tagged frame went on to the stack", got)
 	}
 }
 
