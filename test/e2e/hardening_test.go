@@ -317,3 +317,96 @@ func TestPodLoopbackDropped(t *testing.T) {
 		t.Errorf("drop_loopback moved by %d, want 3", got)
 	}
 }
+
+// TestSNATReplyTTLExpires: a reply to a pod's masqueraded UDP flow arrives
+// at the node with TTL 1, so it would expire on the hop into the pod. The
+// outside must not learn the pod's address from it: no ICMP time exceeded
+// quoting the pod's address comes back (the reply is dropped untranslated
+// and counted). A reply with the usual TTL reaches the pod.
+func TestSNATReplyTTLExpires(t *testing.T) {
+	testutil.RequirePrivileged(t)
+	t.Parallel()
+	w := newSNATWorld(t)
+	_, conf := w.conf(t, "ebpf", nil)
+	a := addPod(t, w.node, conf, "tt")
+	podIP := netip.MustParseAddr(a.IP).As4()
+
+	srv, err := testutil.ListenUDP(w.ext, net.JoinHostPort(extIP, "0"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer srv.Close()
+	// Every ICMP message ext receives, IP header included.
+	var icmpFD int
+	if err := w.ext.Do(func(ns.NetNS) error {
+		var err error
+		icmpFD, err = unix.Socket(unix.AF_INET, unix.SOCK_RAW, unix.IPPROTO_ICMP)
+		if err != nil {
+			return err
+		}
+		return unix.SetsockoptTimeval(icmpFD, unix.SOL_SOCKET, unix.SO_RCVTIMEO, &unix.Timeval{Usec: 200000})
+	}); err != nil {
+		t.Fatal(err)
+	}
+	defer unix.Close(icmpFD)
+
+	c, err := dialFrom(a.NS, "udp", srv.LocalAddr().String(), 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	buf := make([]byte, 2048)
+	exchange := func(ttl int) (string, error) {
+		if _, err := c.Write([]byte("hello")); err != nil {
+			return "", err
+		}
+		_ = srv.SetReadDeadline(time.Now().Add(5 * time.Second))
+		_, peer, err := srv.ReadFrom(buf)
+		if err != nil {
+			return "", fmt.Errorf("ext read: %w", err)
+		}
+		raw, err := srv.(*net.UDPConn).SyscallConn()
+		if err != nil {
+			return "", err
+		}
+		var serr error
+		if err := raw.Control(func(fd uintptr) { serr = unix.SetsockoptInt(int(fd), unix.IPPROTO_IP, unix.IP_TTL, ttl) }); err != nil || serr != nil {
+			return "", fmt.Errorf("set TTL %d: %v %v", ttl, err, serr)
+		}
+		if _, err := srv.WriteTo([]byte("reply"), peer); err != nil {
+			return "", err
+		}
+		_ = c.SetReadDeadline(time.Now().Add(2 * time.Second))
+		k, err := c.Read(buf)
+		if err != nil {
+			return "", err
+		}
+		return string(buf[:k]), nil
+	}
+	if got, err := exchange(64); err != nil || got != "reply" {
+		t.Fatalf("reply with TTL 64: %q, %v", got, err)
+	}
+	before := snatMetrics(t, w.node)
+	if got, err := exchange(1); err == nil {
+		t.Errorf("reply with TTL 1 reached the pod: %q", got)
+	}
+	// Whatever ICMP ext got meanwhile: none may quote the pod's address.
+	for range 10 {
+		k, _, err := unix.Recvfrom(icmpFD, buf, 0)
+		if err != nil {
+			break
+		}
+		pkt := buf[:k]
+		ihl := int(pkt[0]&0x0f) * 4
+		if len(pkt) < ihl+8+20 {
+			continue
+		}
+		inner := pkt[ihl+8:]
+		if [4]byte(inner[16:20]) == podIP || [4]byte(inner[12:16]) == podIP {
+			t.Errorf("ext got ICMP type %d code %d quoting the pod's address %s", pkt[ihl], pkt[ihl+1], a.IP)
+		}
+	}
+	if got := snatMetrics(t, w.node)["drop_rev_ttl"] - before["drop_rev_ttl"]; got != 1 {
+		t.Errorf("drop_rev_ttl moved by %d, want 1", got)
+	}
+}
