@@ -944,6 +944,34 @@ func TestSNATICMPError(t *testing.T) {
 	w.wantMetrics(t, map[TernMetric]uint64{TernMetricMETRIC_SNAT: 1, TernMetricMETRIC_REV_SNAT: 1})
 }
 
+// TestSNATICMPErrorForged: the reverse translation of ICMP errors already
+// requires the quoted source to be the node IP, the error's destination
+// (netfilter's rule, which the policy's "related" check now follows too):
+// an error quoting a packet from another source, with the remote address
+// and ports of a live masqueraded flow, is left to the stack untranslated.
+func TestSNATICMPErrorForged(t *testing.T) {
+	w := newNATWorld(t, natOptions{})
+	v, out := w.fromPodRun(t, w.a, natPkt{dst: natServer, proto: unix.IPPROTO_UDP, sport: 5353, dport: 53, payload: []byte("q")})
+	if v != natActRedirect {
+		t.Fatalf("tern_from_pod verdict %d", v)
+	}
+	quoted := append([]byte{}, out[14:14+28]...)
+	forger := netip.MustParseAddr("192.0.2.99").As4()
+	copy(quoted[12:16], forger[:]) // quoted source: not the node IP
+	binary.BigEndian.PutUint16(quoted[10:], 0)
+	binary.BigEndian.PutUint16(quoted[10:], natCsum(quoted[:20]))
+	icmp := []byte{3, 3, 0, 0, 0, 0, 0, 0}
+	icmp = append(icmp, quoted...)
+	binary.BigEndian.PutUint16(icmp[2:], natCsum(icmp))
+	p := natPkt{src: natServer, dst: natNodeIP, proto: unix.IPPROTO_ICMP, l4: icmp}
+	p.srcMAC, p.dstMAC = net.HardwareAddr{2, 0, 0, 0, 0, 2}, w.uplinkMAC
+	in := p.frame()
+	if v, got := w.run(t, w.fromUplink, w.uplink, in); v != natActPass || !bytes.Equal(got, in) {
+		t.Errorf("forged error: verdict %d, changed %v; want it passed to the stack untouched", v, !bytes.Equal(got, in))
+	}
+	w.wantMetrics(t, map[TernMetric]uint64{TernMetricMETRIC_SNAT: 1, TernMetricMETRIC_PASS_UPLINK: 1})
+}
+
 // TestSNATReplyTTL: a reply (or an ICMP error) of a masqueraded flow that
 // arrives with TTL 1 would expire on the hop into the pod. It is dropped
 // untranslated: handed to the stack translated, the stack's "time
