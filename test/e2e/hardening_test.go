@@ -172,11 +172,12 @@ func TestHostVethIPv6Off(t *testing.T) {
 	}
 }
 
-// TestPodIPv6RouterAdvertDropped: a pod sends an IPv6 router advertisement
-// through a packet socket. The host veth's IPv6 is switched back on with
-// accept_ra=2 by the test, so the only thing between the pod and the
-// node's routing table is tern_from_pod: the node must not get an IPv6
-// default route via the pod, and the drop is counted.
+// TestPodIPv6RouterAdvertDropped: a pod sends IPv6 router advertisements
+// and an IPv6 datagram through a packet socket. tern_from_pod drops and
+// counts each. Then the host veth's IPv6 is switched back on by the test
+// (accept_ra=2), so the only thing between the pod and the node's routing
+// table is tern_from_pod: the node must not get an IPv6 default route via
+// the pod.
 func TestPodIPv6RouterAdvertDropped(t *testing.T) {
 	testutil.RequirePrivileged(t)
 	t.Parallel()
@@ -188,40 +189,48 @@ func TestPodIPv6RouterAdvertDropped(t *testing.T) {
 		t.Fatalf("host veths %v, want one", veths)
 	}
 	hv := veths[0]
-	writeSysctl(t, n.NS, "net/ipv6/conf/"+hv+"/disable_ipv6", "0")
-	writeSysctl(t, n.NS, "net/ipv6/conf/"+hv+"/accept_ra", "2")
-	writeSysctl(t, n.NS, "net/ipv6/conf/"+hv+"/forwarding", "0")
-
-	podMAC := linkMAC(t, p.NS, "eth0")
-	before := snatMetrics(t, n)
+	podMAC, hostMAC := linkMAC(t, p.NS, "eth0"), linkMAC(t, n.NS, hv)
 	ra := routerAdvert(podMAC, netip.MustParseAddr("fe80::bad:1"))
-	for range 3 {
-		if err := sendRaw(p.NS, "eth0", ra); err != nil {
-			t.Fatal(err)
-		}
-	}
-	// Any IPv6 at all: a datagram to the node's link-local all-nodes group.
 	v6 := append([]byte{0x33, 0x33, 0, 0, 0, 1}, podMAC...)
 	v6 = append(v6, 0x86, 0xdd, 0x60, 0, 0, 0, 0, 8, unix.IPPROTO_UDP, 1)
 	s, d := netip.MustParseAddr("fe80::bad:1").As16(), netip.MustParseAddr("ff02::1").As16()
 	v6 = append(append(append(v6, s[:]...), d[:]...), 0x13, 0x88, 0x13, 0x89, 0, 8, 0, 0)
-	if err := sendRaw(p.NS, "eth0", v6); err != nil {
-		t.Fatal(err)
+	// marker is an IPv4 datagram the program passes to the stack: the
+	// veth delivers in order, so once it is counted, every frame sent
+	// before it has been through the program and the node's stack.
+	marker := udpFrame(hostMAC, podMAC, netip.MustParseAddr(p.IP), netip.MustParseAddr("10.99.0.1"), 40000, 9, []byte("marker"))
+	sendAll := func(frames ...[]byte) (drops uint64) {
+		t.Helper()
+		before := snatMetrics(t, n)
+		for _, f := range append(frames, marker) {
+			if err := sendRaw(p.NS, "eth0", f); err != nil {
+				t.Fatal(err)
+			}
+		}
+		deadline := time.Now().Add(5 * time.Second)
+		for {
+			after := snatMetrics(t, n)
+			if after["pass_host"] > before["pass_host"] {
+				return after["drop_non_ipv4"] - before["drop_non_ipv4"]
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("the marker datagram was never counted: %v", after)
+			}
+			time.Sleep(20 * time.Millisecond)
+		}
 	}
 
-	// The advertisement is processed synchronously on receive; poll a
-	// little for the counters.
-	deadline := time.Now().Add(3 * time.Second)
-	var after map[string]uint64
-	for {
-		after = snatMetrics(t, n)
-		if after["drop_non_ipv4"]-before["drop_non_ipv4"] >= 4 || time.Now().After(deadline) {
-			break
-		}
-		time.Sleep(100 * time.Millisecond)
+	// As Tern leaves the node: IPv6 off on the host veth, so nothing of the
+	// node's IPv6 is sent into the pod and every drop is the pod's.
+	if got := sendAll(ra, ra, ra, v6); got != 4 {
+		t.Errorf("drop_non_ipv4 moved by %d, want 4 (3 RAs, 1 IPv6 datagram)", got)
 	}
-	if got := after["drop_non_ipv4"] - before["drop_non_ipv4"]; got < 4 {
-		t.Errorf("drop_non_ipv4 moved by %d, want at least 4 (3 RAs, 1 IPv6 datagram)", got)
+
+	// IPv6 back on, accepting router advertisements even with forwarding.
+	writeSysctl(t, n.NS, "net/ipv6/conf/"+hv+"/disable_ipv6", "0")
+	writeSysctl(t, n.NS, "net/ipv6/conf/"+hv+"/accept_ra", "2")
+	if got := sendAll(ra, ra, ra); got < 3 {
+		t.Errorf("drop_non_ipv4 moved by %d, want at least 3", got)
 	}
 	if out, err := n.Exec(t, "ip", "-6", "route", "show", "default"); err != nil || strings.TrimSpace(out) != "" {
 		t.Errorf("node has an IPv6 default route after the pod's RA (err %v):\n%s", err, out)
