@@ -62,9 +62,9 @@ func BenchmarkPolicy(b *testing.B) {
 		fromPod       bool
 		allow, denied flow
 	}{
-		{"pod-pod", false, flow{client, server, 8080, tcActPass}, flow{client, server, 9999, tcActShot}},
-		{"egress", true, flow{client, rserver, 8080, tcActPass}, flow{client, world, 8080, tcActShot}},
-		{"ingress", false, flow{rclient, server, 8080, tcActPass}, flow{rclient, server, 9999, tcActShot}},
+		{"pod-pod", false, flow{client, server, 8080, tcActOK}, flow{client, server, 9999, tcActShot}},
+		{"egress", true, flow{client, rserver, 8080, tcActOK}, flow{client, world, 8080, tcActShot}},
+		{"ingress", false, flow{rclient, server, 8080, tcActOK}, flow{rclient, server, 9999, tcActShot}},
 	}
 	for _, n := range []int{10, 1000, 10000} {
 		rs := benchRuleSet(b, n)

@@ -222,7 +222,7 @@ func TestPolicyDecisions(t *testing.T) {
 	ing, egr := compile.Ingress, compile.Egress
 	const (
 		redirect = tcActRedirect
-		ok       = tcActPass
+		ok       = tcActOK
 		shot     = tcActShot
 	)
 	type progKind int
@@ -461,7 +461,7 @@ func TestPolicyConntrack(t *testing.T) {
 	bToA := func(flags uint8) []byte {
 		return w.fromB(natPkt{dst: w.a.ip, proto: tcp, sport: 80, dport: 40001, tcpFlags: flags}).frame()
 	}
-	redirect, shot, ok := uint32(tcActRedirect), uint32(tcActShot), uint32(tcActPass)
+	redirect, shot, ok := uint32(tcActRedirect), uint32(tcActShot), uint32(tcActOK)
 	peer, dropE := TernMetricMETRIC_REDIRECT_PEER, TernMetricMETRIC_DROP_POLICY_EGRESS
 
 	// Without the SYN, B's answer is a new flow B's egress denies.
@@ -583,7 +583,7 @@ func TestPolicyICMP(t *testing.T) {
 	rs.Endpoints["10.244.1.2"] = compile.EndpointPolicy{LocalID: polIDA, IngressIsolated: true, EgressIsolated: true}
 	rs.Endpoints["10.244.1.3"] = compile.EndpointPolicy{LocalID: polIDB, IngressIsolated: true, EgressIsolated: true}
 	w.install(t, rs)
-	redirect, shot, ok := uint32(tcActRedirect), uint32(tcActShot), uint32(tcActPass)
+	redirect, shot, ok := uint32(tcActRedirect), uint32(tcActShot), uint32(tcActOK)
 
 	echo := w.fromA(natPkt{dst: w.b.ip, proto: icmp, icmpType: 8, icmpID: 0x77}).frame()
 	reply := w.fromB(natPkt{dst: w.a.ip, proto: icmp, icmpType: 0, icmpID: 0x77}).frame()
@@ -623,7 +623,7 @@ func TestPolicyICMPForgedError(t *testing.T) {
 	rs := polRuleSet(true, false, pk(compile.Egress, udpP, polIDA, compile.ClassAny, 53, 16))
 	rs.Endpoints["10.244.1.2"] = compile.EndpointPolicy{LocalID: polIDA, IngressIsolated: true, EgressIsolated: true}
 	w.install(t, rs)
-	shot, ok := uint32(tcActShot), uint32(tcActPass)
+	shot, ok := uint32(tcActShot), uint32(tcActOK)
 
 	// Tracked flows: B:5555 -> 8.8.8.8:53 and A:44444 -> 8.8.8.8:53.
 	bFlow := natPkt{src: w.b.ip, dst: polWorld, proto: udpP, sport: 5555, dport: 53, payload: []byte("q")}

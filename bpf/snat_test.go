@@ -29,7 +29,7 @@ import (
 // program tests of this package.
 
 const (
-	natActPass     = 0xffffffff // TERN_PASS: TC_ACT_UNSPEC, TCX_NEXT
+	natActOK       = 0xffffffff // TERN_PASS: TC_ACT_UNSPEC, TCX_NEXT (not TC_ACT_OK)
 	natActShot     = 2          // TC_ACT_SHOT
 	natActRedirect = 7          // TC_ACT_REDIRECT (bpf_redirect_peer / _neigh)
 
@@ -696,8 +696,8 @@ func TestSNATNotApplied(t *testing.T) {
 			p.src, p.srcMAC, p.dstMAC = ep.ip, ep.mac, ep.hostMAC
 			frame := p.frame()
 			verdict, out := w.run(t, w.fromPod, ep.ifindex, frame)
-			if verdict != natActPass || !bytes.Equal(out, frame) {
-				t.Errorf("verdict %d, packet changed: %v; want %d and the packet as sent", verdict, !bytes.Equal(out, frame), natActPass)
+			if verdict != natActOK || !bytes.Equal(out, frame) {
+				t.Errorf("verdict %d, packet changed: %v; want %d and the packet as sent", verdict, !bytes.Equal(out, frame), natActOK)
 			}
 			if n := w.count(t, TernMapTernNat) + w.count(t, TernMapTernNatRev); n != 0 {
 				t.Errorf("%d NAT entries created", n)
@@ -966,7 +966,7 @@ func TestSNATICMPErrorForged(t *testing.T) {
 	p := natPkt{src: natServer, dst: natNodeIP, proto: unix.IPPROTO_ICMP, l4: icmp}
 	p.srcMAC, p.dstMAC = net.HardwareAddr{2, 0, 0, 0, 0, 2}, w.uplinkMAC
 	in := p.frame()
-	if v, got := w.run(t, w.fromUplink, w.uplink, in); v != natActPass || !bytes.Equal(got, in) {
+	if v, got := w.run(t, w.fromUplink, w.uplink, in); v != natActOK || !bytes.Equal(got, in) {
 		t.Errorf("forged error: verdict %d, changed %v; want it passed to the stack untouched", v, !bytes.Equal(got, in))
 	}
 	w.wantMetrics(t, map[TernMetric]uint64{TernMetricMETRIC_SNAT: 1, TernMetricMETRIC_PASS_UPLINK: 1})
@@ -1034,7 +1034,7 @@ func TestSNATInbound(t *testing.T) {
 		p.srcMAC, p.dstMAC = net.HardwareAddr{2, 0, 0, 0, 0, 2}, w.uplinkMAC
 		return p.frame()
 	}()
-	if v, out := w.run(t, w.fromUplink, w.uplink, frame); v != natActPass || !bytes.Equal(out, frame) {
+	if v, out := w.run(t, w.fromUplink, w.uplink, frame); v != natActOK || !bytes.Equal(out, frame) {
 		t.Fatalf("inbound SYN: verdict %d (changed %v), want it passed on as it is", v, !bytes.Equal(out, frame))
 	}
 	var e TernNatEntry
@@ -1045,7 +1045,7 @@ func TestSNATInbound(t *testing.T) {
 	answer := natPkt{dst: natServer, proto: unix.IPPROTO_TCP, sport: 8080, dport: 5555, tcpFlags: natTCPSyn | natTCPAck}
 	answer.src, answer.srcMAC, answer.dstMAC = w.a.ip, w.a.mac, w.a.hostMAC
 	af := answer.frame()
-	if v, out := w.run(t, w.fromPod, w.a.ifindex, af); v != natActPass || !bytes.Equal(out, af) {
+	if v, out := w.run(t, w.fromPod, w.a.ifindex, af); v != natActOK || !bytes.Equal(out, af) {
 		t.Errorf("pod's SYN-ACK: verdict %d (changed %v), want it passed unmasqueraded", v, !bytes.Equal(out, af))
 	}
 	if n := w.count(t, TernMapTernNatRev); n != 0 {
@@ -1066,19 +1066,19 @@ func TestSNATEdges(t *testing.T) {
 		metric  TernMetric
 	}{
 		{name: "TTL 1 to the server: the stack answers time exceeded", pkt: natPkt{dst: natServer, ttl: 1, proto: unix.IPPROTO_UDP, sport: 1, dport: 2},
-			verdict: natActPass, metric: TernMetricMETRIC_PASS_TTL},
+			verdict: natActOK, metric: TernMetricMETRIC_PASS_TTL},
 		{name: "non-first UDP fragment to the server", pkt: natPkt{dst: natServer, frag: 0x0010, proto: unix.IPPROTO_UDP, payload: []byte("tail")},
 			verdict: natActShot, metric: TernMetricMETRIC_DROP_NAT_UNSUPPORTED},
 		{name: "GRE to the server", pkt: natPkt{dst: natServer, proto: 47, payload: []byte{0, 0, 8, 0}},
 			verdict: natActShot, metric: TernMetricMETRIC_DROP_NAT_UNSUPPORTED},
 		{name: "ICMP echo reply to the server (answers an inbound ping)", pkt: natPkt{dst: natServer, proto: unix.IPPROTO_ICMP, icmpType: 0, icmpID: 9},
-			verdict: natActPass, metric: TernMetricMETRIC_PASS_HOST},
+			verdict: natActOK, metric: TernMetricMETRIC_PASS_HOST},
 		{name: "pod a to its own address (hairpin)", pkt: natPkt{dst: netip.MustParseAddr("10.244.1.2"), proto: unix.IPPROTO_UDP, sport: 1, dport: 2},
 			verdict: natActRedirect, metric: TernMetricMETRIC_REDIRECT_PEER},
 		{name: "uplink: UDP to the node IP, no NAT entry (the node's own)", uplink: true, pkt: natPkt{src: natServer, proto: unix.IPPROTO_UDP, sport: 53, dport: 61000},
-			verdict: natActPass, metric: TernMetricMETRIC_PASS_UPLINK},
+			verdict: natActOK, metric: TernMetricMETRIC_PASS_UPLINK},
 		{name: "uplink: TCP to another address", uplink: true, pkt: natPkt{src: natServer, dst: natServer2, proto: unix.IPPROTO_TCP, sport: 1, dport: 2},
-			verdict: natActPass, metric: TernMetricMETRIC_PASS_UPLINK},
+			verdict: natActOK, metric: TernMetricMETRIC_PASS_UPLINK},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
@@ -1106,7 +1106,7 @@ func TestSNATEdges(t *testing.T) {
 			if v != tc.verdict {
 				t.Errorf("verdict %d, want %d", v, tc.verdict)
 			}
-			if tc.verdict == natActPass && !bytes.Equal(out, in) {
+			if tc.verdict == natActOK && !bytes.Equal(out, in) {
 				t.Errorf("packet changed on its way to the stack")
 			}
 			if n := w.count(t, TernMapTernNat) + w.count(t, TernMapTernNatRev); n != 0 {

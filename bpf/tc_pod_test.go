@@ -26,9 +26,10 @@ import (
 
 // tc verdicts (linux/pkt_cls.h), as the uint32 BPF_PROG_TEST_RUN returns.
 const (
-	// tcActPass is TERN_PASS: TC_ACT_UNSPEC (-1), TCX_NEXT in TCX: on to
-	// the next program, then the stack.
-	tcActPass     = 0xffffffff
+	// tcActOK is what the programs pass with, TERN_PASS: TC_ACT_UNSPEC
+	// (-1), TCX_NEXT in TCX: on to the next program, then the stack. (The
+	// name is from when they passed with TC_ACT_OK, 0.)
+	tcActOK       = 0xffffffff
 	tcActShot     = 2
 	tcActRedirect = 7
 )
@@ -477,27 +478,27 @@ func TestFromPod(t *testing.T) {
 		{
 			name:    "ICMP echo podA->10.244.9.9 (no endpoint): to the host stack",
 			pkt:     fromA(ipv4{ttl: 64, proto: unix.IPPROTO_ICMP, dst: unknown}, ping),
-			verdict: tcActPass, metric: TernMetricMETRIC_PASS_HOST,
+			verdict: tcActOK, metric: TernMetricMETRIC_PASS_HOST,
 		},
 		{
 			name:    "ICMP echo podA->podB, TTL 1: host stack answers time exceeded",
 			pkt:     fromA(ipv4{ttl: 1, proto: unix.IPPROTO_ICMP, dst: podB.ip}, ping),
-			verdict: tcActPass, metric: TernMetricMETRIC_PASS_TTL,
+			verdict: tcActOK, metric: TernMetricMETRIC_PASS_TTL,
 		},
 		{
 			name:    "ICMP echo podA->podB, TTL 0",
 			pkt:     fromA(ipv4{ttl: 0, proto: unix.IPPROTO_ICMP, dst: podB.ip}, ping),
-			verdict: tcActPass, metric: TernMetricMETRIC_PASS_TTL,
+			verdict: tcActOK, metric: TernMetricMETRIC_PASS_TTL,
 		},
 		{
 			name:    "ARP who-has gateway from podA, broadcast, built by arpRequest",
 			pkt:     ethernet(broadcast, podA.mac, etherTypeARP, arpRequest(podA.mac, podA.ip, netip.MustParseAddr("169.254.1.1"))),
-			verdict: tcActPass, metric: TernMetricMETRIC_PASS_NON_IPV4,
+			verdict: tcActOK, metric: TernMetricMETRIC_PASS_NON_IPV4,
 		},
 		{
 			name:    "ARP reply from podA about itself, built by arpPacket",
 			pkt:     ethernet(podA.hostMAC, podA.mac, etherTypeARP, arpPacket(2, podA.mac, podA.ip, podA.hostMAC, netip.MustParseAddr("169.254.1.1"))),
-			verdict: tcActPass, metric: TernMetricMETRIC_PASS_NON_IPV4,
+			verdict: tcActOK, metric: TernMetricMETRIC_PASS_NON_IPV4,
 		},
 		{
 			name:    "ARP from podA claiming podB's IP as sender (spa)",
@@ -586,7 +587,7 @@ func TestFromPod(t *testing.T) {
 		{
 			name:    "UDP podA->128.0.0.1 (next to 127/8, not loopback): host stack",
 			pkt:     fromA(ipv4{ttl: 64, proto: unix.IPPROTO_UDP, dst: netip.MustParseAddr("128.0.0.1")}, udp(1234, 8080, []byte("x"))),
-			verdict: tcActPass, metric: TernMetricMETRIC_PASS_HOST,
+			verdict: tcActOK, metric: TernMetricMETRIC_PASS_HOST,
 		},
 		{
 			name:    "IPv4 header with ihl 4 (shorter than the minimum 5 words)",
@@ -703,7 +704,7 @@ func TestToPodNonIPv4(t *testing.T) {
 		metric  TernMetric
 	}{
 		{"ARP who-has podA from the node", ethernet(broadcast, podA.hostMAC, etherTypeARP, arpRequest(podA.hostMAC, gw, podA.ip)),
-			tcActPass, TernMetricMETRIC_PASS_TO_POD},
+			tcActOK, TernMetricMETRIC_PASS_TO_POD},
 		{"IPv6 router advertisement to ff02::1", ethernet(net.HardwareAddr{0x33, 0x33, 0, 0, 0, 1}, podA.hostMAC, etherTypeIPv6, ipv6RouterAdvert(netip.MustParseAddr("fe80::1"))),
 			tcActShot, TernMetricMETRIC_DROP_NON_IPV4},
 		{"IPv6 UDP forwarded to the pod", ethernet(podA.mac, podA.hostMAC, etherTypeIPv6, ipv6UDP(netip.MustParseAddr("2001:db8::1"), netip.MustParseAddr("fd00::2"), []byte("v6"))),
@@ -711,7 +712,7 @@ func TestToPodNonIPv4(t *testing.T) {
 		{"802.1Q-tagged frame", ethernet(podA.mac, podA.hostMAC, 0x8100, append([]byte{0, 5, 0x08, 0x00}, ipv4{ttl: 64, proto: unix.IPPROTO_UDP, src: gw, dst: podA.ip}.bytes(udp(1, 2, nil))...)),
 			tcActShot, TernMetricMETRIC_DROP_NON_IPV4},
 		{"UDP over IPv4 from the node", ethernet(podA.mac, podA.hostMAC, etherTypeIPv4, ipv4{ttl: 64, proto: unix.IPPROTO_UDP, src: gw, dst: podA.ip}.bytes(udp(1, 2, nil))),
-			tcActPass, TernMetricMETRIC_PASS_TO_POD},
+			tcActOK, TernMetricMETRIC_PASS_TO_POD},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
