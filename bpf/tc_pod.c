@@ -4,12 +4,14 @@
 /* tc_pod.c: attached at tc ingress (TCX, or clsact) of every pod's host-side
  * veth, so it sees each packet a pod sends before the host stack does.
  *
- * Decides: drop spoofed packets (source IP or MAC not the sender's own);
+ * Decides: drop what is not IPv4 or the pod's own ARP (lib/arp.h), spoofed
+ * packets (source IP or MAC not the sender's own) and packets to 127/8;
  * deliver packets for another pod on this node straight into that pod's
  * namespace with bpf_redirect_peer (no host routing, no bridge, no
  * netfilter); masquerade packets leaving the cluster through the uplink to
  * the node IP and send them out with bpf_redirect_neigh (replies come back
- * through tc_uplink.c); hand everything else to the host stack.
+ * through tc_uplink.c); hand everything else on (TERN_PASS: to programs
+ * attached after this one, then the host stack).
  * NetworkPolicy (lib/policy.h), after anti-spoofing: the sender's egress
  * rules, and the receiver's ingress rules when it is a pod of this node
  * (bpf_redirect_peer skips that pod's veth egress, where tern_to_pod runs).
