@@ -93,7 +93,7 @@ type natOptions struct {
 	maxEntries uint32
 }
 
-func newNATWorld(t *testing.T, opt natOptions) *natWorld {
+func newNATWorld(t testing.TB, opt natOptions) *natWorld {
 	t.Helper()
 	testutil.RequirePrivileged(t)
 	w := &natWorld{ns: testutil.NewNetNS(t, "snatt")}
@@ -158,7 +158,7 @@ func newNATWorld(t *testing.T, opt natOptions) *natWorld {
 	return w
 }
 
-func (w *natWorld) load(t *testing.T, opt natOptions) {
+func (w *natWorld) load(t testing.TB, opt natOptions) {
 	t.Helper()
 	pod, err := LoadTern()
 	if err != nil {
@@ -210,7 +210,7 @@ func (w *natWorld) load(t *testing.T, opt natOptions) {
 
 // reset empties the NAT maps and metrics and writes the node's config:
 // the three endpoints, the node IP and uplink, the no-masquerade CIDRs.
-func (w *natWorld) reset(t *testing.T) {
+func (w *natWorld) reset(t testing.TB) {
 	t.Helper()
 	for _, name := range []string{TernMapTernNat, TernMapTernNatRev, TernMapTernEndpoints, TernMapTernNomasq} {
 		m := w.maps[name]
@@ -251,7 +251,7 @@ func (w *natWorld) reset(t *testing.T) {
 	w.setConfig(t, TernNodeConfig{NodeIp: natAddr(natNodeIP), UplinkIfindex: uint32(w.uplink)})
 }
 
-func (w *natWorld) setConfig(t *testing.T, c TernNodeConfig) {
+func (w *natWorld) setConfig(t testing.TB, c TernNodeConfig) {
 	t.Helper()
 	if err := w.maps[TernMapTernConfig].Put(uint32(0), c); err != nil {
 		t.Fatal(err)
@@ -259,7 +259,7 @@ func (w *natWorld) setConfig(t *testing.T, c TernNodeConfig) {
 }
 
 // run runs prog on frame as received on ifindex, from inside the world.
-func (w *natWorld) run(t *testing.T, prog *ebpf.Program, ifindex int, frame []byte) (uint32, []byte) {
+func (w *natWorld) run(t testing.TB, prog *ebpf.Program, ifindex int, frame []byte) (uint32, []byte) {
 	t.Helper()
 	var (
 		verdict uint32
@@ -299,7 +299,7 @@ func (w *natWorld) fromUplinkRun(t *testing.T, p natPkt) (uint32, []byte) {
 	return w.run(t, w.fromUplink, w.uplink, p.frame())
 }
 
-func (w *natWorld) metrics(t *testing.T) map[TernMetric]uint64 {
+func (w *natWorld) metrics(t testing.TB) map[TernMetric]uint64 {
 	t.Helper()
 	out := map[TernMetric]uint64{}
 	for i := range TernMetricMETRIC_MAX {
@@ -327,7 +327,7 @@ func (w *natWorld) wantMetrics(t *testing.T, want map[TernMetric]uint64) {
 	}
 }
 
-func (w *natWorld) count(t *testing.T, name string) int {
+func (w *natWorld) count(t testing.TB, name string) int {
 	t.Helper()
 	var (
 		k, v []byte
