@@ -67,7 +67,12 @@ const (
 	TernMetricMETRIC_DROP_POLICY_INGRESS  TernMetric = 13
 	TernMetricMETRIC_DROP_POLICY_EGRESS   TernMetric = 14
 	TernMetricMETRIC_PASS_TO_POD          TernMetric = 15
-	TernMetricMETRIC_MAX                  TernMetric = 16
+	TernMetricMETRIC_DROP_NAT_NO_ROUTE    TernMetric = 16
+	TernMetricMETRIC_DROP_NAT_TOO_BIG     TernMetric = 17
+	TernMetricMETRIC_DROP_NAT_ICMP        TernMetric = 18
+	TernMetricMETRIC_NAT_REV_LOST         TernMetric = 19
+	TernMetricMETRIC_NAT_GC               TernMetric = 20
+	TernMetricMETRIC_MAX                  TernMetric = 21
 )
 
 type TernMetricValue struct {
@@ -93,6 +98,20 @@ const (
 	TernNatFlagsNAT_F_FIN_REMOTE TernNatFlags = 8
 	TernNatFlagsNAT_F_RST        TernNatFlags = 16
 )
+
+type TernNatGcTimer struct {
+	_     structs.HostLayout
+	Timer struct {
+		_ structs.HostLayout
+		_ [16]byte
+	}
+}
+
+type TernNatKey struct {
+	_  structs.HostLayout
+	K0 uint64
+	K1 uint64
+}
 
 type TernNatTuple struct {
 	_     structs.HostLayout
@@ -199,18 +218,22 @@ const (
 	TernMapTernIpcache          = "tern_ipcache"
 	TernMapTernMetrics          = "tern_metrics"
 	TernMapTernNat              = "tern_nat"
+	TernMapTernNatGcTimer       = "tern_nat_gc_timer"
+	TernMapTernNatKey           = "tern_nat_key"
 	TernMapTernNatRev           = "tern_nat_rev"
 	TernMapTernNomasq           = "tern_nomasq"
 	TernMapTernPolicy           = "tern_policy"
 	TernMapTernPolicyCt         = "tern_policy_ct"
 	TernMapTernPolicyFrag       = "tern_policy_frag"
 	TernProgTernFromPod         = "tern_from_pod"
+	TernProgTernNatGc           = "tern_nat_gc"
 	TernProgTernToPod           = "tern_to_pod"
 	TernVarCtTimeoutIcmp        = "ct_timeout_icmp"
 	TernVarCtTimeoutTcp         = "ct_timeout_tcp"
 	TernVarCtTimeoutTcpClose    = "ct_timeout_tcp_close"
 	TernVarCtTimeoutTcpSyn      = "ct_timeout_tcp_syn"
 	TernVarCtTimeoutUdp         = "ct_timeout_udp"
+	TernVarNatGcInterval        = "nat_gc_interval"
 	TernVarNatPortMax           = "nat_port_max"
 	TernVarNatPortMin           = "nat_port_min"
 	TernVarTernBtfEndpointFlags = "tern_btf_endpoint_flags"
@@ -265,6 +288,7 @@ type TernSpecs struct {
 // It can be passed ebpf.CollectionSpec.Assign.
 type TernProgramSpecs struct {
 	TernFromPod *ebpf.ProgramSpec `ebpf:"tern_from_pod"`
+	TernNatGc   *ebpf.ProgramSpec `ebpf:"tern_nat_gc"`
 	TernToPod   *ebpf.ProgramSpec `ebpf:"tern_to_pod"`
 }
 
@@ -278,6 +302,8 @@ type TernMapSpecs struct {
 	TernIpcache    *ebpf.MapSpec `ebpf:"tern_ipcache"`
 	TernMetrics    *ebpf.MapSpec `ebpf:"tern_metrics"`
 	TernNat        *ebpf.MapSpec `ebpf:"tern_nat"`
+	TernNatGcTimer *ebpf.MapSpec `ebpf:"tern_nat_gc_timer"`
+	TernNatKey     *ebpf.MapSpec `ebpf:"tern_nat_key"`
 	TernNatRev     *ebpf.MapSpec `ebpf:"tern_nat_rev"`
 	TernNomasq     *ebpf.MapSpec `ebpf:"tern_nomasq"`
 	TernPolicy     *ebpf.MapSpec `ebpf:"tern_policy"`
@@ -294,6 +320,7 @@ type TernVariableSpecs struct {
 	CtTimeoutTcpClose    *ebpf.VariableSpec `ebpf:"ct_timeout_tcp_close"`
 	CtTimeoutTcpSyn      *ebpf.VariableSpec `ebpf:"ct_timeout_tcp_syn"`
 	CtTimeoutUdp         *ebpf.VariableSpec `ebpf:"ct_timeout_udp"`
+	NatGcInterval        *ebpf.VariableSpec `ebpf:"nat_gc_interval"`
 	NatPortMax           *ebpf.VariableSpec `ebpf:"nat_port_max"`
 	NatPortMin           *ebpf.VariableSpec `ebpf:"nat_port_min"`
 	TernBtfEndpointFlags *ebpf.VariableSpec `ebpf:"tern_btf_endpoint_flags"`
@@ -331,6 +358,8 @@ type TernMaps struct {
 	TernIpcache    *ebpf.Map `ebpf:"tern_ipcache"`
 	TernMetrics    *ebpf.Map `ebpf:"tern_metrics"`
 	TernNat        *ebpf.Map `ebpf:"tern_nat"`
+	TernNatGcTimer *ebpf.Map `ebpf:"tern_nat_gc_timer"`
+	TernNatKey     *ebpf.Map `ebpf:"tern_nat_key"`
 	TernNatRev     *ebpf.Map `ebpf:"tern_nat_rev"`
 	TernNomasq     *ebpf.Map `ebpf:"tern_nomasq"`
 	TernPolicy     *ebpf.Map `ebpf:"tern_policy"`
@@ -346,6 +375,8 @@ func (m *TernMaps) Close() error {
 		m.TernIpcache,
 		m.TernMetrics,
 		m.TernNat,
+		m.TernNatGcTimer,
+		m.TernNatKey,
 		m.TernNatRev,
 		m.TernNomasq,
 		m.TernPolicy,
@@ -363,6 +394,7 @@ type TernVariables struct {
 	CtTimeoutTcpClose    *ebpf.Variable `ebpf:"ct_timeout_tcp_close"`
 	CtTimeoutTcpSyn      *ebpf.Variable `ebpf:"ct_timeout_tcp_syn"`
 	CtTimeoutUdp         *ebpf.Variable `ebpf:"ct_timeout_udp"`
+	NatGcInterval        *ebpf.Variable `ebpf:"nat_gc_interval"`
 	NatPortMax           *ebpf.Variable `ebpf:"nat_port_max"`
 	NatPortMin           *ebpf.Variable `ebpf:"nat_port_min"`
 	TernBtfEndpointFlags *ebpf.Variable `ebpf:"tern_btf_endpoint_flags"`
@@ -379,12 +411,14 @@ type TernVariables struct {
 // It can be passed to LoadTernObjects or ebpf.CollectionSpec.LoadAndAssign.
 type TernPrograms struct {
 	TernFromPod *ebpf.Program `ebpf:"tern_from_pod"`
+	TernNatGc   *ebpf.Program `ebpf:"tern_nat_gc"`
 	TernToPod   *ebpf.Program `ebpf:"tern_to_pod"`
 }
 
 func (p *TernPrograms) Close() error {
 	return _TernClose(
 		p.TernFromPod,
+		p.TernNatGc,
 		p.TernToPod,
 	)
 }

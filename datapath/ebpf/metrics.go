@@ -27,6 +27,11 @@ var metricNames = [...]string{
 	ternbpf.TernMetricMETRIC_DROP_POLICY_INGRESS:  "drop_policy_ingress",
 	ternbpf.TernMetricMETRIC_DROP_POLICY_EGRESS:   "drop_policy_egress",
 	ternbpf.TernMetricMETRIC_PASS_TO_POD:          "pass_to_pod",
+	ternbpf.TernMetricMETRIC_DROP_NAT_NO_ROUTE:    "drop_nat_no_route",
+	ternbpf.TernMetricMETRIC_DROP_NAT_TOO_BIG:     "drop_nat_too_big",
+	ternbpf.TernMetricMETRIC_DROP_NAT_ICMP:        "drop_nat_icmp",
+	ternbpf.TernMetricMETRIC_NAT_REV_LOST:         "nat_rev_lost",
+	ternbpf.TernMetricMETRIC_NAT_GC:               "nat_gc",
 }
 
 // MetricName is the name of a metric (e.g. "redirect_peer").
