@@ -27,9 +27,12 @@ func BenchmarkSNAT(b *testing.B) {
 			w := newNATWorld(b, natOptions{})
 			pod := w.a
 			pod.ifindex = 1
-			if err := w.maps[TernMapTernEndpoints].Put(natAddr(pod.ip), pod.value()); err != nil {
-				b.Fatal(err)
+			register := func() {
+				if err := w.maps[TernMapTernEndpoints].Put(natAddr(pod.ip), pod.value()); err != nil {
+					b.Fatal(err)
+				}
 			}
+			register()
 			err := w.ns.Do(func(ns.NetNS) error {
 				lo, err := netlink.LinkByName("lo")
 				if err != nil {
@@ -75,6 +78,7 @@ func BenchmarkSNAT(b *testing.B) {
 					if sport == 30000 {
 						b.StopTimer()
 						w.reset(b) // room for more flows
+						register()
 						sport = 1
 						b.StartTimer()
 					}
