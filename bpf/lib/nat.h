@@ -404,10 +404,11 @@ static __always_inline void snat_note_inbound(const struct nat_tuple *orig, __u1
  * (and runs one pass) through the program tern_nat_gc whenever it opens
  * the datapath. */
 
-/* Seconds between two passes, set before load. Short against the shortest
- * timeout (TCP close, 10 s), so a freed port is free within a few seconds
- * of its timeout; one pass over full maps costs a few ms of one CPU. */
-volatile const __u32 nat_gc_interval = 5;
+/* Seconds between two passes, set before load. The allocator reclaims an
+ * idle port by itself when it needs it, so the collector only has to keep
+ * the maps from filling with dead entries: as often as the shortest
+ * timeout (TCP close, 10 s). */
+volatile const __u32 nat_gc_interval = 10;
 
 #ifndef CLOCK_MONOTONIC
 #define CLOCK_MONOTONIC 1
@@ -415,8 +416,24 @@ volatile const __u32 nat_gc_interval = 5;
 
 struct nat_gc_ctx {
 	__u64 now;
+	__u64 min_timeout; /* ns, the shortest idle timeout of any flow */
 	__u32 removed;
 };
+
+static __always_inline __u64 ct_min_timeout_ns(void)
+{
+	__u32 s = ct_timeout_tcp;
+
+	if (ct_timeout_tcp_syn < s)
+		s = ct_timeout_tcp_syn;
+	if (ct_timeout_tcp_close < s)
+		s = ct_timeout_tcp_close;
+	if (ct_timeout_udp < s)
+		s = ct_timeout_udp;
+	if (ct_timeout_icmp < s)
+		s = ct_timeout_icmp;
+	return (__u64)s * NSEC_PER_SEC;
+}
 
 /* nat_gc_rev removes the pair of reverse entry r at rk when both halves
  * are idle past their timeout, the rule the port allocator reclaims by. */
@@ -428,6 +445,10 @@ static long nat_gc_rev(void *map, struct nat_tuple *rk, struct nat_entry *r, str
 	struct nat_entry *f;
 
 	if (rseen == NAT_GC_DYING)
+		return 0;
+	/* Touched within the shortest timeout: live whatever the forward
+	 * half says. Spares most pairs of a busy node the lookup below. */
+	if (ctx->now <= rseen || ctx->now - rseen <= ctx->min_timeout)
 		return 0;
 	seen = rseen;
 	f = nat_fwd_of(&k, r);
@@ -476,7 +497,7 @@ static long nat_gc_fwd(void *map, struct nat_tuple *fk, struct nat_entry *f, str
 /* nat_gc runs one pass over both maps and returns the entries removed. */
 static __always_inline __u32 nat_gc(void)
 {
-	struct nat_gc_ctx ctx = { .now = bpf_ktime_get_ns() };
+	struct nat_gc_ctx ctx = { .now = bpf_ktime_get_ns(), .min_timeout = ct_min_timeout_ns() };
 	struct metric_value *v;
 	__u32 key = METRIC_NAT_GC;
 	__u32 base, removed;

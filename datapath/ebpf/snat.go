@@ -118,7 +118,7 @@ type NAT struct {
 	// it holds.
 	MemoryMiB int
 	// GCInterval is the period of the in-kernel NAT garbage collector
-	// (0: 5 s).
+	// (0: 10 s).
 	GCInterval time.Duration
 }
 
@@ -129,7 +129,7 @@ func DefaultNAT() NAT {
 		PortMin: 61000, PortMax: 65535,
 		TCP: 6 * time.Hour, TCPSyn: 60 * time.Second, TCPClose: 10 * time.Second,
 		UDP: 60 * time.Second, ICMP: 30 * time.Second,
-		MemoryMiB: DefaultNATMemoryMiB, GCInterval: 5 * time.Second,
+		MemoryMiB: DefaultNATMemoryMiB, GCInterval: 10 * time.Second,
 	}
 }
 
