@@ -68,8 +68,119 @@ static __always_inline int multicast_or_broadcast(__be32 daddr)
 	return (a & 0xf0000000) == 0xe0000000 || a == 0xffffffff;
 }
 
+#define IP_DF 0x4000
+
+/* Not a tc verdict (those are >= -1): snat_icmp translated the message. */
+#define SNAT_ICMP_SENT -2
+
+/* snat_icmp translates an ICMP message a pod sends to a remote that must be
+ * masqueraded, or says it must be dropped (TC_ACT_SHOT) or passed as it is
+ * (TERN_PASS). Returns SNAT_ICMP_SENT when it translated: the caller sends it on.
+ *   - an error (unreachable, time exceeded, parameter problem) about a
+ *     packet of a masqueraded flow that reached the pod: outer source, and
+ *     the quoted header's destination address and port, become the node
+ *     IP and NAT port the remote knows the flow by. The quoted IPv4
+ *     checksum is updated with its address, which keeps the ICMP checksum
+ *     over it unchanged; the quoted port change is folded into the ICMP
+ *     checksum; the quoted TCP/UDP checksum is left (often truncated away,
+ *     no receiver checks it). As in netfilter, the quoted source must be
+ *     the error's destination;
+ *   - an error about, or an echo reply to, a flow opened from outside to
+ *     the pod's own address (routed pod CIDRs, tern_nat NAT_F_INBOUND):
+ *     passed, the remote knows the pod's address;
+ *   - anything else (errors about no known flow, other types): dropped,
+ *     leaving with the pod's address would leak it. */
+static __always_inline int snat_icmp(struct __sk_buff *skb, const struct ip4 *ip,
+				     const struct l4 *l4, __be32 node_ip)
+{
+	__u32 in_ip = l4->off + 8; /* ICMP error header is 8 bytes */
+	__u32 in_l4 = in_ip + sizeof(struct iphdr);
+	struct nat_tuple fk = {}, rk;
+	struct nat_entry *f, *r;
+	struct iphdr inner;
+	__u32 port_off;
+	__u8 q[8];
+
+	fk.saddr = ip->saddr;
+	fk.daddr = ip->daddr;
+	switch (l4->icmp_type) {
+	case ICMP_ECHOREPLY:
+		fk.sport = l4->icmp_id;
+		fk.proto = IPPROTO_ICMP;
+		f = bpf_map_lookup_elem(&tern_nat, &fk);
+		if (f && (f->flags & NAT_F_INBOUND))
+			goto pass;
+		goto drop;
+	case ICMP_DEST_UNREACH:
+	case ICMP_TIME_EXCEEDED:
+	case ICMP_PARAMETERPROB:
+		break;
+	default:
+		goto drop;
+	}
+	if (bpf_skb_load_bytes(skb, in_ip, &inner, sizeof(inner)) < 0 ||
+	    bpf_skb_load_bytes(skb, in_l4, q, sizeof(q)) < 0)
+		goto drop;
+	if (inner.version != 4 || inner.ihl != 5 || (inner.frag_off & bpf_htons(0x1fff)) ||
+	    inner.daddr != ip->saddr || inner.saddr != ip->daddr)
+		goto drop;
+	/* The flow, as the pod sent it, is the quoted packet reversed. */
+	fk.proto = inner.protocol;
+	switch (inner.protocol) {
+	case IPPROTO_TCP:
+	case IPPROTO_UDP:
+		__builtin_memcpy(&fk.dport, &q[0], sizeof(fk.dport)); /* remote port */
+		__builtin_memcpy(&fk.sport, &q[2], sizeof(fk.sport)); /* pod port */
+		port_off = in_l4 + 2;
+		break;
+	case IPPROTO_ICMP:
+		if (q[0] != ICMP_ECHOREPLY)
+			goto drop;
+		__builtin_memcpy(&fk.sport, &q[4], sizeof(fk.sport)); /* pod echo id */
+		port_off = in_l4 + ICMP_ID_OFF;
+		break;
+	default:
+		goto drop;
+	}
+	f = bpf_map_lookup_elem(&tern_nat, &fk);
+	if (!f)
+		goto drop;
+	if (f->flags & NAT_F_INBOUND)
+		goto pass;
+	if (f->addr != node_ip)
+		goto drop;
+	/* The port must still be this flow's (see snat_lookup). */
+	nat_rev_key(&rk, &fk, node_ip, f->port);
+	r = bpf_map_lookup_elem(&tern_nat_rev, &rk);
+	if (!r || !nat_owned_by(r, &fk))
+		goto drop;
+	if (bpf_l3_csum_replace(skb, IP_CSUM_OFF, ip->saddr, node_ip, sizeof(node_ip)) < 0 ||
+	    bpf_skb_store_bytes(skb, IP_SADDR_OFF, &node_ip, sizeof(node_ip), 0) < 0 ||
+	    bpf_l3_csum_replace(skb, in_ip + offsetof(struct iphdr, check), ip->saddr, node_ip,
+				sizeof(node_ip)) < 0 ||
+	    bpf_skb_store_bytes(skb, in_ip + offsetof(struct iphdr, daddr), &node_ip,
+				sizeof(node_ip), 0) < 0 ||
+	    bpf_l4_csum_replace(skb, l4->off + ICMP_CSUM_OFF, fk.sport, f->port, sizeof(f->port)) < 0 ||
+	    bpf_skb_store_bytes(skb, port_off, &f->port, sizeof(f->port), 0) < 0) {
+		count(METRIC_DROP_REDIRECT, skb->len);
+		return TC_ACT_SHOT;
+	}
+	return SNAT_ICMP_SENT;
+
+pass:
+	count(METRIC_PASS_HOST, skb->len);
+	return TERN_PASS;
+drop:
+	count(METRIC_DROP_NAT_ICMP, skb->len);
+	return TC_ACT_SHOT;
+}
+
 /* snat_out masquerades a packet of src to the node IP and sends it out of
- * the uplink the FIB chose. Returns a tc verdict. */
+ * the uplink the FIB chose. Returns a tc verdict. It never lets a packet
+ * that needs masquerading reach the stack untranslated, which would send
+ * it out with the pod's address: it passes only what the stack delivers to
+ * the node itself or drops with an ICMP error to the pod; everything else
+ * it translates or drops and counts. */
 static __always_inline int snat_out(struct __sk_buff *skb, const struct ip4 *ip,
 				    const struct node_config *cfg)
 {
@@ -80,6 +191,7 @@ static __always_inline int snat_out(struct __sk_buff *skb, const struct ip4 *ip,
 	__be16 nat_port, from_port;
 	__u64 now;
 	long rc;
+	int v;
 
 	if (parse_l4(skb, ip->proto, ip->ihl, ip->frag_off, &l4) != L4_OK) {
 		count(METRIC_DROP_TRUNCATED, skb->len);
@@ -87,14 +199,46 @@ static __always_inline int snat_out(struct __sk_buff *skb, const struct ip4 *ip,
 	}
 
 	rc = fib_lookup_v4(skb, &fib, ip->saddr, ip->daddr, ip->tos, ip->proto, l4.sport, l4.dport);
-	if (rc != BPF_FIB_LKUP_RET_SUCCESS || fib.ifindex != cfg->uplink_ifindex) {
-		/* Local, unreachable, too big for the egress MTU, or routed
-		 * elsewhere than the uplink whose address we would use: the
-		 * stack knows best (ICMP errors, its own rules). */
+	switch (rc) {
+	case BPF_FIB_LKUP_RET_SUCCESS:
+		if (fib.ifindex != cfg->uplink_ifindex) {
+			/* Routed out of another interface: we have no address
+			 * to masquerade to there, and the stack would send it
+			 * with the pod's. Destinations that may see pod
+			 * addresses belong in nonMasqueradeCIDRs. */
+			count(METRIC_DROP_NAT_NO_ROUTE, skb->len);
+			return TC_ACT_SHOT;
+		}
+		break;
+	case BPF_FIB_LKUP_RET_NOT_FWDED:   /* local (the node itself), or no route */
+	case BPF_FIB_LKUP_RET_FWD_DISABLED: /* the stack does not forward it either */
+	case BPF_FIB_LKUP_RET_BLACKHOLE:
+	case BPF_FIB_LKUP_RET_UNREACHABLE:
+	case BPF_FIB_LKUP_RET_PROHIBIT:
+		/* The stack delivers it to the node or drops it with an ICMP
+		 * error to the pod: nothing leaves. */
 		count(METRIC_PASS_HOST, skb->len);
 		return TERN_PASS;
+	case BPF_FIB_LKUP_RET_FRAG_NEEDED:
+		if (ip->frag_off & bpf_htons(IP_DF)) {
+			/* The stack drops it and tells the pod the MTU
+			 * (ICMP fragmentation needed): path MTU discovery. */
+			count(METRIC_PASS_HOST, skb->len);
+			return TERN_PASS;
+		}
+		/* The stack would fragment it and send the fragments with the
+		 * pod's address; fragments cannot be masqueraded here. */
+		count(METRIC_DROP_NAT_TOO_BIG, skb->len);
+		return TC_ACT_SHOT;
+	default:
+		/* An error (< 0: e.g. a flag this kernel rejects), a route
+		 * with tunnel encapsulation, no neighbour: not ours to send,
+		 * and the stack would send it untranslated. */
+		count(METRIC_DROP_NAT_NO_ROUTE, skb->len);
+		return TC_ACT_SHOT;
 	}
 	if (ip->ttl <= 1) {
+		/* The stack drops it and sends time exceeded to the pod. */
 		count(METRIC_PASS_TTL, skb->len);
 		return TERN_PASS;
 	}
@@ -115,10 +259,10 @@ static __always_inline int snat_out(struct __sk_buff *skb, const struct ip4 *ip,
 		if (l4.nonfirst)
 			goto unsupported;
 		if (l4.icmp_type != ICMP_ECHO) {
-			/* Echo replies and errors a pod sends answer traffic
-			 * that reached its own address: not masqueraded. */
-			count(METRIC_PASS_HOST, skb->len);
-			return TERN_PASS;
+			v = snat_icmp(skb, ip, &l4, cfg->node_ip);
+			if (v != SNAT_ICMP_SENT)
+				return v;
+			goto send;
 		}
 		orig.sport = l4.icmp_id; /* the identifier plays the port */
 		port_off = l4.off + ICMP_ID_OFF;
@@ -147,8 +291,12 @@ static __always_inline int snat_out(struct __sk_buff *skb, const struct ip4 *ip,
 	from_port = orig.sport;
 	csum_off = l4.off + l4_csum_off(ip->proto);
 	if (nat_rewrite(skb, ip->proto, IP_SADDR_OFF, ip->saddr, cfg->node_ip,
-			port_off, from_port, nat_port, csum_off) < 0 ||
-	    decrement_ttl_at(skb, ip->ttl) < 0) {
+			port_off, from_port, nat_port, csum_off) < 0) {
+		count(METRIC_DROP_REDIRECT, skb->len);
+		return TC_ACT_SHOT;
+	}
+send:
+	if (decrement_ttl_at(skb, ip->ttl) < 0) {
 		count(METRIC_DROP_REDIRECT, skb->len);
 		return TC_ACT_SHOT;
 	}
@@ -159,6 +307,16 @@ unsupported:
 	/* Sending it on would leak the pod address; the stack would too. */
 	count(METRIC_DROP_NAT_UNSUPPORTED, skb->len);
 	return TC_ACT_SHOT;
+}
+
+/* tern_nat_gc is not attached anywhere: the plugin runs it with
+ * BPF_PROG_TEST_RUN whenever it opens the datapath. It arms the NAT
+ * garbage collector's timer with this version's code and runs one pass.
+ * Returns the NAT entries removed, or a negative error. */
+SEC("tc")
+int tern_nat_gc(struct __sk_buff *skb)
+{
+	return nat_gc_arm();
 }
 
 SEC("tc")

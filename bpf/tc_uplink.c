@@ -221,13 +221,16 @@ int tern_from_uplink(struct __sk_buff *skb)
 	/* Routed to a pod's own address: remember the flow so the pod's
 	 * answers keep that address (see snat_note_inbound). */
 	ep = bpf_map_lookup_elem(&tern_endpoints, &daddr);
-	if (ep && (ep->flags & ENDPOINT_F_MASQ) && (proto == IPPROTO_TCP || proto == IPPROTO_UDP) &&
-	    !nomasq(saddr) && parse_l4(skb, proto, ihl, frag_off, &l4) == L4_OK && !l4.nonfirst) {
+	if (ep && (ep->flags & ENDPOINT_F_MASQ) &&
+	    (proto == IPPROTO_TCP || proto == IPPROTO_UDP || proto == IPPROTO_ICMP) &&
+	    !nomasq(saddr) && parse_l4(skb, proto, ihl, frag_off, &l4) == L4_OK && !l4.nonfirst &&
+	    (proto != IPPROTO_ICMP || l4.icmp_type == ICMP_ECHO)) {
+		/* An echo request: the pod's echo reply may keep its address. */
 		struct nat_tuple orig = {
 			.saddr = daddr,
 			.daddr = saddr,
-			.sport = l4.dport,
-			.dport = l4.sport,
+			.sport = proto == IPPROTO_ICMP ? l4.icmp_id : l4.dport,
+			.dport = proto == IPPROTO_ICMP ? 0 : l4.sport,
 			.proto = proto,
 		};
 

@@ -71,7 +71,12 @@ const (
 	TernMetricMETRIC_DROP_ARP_SPOOFED     TernMetric = 17
 	TernMetricMETRIC_DROP_LOOPBACK        TernMetric = 18
 	TernMetricMETRIC_DROP_REV_TTL         TernMetric = 19
-	TernMetricMETRIC_MAX                  TernMetric = 20
+	TernMetricMETRIC_DROP_NAT_NO_ROUTE    TernMetric = 20
+	TernMetricMETRIC_DROP_NAT_TOO_BIG     TernMetric = 21
+	TernMetricMETRIC_DROP_NAT_ICMP        TernMetric = 22
+	TernMetricMETRIC_NAT_REV_LOST         TernMetric = 23
+	TernMetricMETRIC_NAT_GC               TernMetric = 24
+	TernMetricMETRIC_MAX                  TernMetric = 25
 )
 
 type TernMetricValue struct {
@@ -97,6 +102,20 @@ const (
 	TernNatFlagsNAT_F_FIN_REMOTE TernNatFlags = 8
 	TernNatFlagsNAT_F_RST        TernNatFlags = 16
 )
+
+type TernNatGcTimer struct {
+	_     structs.HostLayout
+	Timer struct {
+		_ structs.HostLayout
+		_ [16]byte
+	}
+}
+
+type TernNatKey struct {
+	_  structs.HostLayout
+	K0 uint64
+	K1 uint64
+}
 
 type TernNatTuple struct {
 	_     structs.HostLayout
@@ -203,18 +222,22 @@ const (
 	TernMapTernIpcache          = "tern_ipcache"
 	TernMapTernMetrics          = "tern_metrics"
 	TernMapTernNat              = "tern_nat"
+	TernMapTernNatGcTimer       = "tern_nat_gc_timer"
+	TernMapTernNatKey           = "tern_nat_key"
 	TernMapTernNatRev           = "tern_nat_rev"
 	TernMapTernNomasq           = "tern_nomasq"
 	TernMapTernPolicy           = "tern_policy"
 	TernMapTernPolicyCt         = "tern_policy_ct"
 	TernMapTernPolicyFrag       = "tern_policy_frag"
 	TernProgTernFromPod         = "tern_from_pod"
+	TernProgTernNatGc           = "tern_nat_gc"
 	TernProgTernToPod           = "tern_to_pod"
 	TernVarCtTimeoutIcmp        = "ct_timeout_icmp"
 	TernVarCtTimeoutTcp         = "ct_timeout_tcp"
 	TernVarCtTimeoutTcpClose    = "ct_timeout_tcp_close"
 	TernVarCtTimeoutTcpSyn      = "ct_timeout_tcp_syn"
 	TernVarCtTimeoutUdp         = "ct_timeout_udp"
+	TernVarNatGcInterval        = "nat_gc_interval"
 	TernVarNatPortMax           = "nat_port_max"
 	TernVarNatPortMin           = "nat_port_min"
 	TernVarTernBtfEndpointFlags = "tern_btf_endpoint_flags"
@@ -269,6 +292,7 @@ type TernSpecs struct {
 // It can be passed ebpf.CollectionSpec.Assign.
 type TernProgramSpecs struct {
 	TernFromPod *ebpf.ProgramSpec `ebpf:"tern_from_pod"`
+	TernNatGc   *ebpf.ProgramSpec `ebpf:"tern_nat_gc"`
 	TernToPod   *ebpf.ProgramSpec `ebpf:"tern_to_pod"`
 }
 
@@ -282,6 +306,8 @@ type TernMapSpecs struct {
 	TernIpcache    *ebpf.MapSpec `ebpf:"tern_ipcache"`
 	TernMetrics    *ebpf.MapSpec `ebpf:"tern_metrics"`
 	TernNat        *ebpf.MapSpec `ebpf:"tern_nat"`
+	TernNatGcTimer *ebpf.MapSpec `ebpf:"tern_nat_gc_timer"`
+	TernNatKey     *ebpf.MapSpec `ebpf:"tern_nat_key"`
 	TernNatRev     *ebpf.MapSpec `ebpf:"tern_nat_rev"`
 	TernNomasq     *ebpf.MapSpec `ebpf:"tern_nomasq"`
 	TernPolicy     *ebpf.MapSpec `ebpf:"tern_policy"`
@@ -298,6 +324,7 @@ type TernVariableSpecs struct {
 	CtTimeoutTcpClose    *ebpf.VariableSpec `ebpf:"ct_timeout_tcp_close"`
 	CtTimeoutTcpSyn      *ebpf.VariableSpec `ebpf:"ct_timeout_tcp_syn"`
 	CtTimeoutUdp         *ebpf.VariableSpec `ebpf:"ct_timeout_udp"`
+	NatGcInterval        *ebpf.VariableSpec `ebpf:"nat_gc_interval"`
 	NatPortMax           *ebpf.VariableSpec `ebpf:"nat_port_max"`
 	NatPortMin           *ebpf.VariableSpec `ebpf:"nat_port_min"`
 	TernBtfEndpointFlags *ebpf.VariableSpec `ebpf:"tern_btf_endpoint_flags"`
@@ -335,6 +362,8 @@ type TernMaps struct {
 	TernIpcache    *ebpf.Map `ebpf:"tern_ipcache"`
 	TernMetrics    *ebpf.Map `ebpf:"tern_metrics"`
 	TernNat        *ebpf.Map `ebpf:"tern_nat"`
+	TernNatGcTimer *ebpf.Map `ebpf:"tern_nat_gc_timer"`
+	TernNatKey     *ebpf.Map `ebpf:"tern_nat_key"`
 	TernNatRev     *ebpf.Map `ebpf:"tern_nat_rev"`
 	TernNomasq     *ebpf.Map `ebpf:"tern_nomasq"`
 	TernPolicy     *ebpf.Map `ebpf:"tern_policy"`
@@ -350,6 +379,8 @@ func (m *TernMaps) Close() error {
 		m.TernIpcache,
 		m.TernMetrics,
 		m.TernNat,
+		m.TernNatGcTimer,
+		m.TernNatKey,
 		m.TernNatRev,
 		m.TernNomasq,
 		m.TernPolicy,
@@ -367,6 +398,7 @@ type TernVariables struct {
 	CtTimeoutTcpClose    *ebpf.Variable `ebpf:"ct_timeout_tcp_close"`
 	CtTimeoutTcpSyn      *ebpf.Variable `ebpf:"ct_timeout_tcp_syn"`
 	CtTimeoutUdp         *ebpf.Variable `ebpf:"ct_timeout_udp"`
+	NatGcInterval        *ebpf.Variable `ebpf:"nat_gc_interval"`
 	NatPortMax           *ebpf.Variable `ebpf:"nat_port_max"`
 	NatPortMin           *ebpf.Variable `ebpf:"nat_port_min"`
 	TernBtfEndpointFlags *ebpf.Variable `ebpf:"tern_btf_endpoint_flags"`
@@ -383,12 +415,14 @@ type TernVariables struct {
 // It can be passed to LoadTernObjects or ebpf.CollectionSpec.LoadAndAssign.
 type TernPrograms struct {
 	TernFromPod *ebpf.Program `ebpf:"tern_from_pod"`
+	TernNatGc   *ebpf.Program `ebpf:"tern_nat_gc"`
 	TernToPod   *ebpf.Program `ebpf:"tern_to_pod"`
 }
 
 func (p *TernPrograms) Close() error {
 	return _TernClose(
 		p.TernFromPod,
+		p.TernNatGc,
 		p.TernToPod,
 	)
 }

@@ -22,6 +22,8 @@ const (
 	TernUplinkMapTernIpcache          = "tern_ipcache"
 	TernUplinkMapTernMetrics          = "tern_metrics"
 	TernUplinkMapTernNat              = "tern_nat"
+	TernUplinkMapTernNatGcTimer       = "tern_nat_gc_timer"
+	TernUplinkMapTernNatKey           = "tern_nat_key"
 	TernUplinkMapTernNatRev           = "tern_nat_rev"
 	TernUplinkMapTernNomasq           = "tern_nomasq"
 	TernUplinkMapTernPolicy           = "tern_policy"
@@ -33,6 +35,7 @@ const (
 	TernUplinkVarCtTimeoutTcpClose    = "ct_timeout_tcp_close"
 	TernUplinkVarCtTimeoutTcpSyn      = "ct_timeout_tcp_syn"
 	TernUplinkVarCtTimeoutUdp         = "ct_timeout_udp"
+	TernUplinkVarNatGcInterval        = "nat_gc_interval"
 	TernUplinkVarNatPortMax           = "nat_port_max"
 	TernUplinkVarNatPortMin           = "nat_port_min"
 	TernUplinkVarTernBtfEndpointFlags = "tern_btf_endpoint_flags"
@@ -99,6 +102,8 @@ type TernUplinkMapSpecs struct {
 	TernIpcache    *ebpf.MapSpec `ebpf:"tern_ipcache"`
 	TernMetrics    *ebpf.MapSpec `ebpf:"tern_metrics"`
 	TernNat        *ebpf.MapSpec `ebpf:"tern_nat"`
+	TernNatGcTimer *ebpf.MapSpec `ebpf:"tern_nat_gc_timer"`
+	TernNatKey     *ebpf.MapSpec `ebpf:"tern_nat_key"`
 	TernNatRev     *ebpf.MapSpec `ebpf:"tern_nat_rev"`
 	TernNomasq     *ebpf.MapSpec `ebpf:"tern_nomasq"`
 	TernPolicy     *ebpf.MapSpec `ebpf:"tern_policy"`
@@ -115,6 +120,7 @@ type TernUplinkVariableSpecs struct {
 	CtTimeoutTcpClose    *ebpf.VariableSpec `ebpf:"ct_timeout_tcp_close"`
 	CtTimeoutTcpSyn      *ebpf.VariableSpec `ebpf:"ct_timeout_tcp_syn"`
 	CtTimeoutUdp         *ebpf.VariableSpec `ebpf:"ct_timeout_udp"`
+	NatGcInterval        *ebpf.VariableSpec `ebpf:"nat_gc_interval"`
 	NatPortMax           *ebpf.VariableSpec `ebpf:"nat_port_max"`
 	NatPortMin           *ebpf.VariableSpec `ebpf:"nat_port_min"`
 	TernBtfEndpointFlags *ebpf.VariableSpec `ebpf:"tern_btf_endpoint_flags"`
@@ -152,6 +158,8 @@ type TernUplinkMaps struct {
 	TernIpcache    *ebpf.Map `ebpf:"tern_ipcache"`
 	TernMetrics    *ebpf.Map `ebpf:"tern_metrics"`
 	TernNat        *ebpf.Map `ebpf:"tern_nat"`
+	TernNatGcTimer *ebpf.Map `ebpf:"tern_nat_gc_timer"`
+	TernNatKey     *ebpf.Map `ebpf:"tern_nat_key"`
 	TernNatRev     *ebpf.Map `ebpf:"tern_nat_rev"`
 	TernNomasq     *ebpf.Map `ebpf:"tern_nomasq"`
 	TernPolicy     *ebpf.Map `ebpf:"tern_policy"`
@@ -167,6 +175,8 @@ func (m *TernUplinkMaps) Close() error {
 		m.TernIpcache,
 		m.TernMetrics,
 		m.TernNat,
+		m.TernNatGcTimer,
+		m.TernNatKey,
 		m.TernNatRev,
 		m.TernNomasq,
 		m.TernPolicy,
@@ -184,6 +194,7 @@ type TernUplinkVariables struct {
 	CtTimeoutTcpClose    *ebpf.Variable `ebpf:"ct_timeout_tcp_close"`
 	CtTimeoutTcpSyn      *ebpf.Variable `ebpf:"ct_timeout_tcp_syn"`
 	CtTimeoutUdp         *ebpf.Variable `ebpf:"ct_timeout_udp"`
+	NatGcInterval        *ebpf.Variable `ebpf:"nat_gc_interval"`
 	NatPortMax           *ebpf.Variable `ebpf:"nat_port_max"`
 	NatPortMin           *ebpf.Variable `ebpf:"nat_port_min"`
 	TernBtfEndpointFlags *ebpf.Variable `ebpf:"tern_btf_endpoint_flags"`

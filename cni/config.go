@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"strconv"
 	"strings"
 
 	"github.com/containernetworking/cni/pkg/types"
@@ -49,11 +50,20 @@ type NetConf struct {
 	// TCAttach forces how programs attach: "auto" (default: TCX, else
 	// clsact), "tcx" or "legacy". For kernels and tests that need one.
 	TCAttach string `json:"tcAttach,omitempty"`
+	// NATPortRange is "min-max", the source ports masqueraded flows get
+	// (eBPF datapath). Default 61000-65535.
+	NATPortRange string `json:"natPortRange,omitempty"`
+	// NATMemoryMiB is the memory budget of the NAT maps (eBPF datapath),
+	// which sets how many masqueraded flows the node holds. Default 12
+	// (65,536 flows).
+	NATMemoryMiB int `json:"natMemoryMiB,omitempty"`
 
 	// Parsed forms, filled by ParseConfig.
 	clusterCIDR *net.IPNet
 	nonMasq     []net.IPNet
 	attachMode  loader.Mode
+	natPortMin  uint16
+	natPortMax  uint16
 	pool        *ipam.Pool // when ipam.type is tern-ipam
 	rawIPAM     ipam.Config
 }
@@ -149,6 +159,18 @@ func ParseConfig(stdin []byte) (*NetConf, error) {
 	}
 	if conf.Uplink != "" && !validIfname(conf.Uplink) {
 		return nil, fieldErr("uplink", "%q is not a valid interface name", conf.Uplink)
+	}
+	if conf.NATPortRange != "" {
+		lo, hi, ok := strings.Cut(conf.NATPortRange, "-")
+		min, err1 := strconv.ParseUint(strings.TrimSpace(lo), 10, 16)
+		max, err2 := strconv.ParseUint(strings.TrimSpace(hi), 10, 16)
+		if !ok || err1 != nil || err2 != nil || min < 1024 || min > max {
+			return nil, fieldErr("natPortRange", "%q is not a port range min-max with 1024 <= min <= max <= 65535", conf.NATPortRange)
+		}
+		conf.natPortMin, conf.natPortMax = uint16(min), uint16(max)
+	}
+	if conf.NATMemoryMiB != 0 && (conf.NATMemoryMiB < ebpfMinNATMemoryMiB || conf.NATMemoryMiB > ebpfMaxNATMemoryMiB) {
+		return nil, fieldErr("natMemoryMiB", "%d is outside %d-%d", conf.NATMemoryMiB, ebpfMinNATMemoryMiB, ebpfMaxNATMemoryMiB)
 	}
 	mode, err := loader.ParseMode(conf.TCAttach)
 	if err != nil {

@@ -94,6 +94,8 @@ func TestParseConfigExplicit(t *testing.T) {
 		"bridge":             "br-tern",
 		"ipMasq":             false,
 		"tcAttach":           "legacy",
+		"natPortRange":       "50000-60999",
+		"natMemoryMiB":       48,
 	}, nil))
 	if err != nil {
 		t.Fatalf("ParseConfig: %v", err)
@@ -111,6 +113,8 @@ func TestParseConfigExplicit(t *testing.T) {
 		{"bridge", conf.Bridge, "br-tern"},
 		{"ipMasq", conf.masquerade(), false},
 		{"attach mode", conf.attachMode, loader.ModeLegacy},
+		{"natPortRange", [2]uint16{conf.natPortMin, conf.natPortMax}, [2]uint16{50000, 60999}},
+		{"natMemoryMiB", conf.NATMemoryMiB, 48},
 	}
 	for _, c := range checks {
 		if !reflect.DeepEqual(c.got, c.want) {
@@ -189,6 +193,12 @@ func TestParseConfigFieldErrors(t *testing.T) {
 		{"bridge with space", map[string]any{"bridge": "br 0"}, nil, "bridge"},
 		{"bridge with tab", map[string]any{"bridge": "br\t0"}, nil, "bridge"},
 		{"unknown tcAttach", map[string]any{"tcAttach": "xdp"}, nil, "tcAttach"},
+		{"natPortRange one port number", map[string]any{"natPortRange": "61000"}, nil, "natPortRange"},
+		{"natPortRange reversed", map[string]any{"natPortRange": "65000-61000"}, nil, "natPortRange"},
+		{"natPortRange below 1024", map[string]any{"natPortRange": "80-2000"}, nil, "natPortRange"},
+		{"natPortRange above 65535", map[string]any{"natPortRange": "61000-70000"}, nil, "natPortRange"},
+		{"natMemoryMiB negative", map[string]any{"natMemoryMiB": -1}, nil, "natMemoryMiB"},
+		{"natMemoryMiB above 4096", map[string]any{"natMemoryMiB": 5000}, nil, "natMemoryMiB"},
 		{"missing ipam", map[string]any{"ipam": nil}, nil, "ipam.type"},
 		{"missing ipam.type", nil, map[string]any{"type": nil}, "ipam.type"},
 		{"empty ipam.type", nil, map[string]any{"type": ""}, "ipam.type"},

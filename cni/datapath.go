@@ -27,6 +27,11 @@ func (c *NetConf) newDatapath(subnet *net.IPNet, gateway net.IP) (datapath.Datap
 			ClusterCIDR:        c.clusterCIDR,
 			NonMasqueradeCIDRs: c.nonMasq,
 			PodSubnet:          subnet,
+			NAT: ebpfdp.NAT{
+				PortMin:   c.natPortMin,
+				PortMax:   c.natPortMax,
+				MemoryMiB: c.NATMemoryMiB,
+			},
 		}
 		// Resolved on every command, but only ADD and STATUS fail when
 		// the configured uplink is missing: DEL, CHECK and GC must work
@@ -53,6 +58,12 @@ func (c *NetConf) newDatapath(subnet *net.IPNet, gateway net.IP) (datapath.Datap
 	}
 	return nil, fmt.Errorf("unknown datapath %q", c.Datapath)
 }
+
+// Bounds of natMemoryMiB, checked by ParseConfig.
+const (
+	ebpfMinNATMemoryMiB = ebpfdp.MinNATMemoryMiB
+	ebpfMaxNATMemoryMiB = ebpfdp.MaxNATMemoryMiB
+)
 
 // closeDatapath releases handles some datapaths hold.
 func closeDatapath(dp datapath.Datapath) {

@@ -65,6 +65,15 @@ struct nat_entry {
 	__u16 flags;     /* enum nat_flags */
 };
 
+/* nat_key: the single entry of tern_nat_key, the node's secret for the
+ * NAT port choice (SipHash-2-4 key), random per node, written once when the
+ * map is created. Without it the port a flow gets would be predictable from
+ * its tuple. */
+struct nat_key {
+	__u64 k0;
+	__u64 k1;
+};
+
 enum nat_flags {
 	NAT_F_INBOUND = 1 << 0,    /* tern_nat only: opened from outside to the pod's own IP: never translated */
 	NAT_F_SEEN_REPLY = 1 << 1, /* a reply came back */
@@ -97,6 +106,11 @@ enum metric {
 	METRIC_DROP_ARP_SPOOFED,    /* ARP from a pod whose sender MAC or IP is not its own, or not Ethernet/IPv4 */
 	METRIC_DROP_LOOPBACK,       /* from a pod to 127.0.0.0/8: martian, reachable only through route_localnet */
 	METRIC_DROP_REV_TTL,        /* uplink: reply of a masqueraded flow whose TTL expires on the hop into the pod */
+	METRIC_DROP_NAT_NO_ROUTE,   /* masquerade needed, but the FIB failed or routes it out of another interface than the uplink */
+	METRIC_DROP_NAT_TOO_BIG,    /* masquerade needed, larger than the uplink's MTU and DF clear (cannot be fragmented after NAT) */
+	METRIC_DROP_NAT_ICMP,       /* ICMP from a pod that masquerade cannot translate (error about no masqueraded flow, other types) */
+	METRIC_NAT_REV_LOST,        /* a flow's reverse NAT entry was gone or another flow's: re-allocated (should stay 0) */
+	METRIC_NAT_GC,              /* expired NAT entries removed by the garbage collector (packets = entries) */
 	METRIC_MAX,
 };
 

@@ -21,8 +21,8 @@
 #define ICMP_PARAMETERPROB 12
 
 /* Idle timeouts in seconds, set before load (cilium/ebpf Variables). An
- * entry idle for longer counts as free when a port is allocated; the LRU
- * maps evict the least recently used entries before that under pressure. */
+ * entry idle for longer counts as free when a port is allocated, and the
+ * garbage collector (nat.h) removes it. */
 volatile const __u32 ct_timeout_tcp = 21600;     /* established TCP */
 volatile const __u32 ct_timeout_tcp_syn = 60;    /* TCP without a reply yet */
 volatile const __u32 ct_timeout_tcp_close = 10;  /* TCP after RST, or FIN both ways */

@@ -11,8 +11,9 @@
 
 #define TERN_MAX_ENDPOINTS 65536
 #define TERN_METRIC_SLOTS 64
-/* Masqueraded flows per direction. LRU: under pressure the least recently
- * used flows go first; the port allocator copes with either half missing. */
+/* Masqueraded flows per direction: the size the objects are built with.
+ * The plugin sizes the maps from the network config's natMemoryMiB before
+ * they are created (datapath/ebpf NAT.MapEntries). */
 #define TERN_MAX_NAT 65536
 #define TERN_MAX_NOMASQ 256
 /* NetworkPolicy. One policy rule becomes a few tern_policy entries (port
@@ -64,9 +65,18 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } tern_nomasq SEC(".maps");
 
-/* tern_nat: pod-side tuple -> translated source (node IP, NAT port). */
+/* tern_nat: pod-side tuple -> translated source (node IP, NAT port).
+ *
+ * Both NAT maps are plain hashes, not LRU: an LRU map evicts an entry to
+ * make room for any insert, even one BPF_NOEXIST then refuses, so a live
+ * flow's reverse entry could vanish and its NAT port be handed to another
+ * pod's flow, which would then receive the first flow's replies. A plain
+ * hash refuses an insert when full (counted as drop_nat_map_full) and
+ * never drops a live entry; expired pairs are removed by the garbage
+ * collector (tern_nat_gc_timer below, nat_gc in lib/nat.h) and reclaimed by the
+ * port allocator. */
 struct {
-	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, TERN_MAX_NAT);
 	__type(key, struct nat_tuple);
 	__type(value, struct nat_entry);
@@ -75,14 +85,40 @@ struct {
 
 /* tern_nat_rev: reply tuple on the uplink -> original pod address and port.
  * Its keys are what makes a NAT port taken: one entry per (remote address,
- * remote port, protocol, NAT port). */
+ * remote port, protocol, NAT port). A plain hash, as tern_nat. */
 struct {
-	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, TERN_MAX_NAT);
 	__type(key, struct nat_tuple);
 	__type(value, struct nat_entry);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } tern_nat_rev SEC(".maps");
+
+/* tern_nat_key: the node's secret key for the NAT port choice, one
+ * struct nat_key at index 0 (random, written when the map is created). */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct nat_key);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} tern_nat_key SEC(".maps");
+
+/* nat_gc_timer: value of tern_nat_gc_timer. */
+struct nat_gc_timer {
+	struct bpf_timer timer;
+};
+
+/* tern_nat_gc_timer: the NAT garbage collector's timer, armed by the plugin
+ * (program tern_nat_gc): it lives as long as the pinned map, so expired
+ * NAT pairs are removed while no Tern process runs. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct nat_gc_timer);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} tern_nat_gc_timer SEC(".maps");
 
 /* tern_ep_policy: local pod IPv4 -> its policy (compile.RuleSet.Endpoints).
  * No entry: the pod has no policy state, nothing is decided or tracked. */

@@ -11,6 +11,7 @@
 #include <bpf/bpf_endian.h>
 #include "../include/tern_types.h"
 #include "maps.h"
+#include "metrics.h"
 #include "conntrack.h"
 
 /* NAT source ports, set before load. The range must not overlap the ports
@@ -45,24 +46,54 @@ static __always_inline int nomasq(__be32 daddr)
 	return bpf_map_lookup_elem(&tern_nomasq, &key) != NULL;
 }
 
-static __always_inline __u32 mix32(__u32 h)
+#define SIP_ROTL(x, b) (((x) << (b)) | ((x) >> (64 - (b))))
+#define SIP_ROUND                                                            \
+	do {                                                                 \
+		v0 += v1; v1 = SIP_ROTL(v1, 13); v1 ^= v0; v0 = SIP_ROTL(v0, 32); \
+		v2 += v3; v3 = SIP_ROTL(v3, 16); v3 ^= v2;                   \
+		v0 += v3; v3 = SIP_ROTL(v3, 21); v3 ^= v0;                   \
+		v2 += v1; v1 = SIP_ROTL(v1, 17); v1 ^= v2; v2 = SIP_ROTL(v2, 32); \
+	} while (0)
+
+/* siphash16 is SipHash-2-4 (Aumasson, Bernstein) of a 16-byte message
+ * m0, m1 (its two little-endian 64-bit words) under key k. */
+static __always_inline __u64 siphash16(__u64 k0, __u64 k1, __u64 m0, __u64 m1)
 {
-	/* murmur3's finaliser: every input bit affects every output bit */
-	h ^= h >> 16;
-	h *= 0x85ebca6bu;
-	h ^= h >> 13;
-	h *= 0xc2b2ae35u;
-	h ^= h >> 16;
-	return h;
+	__u64 v0 = 0x736f6d6570736575ULL ^ k0;
+	__u64 v1 = 0x646f72616e646f6dULL ^ k1;
+	__u64 v2 = 0x6c7967656e657261ULL ^ k0;
+	__u64 v3 = 0x7465646279746573ULL ^ k1;
+	__u64 b = 16ULL << 56;
+
+	v3 ^= m0; SIP_ROUND; SIP_ROUND; v0 ^= m0;
+	v3 ^= m1; SIP_ROUND; SIP_ROUND; v0 ^= m1;
+	v3 ^= b; SIP_ROUND; SIP_ROUND; v0 ^= b;
+	v2 ^= 0xff;
+	SIP_ROUND; SIP_ROUND; SIP_ROUND; SIP_ROUND;
+	return v0 ^ v1 ^ v2 ^ v3;
 }
 
+/* nat_hash picks where a flow's NAT port candidates start: SipHash of the
+ * 16 bytes of its tuple under the node's secret key (tern_nat_key). Keyed,
+ * so that nobody can predict from a tuple which port it will get, or craft
+ * flows that land on the ports of another pod's flows. */
 static __always_inline __u32 nat_hash(const struct nat_tuple *t)
 {
-	__u32 h = mix32(((__u32)t->sport << 16 | t->dport) ^ t->proto);
+	__u32 zero = 0;
+	struct nat_key *k = bpf_map_lookup_elem(&tern_nat_key, &zero);
+	__u64 m[2];
 
-	h = mix32(h ^ t->daddr);
-	return mix32(h ^ t->saddr);
+	__builtin_memcpy(m, t, sizeof(m));
+	if (!k)
+		return (__u32)siphash16(0, 0, m[0], m[1]); /* cannot happen: array index 0 */
+	return (__u32)siphash16(k->k0, k->k1, m[0], m[1]);
 }
+
+/* NAT_GC_DYING in a reverse entry's last_seen: the garbage collector has
+ * claimed the entry and is about to delete it (with its forward half). No
+ * allocator takes it over or reuses it meanwhile; to ct_expired it is not
+ * idle. */
+#define NAT_GC_DYING (~0ULL)
 
 /* nat_rev_key is the tuple a reply to orig arrives with once orig left as
  * node_ip:nat_port. */
@@ -124,8 +155,10 @@ enum nat_alloc {
  * port) is never handed to two flows: a new entry is inserted with
  * BPF_NOEXIST, and an idle one is taken over with a compare-and-swap of its
  * last_seen, so of two CPUs racing for a port exactly one wins.
- * Candidates come from a hash of the tuple: a flow whose forward entry was
- * evicted finds its own reverse entry again at the same port. */
+ * Candidates come from a keyed hash of the tuple, and every candidate is
+ * looked at before anything is inserted: a flow whose forward entry was
+ * lost finds its own reverse entry again, at whichever candidate it is,
+ * instead of claiming an earlier one that has become free since. */
 static __always_inline enum nat_alloc nat_alloc_port(const struct nat_tuple *orig, __be32 node_ip,
 						     __u64 now, __be16 *port)
 {
@@ -135,14 +168,33 @@ static __always_inline enum nat_alloc nat_alloc_port(const struct nat_tuple *ori
 		.port = orig->sport,
 	};
 	__u32 range = nat_port_max - nat_port_min + 1;
-	__u32 h = nat_hash(orig);
 	struct nat_tuple rk;
 	int full = 0;
+	__u32 h;
 
 	if (nat_port_max < nat_port_min || nat_port_max > 65535)
 		return NAT_ALLOC_NO_PORT; /* misconfigured: the loader validates this */
 
+	h = nat_hash(orig);
 	nat_rev_key(&rk, orig, node_ip, 0);
+	/* Lookups only: is one of the candidates ours already? */
+	for (__u32 i = 0; i < NAT_PROBES; i++) {
+		struct nat_entry *r;
+		__u64 rseen;
+
+		rk.dport = bpf_htons((__u16)(nat_port_min + (h + i * NAT_PROBE_STEP) % range));
+		r = bpf_map_lookup_elem(&tern_nat_rev, &rk);
+		if (!r || !nat_owned_by(r, orig))
+			continue;
+		rseen = r->last_seen;
+		if (rseen == NAT_GC_DYING)
+			break; /* being collected: claim afresh below */
+		if (__sync_val_compare_and_swap(&r->last_seen, rseen, now) == rseen && nat_owned_by(r, orig)) {
+			*port = rk.dport;
+			return NAT_ALLOC_REUSED;
+		}
+	}
+	/* Claim: the first candidate that is free, or held by an idle flow. */
 	for (__u32 i = 0; i < NAT_PROBES; i++) {
 		__u32 cand = nat_port_min + (h + i * NAT_PROBE_STEP) % range;
 		struct nat_entry *r, *f;
@@ -166,6 +218,8 @@ static __always_inline enum nat_alloc nat_alloc_port(const struct nat_tuple *ori
 		if (!r)
 			continue; /* removed since: try the next one */
 		rseen = r->last_seen;
+		if (rseen == NAT_GC_DYING)
+			continue;
 		if (nat_owned_by(r, orig)) {
 			/* Ours already (forward entry evicted or expired). The
 			 * CAS, like a takeover's, fails if another allocator
@@ -232,34 +286,39 @@ static __always_inline enum snat_result snat_lookup(const struct nat_tuple *orig
 	}
 	if (f && f->addr == node_ip) {
 		nat_rev_key(&rk, orig, node_ip, f->port);
-		if (!ct_expired(f->last_seen, now, orig->proto, f->flags)) {
-			/* Fast path. A fresh forward entry still owns its port:
-			 * a port is only reclaimed once both halves are idle. */
+		r = bpf_map_lookup_elem(&tern_nat_rev, &rk);
+		if (!r || !nat_owned_by(r, orig)) {
+			/* The port is no longer this flow's: its reverse entry
+			 * was removed (DEL, a flush, the collector racing a
+			 * packet) or is another flow's. Never send with it: the
+			 * replies would go to that other flow. Allocate again. */
+			count(METRIC_NAT_REV_LOST, 0);
+			goto alloc;
+		}
+		if (!ct_expired(f->last_seen, now, orig->proto, f->flags) && r->last_seen != NAT_GC_DYING) {
+			/* Fast path: a fresh forward entry whose reverse entry
+			 * still points back at this flow. */
 			if (syn && (f->flags & (NAT_F_FIN_POD | NAT_F_FIN_REMOTE | NAT_F_RST))) {
 				/* The tuple is reused by a new connection. */
 				f->flags = 0;
-				r = bpf_map_lookup_elem(&tern_nat_rev, &rk);
-				if (r && nat_owned_by(r, orig))
-					r->flags = 0;
+				r->flags = 0;
 			}
 			ct_touch(f, now, close_flags);
 			if (close_flags) {
 				/* Rare (FIN/RST): keep the reverse half's view of
 				 * the connection state in step. */
-				r = bpf_map_lookup_elem(&tern_nat_rev, &rk);
-				if (r && nat_owned_by(r, orig))
-					r->flags |= close_flags;
+				r->flags |= close_flags;
 			}
 			*port = f->port;
 			return SNAT_TRANSLATE;
 		}
 		/* Idle past its timeout: keep the port if nobody took it. The
 		 * CAS orders us against an allocator reclaiming it. */
-		r = bpf_map_lookup_elem(&tern_nat_rev, &rk);
-		if (r && nat_owned_by(r, orig)) {
+		{
 			__u64 seen = r->last_seen;
 
-			if (__sync_val_compare_and_swap(&r->last_seen, seen, now) == seen &&
+			if (seen != NAT_GC_DYING &&
+			    __sync_val_compare_and_swap(&r->last_seen, seen, now) == seen &&
 			    nat_owned_by(r, orig)) {
 				if (syn)
 					f->flags = r->flags = 0;
@@ -271,6 +330,7 @@ static __always_inline enum snat_result snat_lookup(const struct nat_tuple *orig
 		}
 	}
 
+alloc:
 	a = nat_alloc_port(orig, node_ip, now, port);
 	if (a == NAT_ALLOC_NO_PORT)
 		return SNAT_NO_PORT;
@@ -335,6 +395,158 @@ static __always_inline void snat_note_inbound(const struct nat_tuple *orig, __u1
 	/* Best effort: failing (map full, or a racing CPU inserted it first)
 	 * only means an answer may be masqueraded. */
 	(void)bpf_map_update_elem(&tern_nat, orig, &fv, BPF_NOEXIST);
+}
+
+/* Garbage collection. The NAT maps are plain hashes: nothing is evicted,
+ * so expired pairs must be removed or the maps fill up. A bpf_timer in the
+ * pinned map tern_nat_gc_timer runs nat_gc every nat_gc_interval seconds in the
+ * kernel, with or without a Tern process on the node; the plugin arms it
+ * (and runs one pass) through the program tern_nat_gc whenever it opens
+ * the datapath. */
+
+/* Seconds between two passes, set before load. The allocator reclaims an
+ * idle port by itself when it needs it, so the collector only has to keep
+ * the maps from filling with dead entries: as often as the shortest
+ * timeout (TCP close, 10 s). */
+volatile const __u32 nat_gc_interval = 10;
+
+#ifndef CLOCK_MONOTONIC
+#define CLOCK_MONOTONIC 1
+#endif
+
+struct nat_gc_ctx {
+	__u64 now;
+	__u64 min_timeout; /* ns, the shortest idle timeout of any flow */
+	__u32 removed;
+};
+
+static __always_inline __u64 ct_min_timeout_ns(void)
+{
+	__u32 s = ct_timeout_tcp;
+
+	if (ct_timeout_tcp_syn < s)
+		s = ct_timeout_tcp_syn;
+	if (ct_timeout_tcp_close < s)
+		s = ct_timeout_tcp_close;
+	if (ct_timeout_udp < s)
+		s = ct_timeout_udp;
+	if (ct_timeout_icmp < s)
+		s = ct_timeout_icmp;
+	return (__u64)s * NSEC_PER_SEC;
+}
+
+/* nat_gc_rev removes the pair of reverse entry r at rk when both halves
+ * are idle past their timeout, the rule the port allocator reclaims by. */
+static long nat_gc_rev(void *map, struct nat_tuple *rk, struct nat_entry *r, struct nat_gc_ctx *ctx)
+{
+	__u64 rseen = r->last_seen, seen;
+	struct nat_tuple k = *rk, fk;
+	__u16 flags = r->flags;
+	struct nat_entry *f;
+
+	if (rseen == NAT_GC_DYING)
+		return 0;
+	/* Touched within the shortest timeout: live whatever the forward
+	 * half says. Spares most pairs of a busy node the lookup below. */
+	if (ctx->now <= rseen || ctx->now - rseen <= ctx->min_timeout)
+		return 0;
+	seen = rseen;
+	f = nat_fwd_of(&k, r);
+	if (f) {
+		if (f->last_seen > seen)
+			seen = f->last_seen;
+		flags |= f->flags;
+	}
+	if (!ct_expired(seen, ctx->now, k.proto, flags))
+		return 0;
+	/* Claim it: fails if an allocator took the port over, or a packet
+	 * refreshed it, since we looked. */
+	if (__sync_val_compare_and_swap(&r->last_seen, rseen, NAT_GC_DYING) != rseen)
+		return 0;
+	if (f) {
+		nat_fwd_key(&fk, &k, r);
+		if (bpf_map_delete_elem(&tern_nat, &fk) == 0)
+			ctx->removed++;
+	}
+	if (bpf_map_delete_elem(&tern_nat_rev, &k) == 0)
+		ctx->removed++;
+	return 0;
+}
+
+/* nat_gc_fwd removes expired forward entries that are no half of a pair:
+ * inbound-flow records, and forward entries whose reverse entry is gone or
+ * another flow's. Halves of pairs are nat_gc_rev's. */
+static long nat_gc_fwd(void *map, struct nat_tuple *fk, struct nat_entry *f, struct nat_gc_ctx *ctx)
+{
+	struct nat_tuple k = *fk, rk;
+	struct nat_entry *r;
+
+	if (!ct_expired(f->last_seen, ctx->now, k.proto, f->flags))
+		return 0;
+	if (!(f->flags & NAT_F_INBOUND)) {
+		nat_rev_key(&rk, &k, f->addr, f->port);
+		r = bpf_map_lookup_elem(&tern_nat_rev, &rk);
+		if (r && nat_owned_by(r, &k))
+			return 0;
+	}
+	if (bpf_map_delete_elem(&tern_nat, &k) == 0)
+		ctx->removed++;
+	return 0;
+}
+
+/* nat_gc runs one pass over both maps and returns the entries removed. */
+static __always_inline __u32 nat_gc(void)
+{
+	struct nat_gc_ctx ctx = { .now = bpf_ktime_get_ns(), .min_timeout = ct_min_timeout_ns() };
+	struct metric_value *v;
+	__u32 key = METRIC_NAT_GC;
+	__u32 base, removed;
+
+	/* The verifier checks callbacks as loops until their states
+	 * converge: a counter starting at a known 0 never would (0, 1, 2, ...
+	 * are all different states). Starting it at a value the verifier
+	 * cannot know makes every iteration's state the same. */
+	base = (__u32)ctx.now;
+	ctx.removed = base;
+	bpf_for_each_map_elem(&tern_nat_rev, nat_gc_rev, &ctx, 0);
+	bpf_for_each_map_elem(&tern_nat, nat_gc_fwd, &ctx, 0);
+	removed = ctx.removed - base;
+	if (removed) {
+		v = bpf_map_lookup_elem(&tern_metrics, &key);
+		if (v)
+			v->packets += removed;
+	}
+	return removed;
+}
+
+static int nat_gc_tick(void *map, __u32 *key, struct nat_gc_timer *t)
+{
+	nat_gc();
+	bpf_timer_start(&t->timer, (__u64)nat_gc_interval * NSEC_PER_SEC, 0);
+	return 0;
+}
+
+/* nat_gc_arm (re)arms the collector's timer with this program's callback
+ * (a new program version takes it over) and runs one pass now. Returns the
+ * entries removed, or a negative error. */
+static __always_inline long nat_gc_arm(void)
+{
+	__u32 zero = 0;
+	struct nat_gc_timer *t = bpf_map_lookup_elem(&tern_nat_gc_timer, &zero);
+	long err;
+
+	if (!t)
+		return -ENOENT;
+	err = bpf_timer_init(&t->timer, &tern_nat_gc_timer, CLOCK_MONOTONIC);
+	if (err && err != -EBUSY)
+		return err;
+	err = bpf_timer_set_callback(&t->timer, nat_gc_tick);
+	if (err)
+		return err;
+	err = bpf_timer_start(&t->timer, (__u64)nat_gc_interval * NSEC_PER_SEC, 0);
+	if (err)
+		return err;
+	return nat_gc();
 }
 
 #endif /* TERN_NAT_H */

@@ -12,6 +12,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"path/filepath"
 
 	cilium "github.com/cilium/ebpf"
 
@@ -62,11 +63,10 @@ var _ datapath.Datapath = (*Datapath)(nil)
 
 // New returns the datapath; nothing is loaded until it is needed.
 func New(cfg Config) *Datapath {
-	if cfg.NAT == (NAT{}) {
-		cfg.NAT = DefaultNAT()
-	}
+	cfg.NAT = cfg.NAT.withDefaults()
 	d := &Datapath{cfg: cfg, loader: loader.New(cfg.BPFFSDir, cfg.StateDir)}
-	d.loader.Specs, d.loader.Version = cfg.NAT.specs(d.loader.Specs, d.loader.Version)
+	d.loader.Specs, d.loader.Version = cfg.NAT.specs(d.loader.Specs, d.loader.Version,
+		filepath.Join(cfg.BPFFSDir, "maps"))
 	return d
 }
 
@@ -93,6 +93,16 @@ func (d *Datapath) open() error {
 	objs, err := d.loader.Load()
 	if err != nil {
 		return err
+	}
+	// Every command that opens the datapath re-arms the NAT garbage
+	// collector's timer (a new program version takes it over) and
+	// collects once: the timer keeps collecting with no Tern process
+	// running. Objects without it (tests' loaders) have nothing to arm.
+	if _, err := objs.Program(ternbpf.TernProgTernNatGc); err == nil {
+		if _, err := runNATGC(objs); err != nil {
+			objs.Close()
+			return err
+		}
 	}
 	d.objs = objs
 	return nil

@@ -31,6 +31,11 @@ var metricNames = [...]string{
 	ternbpf.TernMetricMETRIC_DROP_ARP_SPOOFED:     "drop_arp_spoofed",
 	ternbpf.TernMetricMETRIC_DROP_LOOPBACK:        "drop_loopback",
 	ternbpf.TernMetricMETRIC_DROP_REV_TTL:         "drop_rev_ttl",
+	ternbpf.TernMetricMETRIC_DROP_NAT_NO_ROUTE:    "drop_nat_no_route",
+	ternbpf.TernMetricMETRIC_DROP_NAT_TOO_BIG:     "drop_nat_too_big",
+	ternbpf.TernMetricMETRIC_DROP_NAT_ICMP:        "drop_nat_icmp",
+	ternbpf.TernMetricMETRIC_NAT_REV_LOST:         "nat_rev_lost",
+	ternbpf.TernMetricMETRIC_NAT_GC:               "nat_gc",
 }
 
 // MetricName is the name of a metric (e.g. "redirect_peer").

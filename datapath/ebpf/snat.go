@@ -103,9 +103,23 @@ type NAT struct {
 	// PortMin..PortMax are the NAT source ports. Keep them out of
 	// net.ipv4.ip_local_port_range; EnsureNode adds them to
 	// net.ipv4.ip_local_reserved_ports.
+	//
+	// One NAT port serves one flow per remote address, remote port and
+	// protocol, so the range bounds the rate of new flows to one remote
+	// service: range / timeout, e.g. 4,536 ports / 60 s UDP timeout =
+	// 75 new UDP flows per second to one DNS server, sustained (TCP
+	// connections closed with FIN both ways or RST free their port after
+	// 10 s: 453 per second). The network config's natPortRange widens it.
 	PortMin, PortMax uint16
 	// Idle timeouts.
 	TCP, TCPSyn, TCPClose, UDP, ICMP time.Duration
+	// MemoryMiB is the memory budget of the two NAT maps (0: the
+	// default, DefaultNATMemoryMiB); NATMapEntries says how many flows
+	// it holds.
+	MemoryMiB int
+	// GCInterval is the period of the in-kernel NAT garbage collector
+	// (0: 10 s).
+	GCInterval time.Duration
 }
 
 // DefaultNAT: ports above the kernel's default ephemeral range (32768-60999),
@@ -115,6 +129,7 @@ func DefaultNAT() NAT {
 		PortMin: 61000, PortMax: 65535,
 		TCP: 6 * time.Hour, TCPSyn: 60 * time.Second, TCPClose: 10 * time.Second,
 		UDP: 60 * time.Second, ICMP: 30 * time.Second,
+		MemoryMiB: DefaultNATMemoryMiB, GCInterval: 10 * time.Second,
 	}
 }
 
@@ -122,12 +137,35 @@ func (n NAT) validate() error {
 	if n.PortMin < 1024 || n.PortMin > n.PortMax {
 		return fmt.Errorf("NAT port range %d-%d: want 1024 <= min <= max", n.PortMin, n.PortMax)
 	}
-	for _, d := range []time.Duration{n.TCP, n.TCPSyn, n.TCPClose, n.UDP, n.ICMP} {
+	for _, d := range []time.Duration{n.TCP, n.TCPSyn, n.TCPClose, n.UDP, n.ICMP, n.GCInterval} {
 		if d < time.Second || d > 1<<31*time.Second {
 			return fmt.Errorf("NAT timeout %s out of range", d)
 		}
 	}
+	if n.MemoryMiB < MinNATMemoryMiB || n.MemoryMiB > MaxNATMemoryMiB {
+		return fmt.Errorf("NAT memory %d MiB outside %d-%d", n.MemoryMiB, MinNATMemoryMiB, MaxNATMemoryMiB)
+	}
 	return nil
+}
+
+// withDefaults fills unset fields from DefaultNAT.
+func (n NAT) withDefaults() NAT {
+	d := DefaultNAT()
+	if n.PortMin == 0 && n.PortMax == 0 {
+		n.PortMin, n.PortMax = d.PortMin, d.PortMax
+	}
+	for _, f := range []struct{ v, def *time.Duration }{
+		{&n.TCP, &d.TCP}, {&n.TCPSyn, &d.TCPSyn}, {&n.TCPClose, &d.TCPClose},
+		{&n.UDP, &d.UDP}, {&n.ICMP, &d.ICMP}, {&n.GCInterval, &d.GCInterval},
+	} {
+		if *f.v == 0 {
+			*f.v = *f.def
+		}
+	}
+	if n.MemoryMiB == 0 {
+		n.MemoryMiB = d.MemoryMiB
+	}
+	return n
 }
 
 func (n NAT) vars() map[string]uint32 {
@@ -140,14 +178,17 @@ func (n NAT) vars() map[string]uint32 {
 		ternbpf.TernVarCtTimeoutTcpClose: sec(n.TCPClose),
 		ternbpf.TernVarCtTimeoutUdp:      sec(n.UDP),
 		ternbpf.TernVarCtTimeoutIcmp:     sec(n.ICMP),
+		ternbpf.TernVarNatGcInterval:     sec(n.GCInterval),
 	}
 }
 
 // specs wraps the loader's spec source so every object gets these settings,
 // and derives the version: the object version alone for the defaults,
 // with a hash of the settings otherwise, so different settings are
-// different programs.
-func (n NAT) specs(load func() ([]*cilium.CollectionSpec, error), version string) (func() ([]*cilium.CollectionSpec, error), string) {
+// different programs (and NAT maps of another size are re-created with
+// them, see prepareNATMaps). Loading first checks that the kernel can run
+// the programs (checkKernel). mapsDir is where the loader pins maps.
+func (n NAT) specs(load func() ([]*cilium.CollectionSpec, error), version, mapsDir string) (func() ([]*cilium.CollectionSpec, error), string) {
 	vars := n.vars()
 	if n != DefaultNAT() {
 		names := make([]string, 0, len(vars))
@@ -159,14 +200,21 @@ func (n NAT) specs(load func() ([]*cilium.CollectionSpec, error), version string
 		for _, k := range names {
 			fmt.Fprintf(h, "%s=%d\n", k, vars[k])
 		}
+		fmt.Fprintf(h, "nat_entries=%d\n", n.mapEntries())
 		version += "-" + hex.EncodeToString(h.Sum(nil)[:4])
 	}
 	return func() ([]*cilium.CollectionSpec, error) {
 		if err := n.validate(); err != nil {
 			return nil, err
 		}
+		if err := checkKernel(); err != nil {
+			return nil, err
+		}
 		specs, err := load()
 		if err != nil {
+			return nil, err
+		}
+		if err := n.prepareNATMaps(specs, mapsDir); err != nil {
 			return nil, err
 		}
 		for _, spec := range specs {

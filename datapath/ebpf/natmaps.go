@@ -1,0 +1,175 @@
+package ebpf
+
+import (
+	"crypto/rand"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+
+	cilium "github.com/cilium/ebpf"
+
+	ternbpf "github.com/ternlabs/tern/bpf"
+)
+
+// NAT map sizing. The two NAT maps (tern_nat, tern_nat_rev) are
+// preallocated hashes of 16-byte keys and values: the kernel charges 96
+// bytes per entry (measured: 6,292,528 bytes of memlock for 65,536
+// entries), so a budget of B bytes holds B / 192 flows.
+const (
+	natEntryBytes = 96
+	// DefaultNATMemoryMiB is the default budget: 65,536 flows, the size
+	// the maps had before they were configurable.
+	DefaultNATMemoryMiB = 12
+	MinNATMemoryMiB     = 1
+	MaxNATMemoryMiB     = 4096
+)
+
+// NATMapEntries is the number of flows (entries per NAT map) a budget of
+// memMiB MiB holds.
+func NATMapEntries(memMiB int) uint32 {
+	return uint32(uint64(memMiB) << 20 / (2 * natEntryBytes))
+}
+
+// mapEntries is the size of each NAT map for these settings.
+func (n NAT) mapEntries() uint32 {
+	mem := n.MemoryMiB
+	if mem == 0 {
+		mem = DefaultNATMemoryMiB
+	}
+	return NATMapEntries(mem)
+}
+
+// natKey returns the node's secret for the NAT port choice: the one in the
+// pinned tern_nat_key when there is one, else a new random key. Called
+// under the loader lock, so two processes never pick two keys.
+func natKey(mapsDir string) (ternbpf.TernNatKey, error) {
+	var k ternbpf.TernNatKey
+	m, err := cilium.LoadPinnedMap(filepath.Join(mapsDir, ternbpf.TernMapTernNatKey), nil)
+	if err == nil {
+		err = m.Lookup(uint32(0), &k)
+		m.Close()
+		if err != nil {
+			return k, fmt.Errorf("read NAT key: %w", err)
+		}
+		if k != (ternbpf.TernNatKey{}) {
+			return k, nil
+		}
+	} else if !errors.Is(err, os.ErrNotExist) {
+		return k, fmt.Errorf("open pinned NAT key: %w", err)
+	}
+	var b [16]byte
+	if _, err := rand.Read(b[:]); err != nil {
+		return k, fmt.Errorf("random NAT key: %w", err)
+	}
+	k.K0 = binary.LittleEndian.Uint64(b[:8])
+	k.K1 = binary.LittleEndian.Uint64(b[8:])
+	return k, nil
+}
+
+// prepareNATMaps fits the NAT map specs of every object to the settings
+// before load: their size from the memory budget, the node's NAT key, and
+// pinned NAT maps of another type or size (LRU maps of older versions, a
+// changed budget) re-created under their pin with their entries copied.
+func (n NAT) prepareNATMaps(specs []*cilium.CollectionSpec, mapsDir string) error {
+	key, err := natKey(mapsDir)
+	if err != nil {
+		return err
+	}
+	entries := n.mapEntries()
+	migrated := map[string]bool{}
+	for _, spec := range specs {
+		for _, name := range []string{ternbpf.TernMapTernNat, ternbpf.TernMapTernNatRev} {
+			ms, ok := spec.Maps[name]
+			if !ok {
+				continue
+			}
+			ms.MaxEntries = entries
+			if !migrated[name] && ms.Pinning == cilium.PinByName {
+				if err := migrateMap(filepath.Join(mapsDir, name), ms); err != nil {
+					return err
+				}
+				migrated[name] = true
+			}
+		}
+		if ms, ok := spec.Maps[ternbpf.TernMapTernNatKey]; ok {
+			ms.Contents = []cilium.MapKV{{Key: uint32(0), Value: key}}
+		}
+	}
+	return nil
+}
+
+// migrateMap re-creates the map pinned at pin when it does not match spec
+// (type, size, key or value size, flags), copying what fits: the entries
+// of an older version's map go on working with the new programs. Entries
+// the old programs add between the copy and the switch to the new
+// programs are lost (those flows allocate again). Called under the loader
+// lock.
+func migrateMap(pin string, spec *cilium.MapSpec) error {
+	old, err := cilium.LoadPinnedMap(pin, nil)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("open pinned map %s: %w", pin, err)
+	}
+	defer old.Close()
+	if old.Type() == spec.Type && old.MaxEntries() == spec.MaxEntries && old.KeySize() == spec.KeySize &&
+		old.ValueSize() == spec.ValueSize && old.Flags() == spec.Flags {
+		return nil
+	}
+	fresh := spec.Copy()
+	fresh.Pinning = cilium.PinNone
+	m, err := cilium.NewMap(fresh)
+	if err != nil {
+		return fmt.Errorf("re-create map %s: %w", pin, err)
+	}
+	defer m.Close()
+	if old.KeySize() == spec.KeySize && old.ValueSize() == spec.ValueSize {
+		var (
+			k  = make([]byte, spec.KeySize)
+			v  = make([]byte, spec.ValueSize)
+			it = old.Iterate()
+		)
+		for it.Next(&k, &v) {
+			if err := m.Put(k, v); err != nil {
+				break // smaller and full: the rest allocate again
+			}
+		}
+		if err := it.Err(); err != nil {
+			return fmt.Errorf("copy map %s: %w", pin, err)
+		}
+	}
+	// Swap the pin: programs loaded from now on find the new map.
+	tmp := pin + "_new"
+	_ = os.Remove(tmp)
+	if err := m.Pin(tmp); err != nil {
+		return fmt.Errorf("pin re-created map %s: %w", pin, err)
+	}
+	if err := os.Rename(tmp, pin); err != nil {
+		_ = os.Remove(tmp)
+		return fmt.Errorf("replace pinned map %s: %w", pin, err)
+	}
+	return nil
+}
+
+// runNATGC runs the program tern_nat_gc once: it (re)arms the NAT garbage
+// collector's timer with the loaded programs' code and collects expired
+// pairs now. Returns the entries removed.
+func runNATGC(objs interface {
+	Program(string) (*cilium.Program, error)
+}) (int, error) {
+	p, err := objs.Program(ternbpf.TernProgTernNatGc)
+	if err != nil {
+		return 0, err
+	}
+	ret, _, err := p.Test(make([]byte, 14))
+	if err != nil {
+		return 0, fmt.Errorf("run NAT garbage collector: %w", err)
+	}
+	if int32(ret) < 0 {
+		return 0, fmt.Errorf("arm NAT garbage collector: error %d", int32(ret))
+	}
+	return int(ret), nil
+}
