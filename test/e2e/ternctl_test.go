@@ -1,12 +1,16 @@
 package e2e
 
 import (
+	"bytes"
 	"encoding/json"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
+
+	"github.com/containernetworking/plugins/pkg/ns"
 
 	"github.com/ternlabs/tern/internal/testutil"
 )
@@ -83,5 +87,122 @@ func TestTernctl(t *testing.T) {
 	}
 	if _, err := n.Exec(t, bin, "--cni-conf", confFile, "get", "nothing"); err == nil {
 		t.Error("ternctl accepted an unknown resource")
+	}
+}
+
+// kubectlList is what `kubectl get ns,pods,netpol -n shop -o yaml` prints
+// for the objects TestTernctlKubectlList uses (trimmed server fields kept
+// where they test strictness: resourceVersion, uid, managedFields, status).
+const kubectlList = `apiVersion: v1
+items:
+- apiVersion: v1
+  kind: Namespace
+  metadata:
+    creationTimestamp: "2026-11-20T09:12:44Z"
+    labels: {kubernetes.io/metadata.name: shop}
+    name: shop
+    resourceVersion: "412"
+    uid: 0b7c8f0e-5a0c-4c2e-9d59-3f1b7b1b2a10
+  spec: {finalizers: [kubernetes]}
+  status: {phase: Active}
+- apiVersion: v1
+  kind: Pod
+  metadata:
+    labels: {app: web}
+    name: web
+    namespace: shop
+    resourceVersion: "530"
+  spec:
+    containers:
+    - image: nginx:1.27
+      name: nginx
+      ports: [{containerPort: 80, name: http, protocol: TCP}]
+      resources: {}
+    nodeName: node-1
+  status: {phase: Running, podIP: 10.77.31.9, qosClass: BestEffort}
+- apiVersion: v1
+  kind: Pod
+  metadata: {labels: {app: client}, name: client, namespace: shop}
+  spec: {containers: [{name: main, image: busybox}]}
+- apiVersion: networking.k8s.io/v1
+  kind: NetworkPolicy
+  metadata:
+    generation: 1
+    managedFields:
+    - apiVersion: networking.k8s.io/v1
+      fieldsType: FieldsV1
+      fieldsV1: {f:spec: {f:ingress: {}, f:podSelector: {}}}
+      manager: kubectl-client-side-apply
+      operation: Update
+      time: "2026-11-20T09:14:10Z"
+    name: web-allow-http
+    namespace: shop
+  spec:
+    ingress:
+    - ports: [{port: http, protocol: TCP}]
+    podSelector: {matchLabels: {app: web}}
+    policyTypes: [Ingress]
+kind: List
+metadata:
+  resourceVersion: ""
+`
+
+// TestTernctlKubectlList pipes kubectl's List output into `ternctl apply
+// -f -` and `delete -f -` (the built binary, standard input) on a node with
+// pods, and checks that the policy in it is enforced and withdrawn, and
+// that deleting what is not there succeeds with a "not found" line.
+func TestTernctlKubectlList(t *testing.T) {
+	testutil.RequirePrivileged(t)
+	t.Parallel()
+	w := newPolicyWorld(t, "ebpf")
+	web := addK8sPod(t, w.node, w.conf, "shop", "web")
+	client := addK8sPod(t, w.node, w.conf, "shop", "client")
+
+	stdin := func(input string, args ...string) (string, error) {
+		var stdout, stderr bytes.Buffer
+		err := w.node.NS.Do(func(ns.NetNS) error {
+			cmd := exec.Command(w.bin, append([]string{"--cni-conf", w.confFile}, args...)...)
+			cmd.Stdin = strings.NewReader(input)
+			cmd.Stdout, cmd.Stderr = &stdout, &stderr
+			return cmd.Run()
+		})
+		if err != nil {
+			err = fmt.Errorf("ternctl %v: %w: %s", args, err, stderr.String())
+		}
+		return stdout.String(), err
+	}
+
+	expect(t, "before apply", tcp(client, web, 80, true), tcp(client, web, 8080, true))
+	out, err := stdin(kubectlList, "apply", "-f", "-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want := "Namespace shop created\nPod shop/web created\nPod shop/client created\nNetworkPolicy shop/web-allow-http created\n"; out != want {
+		t.Errorf("apply -f - output:\n%s\nwant:\n%s", out, want)
+	}
+	expect(t, "after apply", tcp(client, web, 80, true), tcp(client, web, 8080, false))
+
+	// A list with one invalid item changes nothing.
+	bad := strings.Replace(kubectlList, "port: http, protocol: TCP", "port: 0, protocol: TCP", 1)
+	if _, err := stdin(bad, "delete", "-f", "-"); err == nil || !strings.Contains(err.Error(), "List items[3]: NetworkPolicy shop/web-allow-http") {
+		t.Errorf("invalid list item: %v", err)
+	}
+	expect(t, "after a rejected delete", tcp(client, web, 8080, false))
+
+	out, err = stdin(kubectlList, "delete", "-f", "-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(out, "NetworkPolicy shop/web-allow-http deleted\n") {
+		t.Errorf("delete -f - output:\n%s", out)
+	}
+	expect(t, "after delete", tcp(client, web, 8080, true))
+
+	out, err = stdin(kubectlList, "delete", "-f", "-")
+	if err != nil {
+		t.Fatalf("delete of objects that are gone: %v", err)
+	}
+	if want := "Namespace shop not found\nPod shop/web not found\nPod shop/client not found\nNetworkPolicy shop/web-allow-http not found\n"; out != want {
+		t.Errorf("second delete output:\n%s\nwant:\n%s", out, want)
 	}
 }
