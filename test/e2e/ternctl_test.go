@@ -78,11 +78,8 @@ func TestTernctl(t *testing.T) {
 	if err != nil {
 		t.Fatalf("ternctl get metrics: %v", err)
 	}
-	var metrics map[string]map[string]uint64
-	if err := json.Unmarshal([]byte(out), &metrics); err != nil {
-		t.Fatalf("decode %q: %v", out, err)
-	}
-	if metrics["redirect_peer"]["packets"] < 6 {
+	metrics := decodeCounters(t, out)
+	if metrics["redirect_peer"].Packets < 6 {
 		t.Errorf("redirect_peer after 3 pings each way: %v", metrics["redirect_peer"])
 	}
 	if _, err := n.Exec(t, bin, "--cni-conf", confFile, "get", "nothing"); err == nil {
@@ -204,5 +201,131 @@ func TestTernctlKubectlList(t *testing.T) {
 	}
 	if want := "Namespace shop not found\nPod shop/web not found\nPod shop/client not found\nNetworkPolicy shop/web-allow-http not found\n"; out != want {
 		t.Errorf("second delete output:\n%s\nwant:\n%s", out, want)
+	}
+}
+
+// counterRow is one row of `ternctl get counters -o json`.
+type counterRow struct {
+	Name             string   `json:"name"`
+	Packets          uint64   `json:"packets"`
+	Bytes            uint64   `json:"bytes"`
+	Description      string   `json:"description"`
+	PacketsPerSecond *float64 `json:"packetsPerSecond"`
+	BytesPerSecond   *float64 `json:"bytesPerSecond"`
+}
+
+func decodeCounters(t *testing.T, out string) map[string]counterRow {
+	t.Helper()
+	var rows []counterRow
+	if err := json.Unmarshal([]byte(out), &rows); err != nil {
+		t.Fatalf("decode counters %q: %v", out, err)
+	}
+	m := map[string]counterRow{}
+	for _, r := range rows {
+		if r.Description == "" {
+			t.Errorf("counter %s has no description", r.Name)
+		}
+		m[r.Name] = r
+	}
+	return m
+}
+
+// TestTernctlCounters reads `ternctl get counters` on both datapaths while
+// real traffic flows between two pods: forwarded and policy-dropped packets
+// are counted with their bytes, zero rows are hidden unless --all, and
+// --watch reports a rate while a ping runs.
+func TestTernctlCounters(t *testing.T) {
+	for _, dp := range []string{"ebpf", "iptables"} {
+		t.Run(dp, func(t *testing.T) {
+			testutil.RequirePrivileged(t)
+			t.Parallel()
+			w := newPolicyWorld(t, dp)
+			a := addK8sPod(t, w.node, w.conf, "default", "a")
+			b := addK8sPod(t, w.node, w.conf, "default", "b")
+			// Forwarded pod to pod: redirect_peer on eBPF; on iptables the
+			// FORWARD jump sees every packet and the bridge accept the
+			// first of each connection.
+			forwarded, newConn := "redirect_peer", "redirect_peer"
+			if dp == "iptables" {
+				forwarded, newConn = "forward", "accept_new_from_pods"
+			}
+			if err := testutil.Ping(a.NS, b.IP, 3); err != nil {
+				t.Fatal(err)
+			}
+			got := decodeCounters(t, w.mustTernctl("get", "counters", "-o", "json"))
+			if c := got[forwarded]; c.Packets < 6 || c.Bytes < 6*84 {
+				t.Errorf("%s after 3 pings each way: %+v", forwarded, c)
+			}
+			if c := got[newConn]; c.Packets < 1 {
+				t.Errorf("%s after a ping: %+v", newConn, c)
+			}
+			for name, c := range got {
+				if c.Packets == 0 && c.Bytes == 0 {
+					t.Errorf("zero row %s shown without --all", name)
+				}
+			}
+			if _, ok := got["drop_policy_ingress"]; ok {
+				t.Errorf("drop_policy_ingress counted before any policy: %+v", got["drop_policy_ingress"])
+			}
+			all := decodeCounters(t, w.mustTernctl("get", "counters", "--all", "-o", "json"))
+			if _, ok := all["drop_policy_ingress"]; !ok || len(all) <= len(got) {
+				t.Errorf("--all lists %d rows, without %d (drop_policy_ingress there: %v)", len(all), len(got), ok)
+			}
+			if table := w.mustTernctl("get", "metrics"); !strings.Contains(table, "COUNTER") || !strings.Contains(table, forwarded) {
+				t.Errorf("get metrics (alias) table:\n%s", table)
+			}
+
+			// --watch while a ping runs: at least one sample shows a rate.
+			stop := make(chan struct{})
+			pinged := make(chan struct{})
+			go func() {
+				defer close(pinged)
+				for i := 0; i < 100; i++ {
+					select {
+					case <-stop:
+						return
+					default:
+					}
+					_ = testutil.Ping(a.NS, b.IP, 2)
+				}
+			}()
+			out := w.mustTernctl("get", "counters", "--watch", "--interval", "500ms", "--count", "3", "-o", "json")
+			close(stop)
+			<-pinged
+			lines := strings.Split(strings.TrimSpace(out), "\n")
+			if len(lines) != 3 {
+				t.Fatalf("--count 3: %d lines:\n%s", len(lines), out)
+			}
+			var rate float64
+			for _, l := range lines {
+				var s struct {
+					Seconds  float64      `json:"seconds"`
+					Counters []counterRow `json:"counters"`
+				}
+				if err := json.Unmarshal([]byte(l), &s); err != nil || s.Seconds <= 0 {
+					t.Fatalf("watch sample %q: %v", l, err)
+				}
+				for _, c := range s.Counters {
+					if c.PacketsPerSecond == nil || c.BytesPerSecond == nil {
+						t.Fatalf("watch sample without rates: %q", l)
+					}
+					if c.Name == forwarded {
+						rate = max(rate, *c.PacketsPerSecond)
+					}
+				}
+			}
+			if rate <= 0 {
+				t.Errorf("no %s rate while pinging:\n%s", forwarded, out)
+			}
+
+			// Deny ingress to every pod of the namespace: the blocked
+			// connection attempts are counted as policy drops.
+			w.mustTernctl("apply", "-f", w.write("deny.yaml", "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: deny, namespace: default}\nspec: {podSelector: {}}\n"))
+			expect(t, "deny", tcp(a, b, 80, false))
+			got = decodeCounters(t, w.mustTernctl("get", "counters", "-o", "json"))
+			if c := got["drop_policy_ingress"]; c.Packets < 1 || c.Bytes < 40 {
+				t.Errorf("drop_policy_ingress after a denied connection: %+v", c)
+			}
+		})
 	}
 }
