@@ -31,6 +31,13 @@ func cmdAdd(args *skel.CmdArgs) (err error) {
 	if err != nil {
 		return err
 	}
+	rc, err := parseRuntimeConfig(args.StdinData)
+	if err != nil {
+		return err
+	}
+	if err := rc.checkDatapath(conf.Datapath); err != nil {
+		return err
+	}
 	podNS, err := openPodNS(args.Netns)
 	if err != nil {
 		return err
@@ -96,6 +103,9 @@ func cmdAdd(args *skel.CmdArgs) (err error) {
 		return err
 	}
 	undo = append(undo, func() error { return deleteHostVeth(hostName) })
+	if pl.podMAC, err = setPodMAC(podNS, args.IfName, rc.Mac, pl.podMAC); err != nil {
+		return err
+	}
 
 	podIP := net.IPNet{IP: ipc.Address.IP.To4(), Mask: ipc.Address.Mask}
 	ep := &datapath.Endpoint{

@@ -29,7 +29,15 @@ const buildTimeout = 5 * time.Minute
 var plugins = []struct{ name, pkg string }{
 	{"tern", ternPkg},
 	{"host-local", hostLocalPkg},
+	// Reference meta plugins that follow tern in chained conflists.
+	{"portmap", metaPkg + "portmap"},
+	{"bandwidth", metaPkg + "bandwidth"},
+	{"tuning", metaPkg + "tuning"},
+	{"sbr", metaPkg + "sbr"},
 }
+
+// metaPkg is the package path prefix of the reference meta plugins.
+const metaPkg = "github.com/containernetworking/plugins/plugins/meta/"
 
 // BuildPlugins returns a directory holding the `tern` CNI binary and the
 // reference `host-local` IPAM plugin, for use as CNI_PATH.

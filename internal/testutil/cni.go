@@ -127,6 +127,31 @@ func (n *Node) Status(ctx context.Context, conflist []byte) error {
 	})
 }
 
+// AddRuntime, CheckRuntime and DelRuntime are Add, Check and Del with a
+// full runtime configuration, for capability arguments (runtimeConfig:
+// portMappings, bandwidth, mac, ...).
+func (n *Node) AddRuntime(ctx context.Context, conflist []byte, rc *libcni.RuntimeConf) (types.Result, error) {
+	var res types.Result
+	err := n.run(ctx, "ADD", conflist, func(ctx context.Context, c *libcni.CNIConfig, list *libcni.NetworkConfigList) error {
+		var err error
+		res, err = c.AddNetworkList(ctx, list, rc)
+		return err
+	})
+	return res, err
+}
+
+func (n *Node) CheckRuntime(ctx context.Context, conflist []byte, rc *libcni.RuntimeConf) error {
+	return n.run(ctx, "CHECK", conflist, func(ctx context.Context, c *libcni.CNIConfig, list *libcni.NetworkConfigList) error {
+		return c.CheckNetworkList(ctx, list, rc)
+	})
+}
+
+func (n *Node) DelRuntime(ctx context.Context, conflist []byte, rc *libcni.RuntimeConf) error {
+	return n.run(ctx, "DEL", conflist, func(ctx context.Context, c *libcni.CNIConfig, list *libcni.NetworkConfigList) error {
+		return c.DelNetworkList(ctx, list, rc)
+	})
+}
+
 func runtimeConf(containerID, podNetnsPath, ifname string, args [][2]string) *libcni.RuntimeConf {
 	return &libcni.RuntimeConf{
 		ContainerID: containerID,
