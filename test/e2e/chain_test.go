@@ -71,11 +71,17 @@ type chainPod struct {
 // idempotent for every plugin).
 func addChainPod(t *testing.T, n *testutil.Node, conf []byte, prefix string, caps map[string]any) *chainPod {
 	t.Helper()
-	p := n.Pod(t, prefix)
+	return addChainPodIn(t, n, conf, n.Pod(t, prefix), "eth0", caps)
+}
+
+// addChainPodIn is addChainPod for an existing pod namespace and an
+// interface name.
+func addChainPodIn(t *testing.T, n *testutil.Node, conf []byte, p *testutil.Pod, ifname string, caps map[string]any) *chainPod {
+	t.Helper()
 	rc := &libcni.RuntimeConf{
 		ContainerID:    "c-" + p.Name,
 		NetNS:          p.Path,
-		IfName:         "eth0",
+		IfName:         ifname,
 		Args:           append(k8sArgs, [2]string{"K8S_POD_NAME", p.Name}),
 		CapabilityArgs: caps,
 	}
@@ -383,4 +389,169 @@ func TestChainBandwidth(t *testing.T) {
 			t.Error(err)
 		}
 	})
+}
+
+// readSysctl reads a sysctl inside namespace n.
+func readSysctl(t *testing.T, n ns.NetNS, name string) string {
+	t.Helper()
+	var v []byte
+	err := n.Do(func(ns.NetNS) error {
+		var err error
+		v, err = os.ReadFile(filepath.Join("/proc/sys", strings.ReplaceAll(name, ".", "/")))
+		return err
+	})
+	if err != nil {
+		t.Fatalf("sysctl %s: %v", name, err)
+	}
+	return strings.TrimSpace(string(v))
+}
+
+// podLink returns "mtu <n> mac <addr>" of the pod's eth0.
+func podLink(t *testing.T, p *chainPod) (mtu, mac string) {
+	t.Helper()
+	out, err := testutil.ExecIn(p.NS, "ip", "-o", "link", "show", "dev", "eth0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	f := strings.Fields(out)
+	for i := 0; i+1 < len(f); i++ {
+		switch f[i] {
+		case "mtu":
+			mtu = f[i+1]
+		case "link/ether":
+			mac = f[i+1]
+		}
+	}
+	return mtu, mac
+}
+
+// TestChainTuning: tuning after Tern sets sysctls and the MTU in the pod;
+// a MAC requested through the mac capability is set by Tern itself (which
+// declares the capability too), so the datapath knows it: CHECK passes and
+// traffic flows both ways on both datapaths. A MAC that tuning alone
+// changes is reported by Tern's CHECK.
+func TestChainTuning(t *testing.T) {
+	for _, dp := range []string{"ebpf", "iptables"} {
+		t.Run(dp, func(t *testing.T) {
+			testutil.RequirePrivileged(t)
+			t.Parallel()
+			n := testutil.NewNode(t)
+			subnet := map[string]string{"ebpf": "10.77.64.0/24", "iptables": "10.77.65.0/24"}[dp]
+			conf := exampleConflist(t, n, "20-tern-tuning.conflist", dp, subnet, nil)
+			const mac = "c2:11:22:33:44:55"
+			a := addChainPod(t, n, conf, "tua", map[string]any{"mac": mac})
+			b := addChainPod(t, n, conf, "tub", nil)
+			if got := readSysctl(t, a.NS, "net.ipv4.tcp_keepalive_time"); got != "600" {
+				t.Errorf("tcp_keepalive_time in the pod: %s, want 600", got)
+			}
+			if got := readSysctl(t, a.NS, "net.ipv4.conf.eth0.accept_local"); got != "1" {
+				t.Errorf("accept_local of eth0 in the pod: %s, want 1", got)
+			}
+			if mtu, got := podLink(t, a); mtu != "1400" || got != mac {
+				t.Errorf("pod eth0: mtu %s mac %s, want 1400 and %s", mtu, got, mac)
+			}
+			if err := testutil.Ping(a.NS, b.IP, 2); err != nil {
+				t.Error(err)
+			}
+			if err := testutil.Ping(b.NS, a.IP, 2); err != nil {
+				t.Error(err)
+			}
+			for _, dir := range [][2]*chainPod{{a, b}, {b, a}} {
+				if err := testutil.TCPTransfer(dir[0].NS, dir[1].NS, dir[1].IP, 1<<20); err != nil {
+					t.Error(err)
+				}
+			}
+			a.del(t, n, conf)
+			b.del(t, n, conf)
+
+			// tuning's own "mac", which Tern cannot see: CHECK says so.
+			var list map[string]any
+			if err := json.Unmarshal(conf, &list); err != nil {
+				t.Fatal(err)
+			}
+			list["plugins"].([]any)[1].(map[string]any)["mac"] = "c2:11:22:33:44:66"
+			static, _ := json.Marshal(list)
+			p := n.Pod(t, "tus")
+			rc := &libcni.RuntimeConf{ContainerID: "c-" + p.Name, NetNS: p.Path, IfName: "eth0", Args: k8sArgs}
+			t.Cleanup(func() { _ = n.DelRuntime(context.Background(), static, rc) })
+			if _, err := n.AddRuntime(t.Context(), static, rc); err != nil {
+				t.Fatal(err)
+			}
+			if err := n.CheckRuntime(t.Context(), static, rc); err == nil || !strings.Contains(err.Error(), "has MAC c2:11:22:33:44:66") {
+				t.Errorf("CHECK after tuning changed the MAC behind Tern: %v, want the MAC named", err)
+			}
+		})
+	}
+}
+
+// TestChainSBR: sbr applies to a pod with more than one interface. Each
+// pod here has a primary eth0 (a veth to nowhere holding the default route, standing
+// in for another network) and Tern's interface net1; sbr after Tern moves
+// net1's routes into table 100, chosen by net1's address. Traffic sourced
+// from the Tern addresses flows both ways (the replies leave by net1 although
+// the main default route points at eth0); CHECK and DEL pass on both
+// datapaths.
+func TestChainSBR(t *testing.T) {
+	for _, dp := range []string{"ebpf", "iptables"} {
+		t.Run(dp, func(t *testing.T) {
+			testutil.RequirePrivileged(t)
+			t.Parallel()
+			n := testutil.NewNode(t)
+			subnet := map[string]string{"ebpf": "10.77.66.0/24", "iptables": "10.77.67.0/24"}[dp]
+			conf := exampleConflist(t, n, "20-tern-sbr.conflist", dp, subnet, nil)
+			pods := make([]*chainPod, 2)
+			for i, name := range []string{"sba", "sbb"} {
+				p := n.Pod(t, name)
+				for _, cmd := range [][]string{
+					{"ip", "link", "add", "eth0", "type", "veth", "peer", "name", "eth0peer"},
+					{"ip", "link", "set", "eth0peer", "up"},
+					{"ip", "addr", "add", "198.51.100.1" + strconv.Itoa(i) + "/24", "dev", "eth0"},
+					{"ip", "link", "set", "eth0", "up"},
+					{"ip", "route", "add", "default", "via", "198.51.100.254"},
+				} {
+					if _, err := testutil.ExecIn(p.NS, cmd[0], cmd[1:]...); err != nil {
+						t.Fatal(err)
+					}
+				}
+				pods[i] = addChainPodIn(t, n, conf, p, "net1", nil)
+			}
+			a, b := pods[0], pods[1]
+			rules, err := testutil.ExecIn(a.NS, "ip", "-4", "rule", "show")
+			if err != nil {
+				t.Fatal(err)
+			}
+			if !strings.Contains(rules, "from "+a.IP+" lookup 100") {
+				t.Errorf("pod rules after sbr:\n%s", rules)
+			}
+			if out, _ := testutil.ExecIn(a.NS, "ip", "-4", "route", "show", "table", "100"); !strings.Contains(out, "default via") {
+				t.Errorf("table 100 in the pod:\n%s", out)
+			}
+			if out, _ := testutil.ExecIn(a.NS, "ip", "-4", "route", "show", "default"); !strings.Contains(out, "dev eth0") || strings.Contains(out, "net1") {
+				t.Errorf("main table default route in the pod:\n%s", out)
+			}
+			if _, err := testutil.ExecIn(a.NS, "ping", "-n", "-c", "2", "-i", "0.2", "-W", "1", "-w", "4", "-I", a.IP, b.IP); err != nil {
+				t.Errorf("ping from %s to %s: %v", a.IP, b.IP, err)
+			}
+			greeter(t, a.NS, 8080)
+			var c net.Conn
+			err = b.NS.Do(func(ns.NetNS) error {
+				d := net.Dialer{Timeout: 5 * time.Second, LocalAddr: &net.TCPAddr{IP: net.ParseIP(b.IP)}}
+				var err error
+				c, err = d.Dial("tcp", net.JoinHostPort(a.IP, "8080"))
+				return err
+			})
+			if err != nil {
+				t.Fatalf("TCP from %s to %s: %v", b.IP, a.IP, err)
+			}
+			defer c.Close()
+			_ = c.SetDeadline(time.Now().Add(5 * time.Second))
+			if seen, err := bufio.NewReader(c).ReadString('\n'); err != nil || !strings.HasPrefix(seen, b.IP+":") {
+				t.Errorf("TCP from %s to %s: greeting %q, %v", b.IP, a.IP, seen, err)
+			}
+			a.del(t, n, conf)
+			if rules, _ := testutil.ExecIn(a.NS, "ip", "-4", "rule", "show"); strings.Contains(rules, "lookup 100") {
+				t.Errorf("sbr rule left after DEL:\n%s", rules)
+			}
+		})
+	}
 }
