@@ -102,3 +102,37 @@ func setPodMAC(podNS ns.NetNS, ifname, mac string, current net.HardwareAddr) (ne
 	}
 	return hw, nil
 }
+
+// checkShaping reports traffic shaping on a host veth of the eBPF datapath
+// (what the bandwidth plugin sets up: a tbf root qdisc for the pod's
+// ingress, an ingress filter mirroring to an ifb for its egress), which
+// the datapath bypasses: limits Tern did not see at ADD, e.g. rates written
+// into the bandwidth plugin's own conflist entry.
+func checkShaping(host netlink.Link) error {
+	name := host.Attrs().Name
+	qdiscs, err := netlinksafe.QdiscList(host)
+	if err != nil {
+		return fmt.Errorf("list qdiscs of %s: %w", name, err)
+	}
+	for _, q := range qdiscs {
+		if q.Type() == "tbf" {
+			return fmt.Errorf("host veth %s has a tbf qdisc (bandwidth plugin?): the eBPF datapath bypasses it, pod-to-pod traffic is not limited; use the iptables datapath for pods with limits", name)
+		}
+	}
+	filters, err := netlinksafe.FilterList(host, netlink.HANDLE_MIN_INGRESS)
+	if err != nil {
+		return nil // no ingress or clsact qdisc: nothing mirrored
+	}
+	for _, f := range filters {
+		u, ok := f.(*netlink.U32)
+		if !ok {
+			continue
+		}
+		for _, a := range u.Actions {
+			if m, ok := a.(*netlink.MirredAction); ok && m.MirredAction == netlink.TCA_EGRESS_REDIR {
+				return fmt.Errorf("host veth %s mirrors its ingress to ifindex %d (bandwidth plugin?): the eBPF datapath redirects before that filter runs, the pod's egress is not limited; use the iptables datapath for pods with limits", name, m.Ifindex)
+			}
+		}
+	}
+	return nil
+}

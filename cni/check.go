@@ -58,6 +58,11 @@ func cmdCheck(args *skel.CmdArgs) error {
 	if host.Attrs().OperState == netlink.OperDown {
 		return fmt.Errorf("host veth %s is down", ep.HostVeth)
 	}
+	if conf.IsEBPF() {
+		if err := checkShaping(host); err != nil {
+			return err
+		}
+	}
 
 	podNS, err := openPodNS(args.Netns)
 	if err != nil {

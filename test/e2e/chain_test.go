@@ -388,6 +388,31 @@ func TestChainBandwidth(t *testing.T) {
 		if err := testutil.Ping(ok.NS, other.IP, 1); err != nil {
 			t.Error(err)
 		}
+
+		// Limits in the bandwidth plugin's own entry: Tern cannot see them
+		// at ADD; its CHECK finds the shaping it would bypass.
+		for _, dir := range []string{"ingress", "egress"} {
+			var list map[string]any
+			if err := json.Unmarshal(conf, &list); err != nil {
+				t.Fatal(err)
+			}
+			list["plugins"].([]any)[1].(map[string]any)[dir+"Rate"] = bwIngressRate
+			list["plugins"].([]any)[1].(map[string]any)[dir+"Burst"] = bwBurst
+			static, _ := json.Marshal(list)
+			p := n.Pod(t, "bws")
+			rc := &libcni.RuntimeConf{ContainerID: "c-" + p.Name, NetNS: p.Path, IfName: "eth0", Args: k8sArgs}
+			t.Cleanup(func() { _ = n.DelRuntime(context.Background(), static, rc) })
+			if _, err := n.AddRuntime(t.Context(), static, rc); err != nil {
+				t.Fatalf("ADD with %s limits in the bandwidth entry: %v", dir, err)
+			}
+			want := map[string]string{"ingress": "has a tbf qdisc", "egress": "mirrors its ingress"}[dir]
+			if err := n.CheckRuntime(t.Context(), static, rc); err == nil || !strings.Contains(err.Error(), want) {
+				t.Errorf("CHECK with %s limits Tern bypasses: %v, want %q", dir, err, want)
+			}
+			if err := n.DelRuntime(t.Context(), static, rc); err != nil {
+				t.Error(err)
+			}
+		}
 	})
 }
 
