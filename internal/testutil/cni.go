@@ -39,8 +39,8 @@ type Pod struct {
 }
 
 // NewNode creates a node namespace (lo up, IPv4 forwarding on), its state,
-// bpffs and cache directories, and a CNIPath with `tern` and `host-local`
-// (see BuildPlugins). Everything is removed when the test ends.
+// bpffs and cache directories, and a CNIPath with `tern`, `host-local` and
+// the reference meta plugins (see BuildPlugins). Everything is removed when the test ends.
 func NewNode(t testing.TB) *Node {
 	t.Helper()
 	RequirePrivileged(t)
