@@ -187,6 +187,9 @@ type countersOptions struct {
 	watch    bool
 	interval time.Duration
 	count    int // --watch: stop after this many samples; 0 = until interrupted
+	// legacyJSON prints -o json as `get metrics` did before counters
+	// existed: every counter, {"name": {"packets": n, "bytes": n}}.
+	legacyJSON bool
 }
 
 // Bounds of --interval: below 100 ms the rates are mostly noise and the
@@ -214,6 +217,13 @@ func getCounters(ctx context.Context, conf *cni.NetConf, o countersOptions, w io
 		rows, err := read()
 		if err != nil {
 			return err
+		}
+		if o.legacyJSON && o.output == "json" {
+			out := map[string]map[string]uint64{}
+			for _, r := range rows {
+				out[r.Name] = map[string]uint64{"packets": r.Packets, "bytes": r.Bytes}
+			}
+			return writeJSON(w, out)
 		}
 		return printCounters(w, visible(rows, o.all), o.output, conf)
 	}

@@ -34,7 +34,8 @@ commands:
                         outcome and drop reason (eBPF), or the packet and byte
                         counters of the network's iptables rules; zero rows are
                         hidden unless --all; --watch prints rates per second
-                        every interval until Ctrl-C ("get metrics": the same)
+                        every interval until Ctrl-C ("get metrics": the same; its
+                        -o json keeps the earlier shape, every counter by name)
   get policies          NetworkPolicies in force: selected local pods, policy types, rules
   apply -f FILE|DIR     add or replace the Pods, Namespaces and NetworkPolicies of
                         the manifests in the node's policy state, and enforce it
@@ -106,6 +107,9 @@ func Run(args []string, stdout, stderr io.Writer) error {
 	case "endpoints", "endpoint", "ep":
 		return getEndpoints(conf, *output, stdout)
 	case "counters", "counter", "metrics":
+		// `get metrics -o json` keeps the shape it had before counters
+		// existed (every counter, name -> packets and bytes) for scripts.
+		counters.legacyJSON = rest[1] == "metrics" && !counters.watch
 		ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 		defer stop()
 		return getCounters(ctx, conf, counters, stdout)

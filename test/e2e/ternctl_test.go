@@ -78,9 +78,16 @@ func TestTernctl(t *testing.T) {
 	if err != nil {
 		t.Fatalf("ternctl get metrics: %v", err)
 	}
-	metrics := decodeCounters(t, out)
-	if metrics["redirect_peer"].Packets < 6 {
+	// get metrics -o json keeps its earlier shape: every counter by name.
+	var metrics map[string]map[string]uint64
+	if err := json.Unmarshal([]byte(out), &metrics); err != nil {
+		t.Fatalf("decode %q: %v", out, err)
+	}
+	if metrics["redirect_peer"]["packets"] < 6 {
 		t.Errorf("redirect_peer after 3 pings each way: %v", metrics["redirect_peer"])
+	}
+	if _, ok := metrics["drop_spoofed"]; !ok {
+		t.Errorf("get metrics -o json leaves out zero counters: %s", out)
 	}
 	if _, err := n.Exec(t, bin, "--cni-conf", confFile, "get", "nothing"); err == nil {
 		t.Error("ternctl accepted an unknown resource")
