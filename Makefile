@@ -24,6 +24,9 @@ build:
 	$(GO) build -o $(BIN)/bandwidth github.com/containernetworking/plugins/plugins/meta/bandwidth
 	$(GO) build -o $(BIN)/tuning github.com/containernetworking/plugins/plugins/meta/tuning
 	$(GO) build -o $(BIN)/sbr github.com/containernetworking/plugins/plugins/meta/sbr
+	# Interface plugins tern can follow in chained mode.
+	$(GO) build -o $(BIN)/ptp github.com/containernetworking/plugins/plugins/main/ptp
+	$(GO) build -o $(BIN)/bridge github.com/containernetworking/plugins/plugins/main/bridge
 
 # Regenerate the BPF objects and their Go bindings (committed; CI checks
 # they are current).

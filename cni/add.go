@@ -27,6 +27,9 @@ func cmdAdd(args *skel.CmdArgs) (err error) {
 	if err != nil {
 		return err
 	}
+	if conf.chained() {
+		return cmdAddChained(args, conf)
+	}
 	k8s, err := parseArgs(args.Args)
 	if err != nil {
 		return err

@@ -37,3 +37,30 @@ func TestRuntimeConfig(t *testing.T) {
 		t.Errorf("zero limits on eBPF: %v", err)
 	}
 }
+
+func TestParseConfigChained(t *testing.T) {
+	conf, err := ParseConfig([]byte(`{"cniVersion": "1.1.0", "name": "n", "type": "tern", "mode": "chained"}`))
+	if err != nil || !conf.chained() || conf.masquerade() || conf.Datapath != DatapathEBPF {
+		t.Fatalf("chained without ipam: %+v, %v", conf, err)
+	}
+	conf, err = ParseConfig([]byte(`{"cniVersion": "1.1.0", "name": "n", "type": "tern", "mode": "chained", "ipMasq": true}`))
+	if err != nil || !conf.masquerade() {
+		t.Errorf("chained with ipMasq: %v", err)
+	}
+	conf, err = ParseConfig([]byte(`{"cniVersion": "1.1.0", "name": "n", "type": "tern", "ipam": {"type": "host-local"}}`))
+	if err != nil || conf.chained() || conf.Mode != ModeStandalone || !conf.masquerade() {
+		t.Errorf("standalone: %+v, %v", conf, err)
+	}
+	for _, bad := range []struct{ conf, field string }{
+		{`{"name": "n", "mode": "chained", "ipam": {"type": "host-local"}}`, "ipam"},
+		{`{"name": "n", "mode": "chained", "datapath": "iptables"}`, "mode"},
+		{`{"name": "n", "mode": "Chained"}`, "mode"},
+		{`{"name": "n"}`, "ipam.type"},
+	} {
+		_, err := ParseConfig([]byte(bad.conf))
+		var ce *ConfigError
+		if !errors.As(err, &ce) || ce.Field != bad.field {
+			t.Errorf("%s: %v, want a config error on %s", bad.conf, err, bad.field)
+		}
+	}
+}

@@ -69,8 +69,12 @@ func cmdCheck(args *skel.CmdArgs) error {
 		return err
 	}
 	defer podNS.Close()
-	want := conf.podAddressing(ep, rec.Routes)
-	if err := podNS.Do(func(ns.NetNS) error { return checkPod(args.IfName, ep, want) }); err != nil {
+	check := func(ns.NetNS) error { return checkPod(args.IfName, ep, conf.podAddressing(ep, rec.Routes)) }
+	if rec.Chained {
+		// Addresses and routes are the previous plugin's to check.
+		check = func(ns.NetNS) error { return checkChainedPod(args.IfName, ep) }
+	}
+	if err := podNS.Do(check); err != nil {
 		return err
 	}
 

@@ -34,14 +34,18 @@ var plugins = []struct{ name, pkg string }{
 	{"bandwidth", metaPkg + "bandwidth"},
 	{"tuning", metaPkg + "tuning"},
 	{"sbr", metaPkg + "sbr"},
+	// Interface plugins tern follows in chained mode.
+	{"ptp", "github.com/containernetworking/plugins/plugins/main/ptp"},
+	{"bridge", "github.com/containernetworking/plugins/plugins/main/bridge"},
 }
 
 // metaPkg is the package path prefix of the reference meta plugins.
 const metaPkg = "github.com/containernetworking/plugins/plugins/meta/"
 
 // BuildPlugins returns a directory holding the `tern` CNI binary, the
-// reference `host-local` IPAM plugin and the reference meta plugins the
-// chain tests put after tern (portmap, bandwidth, tuning, sbr), for use as
+// reference `host-local` IPAM plugin, the reference meta plugins the
+// chain tests put after tern (portmap, bandwidth, tuning, sbr) and the
+// interface plugins chained mode follows (ptp, bridge), for use as
 // CNI_PATH.
 //
 // When TERN_CNI_PATH is set (the Makefile builds into bin/ and sets it), that
