@@ -13,41 +13,39 @@ import (
 	"github.com/ternlabs/tern/internal/testutil"
 )
 
-// chainedConflist is a conflist where plugin `under` (ptp or bridge, with
-// host-local) creates the pod's interface and address and tern follows in
-// chained mode; under "standalone" it is tern alone, for comparison.
+// chainedConflist reads examples/30-tern-chained-<under>.conflist (ptp or
+// bridge with host-local, then tern in chained mode) and points it at node
+// n: subnet, the node's directories, unique names. Under "standalone" it
+// is tern alone, for comparison.
 func chainedConflist(t *testing.T, n *testutil.Node, under, subnet string) []byte {
 	t.Helper()
 	if under == "standalone" {
 		return conflist(t, n, testutil.UniqueName("net"), netConf{Datapath: "ebpf", Subnet: subnet})
 	}
-	first := map[string]any{
-		"type": under,
-		"mtu":  1500,
-		"ipam": map[string]any{
-			"type":    "host-local",
-			"dataDir": filepath.Join(n.StateDir, "host-local"),
-			"ranges":  [][]map[string]string{{{"subnet": subnet}}},
-			"routes":  []map[string]string{{"dst": "0.0.0.0/0"}},
-		},
+	b, err := os.ReadFile(filepath.Join("..", "..", "examples", "30-tern-chained-"+under+".conflist"))
+	if err != nil {
+		t.Fatal(err)
 	}
+	var list map[string]any
+	if err := json.Unmarshal(b, &list); err != nil {
+		t.Fatal(err)
+	}
+	list["name"] = testutil.UniqueName("chd")
+	plugins := list["plugins"].([]any)
+	first, tern := plugins[0].(map[string]any), plugins[1].(map[string]any)
+	if first["type"] != under || tern["type"] != "tern" || tern["mode"] != "chained" {
+		t.Fatalf("example for %s: plugins %v", under, plugins)
+	}
+	ipam := first["ipam"].(map[string]any)
+	ipam["dataDir"] = filepath.Join(n.StateDir, "host-local")
+	ipam["ranges"] = [][]map[string]string{{{"subnet": subnet}}}
 	if under == "bridge" {
 		first["bridge"] = testutil.UniqueName("cb")
-		first["isGateway"] = true
 	}
-	b, err := json.Marshal(map[string]any{
-		"cniVersion": "1.1.0",
-		"name":       testutil.UniqueName("chd"),
-		"plugins": []any{first, map[string]any{
-			"type":        "tern",
-			"mode":        "chained",
-			"datapath":    "ebpf",
-			"clusterCIDR": "10.77.0.0/16",
-			"stateDir":    n.StateDir,
-			"bpffsDir":    n.BPFFSDir,
-		}},
-	})
-	if err != nil {
+	tern["clusterCIDR"] = "10.77.0.0/16"
+	tern["stateDir"] = n.StateDir
+	tern["bpffsDir"] = n.BPFFSDir
+	if b, err = json.Marshal(list); err != nil {
 		t.Fatal(err)
 	}
 	return b
