@@ -200,3 +200,31 @@ func TestChainedModeErrors(t *testing.T) {
 		t.Errorf("veths after failed ADDs: %v", v)
 	}
 }
+
+// TestChainedModeSNAT: behind ptp, with "ipMasq": true and an uplink,
+// Tern masquerades pod traffic leaving the cluster in BPF (the source ext
+// sees is the node's, from the NAT port range), and replies come back.
+func TestChainedModeSNAT(t *testing.T) {
+	testutil.RequirePrivileged(t)
+	t.Parallel()
+	w := newSNATWorld(t)
+	b := chainedConflist(t, w.node, "ptp", "10.77.73.0/24")
+	var list map[string]any
+	if err := json.Unmarshal(b, &list); err != nil {
+		t.Fatal(err)
+	}
+	tern := list["plugins"].([]any)[1].(map[string]any)
+	tern["ipMasq"] = true
+	tern["uplink"] = w.uplink
+	conf, _ := json.Marshal(list)
+	p := addPod(t, w.node, conf, "chs")
+	srv := w.serve(t)
+	src, err := tcpSeen(p.NS, srv.tcpAddr(), 0, []byte("chained-snat"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	checkMasqueraded(t, "ebpf", "TCP from a chained pod", src)
+	if got := snatMetrics(t, w.node); got["snat"] == 0 || got["rev_snat"] == 0 {
+		t.Errorf("SNAT counters: %v", got)
+	}
+}
