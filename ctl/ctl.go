@@ -45,7 +45,8 @@ apply and delete read multi-document YAML or JSON (a directory: its *.yaml,
 *.yml and *.json files, "-": standard input), also lists as kubectl prints
 them (kind: List, or NetworkPolicyList etc.), strictly: an invalid object is
 named and nothing changes. Deleting an object that is not there prints
-"not found" and is not an error (as kubectl delete --ignore-not-found). The datapath is updated before they return.
+"not found" and is not an error (as kubectl delete --ignore-not-found).
+The datapath is updated before they return.
 Endpoints are matched to Pod objects by the K8S_POD_NAMESPACE and
 K8S_POD_NAME they were added with.
 
