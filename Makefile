@@ -19,6 +19,14 @@ build:
 	$(GO) build -o $(BIN)/ternctl ./cmd/ternctl
 	$(GO) build -o $(BIN)/ternbench ./cmd/ternbench
 	$(GO) build -o $(BIN)/host-local github.com/containernetworking/plugins/plugins/ipam/host-local
+	# Reference plugins that may follow tern in a conflist (examples/, test/e2e chain tests).
+	$(GO) build -o $(BIN)/portmap github.com/containernetworking/plugins/plugins/meta/portmap
+	$(GO) build -o $(BIN)/bandwidth github.com/containernetworking/plugins/plugins/meta/bandwidth
+	$(GO) build -o $(BIN)/tuning github.com/containernetworking/plugins/plugins/meta/tuning
+	$(GO) build -o $(BIN)/sbr github.com/containernetworking/plugins/plugins/meta/sbr
+	# Interface plugins tern can follow in chained mode.
+	$(GO) build -o $(BIN)/ptp github.com/containernetworking/plugins/plugins/main/ptp
+	$(GO) build -o $(BIN)/bridge github.com/containernetworking/plugins/plugins/main/bridge
 
 # Regenerate the BPF objects and their Go bindings (committed; CI checks
 # they are current).

@@ -27,8 +27,18 @@ func cmdAdd(args *skel.CmdArgs) (err error) {
 	if err != nil {
 		return err
 	}
+	if conf.chained() {
+		return cmdAddChained(args, conf)
+	}
 	k8s, err := parseArgs(args.Args)
 	if err != nil {
+		return err
+	}
+	rc, err := parseRuntimeConfig(args.StdinData)
+	if err != nil {
+		return err
+	}
+	if err := rc.checkDatapath(conf.Datapath); err != nil {
 		return err
 	}
 	podNS, err := openPodNS(args.Netns)
@@ -96,6 +106,9 @@ func cmdAdd(args *skel.CmdArgs) (err error) {
 		return err
 	}
 	undo = append(undo, func() error { return deleteHostVeth(hostName) })
+	if pl.podMAC, err = setPodMAC(podNS, args.IfName, rc.Mac, pl.podMAC); err != nil {
+		return err
+	}
 
 	podIP := net.IPNet{IP: ipc.Address.IP.To4(), Mask: ipc.Address.Mask}
 	ep := &datapath.Endpoint{

@@ -9,6 +9,7 @@ import (
 	"github.com/containernetworking/plugins/pkg/netlinksafe"
 	"github.com/containernetworking/plugins/pkg/ns"
 	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
 
 	"github.com/ternlabs/tern/datapath"
 )
@@ -60,14 +61,23 @@ func cmdCheck(args *skel.CmdArgs) error {
 	if err := checkIPv6Off(ep.HostVeth); err != nil {
 		return err
 	}
+	if conf.IsEBPF() {
+		if err := checkShaping(host); err != nil {
+			return err
+		}
+	}
 
 	podNS, err := openPodNS(args.Netns)
 	if err != nil {
 		return err
 	}
 	defer podNS.Close()
-	want := conf.podAddressing(ep, rec.Routes)
-	if err := podNS.Do(func(ns.NetNS) error { return checkPod(args.IfName, ep, want) }); err != nil {
+	check := func(ns.NetNS) error { return checkPod(args.IfName, ep, conf.podAddressing(ep, rec.Routes)) }
+	if rec.Chained {
+		// Addresses and routes are the previous plugin's to check.
+		check = func(ns.NetNS) error { return checkChainedPod(args.IfName, ep) }
+	}
+	if err := podNS.Do(check); err != nil {
 		return err
 	}
 
@@ -111,7 +121,12 @@ func checkPod(ifname string, ep *datapath.Endpoint, want podAddressing) error {
 	if !found {
 		return fmt.Errorf("pod interface %s lacks address %s", ifname, want.addr.IPNet)
 	}
-	routes, err := netlinksafe.RouteList(lk, netlink.FAMILY_V4)
+	// Every table: a plugin chained after Tern may move the routes into a
+	// table of their own (sbr: one per interface, chosen by source
+	// address); they are still the routes ADD made.
+	routes, err := netlinksafe.RouteListFiltered(netlink.FAMILY_V4,
+		&netlink.Route{LinkIndex: lk.Attrs().Index, Table: unix.RT_TABLE_UNSPEC},
+		netlink.RT_FILTER_OIF|netlink.RT_FILTER_TABLE)
 	if err != nil {
 		return fmt.Errorf("list routes of %s: %w", ifname, err)
 	}

@@ -57,6 +57,11 @@ type NetConf struct {
 	// which sets how many masqueraded flows the node holds. Default 12
 	// (65,536 flows).
 	NATMemoryMiB int `json:"natMemoryMiB,omitempty"`
+	// Mode is "standalone" (default: Tern creates the interface and
+	// allocates the address) or "chained" (another plugin before Tern did
+	// both; Tern attaches its datapath to what prevResult names). See
+	// chained.go.
+	Mode string `json:"mode,omitempty"`
 
 	// Parsed forms, filled by ParseConfig.
 	clusterCIDR *net.IPNet
@@ -178,6 +183,12 @@ func ParseConfig(stdin []byte) (*NetConf, error) {
 	}
 	conf.attachMode = mode
 
+	if err := conf.parseMode(); err != nil {
+		return nil, err
+	}
+	if conf.chained() {
+		return conf, nil // no IPAM: the plugin before Tern allocated
+	}
 	if conf.IPAM.Type == "" {
 		return nil, fieldErr("ipam.type", "missing")
 	}
@@ -217,7 +228,14 @@ func validIfname(s string) bool {
 }
 
 // masquerade reports whether pod traffic leaving the cluster is SNATed.
-func (c *NetConf) masquerade() bool { return c.IPMasq == nil || *c.IPMasq }
+// In chained mode the default is off: the plugin before Tern owns the
+// pod's addressing, and masquerading with it.
+func (c *NetConf) masquerade() bool {
+	if c.IPMasq == nil {
+		return !c.chained()
+	}
+	return *c.IPMasq
+}
 
 // K8sArgs are the CNI_ARGS a Kubernetes runtime passes.
 type K8sArgs struct {

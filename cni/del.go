@@ -67,8 +67,10 @@ func (c *NetConf) teardown(containerID, ifname string) error {
 			errs = append(errs, fmt.Errorf("remove endpoint from datapath: %w", err))
 		}
 	}
-	if err := deleteHostVeth(ep.HostVeth); err != nil {
-		errs = append(errs, err)
+	if rec == nil || !rec.Chained {
+		if err := deleteHostVeth(ep.HostVeth); err != nil {
+			errs = append(errs, err)
+		}
 	}
 	if len(errs) > 0 {
 		// Keep the record so a retried DEL or GC can finish the job.

@@ -52,6 +52,9 @@ func (c *NetConf) ipamAdd(containerID, ifname string, stdin []byte) (*current.Re
 
 // ipamDel releases the pod's address; releasing nothing is not an error.
 func (c *NetConf) ipamDel(containerID, ifname string, stdin []byte) error {
+	if c.chained() {
+		return nil // the plugin before Tern owns the address
+	}
 	if !c.builtinIPAM() {
 		if err := plugipam.ExecDel(c.IPAM.Type, stdin); err != nil {
 			return fmt.Errorf("delegate DEL to IPAM plugin %s: %w", c.IPAM.Type, err)
@@ -67,6 +70,9 @@ func (c *NetConf) ipamDel(containerID, ifname string, stdin []byte) error {
 
 // ipamCheck verifies the pod still holds ip.
 func (c *NetConf) ipamCheck(containerID, ifname string, stdin []byte, ip net.IP) error {
+	if c.chained() {
+		return nil // the plugin before Tern owns the address
+	}
 	if !c.builtinIPAM() {
 		if err := plugipam.ExecCheck(c.IPAM.Type, stdin); err != nil {
 			return fmt.Errorf("IPAM plugin %s CHECK: %w", c.IPAM.Type, err)
@@ -91,6 +97,9 @@ func (c *NetConf) ipamCheck(containerID, ifname string, stdin []byte, ip net.IP)
 
 // ipamStatus reports whether an ADD could get an address.
 func (c *NetConf) ipamStatus(stdin []byte) error {
+	if c.chained() {
+		return nil // the plugin before Tern owns the address
+	}
 	if !c.builtinIPAM() {
 		if err := invoke.DelegateStatus(context.TODO(), c.IPAM.Type, stdin, nil); err != nil {
 			return fmt.Errorf("IPAM plugin %s STATUS: %w", c.IPAM.Type, err)
@@ -113,6 +122,9 @@ func (c *NetConf) ipamStatus(stdin []byte) error {
 
 // ipamGC releases addresses of attachments not in valid.
 func (c *NetConf) ipamGC(stdin []byte, valid map[attachmentKey]bool) error {
+	if c.chained() {
+		return nil // the plugin before Tern owns the address
+	}
 	if !c.builtinIPAM() {
 		if err := invoke.DelegateGC(context.TODO(), c.IPAM.Type, stdin, nil); err != nil {
 			return fmt.Errorf("IPAM plugin %s GC: %w", c.IPAM.Type, err)

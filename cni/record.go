@@ -24,6 +24,7 @@ type record struct {
 	IfName       string         `json:"ifName"`
 	Netns        string         `json:"netns"`
 	Datapath     string         `json:"datapath"`
+	Chained      bool           `json:"chained,omitempty"` // the veth is another plugin's: DEL leaves it
 	HostVeth     string         `json:"hostVeth"`
 	HostIfindex  int            `json:"hostIfindex"`
 	HostMAC      string         `json:"hostMAC"`

@@ -4,13 +4,18 @@
 package ctl
 
 import (
+	"context"
 	"encoding/json"
 	"errors"
 	"flag"
 	"fmt"
 	"io"
+	"os"
+	"os/signal"
 	"sort"
+	"syscall"
 	"text/tabwriter"
+	"time"
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
@@ -20,19 +25,28 @@ import (
 	ebpfdp "github.com/ternlabs/tern/datapath/ebpf"
 )
 
-const usage = `usage: ternctl [--cni-conf FILE] [-o table|json] COMMAND
+const usage = `usage: ternctl [--cni-conf FILE] [-o table|json] COMMAND [-o table|json]
 
 commands:
   get endpoints         pods on this node: IP, MACs, host veth, attached program
-  get metrics           datapath counters (packets and bytes by outcome and drop reason)
+  get counters [--all] [--watch [--interval 2s] [--count N]]
+                        datapath counters, summed over CPUs: packets and bytes by
+                        outcome and drop reason (eBPF), or the packet and byte
+                        counters of the network's iptables rules; zero rows are
+                        hidden unless --all; --watch prints rates per second
+                        every interval until Ctrl-C ("get metrics": the same; its
+                        -o json keeps the earlier shape, every counter by name)
   get policies          NetworkPolicies in force: selected local pods, policy types, rules
   apply -f FILE|DIR     add or replace the Pods, Namespaces and NetworkPolicies of
                         the manifests in the node's policy state, and enforce it
   delete -f FILE|DIR    remove them (by kind, namespace and name), and enforce it
 
 apply and delete read multi-document YAML or JSON (a directory: its *.yaml,
-*.yml and *.json files, "-": standard input), strictly: an invalid object is
-named and nothing changes. The datapath is updated before they return.
+*.yml and *.json files, "-": standard input), also lists as kubectl prints
+them (kind: List, or NetworkPolicyList etc.), strictly: an invalid object is
+named and nothing changes. Deleting an object that is not there prints
+"not found" and is not an error (as kubectl delete --ignore-not-found).
+The datapath is updated before they return.
 Endpoints are matched to Pod objects by the K8S_POD_NAMESPACE and
 K8S_POD_NAME they were added with.
 
@@ -50,19 +64,27 @@ func Run(args []string, stdout, stderr io.Writer) error {
 		return err
 	}
 	rest := fs.Args()
-	if len(rest) == 0 || (rest[0] == "get" && len(rest) != 2) || (rest[0] != "get" && rest[0] != "apply" && rest[0] != "delete") {
+	if len(rest) == 0 || (rest[0] == "get" && len(rest) < 2) || (rest[0] != "get" && rest[0] != "apply" && rest[0] != "delete") {
 		fs.Usage()
 		return errors.New("unknown command")
 	}
-	if *output != "table" && *output != "json" {
-		return fmt.Errorf("unknown output format %q", *output)
-	}
 	var files []string
-	if rest[0] == "apply" || rest[0] == "delete" {
+	var counters countersOptions
+	switch rest[0] {
+	case "apply", "delete":
 		var err error
 		if files, err = parseFileFlags(rest[0], rest[1:], stderr); err != nil {
 			return err
 		}
+	case "get":
+		var err error
+		if counters, err = parseGetFlags(rest[1], rest[2:], *output, stderr); err != nil {
+			return err
+		}
+		*output = counters.output
+	}
+	if *output != "table" && *output != "json" {
+		return fmt.Errorf("unknown output format %q", *output)
 	}
 	path := *confPath
 	if path == "" {
@@ -85,8 +107,13 @@ func Run(args []string, stdout, stderr io.Writer) error {
 	switch rest[1] {
 	case "endpoints", "endpoint", "ep":
 		return getEndpoints(conf, *output, stdout)
-	case "metrics", "counters":
-		return getMetrics(conf, *output, stdout)
+	case "counters", "counter", "metrics":
+		// `get metrics -o json` keeps the shape it had before counters
+		// existed (every counter, name -> packets and bytes) for scripts.
+		counters.legacyJSON = rest[1] == "metrics" && !counters.watch
+		ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+		defer stop()
+		return getCounters(ctx, conf, counters, stdout)
 	case "policies", "policy", "networkpolicies", "netpol":
 		return getPolicies(conf, *output, stdout)
 	}
@@ -178,41 +205,37 @@ func attachedPrograms(ifindex int) string {
 	return ""
 }
 
-func getMetrics(conf *cni.NetConf, output string, w io.Writer) error {
-	if !conf.IsEBPF() {
-		return errors.New("metrics: the iptables datapath keeps its counters in iptables (iptables -L -v)")
-	}
-	m, err := ebpf.LoadPinnedMap(conf.BPFFSDir+"/maps/tern_metrics", &ebpf.LoadPinOptions{ReadOnly: true})
-	if err != nil {
-		return fmt.Errorf("open metrics map: %w", err)
-	}
-	defer m.Close()
-	vals, err := ebpfdp.ReadMetrics(m)
-	if err != nil {
-		return err
-	}
-	names := make([]string, 0, len(vals))
-	for k := range vals {
-		names = append(names, k)
-	}
-	sort.Strings(names)
-	if output == "json" {
-		out := map[string]map[string]uint64{}
-		for _, n := range names {
-			out[n] = map[string]uint64{"packets": vals[n].Packets, "bytes": vals[n].Bytes}
-		}
-		return writeJSON(w, out)
-	}
-	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(tw, "COUNTER\tPACKETS\tBYTES")
-	for _, n := range names {
-		fmt.Fprintf(tw, "%s\t%d\t%d\n", n, vals[n].Packets, vals[n].Bytes)
-	}
-	return tw.Flush()
-}
-
 func writeJSON(w io.Writer, v any) error {
 	enc := json.NewEncoder(w)
 	enc.SetIndent("", "  ")
 	return enc.Encode(v)
+}
+
+// writeJSONLine writes v as one line of JSON (a stream of objects for tools).
+func writeJSONLine(w io.Writer, v any) error {
+	return json.NewEncoder(w).Encode(v)
+}
+
+// parseGetFlags parses the flags after `get RESOURCE` (-o for every
+// resource; --all, --watch, --interval and --count for counters), so both
+// `ternctl -o json get counters` and `ternctl get counters -o json` work.
+func parseGetFlags(resource string, args []string, output string, stderr io.Writer) (countersOptions, error) {
+	fs := flag.NewFlagSet("ternctl get "+resource, flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	o := countersOptions{}
+	fs.StringVar(&o.output, "o", output, "output format: table or json")
+	isCounters := resource == "counters" || resource == "counter" || resource == "metrics"
+	if isCounters {
+		fs.BoolVar(&o.all, "all", false, "also list counters that are zero")
+		fs.BoolVar(&o.watch, "watch", false, "print the rates every --interval until interrupted (Ctrl-C)")
+		fs.DurationVar(&o.interval, "interval", 2*time.Second, "--watch: time between samples (100ms to 1m)")
+		fs.IntVar(&o.count, "count", 0, "--watch: stop after this many samples (0: until interrupted)")
+	}
+	if err := fs.Parse(args); err != nil {
+		return o, err
+	}
+	if fs.NArg() > 0 {
+		return o, fmt.Errorf("get %s: unexpected argument %q", resource, fs.Arg(0))
+	}
+	return o, o.validate()
 }

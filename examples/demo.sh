@@ -8,7 +8,7 @@
 #
 # It shows each pod's address, the tcx program on a host-side veth, ping and
 # a 3-second iperf3 between pods, and the datapath's metrics proving the
-# packets were delivered by bpf_redirect_peer; then it DELs every pod and
+# packets were delivered by bpf_redirect_peer (ternctl get counters); then it DELs every pod and
 # removes everything it made (also on failure or Ctrl-C). Running it twice
 # in a row works: each run starts by clearing what a killed run left.
 #
@@ -94,7 +94,7 @@ cleanup() {
 }
 
 [[ $(id -u) == 0 ]] || die "run as root (it creates network namespaces and loads BPF programs)"
-[[ -x $CNI_BIN/tern ]] || die "$CNI_BIN/tern is missing: run 'make build' first"
+[[ -x $CNI_BIN/tern && -x $CNI_BIN/ternctl ]] || die "$CNI_BIN/tern or ternctl is missing: run 'make build' first"
 CNITOOL=$(find_cnitool) || die "cnitool not found: go install github.com/containernetworking/cni/cnitool@v1.3.1"
 for tool in ip bpftool ping iperf3 mountpoint; do
 	command -v "$tool" >/dev/null || die "$tool not found (see scripts/quickstart.sh)"
@@ -193,36 +193,21 @@ ip netns exec "$pod1" iperf3 -c "${IP[$pod2]}" -t 3 -f g | sed -n '/^- - -/,$p' 
 wait "$IPERF_PID" || true
 IPERF_PID=
 
-step "datapath metrics: bpftool map dump pinned $BPF_DIR/maps/tern_metrics (per CPU)"
-dump=$(bpftool map dump pinned "$BPF_DIR/maps/tern_metrics")
-if (($(wc -l <<<"$dump") > 40)); then
-	head -n 40 <<<"$dump"
-	echo "... ($(wc -l <<<"$dump") lines, one per metric and CPU)"
-else
-	echo "$dump"
-fi
-# Sum the per-CPU slots. The map has no BTF, so bpftool prints raw bytes:
-# key = enum metric (u32), value = struct metric_value {u64 packets; u64
-# bytes}, little endian. Names in enum order, from bpf/include/tern_types.h.
-summary=$(awk '
-	function hex(s,   i, v) {
-		s = tolower(s); v = 0
-		for (i = 1; i <= length(s); i++) v = v * 16 + index("0123456789abcdef", substr(s, i, 1)) - 1
-		return v
-	}
-	function le64(first,   i, v) { v = 0; for (i = first + 7; i >= first; i--) v = v * 256 + hex($i); return v }
-	BEGIN { n = split("redirect_peer pass_host pass_non_ipv4 pass_ttl drop_truncated drop_spoofed drop_redirect", name, " ") }
-	/^key:/ { getline; key = hex($1) + 256 * hex($2); next }
-	/^value \(CPU/ { pk[key] += le64(4); by[key] += le64(12) }
-	END { for (k = 0; k < n; k++) printf "    %-16s %10.0f packets %14.0f bytes\n", name[k + 1], pk[k], by[k] }' <<<"$dump")
-echo "totals over all CPUs:"
-echo "$summary"
-redirected=$(awk '$1 == "redirect_peer" { print $2 }' <<<"$summary")
+step "datapath counters: ternctl get counters (summed over CPUs, zero rows hidden)"
+ternctl() { ip netns exec "$NODE" "$CNI_BIN/ternctl" --cni-conf "$CONF_DIR/10-tern-demo.conflist" "$@"; }
+ternctl get counters
+redirected=$(ternctl get counters | awk '$1 == "redirect_peer" { print $2 }')
 if [[ -n $redirected && $redirected -gt 0 ]]; then
 	echo "=> $redirected packets went pod to pod by bpf_redirect_peer, straight into the peer pod's eth0."
 else
 	die "no packet counted as redirect_peer"
 fi
+echo
+echo "ternctl get counters --watch --interval 1s --count 2, while $pod1 pings $pod3:"
+ip netns exec "$pod1" ping -n -q -c 12 -i 0.2 "${IP[$pod3]}" >/dev/null &
+PING_PID=$!
+ternctl get counters --watch --interval 1s --count 2
+wait "$PING_PID" || true
 
 step "CNI DEL for each pod"
 for pod in "${PODS[@]}"; do

@@ -29,14 +29,28 @@ const buildTimeout = 5 * time.Minute
 var plugins = []struct{ name, pkg string }{
 	{"tern", ternPkg},
 	{"host-local", hostLocalPkg},
+	// Reference meta plugins that follow tern in chained conflists.
+	{"portmap", metaPkg + "portmap"},
+	{"bandwidth", metaPkg + "bandwidth"},
+	{"tuning", metaPkg + "tuning"},
+	{"sbr", metaPkg + "sbr"},
+	// Interface plugins tern follows in chained mode.
+	{"ptp", "github.com/containernetworking/plugins/plugins/main/ptp"},
+	{"bridge", "github.com/containernetworking/plugins/plugins/main/bridge"},
 }
 
-// BuildPlugins returns a directory holding the `tern` CNI binary and the
-// reference `host-local` IPAM plugin, for use as CNI_PATH.
+// metaPkg is the package path prefix of the reference meta plugins.
+const metaPkg = "github.com/containernetworking/plugins/plugins/meta/"
+
+// BuildPlugins returns a directory holding the `tern` CNI binary, the
+// reference `host-local` IPAM plugin, the reference meta plugins the
+// chain tests put after tern (portmap, bandwidth, tuning, sbr) and the
+// interface plugins chained mode follows (ptp, bridge), for use as
+// CNI_PATH.
 //
 // When TERN_CNI_PATH is set (the Makefile builds into bin/ and sets it), that
 // directory is returned; a relative path is taken from the module root. It
-// must hold both binaries. Otherwise both are built once per test process
+// must hold every one of them. Otherwise they are built once per test process
 // into $TMPDIR/tern-test-bins-<pid>.
 func BuildPlugins(t testing.TB) string {
 	t.Helper()

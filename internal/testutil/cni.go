@@ -39,8 +39,8 @@ type Pod struct {
 }
 
 // NewNode creates a node namespace (lo up, IPv4 forwarding on), its state,
-// bpffs and cache directories, and a CNIPath with `tern` and `host-local`
-// (see BuildPlugins). Everything is removed when the test ends.
+// bpffs and cache directories, and a CNIPath with `tern`, `host-local` and
+// the reference meta plugins (see BuildPlugins). Everything is removed when the test ends.
 func NewNode(t testing.TB) *Node {
 	t.Helper()
 	RequirePrivileged(t)
@@ -124,6 +124,31 @@ func (n *Node) GC(ctx context.Context, conflist []byte, valid []types.GCAttachme
 func (n *Node) Status(ctx context.Context, conflist []byte) error {
 	return n.run(ctx, "STATUS", conflist, func(ctx context.Context, c *libcni.CNIConfig, list *libcni.NetworkConfigList) error {
 		return c.GetStatusNetworkList(ctx, list)
+	})
+}
+
+// AddRuntime, CheckRuntime and DelRuntime are Add, Check and Del with a
+// full runtime configuration, for capability arguments (runtimeConfig:
+// portMappings, bandwidth, mac, ...).
+func (n *Node) AddRuntime(ctx context.Context, conflist []byte, rc *libcni.RuntimeConf) (types.Result, error) {
+	var res types.Result
+	err := n.run(ctx, "ADD", conflist, func(ctx context.Context, c *libcni.CNIConfig, list *libcni.NetworkConfigList) error {
+		var err error
+		res, err = c.AddNetworkList(ctx, list, rc)
+		return err
+	})
+	return res, err
+}
+
+func (n *Node) CheckRuntime(ctx context.Context, conflist []byte, rc *libcni.RuntimeConf) error {
+	return n.run(ctx, "CHECK", conflist, func(ctx context.Context, c *libcni.CNIConfig, list *libcni.NetworkConfigList) error {
+		return c.CheckNetworkList(ctx, list, rc)
+	})
+}
+
+func (n *Node) DelRuntime(ctx context.Context, conflist []byte, rc *libcni.RuntimeConf) error {
+	return n.run(ctx, "DEL", conflist, func(ctx context.Context, c *libcni.CNIConfig, list *libcni.NetworkConfigList) error {
+		return c.DelNetworkList(ctx, list, rc)
 	})
 }
 

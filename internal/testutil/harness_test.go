@@ -441,8 +441,8 @@ func TestNodeCNI(t *testing.T) {
 
 func TestBuildPluginsFromEnv(t *testing.T) {
 	dir := t.TempDir()
-	for _, name := range []string{"tern", "host-local"} {
-		if err := os.WriteFile(filepath.Join(dir, name), []byte("#!/bin/sh\n"), 0o755); err != nil {
+	for _, p := range plugins {
+		if err := os.WriteFile(filepath.Join(dir, p.name), []byte("#!/bin/sh\n"), 0o755); err != nil {
 			t.Fatal(err)
 		}
 	}

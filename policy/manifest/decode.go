@@ -70,7 +70,9 @@ func (e *ObjectError) Unwrap() error { return e.Err }
 
 // Decode reads a stream of manifests: YAML documents separated by "---"
 // lines, or a sequence of JSON objects. Every document must be a v1 Pod, a
-// v1 Namespace or a networking.k8s.io/v1 NetworkPolicy; unknown fields
+// v1 Namespace or a networking.k8s.io/v1 NetworkPolicy, or a list of them
+// (a v1 List as `kubectl get -o yaml` prints, or a typed list such as
+// NetworkPolicyList) whose items obey the same rules; unknown fields
 // (exact case), duplicate fields and invalid objects are rejected. Empty
 // documents are skipped. Namespaced objects without a namespace get
 // "default". On error no object is returned; the error is a *DecodeError.
@@ -96,13 +98,11 @@ func Decode(r io.Reader) ([]Object, error) {
 	}
 	var objs []Object
 	for i, doc := range docs {
-		obj, err := decodeDocument(doc)
+		got, err := decodeDocument(doc)
 		if err != nil {
 			return nil, &DecodeError{Doc: i, Err: err}
 		}
-		if obj != nil {
-			objs = append(objs, obj)
-		}
+		objs = append(objs, got...)
 	}
 	return objs, nil
 }
@@ -169,14 +169,116 @@ func splitYAML(data []byte) ([][]byte, error) {
 	return docs, nil
 }
 
-// decodeDocument decodes one JSON document. It returns nil, nil for an
-// empty document.
-func decodeDocument(doc []byte) (Object, error) {
+// decodeDocument decodes one JSON document: an object, or a list of them.
+// It returns no objects for an empty document.
+func decodeDocument(doc []byte) ([]Object, error) {
 	d := bytes.TrimSpace(doc)
 	if len(d) == 0 || bytes.Equal(d, []byte("null")) {
 		return nil, nil
 	}
-	return decodeObject(d, "")
+	var head struct {
+		APIVersion string `json:"apiVersion"`
+		Kind       string `json:"kind"`
+	}
+	if json.Unmarshal(d, &head) == nil && isListKind(head.APIVersion, head.Kind) {
+		return decodeList(d, head.APIVersion, head.Kind)
+	}
+	obj, err := decodeObject(d, "")
+	if err != nil {
+		return nil, err
+	}
+	return []Object{obj}, nil
+}
+
+// listKinds are the item kinds of the typed lists the API server returns
+// (GET /api/v1/pods); "List" is what kubectl prints for `get -o yaml|json`.
+var listKinds = map[string]string{
+	APIVersionCore + "/PodList":                 KindPod,
+	APIVersionCore + "/NamespaceList":           KindNamespace,
+	APIVersionNetworking + "/NetworkPolicyList": KindNetworkPolicy,
+	APIVersionCore + "/" + KindList:             "",
+}
+
+// KindList is the generic list kubectl prints (apiVersion v1).
+const KindList = "List"
+
+func isListKind(apiVersion, kind string) bool {
+	_, ok := listKinds[apiVersion+"/"+kind]
+	return ok
+}
+
+// decodeList decodes a v1 List (items of any supported kind, each with its
+// apiVersion and kind, as kubectl prints them) or a typed list such as
+// networking.k8s.io/v1 NetworkPolicyList (items may omit apiVersion and
+// kind, as the API server sends them). The list itself is checked as
+// strictly as an object: only apiVersion, kind, metadata (list metadata)
+// and items. Every item is decoded and validated like a single document;
+// an error names the item. Lists do not nest.
+func decodeList(data []byte, apiVersion, kind string) ([]Object, error) {
+	var list struct {
+		APIVersion string            `json:"apiVersion"`
+		Kind       string            `json:"kind"`
+		Metadata   metav1.ListMeta   `json:"metadata"`
+		Items      []json.RawMessage `json:"items"`
+	}
+	var generic any
+	dec := json.NewDecoder(bytes.NewReader(data))
+	dec.UseNumber()
+	if err := dec.Decode(&generic); err != nil {
+		return nil, fmt.Errorf("invalid JSON: %w", err)
+	}
+	if err := checkFields(generic, reflect.TypeOf(list), ""); err != nil {
+		return nil, fmt.Errorf("%s: %w", kind, err)
+	}
+	typed := json.NewDecoder(bytes.NewReader(data))
+	typed.DisallowUnknownFields()
+	if err := typed.Decode(&list); err != nil {
+		return nil, fmt.Errorf("%s: %w", kind, err)
+	}
+	itemKind := listKinds[apiVersion+"/"+kind]
+	objs := make([]Object, 0, len(list.Items))
+	for i, item := range list.Items {
+		if itemKind != "" {
+			var err error
+			if item, err = defaultKind(item, apiVersion, itemKind); err != nil {
+				return nil, fmt.Errorf("%s items[%d]: %w", kind, i, err)
+			}
+		}
+		var head struct {
+			APIVersion string `json:"apiVersion"`
+			Kind       string `json:"kind"`
+		}
+		if json.Unmarshal(item, &head) == nil && isListKind(head.APIVersion, head.Kind) {
+			return nil, fmt.Errorf("%s items[%d]: a list inside a list", kind, i)
+		}
+		obj, err := decodeObject(item, itemKind)
+		if err != nil {
+			return nil, fmt.Errorf("%s items[%d]: %w", kind, i, err)
+		}
+		objs = append(objs, obj)
+	}
+	return objs, nil
+}
+
+// defaultKind sets apiVersion and kind of a typed list's item where the
+// item leaves them out; where it has them they must be the list's.
+func defaultKind(item []byte, apiVersion, kind string) ([]byte, error) {
+	var m map[string]json.RawMessage
+	if err := json.Unmarshal(item, &m); err != nil {
+		return item, nil // decodeObject reports what is wrong with it
+	}
+	for field, want := range map[string]string{"apiVersion": apiVersion, "kind": kind} {
+		raw, ok := m[field]
+		if !ok {
+			m[field], _ = json.Marshal(want)
+			continue
+		}
+		var got string
+		if json.Unmarshal(raw, &got) != nil || got != want {
+			return nil, fmt.Errorf("%s %s in a list of %s %s", field, raw, apiVersion, kind)
+		}
+	}
+	return json.Marshal(m)
 }
 
 // decodeObject decodes one JSON object strictly, defaults and validates it.

@@ -35,7 +35,7 @@ func testdata(t testing.TB, dir string) map[string][]byte {
 }
 
 func TestDecodeValid(t *testing.T) {
-	want := map[string]int{"cluster.yaml": 4, "selectors.yaml": 3, "list.json": 3, "flow.yaml": 1}
+	want := map[string]int{"cluster.yaml": 4, "selectors.yaml": 3, "list.json": 3, "flow.yaml": 1, "kubectl-list.yaml": 3, "typed-list.json": 2}
 	for name, data := range testdata(t, "valid") {
 		t.Run(name, func(t *testing.T) {
 			objs, err := manifest.Decode(bytes.NewReader(data))
@@ -72,6 +72,39 @@ func TestDecodeClusterExample(t *testing.T) {
 	}
 	if got := np.Spec.Ingress[0].From[0].IPBlock.Except[0]; got != "172.17.1.0/24" {
 		t.Errorf("except = %q", got)
+	}
+}
+
+// TestDecodeLists checks what the items of kubectl's v1 List and of a typed
+// list decode to: kinds filled in, server-set fields accepted and ignored.
+func TestDecodeLists(t *testing.T) {
+	objs, err := manifest.Decode(bytes.NewReader(testdata(t, "valid")["kubectl-list.yaml"]))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var got []string
+	for _, o := range objs {
+		got = append(got, manifest.KindOf(o)+" "+o.GetNamespace()+"/"+o.GetName())
+	}
+	if want := "Namespace /shop,Pod shop/web-7d4b9c6f5d-x2kqp,NetworkPolicy shop/web-allow-http"; strings.Join(got, ",") != want {
+		t.Errorf("objects %v, want %s", got, want)
+	}
+	if p := objs[1].(*corev1.Pod); p.Labels["app"] != "web" || p.Spec.Containers[0].Ports[0].Name != "http" {
+		t.Errorf("pod decoded wrong: %+v", p)
+	}
+	if np := objs[2].(*networkingv1.NetworkPolicy); np.Spec.Ingress[0].Ports[0].Port.StrVal != "http" || len(np.ManagedFields) != 1 {
+		t.Errorf("policy decoded wrong: %+v", np)
+	}
+
+	objs, err = manifest.Decode(bytes.NewReader(testdata(t, "valid")["typed-list.json"]))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(objs) != 2 || manifest.KindOf(objs[0]) != manifest.KindNetworkPolicy || objs[0].GetName() != "deny-all" || objs[1].GetName() != "dns" {
+		t.Errorf("typed list: %v", objs)
+	}
+	if _, err := manifest.Decode(strings.NewReader("apiVersion: v1\nkind: List\nitems: []\nmetadata: {}\n")); err != nil {
+		t.Errorf("empty list: %v", err)
 	}
 }
 

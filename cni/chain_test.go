@@ -1,0 +1,66 @@
+package cni
+
+import (
+	"errors"
+	"strings"
+	"testing"
+
+	"github.com/containernetworking/cni/pkg/types"
+)
+
+func TestRuntimeConfig(t *testing.T) {
+	rc, err := parseRuntimeConfig([]byte(`{"runtimeConfig": {"mac": "c2:11:22:33:44:55", "portMappings": [], "bandwidth": {"ingressRate": 1000, "ingressBurst": 100}}}`))
+	if err != nil || rc.Mac != "c2:11:22:33:44:55" || rc.Bandwidth.IngressRate != 1000 {
+		t.Fatalf("%+v, %v", rc, err)
+	}
+	if rc, err := parseRuntimeConfig([]byte(`{"type": "tern"}`)); err != nil || rc.Mac != "" || rc.Bandwidth != nil {
+		t.Errorf("no runtimeConfig: %+v, %v", rc, err)
+	}
+	for _, mac := range []string{"01:00:5e:00:00:01", "00:00:00:00:00:00", "zz", "c2:11:22:33:44:55:66:77"} {
+		_, err := parseRuntimeConfig([]byte(`{"runtimeConfig": {"mac": "` + mac + `"}}`))
+		var ce *ConfigError
+		if !errors.As(err, &ce) || ce.Field != "runtimeConfig.mac" {
+			t.Errorf("mac %q: %v, want a config error naming runtimeConfig.mac", mac, err)
+		}
+	}
+
+	limited := &runtimeConfig{Bandwidth: &bandwidthLimits{EgressRate: 1e6, EgressBurst: 1e5}}
+	err = limited.checkDatapath(DatapathEBPF)
+	var te *types.Error
+	if !errors.As(err, &te) || te.Code != types.ErrUnsupportedField || !strings.Contains(te.Msg, "bandwidth") {
+		t.Errorf("bandwidth on eBPF: %v", err)
+	}
+	if err := limited.checkDatapath(DatapathIPTables); err != nil {
+		t.Errorf("bandwidth on iptables: %v", err)
+	}
+	if err := (&runtimeConfig{Bandwidth: &bandwidthLimits{}}).checkDatapath(DatapathEBPF); err != nil {
+		t.Errorf("zero limits on eBPF: %v", err)
+	}
+}
+
+func TestParseConfigChained(t *testing.T) {
+	conf, err := ParseConfig([]byte(`{"cniVersion": "1.1.0", "name": "n", "type": "tern", "mode": "chained"}`))
+	if err != nil || !conf.chained() || conf.masquerade() || conf.Datapath != DatapathEBPF {
+		t.Fatalf("chained without ipam: %+v, %v", conf, err)
+	}
+	conf, err = ParseConfig([]byte(`{"cniVersion": "1.1.0", "name": "n", "type": "tern", "mode": "chained", "ipMasq": true}`))
+	if err != nil || !conf.masquerade() {
+		t.Errorf("chained with ipMasq: %v", err)
+	}
+	conf, err = ParseConfig([]byte(`{"cniVersion": "1.1.0", "name": "n", "type": "tern", "ipam": {"type": "host-local"}}`))
+	if err != nil || conf.chained() || conf.Mode != ModeStandalone || !conf.masquerade() {
+		t.Errorf("standalone: %+v, %v", conf, err)
+	}
+	for _, bad := range []struct{ conf, field string }{
+		{`{"name": "n", "mode": "chained", "ipam": {"type": "host-local"}}`, "ipam"},
+		{`{"name": "n", "mode": "chained", "datapath": "iptables"}`, "mode"},
+		{`{"name": "n", "mode": "Chained"}`, "mode"},
+		{`{"name": "n"}`, "ipam.type"},
+	} {
+		_, err := ParseConfig([]byte(bad.conf))
+		var ce *ConfigError
+		if !errors.As(err, &ce) || ce.Field != bad.field {
+			t.Errorf("%s: %v, want a config error on %s", bad.conf, err, bad.field)
+		}
+	}
+}
