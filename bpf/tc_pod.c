@@ -36,6 +36,7 @@
 #include "lib/fib.h"
 #include "lib/forward.h"
 #include "lib/policy.h"
+#include "lib/stack.h"
 
 char __license[] SEC("license") = "Dual BSD/GPL";
 
@@ -194,21 +195,43 @@ int tern_from_pod(struct __sk_buff *skb)
 	ip.tos = iph->tos;
 	ip_id = iph->id;
 
+	/* A Service address (never a pod's): kube-proxy's DNAT in the host
+	 * stack decides where it goes, and policy is decided on the
+	 * translated packet (tern_to_pod, lib/stack.h). */
+	dst = bpf_map_lookup_elem(&tern_endpoints, &ip.daddr);
+	if (!dst && to_service_cidr(ip.daddr)) {
+		count(METRIC_PASS_SERVICE, skb->len);
+		return TC_ACT_OK;
+	}
+
 	/* NetworkPolicy, once the source is known to be this pod's own (a
 	 * forged source would be policed as the pod it claims to be). */
 	if (!policy_pass(skb, ip.saddr, ip.daddr, ip.proto, ip.ihl, ip.frag_off, ip_id))
 		return TC_ACT_SHOT;
 
-	dst = bpf_map_lookup_elem(&tern_endpoints, &ip.daddr);
-	if (dst)
+	if (dst) {
+		/* An answer to a flow the stack delivered (e.g. DNATed from a
+		 * ClusterIP): only the stack can translate it back. */
+		if (stack_owned(skb, ip.saddr, ip.daddr, ip.proto, ip.ihl, ip.frag_off)) {
+			count(METRIC_PASS_STACK_REPLY, skb->len);
+			return TC_ACT_OK;
+		}
 		return deliver_to_endpoint(skb, dst, ip.ttl, METRIC_REDIRECT_PEER);
+	}
 
 	/* Masquerade what leaves the cluster, when this pod's network asks
-	 * for it and the node has an uplink with an address. */
+	 * for it and the node has an uplink with an address; but not the
+	 * answers of flows the stack delivered (NodePort, hostPort): the
+	 * stack translates them back to the address the client used. */
 	cfg = node_config();
 	if (cfg && cfg->node_ip && cfg->uplink_ifindex && (src->flags & ENDPOINT_F_MASQ) &&
-	    !multicast_or_broadcast(ip.daddr) && !nomasq(ip.daddr))
+	    !multicast_or_broadcast(ip.daddr) && !nomasq(ip.daddr)) {
+		if (stack_owned(skb, ip.saddr, ip.daddr, ip.proto, ip.ihl, ip.frag_off)) {
+			count(METRIC_PASS_STACK_REPLY, skb->len);
+			return TC_ACT_OK;
+		}
 		return snat_out(skb, &ip, cfg);
+	}
 
 	/* The node itself, other nodes' pods, and unmasqueraded traffic: the
 	 * host stack routes it (and kube-proxy's rules see it). */
@@ -231,7 +254,8 @@ int tern_to_pod(struct __sk_buff *skb)
 {
 	struct ethhdr *eth;
 	struct iphdr *iph;
-	__be32 saddr, daddr;
+	__be32 saddr, daddr, peer;
+	struct stack_ct ct = {};
 	__be16 frag_off, id;
 	__u8 proto, ihl;
 
@@ -253,8 +277,21 @@ int tern_to_pod(struct __sk_buff *skb)
 	proto = iph->protocol;
 	ihl = iph->ihl;
 
-	if (!policy_pass(skb, saddr, daddr, proto, ihl, frag_off, id))
+	/* The host stack's conntrack entry (lib/stack.h): a reply it
+	 * reverse-translated passes on the flow it answers; a flow it
+	 * delivered is decided on its original client (before the stack's
+	 * SNAT, e.g. kube-proxy's masquerade) and the translated destination
+	 * (after DNAT: the backend pod). */
+	stack_ct_of(skb, &ct);
+	if (ct.tracked && ct.reply && ct.rsrc != saddr && stack_reply_tracked(&ct, proto)) {
+		count(METRIC_PASS_TO_POD, skb->len);
+		return TC_ACT_OK;
+	}
+	peer = ct.tracked && !ct.reply ? ct.orig_src : saddr;
+	if (!policy_pass_as(skb, saddr, daddr, peer, proto, ihl, frag_off, id))
 		return TC_ACT_SHOT;
+	if (ct.tracked && !ct.reply)
+		stack_note_delivered(skb, saddr, daddr, proto, ihl, frag_off);
 	count(METRIC_PASS_TO_POD, skb->len);
 	return TC_ACT_OK;
 }

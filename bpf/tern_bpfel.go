@@ -67,7 +67,9 @@ const (
 	TernMetricMETRIC_DROP_POLICY_INGRESS  TernMetric = 13
 	TernMetricMETRIC_DROP_POLICY_EGRESS   TernMetric = 14
 	TernMetricMETRIC_PASS_TO_POD          TernMetric = 15
-	TernMetricMETRIC_MAX                  TernMetric = 16
+	TernMetricMETRIC_PASS_SERVICE         TernMetric = 16
+	TernMetricMETRIC_PASS_STACK_REPLY     TernMetric = 17
+	TernMetricMETRIC_MAX                  TernMetric = 18
 )
 
 type TernMetricValue struct {
@@ -204,6 +206,8 @@ const (
 	TernMapTernPolicy           = "tern_policy"
 	TernMapTernPolicyCt         = "tern_policy_ct"
 	TernMapTernPolicyFrag       = "tern_policy_frag"
+	TernMapTernServiceCidrs     = "tern_service_cidrs"
+	TernMapTernStackCt          = "tern_stack_ct"
 	TernProgTernFromPod         = "tern_from_pod"
 	TernProgTernToPod           = "tern_to_pod"
 	TernVarCtTimeoutIcmp        = "ct_timeout_icmp"
@@ -272,17 +276,19 @@ type TernProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type TernMapSpecs struct {
-	TernConfig     *ebpf.MapSpec `ebpf:"tern_config"`
-	TernEndpoints  *ebpf.MapSpec `ebpf:"tern_endpoints"`
-	TernEpPolicy   *ebpf.MapSpec `ebpf:"tern_ep_policy"`
-	TernIpcache    *ebpf.MapSpec `ebpf:"tern_ipcache"`
-	TernMetrics    *ebpf.MapSpec `ebpf:"tern_metrics"`
-	TernNat        *ebpf.MapSpec `ebpf:"tern_nat"`
-	TernNatRev     *ebpf.MapSpec `ebpf:"tern_nat_rev"`
-	TernNomasq     *ebpf.MapSpec `ebpf:"tern_nomasq"`
-	TernPolicy     *ebpf.MapSpec `ebpf:"tern_policy"`
-	TernPolicyCt   *ebpf.MapSpec `ebpf:"tern_policy_ct"`
-	TernPolicyFrag *ebpf.MapSpec `ebpf:"tern_policy_frag"`
+	TernConfig       *ebpf.MapSpec `ebpf:"tern_config"`
+	TernEndpoints    *ebpf.MapSpec `ebpf:"tern_endpoints"`
+	TernEpPolicy     *ebpf.MapSpec `ebpf:"tern_ep_policy"`
+	TernIpcache      *ebpf.MapSpec `ebpf:"tern_ipcache"`
+	TernMetrics      *ebpf.MapSpec `ebpf:"tern_metrics"`
+	TernNat          *ebpf.MapSpec `ebpf:"tern_nat"`
+	TernNatRev       *ebpf.MapSpec `ebpf:"tern_nat_rev"`
+	TernNomasq       *ebpf.MapSpec `ebpf:"tern_nomasq"`
+	TernPolicy       *ebpf.MapSpec `ebpf:"tern_policy"`
+	TernPolicyCt     *ebpf.MapSpec `ebpf:"tern_policy_ct"`
+	TernPolicyFrag   *ebpf.MapSpec `ebpf:"tern_policy_frag"`
+	TernServiceCidrs *ebpf.MapSpec `ebpf:"tern_service_cidrs"`
+	TernStackCt      *ebpf.MapSpec `ebpf:"tern_stack_ct"`
 }
 
 // TernVariableSpecs contains global variables before they are loaded into the kernel.
@@ -325,17 +331,19 @@ func (o *TernObjects) Close() error {
 //
 // It can be passed to LoadTernObjects or ebpf.CollectionSpec.LoadAndAssign.
 type TernMaps struct {
-	TernConfig     *ebpf.Map `ebpf:"tern_config"`
-	TernEndpoints  *ebpf.Map `ebpf:"tern_endpoints"`
-	TernEpPolicy   *ebpf.Map `ebpf:"tern_ep_policy"`
-	TernIpcache    *ebpf.Map `ebpf:"tern_ipcache"`
-	TernMetrics    *ebpf.Map `ebpf:"tern_metrics"`
-	TernNat        *ebpf.Map `ebpf:"tern_nat"`
-	TernNatRev     *ebpf.Map `ebpf:"tern_nat_rev"`
-	TernNomasq     *ebpf.Map `ebpf:"tern_nomasq"`
-	TernPolicy     *ebpf.Map `ebpf:"tern_policy"`
-	TernPolicyCt   *ebpf.Map `ebpf:"tern_policy_ct"`
-	TernPolicyFrag *ebpf.Map `ebpf:"tern_policy_frag"`
+	TernConfig       *ebpf.Map `ebpf:"tern_config"`
+	TernEndpoints    *ebpf.Map `ebpf:"tern_endpoints"`
+	TernEpPolicy     *ebpf.Map `ebpf:"tern_ep_policy"`
+	TernIpcache      *ebpf.Map `ebpf:"tern_ipcache"`
+	TernMetrics      *ebpf.Map `ebpf:"tern_metrics"`
+	TernNat          *ebpf.Map `ebpf:"tern_nat"`
+	TernNatRev       *ebpf.Map `ebpf:"tern_nat_rev"`
+	TernNomasq       *ebpf.Map `ebpf:"tern_nomasq"`
+	TernPolicy       *ebpf.Map `ebpf:"tern_policy"`
+	TernPolicyCt     *ebpf.Map `ebpf:"tern_policy_ct"`
+	TernPolicyFrag   *ebpf.Map `ebpf:"tern_policy_frag"`
+	TernServiceCidrs *ebpf.Map `ebpf:"tern_service_cidrs"`
+	TernStackCt      *ebpf.Map `ebpf:"tern_stack_ct"`
 }
 
 func (m *TernMaps) Close() error {
@@ -351,6 +359,8 @@ func (m *TernMaps) Close() error {
 		m.TernPolicy,
 		m.TernPolicyCt,
 		m.TernPolicyFrag,
+		m.TernServiceCidrs,
+		m.TernStackCt,
 	)
 }
 

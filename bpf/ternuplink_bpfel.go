@@ -27,6 +27,8 @@ const (
 	TernUplinkMapTernPolicy           = "tern_policy"
 	TernUplinkMapTernPolicyCt         = "tern_policy_ct"
 	TernUplinkMapTernPolicyFrag       = "tern_policy_frag"
+	TernUplinkMapTernServiceCidrs     = "tern_service_cidrs"
+	TernUplinkMapTernStackCt          = "tern_stack_ct"
 	TernUplinkProgTernFromUplink      = "tern_from_uplink"
 	TernUplinkVarCtTimeoutIcmp        = "ct_timeout_icmp"
 	TernUplinkVarCtTimeoutTcp         = "ct_timeout_tcp"
@@ -93,17 +95,19 @@ type TernUplinkProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type TernUplinkMapSpecs struct {
-	TernConfig     *ebpf.MapSpec `ebpf:"tern_config"`
-	TernEndpoints  *ebpf.MapSpec `ebpf:"tern_endpoints"`
-	TernEpPolicy   *ebpf.MapSpec `ebpf:"tern_ep_policy"`
-	TernIpcache    *ebpf.MapSpec `ebpf:"tern_ipcache"`
-	TernMetrics    *ebpf.MapSpec `ebpf:"tern_metrics"`
-	TernNat        *ebpf.MapSpec `ebpf:"tern_nat"`
-	TernNatRev     *ebpf.MapSpec `ebpf:"tern_nat_rev"`
-	TernNomasq     *ebpf.MapSpec `ebpf:"tern_nomasq"`
-	TernPolicy     *ebpf.MapSpec `ebpf:"tern_policy"`
-	TernPolicyCt   *ebpf.MapSpec `ebpf:"tern_policy_ct"`
-	TernPolicyFrag *ebpf.MapSpec `ebpf:"tern_policy_frag"`
+	TernConfig       *ebpf.MapSpec `ebpf:"tern_config"`
+	TernEndpoints    *ebpf.MapSpec `ebpf:"tern_endpoints"`
+	TernEpPolicy     *ebpf.MapSpec `ebpf:"tern_ep_policy"`
+	TernIpcache      *ebpf.MapSpec `ebpf:"tern_ipcache"`
+	TernMetrics      *ebpf.MapSpec `ebpf:"tern_metrics"`
+	TernNat          *ebpf.MapSpec `ebpf:"tern_nat"`
+	TernNatRev       *ebpf.MapSpec `ebpf:"tern_nat_rev"`
+	TernNomasq       *ebpf.MapSpec `ebpf:"tern_nomasq"`
+	TernPolicy       *ebpf.MapSpec `ebpf:"tern_policy"`
+	TernPolicyCt     *ebpf.MapSpec `ebpf:"tern_policy_ct"`
+	TernPolicyFrag   *ebpf.MapSpec `ebpf:"tern_policy_frag"`
+	TernServiceCidrs *ebpf.MapSpec `ebpf:"tern_service_cidrs"`
+	TernStackCt      *ebpf.MapSpec `ebpf:"tern_stack_ct"`
 }
 
 // TernUplinkVariableSpecs contains global variables before they are loaded into the kernel.
@@ -146,17 +150,19 @@ func (o *TernUplinkObjects) Close() error {
 //
 // It can be passed to LoadTernUplinkObjects or ebpf.CollectionSpec.LoadAndAssign.
 type TernUplinkMaps struct {
-	TernConfig     *ebpf.Map `ebpf:"tern_config"`
-	TernEndpoints  *ebpf.Map `ebpf:"tern_endpoints"`
-	TernEpPolicy   *ebpf.Map `ebpf:"tern_ep_policy"`
-	TernIpcache    *ebpf.Map `ebpf:"tern_ipcache"`
-	TernMetrics    *ebpf.Map `ebpf:"tern_metrics"`
-	TernNat        *ebpf.Map `ebpf:"tern_nat"`
-	TernNatRev     *ebpf.Map `ebpf:"tern_nat_rev"`
-	TernNomasq     *ebpf.Map `ebpf:"tern_nomasq"`
-	TernPolicy     *ebpf.Map `ebpf:"tern_policy"`
-	TernPolicyCt   *ebpf.Map `ebpf:"tern_policy_ct"`
-	TernPolicyFrag *ebpf.Map `ebpf:"tern_policy_frag"`
+	TernConfig       *ebpf.Map `ebpf:"tern_config"`
+	TernEndpoints    *ebpf.Map `ebpf:"tern_endpoints"`
+	TernEpPolicy     *ebpf.Map `ebpf:"tern_ep_policy"`
+	TernIpcache      *ebpf.Map `ebpf:"tern_ipcache"`
+	TernMetrics      *ebpf.Map `ebpf:"tern_metrics"`
+	TernNat          *ebpf.Map `ebpf:"tern_nat"`
+	TernNatRev       *ebpf.Map `ebpf:"tern_nat_rev"`
+	TernNomasq       *ebpf.Map `ebpf:"tern_nomasq"`
+	TernPolicy       *ebpf.Map `ebpf:"tern_policy"`
+	TernPolicyCt     *ebpf.Map `ebpf:"tern_policy_ct"`
+	TernPolicyFrag   *ebpf.Map `ebpf:"tern_policy_frag"`
+	TernServiceCidrs *ebpf.Map `ebpf:"tern_service_cidrs"`
+	TernStackCt      *ebpf.Map `ebpf:"tern_stack_ct"`
 }
 
 func (m *TernUplinkMaps) Close() error {
@@ -172,6 +178,8 @@ func (m *TernUplinkMaps) Close() error {
 		m.TernPolicy,
 		m.TernPolicyCt,
 		m.TernPolicyFrag,
+		m.TernServiceCidrs,
+		m.TernStackCt,
 	)
 }
 

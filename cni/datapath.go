@@ -26,6 +26,7 @@ func (c *NetConf) newDatapath(subnet *net.IPNet, gateway net.IP) (datapath.Datap
 			IPMasq:             c.masquerade(),
 			ClusterCIDR:        c.clusterCIDR,
 			NonMasqueradeCIDRs: c.nonMasq,
+			ServiceCIDRs:       c.serviceCIDR,
 			PodSubnet:          subnet,
 		}
 		// Resolved on every command, but only ADD and STATUS fail when

@@ -93,6 +93,8 @@ enum metric {
 	METRIC_DROP_POLICY_INGRESS, /* NetworkPolicy: the destination pod's ingress rules deny the flow */
 	METRIC_DROP_POLICY_EGRESS,  /* NetworkPolicy: the source pod's egress rules deny the flow */
 	METRIC_PASS_TO_POD,         /* tc egress of a pod's veth: what the host stack delivers, let through */
+	METRIC_PASS_SERVICE,        /* to a Service CIDR: left to the host stack (kube-proxy) undecided */
+	METRIC_PASS_STACK_REPLY,    /* answer of a flow the host stack delivered: back through the stack */
 	METRIC_MAX,
 };
 

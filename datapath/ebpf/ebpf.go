@@ -43,6 +43,9 @@ type Config struct {
 	IPMasq             bool
 	ClusterCIDR        *net.IPNet
 	NonMasqueradeCIDRs []net.IPNet
+	// ServiceCIDRs are the ranges kube-proxy's ClusterIPs come from
+	// (services.go): pod traffic to them goes to the host stack.
+	ServiceCIDRs []net.IPNet
 	// PodSubnet stands in for ClusterCIDR when that is unset (as in the
 	// iptables datapath). Nil when unknown (DEL without a record).
 	PodSubnet *net.IPNet
@@ -106,6 +109,9 @@ func (d *Datapath) EnsureNode() error {
 		return d.cfg.UplinkErr
 	}
 	if err := d.open(); err != nil {
+		return err
+	}
+	if err := d.syncServiceCIDRs(); err != nil {
 		return err
 	}
 	return d.snatHeld(d.ensureSNAT)

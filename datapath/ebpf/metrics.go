@@ -27,6 +27,8 @@ var metricNames = [...]string{
 	ternbpf.TernMetricMETRIC_DROP_POLICY_INGRESS:  "drop_policy_ingress",
 	ternbpf.TernMetricMETRIC_DROP_POLICY_EGRESS:   "drop_policy_egress",
 	ternbpf.TernMetricMETRIC_PASS_TO_POD:          "pass_to_pod",
+	ternbpf.TernMetricMETRIC_PASS_SERVICE:         "pass_service",
+	ternbpf.TernMetricMETRIC_PASS_STACK_REPLY:     "pass_stack_reply",
 }
 
 // MetricName is the name of a metric (e.g. "redirect_peer").
