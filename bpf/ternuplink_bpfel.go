@@ -30,6 +30,7 @@ const (
 	TernUplinkMapTernServiceCidrs     = "tern_service_cidrs"
 	TernUplinkMapTernStackCt          = "tern_stack_ct"
 	TernUplinkProgTernFromUplink      = "tern_from_uplink"
+	TernUplinkProgTernToUplink        = "tern_to_uplink"
 	TernUplinkVarCtTimeoutIcmp        = "ct_timeout_icmp"
 	TernUplinkVarCtTimeoutTcp         = "ct_timeout_tcp"
 	TernUplinkVarCtTimeoutTcpClose    = "ct_timeout_tcp_close"
@@ -89,6 +90,7 @@ type TernUplinkSpecs struct {
 // It can be passed ebpf.CollectionSpec.Assign.
 type TernUplinkProgramSpecs struct {
 	TernFromUplink *ebpf.ProgramSpec `ebpf:"tern_from_uplink"`
+	TernToUplink   *ebpf.ProgramSpec `ebpf:"tern_to_uplink"`
 }
 
 // TernUplinkMapSpecs contains maps before they are loaded into the kernel.
@@ -208,11 +210,13 @@ type TernUplinkVariables struct {
 // It can be passed to LoadTernUplinkObjects or ebpf.CollectionSpec.LoadAndAssign.
 type TernUplinkPrograms struct {
 	TernFromUplink *ebpf.Program `ebpf:"tern_from_uplink"`
+	TernToUplink   *ebpf.Program `ebpf:"tern_to_uplink"`
 }
 
 func (p *TernUplinkPrograms) Close() error {
 	return _TernUplinkClose(
 		p.TernFromUplink,
+		p.TernToUplink,
 	)
 }
 

@@ -129,6 +129,30 @@ static __always_inline void stack_ct_of(struct __sk_buff *skb, struct stack_ct *
 	ct->tracked = 1;
 }
 
+/* stack_dnat_of reads, for a packet in its flow's original direction that
+ * the host stack DNATed, the original client (orig_src, before any SNAT)
+ * and whether the destination was translated. Returns 0 when the packet
+ * has no such conntrack entry. */
+static __always_inline int stack_dnat_of(struct __sk_buff *skb, __be32 *orig_src)
+{
+	struct sk_buff___tern *kskb = bpf_cast_to_kern_ctx(skb);
+	struct nf_conn___tern *c;
+	__be32 orig_dst, rsrc;
+	unsigned long nfct;
+	__u32 info;
+
+	nfct = kskb->_nfct;
+	info = nfct & STACK_CT_INFO_MASK;
+	c = (struct nf_conn___tern *)(nfct & ~STACK_CT_INFO_MASK);
+	if (!c || (info != STACK_CT_ESTABLISHED && info != STACK_CT_NEW))
+		return 0;
+	if (bpf_core_read(orig_src, sizeof(*orig_src), &c->tuplehash[0].tuple.src.u3.ip) < 0 ||
+	    bpf_core_read(&orig_dst, sizeof(orig_dst), &c->tuplehash[0].tuple.dst.u3.ip) < 0 ||
+	    bpf_core_read(&rsrc, sizeof(rsrc), &c->tuplehash[1].tuple.src.u3.ip) < 0)
+		return 0;
+	return orig_dst != rsrc;
+}
+
 /* to_service_cidr reports whether daddr is in a Service CIDR. */
 static __always_inline int to_service_cidr(__be32 daddr)
 {

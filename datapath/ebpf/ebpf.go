@@ -287,8 +287,10 @@ func (d *Datapath) CheckEndpoint(ep *datapath.Endpoint) error {
 		return err
 	}
 	if up := d.cfg.Uplink; up.Ifindex != 0 && up.IP != nil {
-		if err := d.loader.CheckAttached(d.objs, up.Name, up.Ifindex, loader.HookUplinkIngress); err != nil {
-			return fmt.Errorf("uplink: %w", err)
+		for _, hook := range uplinkHooks {
+			if err := d.loader.CheckAttached(d.objs, up.Name, up.Ifindex, hook); err != nil {
+				return fmt.Errorf("uplink: %w", err)
+			}
 		}
 	}
 	return nil

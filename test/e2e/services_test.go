@@ -27,6 +27,7 @@ import (
 //	10.96.0.11 tcp/7000 -> B:7000, NodePort 30070, externalTrafficPolicy Local
 //	10.96.0.12 tcp/7000 -> B:7000, NodePort 30071, Cluster (masqueraded)
 //	10.96.0.20 tcp/80 -> A:8080                         (A's own Service)
+//	10.96.0.30 tcp/80 -> ext's server                   (a backend off the node)
 //	hostPort 8070/tcp -> B:7000
 //
 // B also runs a "whoami" server on 7000 that greets each connection with
@@ -37,6 +38,7 @@ const (
 	svcWhoLocal  = "10.96.0.11"
 	svcWhoMasq   = "10.96.0.12"
 	svcSelf      = "10.96.0.20"
+	svcRemote    = "10.96.0.30"
 	npLocal      = 30070
 	npCluster    = 30071
 	hostPortWho  = 8070
@@ -66,6 +68,17 @@ func newSvcWorld(t *testing.T, dp string) *svcWorld {
 	w.b = addK8sPod(t, w.node, w.conf, "prod", "web")
 	w.c = addK8sPod(t, w.node, w.conf, "prod", "db")
 	serveWhoami(t, w.b.NS)
+	srv := w.snatWorld.serve(t)
+	_, extPort, err := net.SplitHostPort(srv.tcpAddr())
+	if err != nil {
+		t.Fatal(err)
+	}
+	remotePort, _ := strconv.Atoi(extPort)
+	// ext answers pods directly (kube-proxy does not masquerade a pod's
+	// traffic to a ClusterIP): a route to the pods via the node.
+	if _, err := testutil.ExecIn(w.snatWorld.ext, "ip", "route", "add", svcTestCIDRs, "via", extNodeIP); err != nil {
+		t.Fatal(err)
+	}
 
 	services := []testutil.KubeService{
 		{Namespace: "prod", Name: "web", PortName: "http", Protocol: "tcp", ClusterIP: svcWeb, Port: 80,
@@ -80,6 +93,8 @@ func newSvcWorld(t *testing.T, dp string) *svcWorld {
 			Endpoints: []testutil.KubeEndpoint{{IP: w.b.IP, Port: whoamiPort, Local: true}}},
 		{Namespace: "dev", Name: "client", Protocol: "tcp", ClusterIP: svcSelf, Port: 80,
 			Endpoints: []testutil.KubeEndpoint{{IP: w.a.IP, Port: 8080, Local: true}}},
+		{Namespace: "prod", Name: "remote", Protocol: "tcp", ClusterIP: svcRemote, Port: 80,
+			Endpoints: []testutil.KubeEndpoint{{IP: extIP, Port: remotePort}}},
 	}
 	if err := testutil.InstallKubeProxy(w.node.NS, svcTestCIDRs, services); err != nil {
 		t.Fatal(err)
@@ -197,6 +212,7 @@ func testServicesKubeProxy(t *testing.T, dp string) {
 		svc(c, svcWeb, "prod/web ClusterIP (backend's neighbour)", "tcp", 80, true),
 		svc(b, svcWeb, "prod/web ClusterIP (the backend itself)", "tcp", 80, true),
 		svc(a, svcSelf, "dev/client's own ClusterIP", "tcp", 80, true),
+		svc(a, svcRemote, "prod/remote ClusterIP (backend off the node)", "tcp", 80, true),
 		tcp(a, b, 8080, true),
 	)
 
@@ -243,6 +259,7 @@ spec: {podSelector: {}, policyTypes: [Ingress, Egress]}
 		tcp(c, a, 8080, false),
 		svc(a, svcWeb, "prod/web ClusterIP (egress not allowed)", "tcp", 80, false),
 		svc(a, svcWeb, "prod/web ClusterIP DNS (egress not allowed)", "udp", 53, false),
+		svc(a, svcRemote, "prod/remote ClusterIP (egress not allowed)", "tcp", 80, false),
 	)
 
 	// The canonical "egress only to the backend pods by selector" policy:
@@ -265,6 +282,8 @@ spec:
 		svc(a, svcWhoLocal, "prod/who-local ClusterIP (port not allowed)", "tcp", whoamiPort, false),
 		tcp(a, c, 8080, false),
 		svc(a, svcSelf, "dev/client's own ClusterIP", "tcp", 80, true),
+		// The backend off the node is decided at the uplink, after DNAT.
+		svc(a, svcRemote, "prod/remote ClusterIP (backend not selected)", "tcp", 80, false),
 	)
 	w.remove("egress-web.yaml")
 	w.apply("egress-db.yaml", `
@@ -283,7 +302,40 @@ spec:
 		tcp(a, c, 8080, true),
 	)
 	w.remove("egress-db.yaml")
+	w.apply("egress-ext.yaml", `
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {namespace: dev, name: egress-ext}
+spec:
+  podSelector: {matchLabels: {app: client}}
+  policyTypes: [Egress]
+  egress:
+  - to: [{ipBlock: {cidr: `+extIP+`/32}}]
+`)
+	expect(t, "egress allowed to the off-node backend's address",
+		svc(a, svcRemote, "prod/remote ClusterIP", "tcp", 80, true),
+		svc(a, svcWeb, "prod/web ClusterIP", "tcp", 80, false),
+	)
+	w.remove("egress-ext.yaml")
 	w.remove("deny-dev.yaml")
+
+	// Egress isolation alone (answers would pass A's ingress): the
+	// off-node backend must still be refused by A's egress rules.
+	w.apply("egress-web.yaml", `
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {namespace: dev, name: egress-web}
+spec:
+  podSelector: {matchLabels: {app: client}}
+  policyTypes: [Egress]
+  egress:
+  - to: [{namespaceSelector: {matchLabels: {env: prod}}, podSelector: {matchLabels: {app: web}}}]
+`)
+	expect(t, "egress-only isolation",
+		svc(a, svcWeb, "prod/web ClusterIP", "tcp", 80, true),
+		svc(a, svcRemote, "prod/remote ClusterIP (backend not selected)", "tcp", 80, false),
+	)
+	w.remove("egress-web.yaml")
 
 	// Ingress on the backend, decided on the client's address.
 	w.apply("ingress-web.yaml", `
