@@ -89,7 +89,7 @@ func newSvcWorld(t *testing.T, dp string) *svcWorld {
 			NodePort: npLocal, ExternalLocal: true,
 			Endpoints: []testutil.KubeEndpoint{{IP: w.b.IP, Port: whoamiPort, Local: true}}},
 		{Namespace: "prod", Name: "who-cluster", Protocol: "tcp", ClusterIP: svcWhoMasq, Port: whoamiPort,
-			NodePort: npCluster,
+			NodePort:  npCluster,
 			Endpoints: []testutil.KubeEndpoint{{IP: w.b.IP, Port: whoamiPort, Local: true}}},
 		{Namespace: "dev", Name: "client", Protocol: "tcp", ClusterIP: svcSelf, Port: 80,
 			Endpoints: []testutil.KubeEndpoint{{IP: w.a.IP, Port: 8080, Local: true}}},
