@@ -221,6 +221,9 @@ func (d *Datapath) DelEndpoint(ep *datapath.Endpoint) error {
 			if err := d.forgetPolicyEndpoints(func(ip net.IP) bool { return ip.Equal(ep.IP.IP) }); err != nil {
 				errs = append(errs, err)
 			}
+			if err := d.forgetStackFlows(func(ip net.IP) bool { return ip.Equal(ep.IP.IP) }); err != nil {
+				errs = append(errs, err)
+			}
 		}
 	}
 	return errors.Join(errs...)
@@ -378,6 +381,13 @@ func (d *Datapath) Sweep(keep []*datapath.Endpoint) error {
 		errs = append(errs, err)
 	}
 	err = d.forgetPolicyEndpoints(func(ip net.IP) bool {
+		k, err := EndpointKey(ip)
+		return err == nil && !valid[k]
+	})
+	if err != nil {
+		errs = append(errs, err)
+	}
+	err = d.forgetStackFlows(func(ip net.IP) bool {
 		k, err := EndpointKey(ip)
 		return err == nil && !valid[k]
 	})
