@@ -5,6 +5,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/cilium/ebpf"
 	"golang.org/x/sys/unix"
 
 	"github.com/ternlabs/tern/policy/compile"
@@ -154,4 +155,50 @@ func TestPolicySelf(t *testing.T) {
 	// The same packet to B is denied (A has no egress rule).
 	w.run(t, w.to, w.b.ifindex, w.into(w.b, natPkt{src: w.a.ip, proto: unix.IPPROTO_TCP, sport: 40000, dport: 8080, tcpFlags: natTCPSyn}).frame(),
 		tcActShot, TernMetricMETRIC_DROP_POLICY_EGRESS)
+}
+
+// TestToUplink: tern_to_uplink drops a pod's packet to a Service CIDR that
+// nothing translated (it would leave with the pod's address) and lets the
+// node's own packets, and pods' packets elsewhere, through. The policy
+// branch needs the stack's conntrack entry: TestServicesKubeProxy.
+func TestToUplink(t *testing.T) {
+	w := newPolTest(t)
+	spec, err := LoadTernUplink()
+	if err != nil {
+		t.Fatal(err)
+	}
+	repl := map[string]*ebpf.Map{}
+	for name := range spec.Maps {
+		spec.Maps[name].Pinning = ebpf.PinNone
+		if m, ok := w.objs.maps[name]; ok && name[0] != '.' {
+			repl[name] = m
+		}
+	}
+	coll, err := ebpf.NewCollectionWithOptions(spec, ebpf.CollectionOptions{MapReplacements: repl})
+	if err != nil {
+		t.Fatalf("load %+v", err)
+	}
+	t.Cleanup(coll.Close)
+	prog := coll.Programs[TernUplinkProgTernToUplink]
+	w.install(t, polRuleSet(false, false))
+	w.serviceCIDR(t, "10.96.0.0/12")
+	node := netip.MustParseAddr("192.0.2.1")
+	up := w.b.ifindex // any interface of the namespace stands for the uplink
+
+	out := func(src, dst netip.Addr) []byte {
+		return natPkt{src: src, dst: dst, srcMAC: w.b.hostMAC, dstMAC: w.b.mac, proto: unix.IPPROTO_UDP, sport: 40000, dport: 53}.frame()
+	}
+	w.run(t, prog, up, out(w.a.ip, stackClusterIP), tcActShot, TernMetricMETRIC_DROP_SERVICE_UNTRANSLATED)
+	// The node's own packet to a ClusterIP (kube-proxy's OUTPUT chain had
+	// no rule either): not a pod address, not ours.
+	before := readMetrics(t, w.objs)
+	for _, pkt := range [][]byte{out(node, stackClusterIP), out(w.a.ip, stackClient)} {
+		verdict, _, err := runFromPod(w.ns, prog, up, pkt)
+		if err != nil || verdict != tcActOK {
+			t.Errorf("verdict %d (%v), want %d", verdict, err, tcActOK)
+		}
+	}
+	if after := readMetrics(t, w.objs); after != before {
+		t.Errorf("metrics moved on packets tern_to_uplink leaves alone: %+v -> %+v", before, after)
+	}
 }

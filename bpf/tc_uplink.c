@@ -243,6 +243,14 @@ int tern_to_uplink(struct __sk_buff *skb)
 	id = iph->id;
 	proto = iph->protocol;
 	ihl = iph->ihl;
+	/* A pod's packet still addressed to a ClusterIP: kube-proxy had no
+	 * rule for it (no such Service or port, ICMP). Routed on, it would
+	 * leave with the pod's address (the stack does not masquerade pods
+	 * on this datapath); nothing out there answers a ClusterIP. */
+	if (bpf_map_lookup_elem(&tern_endpoints, &saddr) && to_service_cidr(daddr)) {
+		count(METRIC_DROP_SERVICE_UNTRANSLATED, skb->len);
+		return TC_ACT_SHOT;
+	}
 	if (!stack_dnat_of(skb, &client) || !bpf_map_lookup_elem(&tern_endpoints, &client))
 		return TC_ACT_OK;
 	/* Decided (and tracked) on the packet as it leaves, with the client

@@ -129,10 +129,9 @@ static __always_inline void stack_ct_of(struct __sk_buff *skb, struct stack_ct *
 	ct->tracked = 1;
 }
 
-/* stack_dnat_of reads, for a packet in its flow's original direction that
- * the host stack DNATed, the original client (orig_src, before any SNAT)
- * and whether the destination was translated. Returns 0 when the packet
- * has no such conntrack entry. */
+/* stack_dnat_of reports whether the packet, in its flow's original
+ * direction, was DNATed by the host stack, and reads its original client
+ * (orig_src, before any SNAT). 0 without such a conntrack entry. */
 static __always_inline int stack_dnat_of(struct __sk_buff *skb, __be32 *orig_src)
 {
 	struct sk_buff___tern *kskb = bpf_cast_to_kern_ctx(skb);

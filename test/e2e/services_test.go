@@ -216,6 +216,25 @@ func testServicesKubeProxy(t *testing.T, dp string) {
 		tcp(a, b, 8080, true),
 	)
 
+	// A ClusterIP nothing translates (no such Service) must not leave the
+	// node with the pod's address: ext counts what reaches it from the
+	// pods' range for the Service range.
+	if _, err := testutil.ExecIn(w.snatWorld.ext, "iptables", "-w", "5", "-t", "raw", "-I", "PREROUTING",
+		"-s", svcTestCIDRs, "-d", svcCIDR); err != nil {
+		t.Fatal(err)
+	}
+	expect(t, "a ClusterIP without a Service",
+		svc(a, "10.96.0.99", "10.96.0.99 (no Service)", "udp", 53, false),
+		svc(a, "10.96.0.99", "10.96.0.99 (no Service)", "tcp", 80, false),
+	)
+	out, err := testutil.ExecIn(w.snatWorld.ext, "iptables", "-w", "5", "-t", "raw", "-L", "PREROUTING", "-v", "-x", "-n")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if leaked := pktCount(t, out, svcCIDR); leaked != 0 {
+		t.Errorf("%d packets to the Service range left the node with a pod address:\n%s", leaked, out)
+	}
+
 	// The client address the backend sees, and that the answer comes back
 	// from the address the client used.
 	for _, p := range []struct {
@@ -375,4 +394,22 @@ spec:
 		w.ext("hostPort", hostPortWho, true),
 		svc(c, svcWeb, "prod/web ClusterIP", "tcp", 80, false),
 	)
+}
+
+// pktCount is the packet counter of the rule of an `iptables -L -v -x -n`
+// listing whose destination is dst.
+func pktCount(t *testing.T, listing, dst string) int {
+	t.Helper()
+	for _, line := range strings.Split(listing, "\n") {
+		f := strings.Fields(line)
+		if len(f) >= 8 && f[len(f)-1] == dst {
+			n, err := strconv.Atoi(f[0])
+			if err != nil {
+				t.Fatalf("counter of %q: %v", line, err)
+			}
+			return n
+		}
+	}
+	t.Fatalf("no rule for %s in:\n%s", dst, listing)
+	return 0
 }
