@@ -243,6 +243,8 @@ func testServicesKubeProxy(t *testing.T, dp string) {
 		wantS      string
 	}{
 		{"A -> ClusterIP", net.JoinHostPort(svcWhoLocal, strconv.Itoa(whoamiPort)), func(s string) bool { return s == a.IP }, "A's own address"},
+		{"A -> node:NodePort", net.JoinHostPort(extNodeIP, strconv.Itoa(npLocal)), func(s string) bool { return s == a.IP }, "A's own address"},
+		{"A -> node:hostPort", net.JoinHostPort(extNodeIP, strconv.Itoa(hostPortWho)), func(s string) bool { return s == a.IP }, "A's own address"},
 	} {
 		got, err := whoami(a.NS, p.addr)
 		if err != nil || !p.want(got) {
