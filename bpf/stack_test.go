@@ -188,7 +188,7 @@ func TestToUplink(t *testing.T) {
 	out := func(src, dst netip.Addr) []byte {
 		return natPkt{src: src, dst: dst, srcMAC: w.b.hostMAC, dstMAC: w.b.mac, proto: unix.IPPROTO_UDP, sport: 40000, dport: 53}.frame()
 	}
-	w.run(t, prog, up, out(w.a.ip, stackClusterIP), tcActShot, TernMetricMETRIC_DROP_SERVICE_UNTRANSLATED)
+	w.run(t, prog, up, out(w.a.ip, stackClusterIP), tcActShot, TernMetricMETRIC_DROP_SVC_NO_DNAT)
 	// The node's own packet to a ClusterIP (kube-proxy's OUTPUT chain had
 	// no rule either): not a pod address, not ours.
 	before := readMetrics(t, w.objs)

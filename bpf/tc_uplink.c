@@ -248,7 +248,7 @@ int tern_to_uplink(struct __sk_buff *skb)
 	 * leave with the pod's address (the stack does not masquerade pods
 	 * on this datapath); nothing out there answers a ClusterIP. */
 	if (bpf_map_lookup_elem(&tern_endpoints, &saddr) && to_service_cidr(daddr)) {
-		count(METRIC_DROP_SERVICE_UNTRANSLATED, skb->len);
+		count(METRIC_DROP_SVC_NO_DNAT, skb->len);
 		return TC_ACT_SHOT;
 	}
 	if (!stack_dnat_of(skb, &client) || !bpf_map_lookup_elem(&tern_endpoints, &client))

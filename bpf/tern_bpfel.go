@@ -51,26 +51,26 @@ type TernLpmV4Key struct {
 type TernMetric uint32
 
 const (
-	TernMetricMETRIC_REDIRECT_PEER             TernMetric = 0
-	TernMetricMETRIC_PASS_HOST                 TernMetric = 1
-	TernMetricMETRIC_PASS_NON_IPV4             TernMetric = 2
-	TernMetricMETRIC_PASS_TTL                  TernMetric = 3
-	TernMetricMETRIC_DROP_TRUNCATED            TernMetric = 4
-	TernMetricMETRIC_DROP_SPOOFED              TernMetric = 5
-	TernMetricMETRIC_DROP_REDIRECT             TernMetric = 6
-	TernMetricMETRIC_SNAT                      TernMetric = 7
-	TernMetricMETRIC_REV_SNAT                  TernMetric = 8
-	TernMetricMETRIC_PASS_UPLINK               TernMetric = 9
-	TernMetricMETRIC_DROP_NAT_NO_PORT          TernMetric = 10
-	TernMetricMETRIC_DROP_NAT_MAP_FULL         TernMetric = 11
-	TernMetricMETRIC_DROP_NAT_UNSUPPORTED      TernMetric = 12
-	TernMetricMETRIC_DROP_POLICY_INGRESS       TernMetric = 13
-	TernMetricMETRIC_DROP_POLICY_EGRESS        TernMetric = 14
-	TernMetricMETRIC_PASS_TO_POD               TernMetric = 15
-	TernMetricMETRIC_PASS_SERVICE              TernMetric = 16
-	TernMetricMETRIC_PASS_STACK_REPLY          TernMetric = 17
-	TernMetricMETRIC_DROP_SERVICE_UNTRANSLATED TernMetric = 18
-	TernMetricMETRIC_MAX                       TernMetric = 19
+	TernMetricMETRIC_REDIRECT_PEER        TernMetric = 0
+	TernMetricMETRIC_PASS_HOST            TernMetric = 1
+	TernMetricMETRIC_PASS_NON_IPV4        TernMetric = 2
+	TernMetricMETRIC_PASS_TTL             TernMetric = 3
+	TernMetricMETRIC_DROP_TRUNCATED       TernMetric = 4
+	TernMetricMETRIC_DROP_SPOOFED         TernMetric = 5
+	TernMetricMETRIC_DROP_REDIRECT        TernMetric = 6
+	TernMetricMETRIC_SNAT                 TernMetric = 7
+	TernMetricMETRIC_REV_SNAT             TernMetric = 8
+	TernMetricMETRIC_PASS_UPLINK          TernMetric = 9
+	TernMetricMETRIC_DROP_NAT_NO_PORT     TernMetric = 10
+	TernMetricMETRIC_DROP_NAT_MAP_FULL    TernMetric = 11
+	TernMetricMETRIC_DROP_NAT_UNSUPPORTED TernMetric = 12
+	TernMetricMETRIC_DROP_POLICY_INGRESS  TernMetric = 13
+	TernMetricMETRIC_DROP_POLICY_EGRESS   TernMetric = 14
+	TernMetricMETRIC_PASS_TO_POD          TernMetric = 15
+	TernMetricMETRIC_PASS_SERVICE         TernMetric = 16
+	TernMetricMETRIC_PASS_STACK_REPLY     TernMetric = 17
+	TernMetricMETRIC_DROP_SVC_NO_DNAT     TernMetric = 18
+	TernMetricMETRIC_MAX                  TernMetric = 19
 )
 
 type TernMetricValue struct {

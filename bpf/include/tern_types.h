@@ -95,7 +95,7 @@ enum metric {
 	METRIC_PASS_TO_POD,         /* tc egress of a pod's veth: what the host stack delivers, let through */
 	METRIC_PASS_SERVICE,        /* to a Service CIDR: left to the host stack (kube-proxy) undecided */
 	METRIC_PASS_STACK_REPLY,    /* answer of a flow the host stack delivered: back through the stack */
-	METRIC_DROP_SERVICE_UNTRANSLATED, /* uplink egress: a pod's packet to a Service CIDR nothing translated */
+	METRIC_DROP_SVC_NO_DNAT, /* uplink egress: a pod's packet to a Service CIDR nothing translated */
 	METRIC_MAX,
 };
 
