@@ -77,7 +77,24 @@ struct nf_conn___tern {
 	struct nf_conntrack_tuple_hash___tern tuplehash[2];
 } __attribute__((preserve_access_index));
 
-extern void *bpf_cast_to_kern_ctx(void *obj) __ksym;
+/* Weak: a kernel without it (before 6.3) loads the programs all the same,
+ * with the conntrack reads below switched off (stack_kern_skb). */
+extern void *bpf_cast_to_kern_ctx(void *obj) __ksym __weak;
+
+/* stack_kern_skb is the kernel's sk_buff behind skb, or NULL when this
+ * kernel cannot say (no bpf_cast_to_kern_ctx, or no conntrack: no _nfct
+ * field). Both checks are resolved at load time. */
+static __always_inline struct sk_buff___tern *stack_kern_skb(struct __sk_buff *skb)
+{
+	struct sk_buff___tern *kskb;
+
+	if (!bpf_cast_to_kern_ctx)
+		return NULL;
+	kskb = bpf_cast_to_kern_ctx(skb);
+	if (!bpf_core_field_exists(kskb->_nfct))
+		return NULL;
+	return kskb;
+}
 
 /* enum ip_conntrack_info (include/uapi/linux/netfilter/nf_conntrack_common.h) */
 #define STACK_CT_ESTABLISHED 0
@@ -103,12 +120,14 @@ struct stack_ct {
  * of a pod's veth, nor in BPF_PROG_TEST_RUN. */
 static __always_inline void stack_ct_of(struct __sk_buff *skb, struct stack_ct *ct)
 {
-	struct sk_buff___tern *kskb = bpf_cast_to_kern_ctx(skb);
+	struct sk_buff___tern *kskb = stack_kern_skb(skb);
 	struct nf_conn___tern *c;
 	unsigned long nfct;
 	__u32 info;
 
 	ct->tracked = 0;
+	if (!kskb)
+		return;
 	nfct = kskb->_nfct;
 	info = nfct & STACK_CT_INFO_MASK;
 	c = (struct nf_conn___tern *)(nfct & ~STACK_CT_INFO_MASK);
@@ -134,12 +153,14 @@ static __always_inline void stack_ct_of(struct __sk_buff *skb, struct stack_ct *
  * (orig_src, before any SNAT). 0 without such a conntrack entry. */
 static __always_inline int stack_dnat_of(struct __sk_buff *skb, __be32 *orig_src)
 {
-	struct sk_buff___tern *kskb = bpf_cast_to_kern_ctx(skb);
+	struct sk_buff___tern *kskb = stack_kern_skb(skb);
 	struct nf_conn___tern *c;
 	__be32 orig_dst, rsrc;
 	unsigned long nfct;
 	__u32 info;
 
+	if (!kskb)
+		return 0;
 	nfct = kskb->_nfct;
 	info = nfct & STACK_CT_INFO_MASK;
 	c = (struct nf_conn___tern *)(nfct & ~STACK_CT_INFO_MASK);
