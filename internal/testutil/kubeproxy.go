@@ -16,9 +16,10 @@ import (
 // order, the 0x4000 masquerade mark), so that the tests drive the netfilter
 // state a real node has rather than a simplification of it. Source:
 // kubernetes pkg/proxy/iptables/proxier.go (syncProxyRules and
-// writeServiceToEndpointRules; the KUBE-EXT/KUBE-SVL layout dates from
-// v1.24 and is what v1.37 writes) and the expected rule dumps in
-// pkg/proxy/iptables/proxier_test.go. Left out: the filter table's
+// writeServiceToEndpointRules), in the layout current releases write
+// (KUBE-EXT/KUBE-SVL since v1.24), checked against the expected rule dumps
+// in pkg/proxy/iptables/proxier_test.go; the v1.37 tree itself could not
+// be fetched when this was written. Left out: the filter table's
 // firewall/reject chains (Services without endpoints, or without local
 // endpoints under externalTrafficPolicy: Local), session affinity and the
 // nfacct counters, which no test here depends on.
