@@ -9,14 +9,18 @@
  * namespace with bpf_redirect_peer (no host routing, no bridge, no
  * netfilter); masquerade packets leaving the cluster through the uplink to
  * the node IP and send them out with bpf_redirect_neigh (replies come back
- * through tc_uplink.c); hand everything else to the host stack.
+ * through tc_uplink.c); hand everything else to the host stack, which
+ * also gets, untouched, traffic to a Service CIDR and the pod's answers to
+ * flows the stack delivered into it (kube-proxy's DNAT, lib/stack.h).
  * NetworkPolicy (lib/policy.h), after anti-spoofing: the sender's egress
  * rules, and the receiver's ingress rules when it is a pod of this node
  * (bpf_redirect_peer skips that pod's veth egress, where tern_to_pod runs).
  *
  * tern_to_pod, in this file as the other direction of the same veth, runs at
  * its tc egress: it applies the pod's ingress rules to what the host stack
- * delivers (the node itself, other nodes, the outside). */
+ * delivers (the node itself, other nodes, the outside, Services after
+ * kube-proxy's DNAT), reading the stack's conntrack entry for the client
+ * and the flow a reply answers. */
 
 #include <linux/bpf.h>
 #include <linux/pkt_cls.h>
