@@ -1,6 +1,7 @@
 package bpf
 
 import (
+	"encoding/binary"
 	"net/netip"
 	"testing"
 	"time"
@@ -111,6 +112,22 @@ func TestFromPodStack(t *testing.T) {
 		// A to B directly: redirected.
 		w.run(t, w.from, w.b.ifindex, w.fromB(natPkt{dst: w.a.ip, proto: udpP, sport: 53, dport: 40000}).frame(),
 			redirect, TernMetricMETRIC_REDIRECT_PEER)
+	})
+
+	t.Run("ICMP error about a stack-delivered flow: to the stack", func(t *testing.T) {
+		install()
+		// B answers A's datagram (DNATed from a ClusterIP) with port
+		// unreachable: the stack must translate the quoted packet back
+		// to the ClusterIP, or A's socket ignores the error.
+		portUnreach := func(quotedSport uint16) []byte {
+			q := w.fromA(natPkt{dst: w.b.ip, proto: udpP, sport: quotedSport, dport: 54, payload: []byte("q")}).frame()[ethHdrLen:]
+			b := append([]byte{3, 3, 0, 0, 0, 0, 0, 0}, q[:28]...)
+			binary.BigEndian.PutUint16(b[2:], natCsum(b))
+			return w.fromB(natPkt{dst: w.a.ip, proto: unix.IPPROTO_ICMP, l4: b}).frame()
+		}
+		w.noteDelivered(t, w.a.ip, 40000, w.b.ip, 54, udpP, 0)
+		w.run(t, w.from, w.b.ifindex, portUnreach(40000), ok, TernMetricMETRIC_PASS_STACK_REPLY)
+		w.run(t, w.from, w.b.ifindex, portUnreach(40001), redirect, TernMetricMETRIC_REDIRECT_PEER)
 	})
 
 	t.Run("expired stack flow: fast path again", func(t *testing.T) {

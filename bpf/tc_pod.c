@@ -287,7 +287,7 @@ int tern_to_pod(struct __sk_buff *skb)
 	 * SNAT, e.g. kube-proxy's masquerade) and the translated destination
 	 * (after DNAT: the backend pod). */
 	stack_ct_of(skb, &ct);
-	if (ct.tracked && ct.reply && ct.rsrc != saddr && stack_reply_tracked(&ct, proto)) {
+	if (ct.tracked && ct.reply && ct.rsrc != saddr && stack_reply_tracked(&ct)) {
 		count(METRIC_PASS_TO_POD, skb->len);
 		return TC_ACT_OK;
 	}

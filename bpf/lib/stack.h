@@ -35,6 +35,7 @@
 
 #include <linux/bpf.h>
 #include <linux/in.h>
+#include <linux/ip.h>
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_core_read.h>
 #include "../include/tern_types.h"
@@ -66,6 +67,7 @@ struct nf_conntrack_tuple___tern {
 		union {
 			__be16 all;
 		} u;
+		__u8 protonum;
 	} dst;
 } __attribute__((preserve_access_index));
 
@@ -113,6 +115,7 @@ struct stack_ct {
 	 * stack's reverse NAT (src = the answering end, dst = us) */
 	__be32 rsrc, rdst;
 	__be16 rsport, rdport;
+	__u8 rproto; /* the flow's protocol (an ICMP error's is the flow it is about) */
 };
 
 /* stack_ct_of reads the host conntrack entry netfilter attached to skb. It
@@ -132,14 +135,17 @@ static __always_inline void stack_ct_of(struct __sk_buff *skb, struct stack_ct *
 	info = nfct & STACK_CT_INFO_MASK;
 	c = (struct nf_conn___tern *)(nfct & ~STACK_CT_INFO_MASK);
 	if (!c || (info != STACK_CT_ESTABLISHED && info != STACK_CT_NEW &&
-		   info != STACK_CT_ESTABLISHED_REPLY))
-		return; /* untracked, or an ICMP error related to a flow */
-	ct->reply = info == STACK_CT_ESTABLISHED_REPLY;
+		   info != STACK_CT_ESTABLISHED_REPLY && info != STACK_CT_RELATED_REPLY))
+		return; /* untracked, or an ICMP error travelling the flow's way */
+	/* An ICMP error toward the flow's originator carries the flow's own
+	 * entry (RELATED_REPLY): it answers that flow like a reply does. */
+	ct->reply = info == STACK_CT_ESTABLISHED_REPLY || info == STACK_CT_RELATED_REPLY;
 	if (ct->reply) {
 		if (bpf_core_read(&ct->rsrc, sizeof(ct->rsrc), &c->tuplehash[1].tuple.src.u3.ip) < 0 ||
 		    bpf_core_read(&ct->rdst, sizeof(ct->rdst), &c->tuplehash[1].tuple.dst.u3.ip) < 0 ||
 		    bpf_core_read(&ct->rsport, sizeof(ct->rsport), &c->tuplehash[1].tuple.src.u.all) < 0 ||
-		    bpf_core_read(&ct->rdport, sizeof(ct->rdport), &c->tuplehash[1].tuple.dst.u.all) < 0)
+		    bpf_core_read(&ct->rdport, sizeof(ct->rdport), &c->tuplehash[1].tuple.dst.u.all) < 0 ||
+		    bpf_core_read(&ct->rproto, sizeof(ct->rproto), &c->tuplehash[1].tuple.dst.protonum) < 0)
 			return;
 	} else if (bpf_core_read(&ct->orig_src, sizeof(ct->orig_src),
 				 &c->tuplehash[0].tuple.src.u3.ip) < 0) {
@@ -200,6 +206,44 @@ static __always_inline void flow_ports(const struct l4 *l4, __be16 *sport, __be1
 	}
 }
 
+/* stack_error_owned reports whether an ICMP error (unreachable, time
+ * exceeded, parameter problem) a pod sends is about a flow the host stack
+ * delivered into it: the packet it quotes belongs to a tern_stack_ct flow.
+ * Such an error goes back through the stack too, which translates the
+ * quoted packet back (a client connected to a ClusterIP then learns of it,
+ * e.g. UDP port unreachable). No refresh: an error is not activity. */
+static __always_inline int stack_error_owned(struct __sk_buff *skb, const struct l4 *l4)
+{
+	__u32 in_ip = l4->off + ICMP_ERROR_HDR;
+	struct policy_ct_key key;
+	struct policy_ct_entry *e;
+	__be16 sport, dport;
+	struct iphdr inner;
+	__u32 in_l4;
+	__u8 hdr[8];
+
+	if (bpf_skb_load_bytes(skb, in_ip, &inner, sizeof(inner)) < 0)
+		return 0;
+	if (inner.version != 4 || inner.ihl < 5 || (inner.frag_off & bpf_htons(0x1fff)))
+		return 0;
+	in_l4 = in_ip + ((__u32)inner.ihl & 0xf) * 4;
+	if (bpf_skb_load_bytes(skb, in_l4, hdr, sizeof(hdr)) < 0)
+		return 0;
+	switch (inner.protocol) {
+	case IPPROTO_TCP:
+	case IPPROTO_UDP:
+	case IPPROTO_SCTP:
+		__builtin_memcpy(&sport, &hdr[0], sizeof(sport));
+		__builtin_memcpy(&dport, &hdr[2], sizeof(dport));
+		break;
+	default:
+		return 0;
+	}
+	policy_ct_key_of(&key, inner.saddr, inner.daddr, sport, dport, inner.protocol);
+	e = bpf_map_lookup_elem(&tern_stack_ct, &key);
+	return e && !policy_ct_expired(e, bpf_ktime_get_coarse_ns(), inner.protocol);
+}
+
 /* stack_owned reports whether the packet saddr -> daddr (a pod's, at
  * tern_from_pod) answers a flow the host stack delivered into the pod, and
  * refreshes that flow. Its cost on the fast path: parsing the L4 header and
@@ -216,6 +260,10 @@ static __always_inline int stack_owned(struct __sk_buff *skb, __be32 saddr, __be
 
 	if (parse_l4(skb, proto, ihl, frag_off, &l4) != L4_OK || l4.nonfirst)
 		return 0; /* decided like any packet (non-first fragments: no ports) */
+	if (proto == IPPROTO_ICMP && (l4.icmp_type == ICMP_DEST_UNREACH ||
+				      l4.icmp_type == ICMP_TIME_EXCEEDED ||
+				      l4.icmp_type == ICMP_PARAMETERPROB))
+		return stack_error_owned(skb, &l4);
 	flow_ports(&l4, &sport, &dport);
 	hi = policy_ct_key_of(&key, saddr, daddr, sport, dport, proto);
 	e = bpf_map_lookup_elem(&tern_stack_ct, &key);
@@ -277,8 +325,9 @@ static __always_inline void stack_note_delivered(struct __sk_buff *skb, __be32 s
  * translated belongs to a flow policy allowed: the flow was tracked under
  * its translated tuple (ct's reply tuple) when its first packet was decided
  * on the far side of the stack's NAT. */
-static __always_inline int stack_reply_tracked(const struct stack_ct *ct, __u8 proto)
+static __always_inline int stack_reply_tracked(const struct stack_ct *ct)
 {
+	__u8 proto = ct->rproto;
 	struct policy_ct_key key;
 	struct policy_ct_entry *e;
 	__u64 now;

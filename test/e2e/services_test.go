@@ -1,6 +1,7 @@
 package e2e
 
 import (
+	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -9,6 +10,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -24,6 +26,8 @@ import (
 //
 //	client  dev/client  (A)   web  prod/web (B, the backend)   db  prod/db (C)
 //	10.96.0.10 tcp/80 -> B:8080, udp/53 -> B:53        (ClusterIP, DNS-style)
+//	           udp/54 -> B:54 (nothing listens: port unreachable)
+//	10.96.0.13 udp/54 -> B:54 (the same, for an ingress-isolated client)
 //	10.96.0.11 tcp/7000 -> B:7000, NodePort 30070, externalTrafficPolicy Local
 //	10.96.0.12 tcp/7000 -> B:7000, NodePort 30071, Cluster (masqueraded)
 //	10.96.0.20 tcp/80 -> A:8080                         (A's own Service)
@@ -38,6 +42,7 @@ const (
 	svcWhoLocal  = "10.96.0.11"
 	svcWhoMasq   = "10.96.0.12"
 	svcSelf      = "10.96.0.20"
+	svcClosed    = "10.96.0.13"
 	svcRemote    = "10.96.0.30"
 	npLocal      = 30070
 	npCluster    = 30071
@@ -85,6 +90,10 @@ func newSvcWorld(t *testing.T, dp string) *svcWorld {
 			Endpoints: []testutil.KubeEndpoint{{IP: w.b.IP, Port: 8080, Local: true}}},
 		{Namespace: "prod", Name: "web", PortName: "dns", Protocol: "udp", ClusterIP: svcWeb, Port: 53,
 			Endpoints: []testutil.KubeEndpoint{{IP: w.b.IP, Port: 53, Local: true}}},
+		{Namespace: "prod", Name: "web", PortName: "closed", Protocol: "udp", ClusterIP: svcWeb, Port: 54,
+			Endpoints: []testutil.KubeEndpoint{{IP: w.b.IP, Port: 54, Local: true}}},
+		{Namespace: "prod", Name: "closed", Protocol: "udp", ClusterIP: svcClosed, Port: 54,
+			Endpoints: []testutil.KubeEndpoint{{IP: w.b.IP, Port: 54, Local: true}}},
 		{Namespace: "prod", Name: "who-local", Protocol: "tcp", ClusterIP: svcWhoLocal, Port: whoamiPort,
 			NodePort: npLocal, ExternalLocal: true,
 			Endpoints: []testutil.KubeEndpoint{{IP: w.b.IP, Port: whoamiPort, Local: true}}},
@@ -235,6 +244,12 @@ func testServicesKubeProxy(t *testing.T, dp string) {
 		t.Errorf("%d packets to the Service range left the node with a pod address:\n%s", leaked, out)
 	}
 
+	// The backend's ICMP port unreachable reaches the client's socket,
+	// which is connected to the ClusterIP.
+	if err := udpRefused(a.NS, net.JoinHostPort(svcWeb, "54")); err != nil {
+		t.Errorf("no policy: %v", err)
+	}
+
 	// The client address the backend sees, and that the answer comes back
 	// from the address the client used.
 	for _, p := range []struct {
@@ -295,8 +310,15 @@ spec:
   policyTypes: [Egress]
   egress:
   - to: [{namespaceSelector: {matchLabels: {env: prod}}, podSelector: {matchLabels: {app: web}}}]
-    ports: [{protocol: UDP, port: 53}, {protocol: TCP, port: 53}, {protocol: TCP, port: 8080}]
+    ports: [{protocol: UDP, port: 53}, {protocol: TCP, port: 53}, {protocol: TCP, port: 8080}, {protocol: UDP, port: 54}]
 `)
+	// A is isolated for ingress too: the error is related to its allowed
+	// flow and passes. (Another ClusterIP than above: policy tracks ICMP
+	// errors between two addresses as one flow, and the one before, sent
+	// while A was not isolated, would let this one pass on its own.)
+	if err := udpRefused(a.NS, net.JoinHostPort(svcClosed, "54")); err != nil {
+		t.Errorf("egress allowed to the backend by selector: %v", err)
+	}
 	expect(t, "egress allowed to the backend by selector",
 		svc(a, svcWeb, "prod/web ClusterIP", "tcp", 80, true),
 		svc(a, svcWeb, "prod/web ClusterIP (DNS)", "udp", 53, true),
@@ -414,4 +436,33 @@ func pktCount(t *testing.T, listing, dst string) int {
 	}
 	t.Fatalf("no rule for %s in:\n%s", dst, listing)
 	return 0
+}
+
+// udpRefused sends datagrams from n to addr until the socket reports the
+// port unreachable (connection refused), for up to 5 s.
+func udpRefused(n ns.NetNS, addr string) error {
+	c, err := dialFrom(n, "udp", addr, 0)
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	buf := make([]byte, 64)
+	deadline := time.Now().Add(5 * time.Second)
+	for time.Now().Before(deadline) {
+		if _, err := c.Write([]byte("tern-refused")); err != nil {
+			if errors.Is(err, syscall.ECONNREFUSED) {
+				return nil
+			}
+			return fmt.Errorf("udp %s: write: %w", addr, err)
+		}
+		_ = c.SetReadDeadline(time.Now().Add(500 * time.Millisecond))
+		_, err := c.Read(buf)
+		if errors.Is(err, syscall.ECONNREFUSED) {
+			return nil
+		}
+		if err == nil {
+			return fmt.Errorf("udp %s: got an answer, want port unreachable", addr)
+		}
+	}
+	return fmt.Errorf("udp %s: no port unreachable reached the socket", addr)
 }
