@@ -137,10 +137,13 @@ func cmdAdd(args *skel.CmdArgs) (err error) {
 	}
 	undo = append(undo, func() error { return conf.syncPolicy(dp, others) })
 
+	// Undo registered first: AddEndpoint can fail half way (map entry
+	// written, one hook attached), and DelEndpoint removes whatever part
+	// of the endpoint exists.
+	undo = append(undo, func() error { return dp.DelEndpoint(ep) })
 	if err := dp.AddEndpoint(ep); err != nil {
 		return fmt.Errorf("add endpoint to datapath: %w", err)
 	}
-	undo = append(undo, func() error { return dp.DelEndpoint(ep) })
 
 	rec := &record{
 		ContainerID:  args.ContainerID,
