@@ -140,7 +140,7 @@ func TestGCWithoutRecordsOrCache(t *testing.T) {
 			conf := conflist(t, n, network, netConf{Datapath: dp, Subnet: "10.77.215.0/24", IPAMType: "host-local", Extra: map[string]any{"ipMasq": false}})
 			conf = []byte(strings.Replace(string(conf), `"type":"host-local"`, `"type":"recipam"`, 1))
 			keep := addPod(t, n, conf, "keep")
-			lost := addPod(t, n, conf, "lost")  // record and cache removed: veth and IP only
+			lost := addPod(t, n, conf, "lost") // record and cache removed: veth and IP only
 			stale := addPod(t, n, conf, "stl") // cache removed: record, veth and IP
 			for _, p := range []*pod{lost, stale} {
 				forgetCache(t, n, p)
