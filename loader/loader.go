@@ -73,6 +73,11 @@ type Objects struct {
 	Version  string
 	Maps     map[string]*ebpf.Map
 	Programs map[string]*ebpf.Program
+	// Created names the pinned maps this load had to create because no pin
+	// existed: new and empty. With endpoints already wired, it means the
+	// node lost its pins (bpffs unmounted or remounted, pins removed) and
+	// the maps' contents must be restored (see datapath/ebpf's Restore).
+	Created map[string]bool
 }
 
 // Close releases the handles (not the pinned objects).
@@ -198,8 +203,16 @@ func loadObjects(specs []*ebpf.CollectionSpec, mapPins string, version string) (
 			seen[name] = true
 		}
 	}
-	objs := &Objects{Version: version, Maps: map[string]*ebpf.Map{}, Programs: map[string]*ebpf.Program{}}
+	objs := &Objects{Version: version, Maps: map[string]*ebpf.Map{}, Programs: map[string]*ebpf.Program{}, Created: map[string]bool{}}
 	for _, spec := range specs {
+		for name, ms := range spec.Maps {
+			if ms.Pinning != ebpf.PinByName {
+				continue
+			}
+			if _, err := os.Stat(filepath.Join(mapPins, name)); errors.Is(err, os.ErrNotExist) {
+				objs.Created[name] = true
+			}
+		}
 		coll, err := ebpf.NewCollectionWithOptions(spec, ebpf.CollectionOptions{
 			Maps: ebpf.MapOptions{PinPath: mapPins},
 		})
