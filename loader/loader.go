@@ -223,7 +223,8 @@ func loadObjects(specs []*ebpf.CollectionSpec, mapPins string, version string) (
 				return nil, fmt.Errorf("load BPF object: %+v", verr)
 			}
 			if errors.Is(err, ebpf.ErrMapIncompatible) {
-				return nil, fmt.Errorf("load BPF object: pinned maps under %s are from an incompatible version (remove them to reset the node): %w", mapPins, err)
+				// migrateMaps ran first: a map changed under it.
+				return nil, fmt.Errorf("load BPF object: pinned maps under %s changed during the load: %w", mapPins, err)
 			}
 			return nil, fmt.Errorf("load BPF object: %w", err)
 		}
@@ -246,9 +247,16 @@ func (l *Loader) loadNew(specs []*ebpf.CollectionSpec, progDir string) (*Objects
 	if err := os.MkdirAll(mapPins, 0o700); err != nil {
 		return nil, fmt.Errorf("create %s: %w", mapPins, err)
 	}
+	migrated, err := migrateMaps(specs, mapPins)
+	if err != nil {
+		return nil, err
+	}
 	objs, err := loadObjects(specs, mapPins, l.Version)
 	if err != nil {
 		return nil, err
+	}
+	for name := range migrated {
+		objs.Created[name] = true
 	}
 
 	// Pin into a temporary directory and rename it into place, so a version
