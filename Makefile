@@ -13,10 +13,15 @@ GOTEST_FLAGS ?= -count=1 -timeout 40m
 
 all: build
 
+# The release number orders the BPF object versions on a node (an older
+# plugin does not downgrade a newer one's programs): the commit count.
+RELEASE   ?= $(shell git rev-list --count HEAD 2>/dev/null || echo 0)
+LDFLAGS   := -X github.com/ternlabs/tern/loader.Release=$(RELEASE)
+
 build:
 	@mkdir -p $(BIN)
-	$(GO) build -o $(BIN)/tern ./cmd/tern
-	$(GO) build -o $(BIN)/ternctl ./cmd/ternctl
+	$(GO) build -ldflags "$(LDFLAGS)" -o $(BIN)/tern ./cmd/tern
+	$(GO) build -ldflags "$(LDFLAGS)" -o $(BIN)/ternctl ./cmd/ternctl
 	$(GO) build -o $(BIN)/ternbench ./cmd/ternbench
 	$(GO) build -o $(BIN)/host-local github.com/containernetworking/plugins/plugins/ipam/host-local
 

@@ -48,7 +48,7 @@ func New(bpffsDir, stateDir string) *Loader {
 		BPFFSDir: bpffsDir,
 		StateDir: stateDir,
 		Specs:    ternbpf.LoadSpecs,
-		Version:  ternbpf.ObjectVersion(),
+		Version:  versionName(ternbpf.ObjectVersion()),
 	}
 }
 
@@ -137,6 +137,9 @@ func (l *Loader) Held(fn func() error) error {
 
 func (l *Loader) loadLocked() (*Objects, error) {
 	if err := EnsureBPFFS(l.BPFFSDir); err != nil {
+		return nil, err
+	}
+	if err := l.refuseDowngrade(); err != nil {
 		return nil, err
 	}
 	specs, err := l.specs()
