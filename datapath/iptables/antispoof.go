@@ -42,31 +42,23 @@ func nftTable(network string) string { return "tern_" + networkHash(network) }
 // portChain is the chain of one host veth.
 func portChain(hostVeth string) string { return "port_" + hostVeth }
 
-// antispoofTableSpec declares the table, its map and its base chain.
-func (d *Datapath) antispoofTableSpec() string {
-	return fmt.Sprintf(`table bridge %s {
-	map ports { type ifname : verdict; }
-	chain pre {
-		type filter hook prerouting priority -300; policy accept;
-		iifname vmap @ports
-	}
-}
-`, d.nftTable)
-}
-
-// ensureAntispoofTable creates the network's bridge table when it does not
-// exist. Callers hold the iptables lock, so two plugins never both create it
-// (which would double the base chain's rule).
-func (d *Datapath) ensureAntispoofTable() error {
-	ok, err := nftExists("table", "bridge", d.nftTable)
-	if err != nil || ok {
-		return err
-	}
-	return runNft(d.antispoofTableSpec())
+// antispoofTableScript declares the table, its map and its base chain.
+// Every line is idempotent ("add" of what exists is a no-op; the base
+// chain's one rule is flushed and added again in the same transaction, so
+// it never doubles and is never missing), so ADD needs no check first.
+func (d *Datapath) antispoofTableScript() string {
+	t := d.nftTable
+	return fmt.Sprintf("add table bridge %s\n", t) +
+		fmt.Sprintf("add map bridge %s ports { type ifname : verdict; }\n", t) +
+		fmt.Sprintf("add chain bridge %s pre { type filter hook prerouting priority -300; policy accept; }\n", t) +
+		fmt.Sprintf("flush chain bridge %s pre\n", t) +
+		fmt.Sprintf("add rule bridge %s pre iifname vmap @ports\n", t)
 }
 
-// addAntispoof installs the endpoint's chain and map element, replacing
-// what an earlier endpoint of the same veth name left, in one transaction.
+// addAntispoof installs the table when missing, and the endpoint's chain
+// and map element, replacing what an earlier endpoint of the same veth name
+// left, in one nft transaction (one process: ADD's cost is mostly process
+// starts).
 func (d *Datapath) addAntispoof(ep *datapath.Endpoint) error {
 	ip := ep.IP.IP.To4()
 	if ip == nil {
@@ -80,11 +72,9 @@ func (d *Datapath) addAntispoof(ep *datapath.Endpoint) error {
 		return err
 	}
 	defer unlock()
-	if err := d.ensureAntispoofTable(); err != nil {
-		return err
-	}
 	t, c, mac := d.nftTable, portChain(ep.HostVeth), ep.PodMAC.String()
 	var b strings.Builder
+	b.WriteString(d.antispoofTableScript())
 	fmt.Fprintf(&b, "add chain bridge %s %s\n", t, c)
 	fmt.Fprintf(&b, "flush chain bridge %s %s\n", t, c)
 	fmt.Fprintf(&b, "add rule bridge %s %s ether saddr != %s counter drop\n", t, c, mac)
@@ -97,24 +87,25 @@ func (d *Datapath) addAntispoof(ep *datapath.Endpoint) error {
 	return runNft(b.String())
 }
 
-// delAntispoof removes the endpoint's map element and chain; what is
-// already gone is skipped.
+// delAntispoof removes the endpoint's map element and chain in one
+// transaction. The element is added first so that its delete cannot fail
+// when only the chain is left; when the table or the chain is gone the
+// transaction fails with ENOENT as a whole, which means nothing of the
+// endpoint is left.
 func (d *Datapath) delAntispoof(hostVeth string) error {
 	unlock, err := lockIptables()
 	if err != nil {
 		return err
 	}
 	defer unlock()
-	ok, err := nftExists("chain", "bridge", d.nftTable, portChain(hostVeth))
-	if err != nil || !ok {
-		return err
-	}
 	t, c := d.nftTable, portChain(hostVeth)
-	// Same add-then-delete trick: the element may be gone already.
 	script := fmt.Sprintf("add element bridge %s ports { %q : jump %s }\n", t, hostVeth, c) +
 		fmt.Sprintf("delete element bridge %s ports { %q }\n", t, hostVeth) +
 		fmt.Sprintf("delete chain bridge %s %s\n", t, c)
-	return runNft(script)
+	if err := runNft(script); err != nil && !strings.Contains(err.Error(), "No such file or directory") {
+		return err
+	}
+	return nil
 }
 
 // checkAntispoof reports a missing table, chain or map element.
