@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"os/exec"
+	"slices"
 	"strings"
 
 	"github.com/ternlabs/tern/datapath"
@@ -168,4 +169,43 @@ func runNft(script string) error {
 		return fmt.Errorf("nft -f: %w: %s (input:\n%s)", err, strings.TrimSpace(string(out)), script)
 	}
 	return nil
+}
+
+// SweepAntispoof removes the anti-spoofing chains and map elements of a
+// network's host veths that are not in keep (GC: veths deleted without a
+// DEL, found only by their alias). A network without a table has nothing
+// to sweep.
+func SweepAntispoof(network string, keep []string) error {
+	d := &Datapath{nftTable: nftTable(network)}
+	out, err := nftOutput("list", "map", "bridge", d.nftTable, "ports")
+	if err != nil {
+		if ok, xerr := nftExists("table", "bridge", d.nftTable); xerr == nil && !ok {
+			return nil
+		}
+		return err
+	}
+	var errs []error
+	for _, veth := range mapVeths(out) {
+		if slices.Contains(keep, veth) {
+			continue
+		}
+		if err := d.delAntispoof(veth); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// mapVeths extracts the interface names of `nft list map … ports` output
+// (elements `"<veth>" : jump port_<veth>`).
+func mapVeths(out string) []string {
+	var veths []string
+	parts := strings.Split(out, `"`)
+	for i := 1; i+1 < len(parts); i += 2 {
+		name := parts[i]
+		if strings.HasPrefix(strings.TrimSpace(parts[i+1]), ": jump "+portChain(name)) {
+			veths = append(veths, name)
+		}
+	}
+	return veths
 }

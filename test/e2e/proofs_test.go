@@ -167,6 +167,19 @@ func TestGCWithoutRecordsOrCache(t *testing.T) {
 				if keys := endpointKeys(t, n); len(keys) != 1 || keys[0] != keep.IP {
 					t.Errorf("endpoint map after GC: %v, want [%s]", keys, keep.IP)
 				}
+			} else {
+				out, err := n.Exec(t, "nft", "list", "ruleset")
+				if err != nil {
+					t.Fatal(err)
+				}
+				for _, v := range []string{lostVeth, staleVeth} {
+					if strings.Contains(out, v) {
+						t.Errorf("GC left the anti-spoofing chain of %s:\n%s", v, out)
+					}
+				}
+				if !strings.Contains(out, hostVethFor(keep.ID, "eth0")) {
+					t.Errorf("GC removed the kept pod's anti-spoofing chain:\n%s", out)
+				}
 			}
 			b, err := os.ReadFile(log)
 			if err != nil {
