@@ -22,6 +22,7 @@ import (
 //		chain pre { hook prerouting priority -300; iifname vmap @ports }
 //		chain port_<veth> {                         one per pod
 //			ether saddr != <pod MAC> drop
+//			ip daddr 127.0.0.0/8 drop                   (the node's localhost, CVE-2020-8558)
 //			ip saddr <pod IP> accept                    (IPv4 from the pod's address)
 //			arp … saddr ether <pod MAC> saddr ip <pod IP> accept
 //			drop                                        (forged IPv4 or ARP, IPv6, anything else)
@@ -79,6 +80,11 @@ func (d *Datapath) addAntispoof(ep *datapath.Endpoint) error {
 	fmt.Fprintf(&b, "add chain bridge %s %s\n", t, c)
 	fmt.Fprintf(&b, "flush chain bridge %s %s\n", t, c)
 	fmt.Fprintf(&b, "add rule bridge %s %s ether saddr != %s counter drop\n", t, c, mac)
+	// The node's loopback range, which no pod may reach: with
+	// route_localnet=1 (kube-proxy sets it) the node would accept it
+	// from the bridge and expose its localhost-only services
+	// (CVE-2020-8558).
+	fmt.Fprintf(&b, "add rule bridge %s %s ip daddr 127.0.0.0/8 counter drop\n", t, c)
 	fmt.Fprintf(&b, "add rule bridge %s %s ip saddr %s accept\n", t, c, ip)
 	fmt.Fprintf(&b, "add rule bridge %s %s arp htype 1 arp ptype ip arp hlen 6 arp plen 4 arp saddr ether %s arp saddr ip %s accept\n", t, c, mac, ip)
 	fmt.Fprintf(&b, "add rule bridge %s %s counter drop\n", t, c)

@@ -119,6 +119,43 @@ func TestAntiSpoofing(t *testing.T) {
 				}
 			})
 
+			// The eBPF datapath lets this through today: issue 13 item 7,
+			// another change's; enable it for ebpf with that fix.
+			if dp == "iptables" {
+				t.Run("to the node's localhost (CVE-2020-8558)", func(t *testing.T) {
+					// kube-proxy sets route_localnet=1, which makes the node
+					// accept 127.0.0.0/8 from outside: a pod that sends a
+					// frame to its gateway with such a destination reaches
+					// the node's localhost-only services.
+					out, err := n.Exec(t, "sh", "-c", "for f in /proc/sys/net/ipv4/conf/*/route_localnet; do echo 1 > $f; done")
+					if err != nil {
+						t.Fatal(err, out)
+					}
+					lo, err := testutil.ListenUDP(n.NS, "127.0.0.1:4792")
+					if err != nil {
+						t.Fatal(err)
+					}
+					defer lo.Close()
+					if err := testutil.Ping(a.NS, gw.String(), 1); err != nil {
+						t.Fatal(err)
+					}
+					gwMAC := neighMAC(t, a, gw)
+					if gwMAC == nil {
+						t.Fatalf("a has no neighbour entry for its gateway %s", gw)
+					}
+					payload := []byte("tern-localnet")
+					for range 3 {
+						f := testutil.IPv4Frame(gwMAC, aMAC, aIP, net.ParseIP("127.0.0.1"), unix.IPPROTO_UDP, testutil.UDPDatagram(4793, 4792, payload))
+						if err := testutil.SendFrame(a.NS, "eth0", f); err != nil {
+							t.Fatal(err)
+						}
+					}
+					if receivedUDP(t, lo, payload, 2*time.Second) {
+						t.Error("a's datagram to 127.0.0.1 reached a socket bound to the node's localhost")
+					}
+				})
+			}
+
 			t.Run("IPv6 link-local", func(t *testing.T) {
 				ll := linkLocal(t, c)
 				out, err := testutil.ExecIn(a.NS, "ping", "-6", "-n", "-c", "2", "-i", "0.2", "-W", "1", "-w", "3", ll+"%eth0")
