@@ -2,10 +2,12 @@ package loader
 
 import (
 	"bufio"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 
 	"github.com/cilium/ebpf"
@@ -23,10 +25,11 @@ const bpffsRoleEnv = "TERN_TEST_BPFFS_ROLE"
 // EnsureBPFFS must mount on /sys/fs/bpf. The "node" is this test binary
 // re-executed as PID 1 of new PID and mount namespaces with a fresh sysfs on
 // /sys (the machine's own /sys/fs/bpf is never touched, and everything
-// mounted vanishes with the namespace). Inside it, a plugin started with `ip
-// netns exec` (private mount namespace, another fresh sysfs) must mount in
-// the node's namespace, where its pins outlive it; then the node's own call
-// finds the bpffs and stacks no second one.
+// mounted vanishes with the namespace). Inside it, three plugins started at
+// once with `ip netns exec` (each in a private mount namespace with another
+// fresh sysfs) must mount one bpffs, in the node's namespace, where their
+// pins outlive them; then the node's own call finds it and stacks no
+// second one.
 func TestEnsureBPFFSDefaultPath(t *testing.T) {
 	switch os.Getenv(bpffsRoleEnv) {
 	case "node":
@@ -69,24 +72,38 @@ func bpffsNode(t *testing.T) {
 		t.Fatal("mkdir on sysfs succeeded: the test would not reproduce the node")
 	}
 
-	// A plugin in a private mount namespace, as `ip netns exec` gives it.
+	// Plugins in private mount namespaces, as `ip netns exec` gives them,
+	// three at once on the fresh node: one bpffs must result, in the
+	// node's namespace.
 	self, err := os.Executable()
 	if err != nil {
 		t.Fatal(err)
 	}
-	cmd := exec.Command("ip", "netns", "exec", os.Getenv("TERN_TEST_NETNS"),
-		self, "-test.run=^TestEnsureBPFFSDefaultPath$", "-test.v", "-test.count=1")
-	cmd.Env = append(os.Environ(), bpffsRoleEnv+"=plugin")
-	out, err := cmd.CombinedOutput()
-	t.Logf("plugin under ip netns exec:\n%s", out)
-	if err != nil {
-		t.Fatalf("plugin: %v", err)
+	const plugins = 3
+	var wg sync.WaitGroup
+	for i := range plugins {
+		wg.Go(func() {
+			cmd := exec.Command("ip", "netns", "exec", os.Getenv("TERN_TEST_NETNS"),
+				self, "-test.run=^TestEnsureBPFFSDefaultPath$", "-test.v", "-test.count=1")
+			cmd.Env = append(os.Environ(), bpffsRoleEnv+"=plugin", fmt.Sprintf("TERN_TEST_PROBE=probe%d", i))
+			out, err := cmd.CombinedOutput()
+			t.Logf("plugin %d under ip netns exec:\n%s", i, out)
+			if err != nil {
+				t.Errorf("plugin %d: %v", i, err)
+			}
+		})
+	}
+	wg.Wait()
+	if t.Failed() {
+		t.FailNow()
 	}
 	if ok, err := IsBPFFS("/sys/fs/bpf"); err != nil || !ok {
-		t.Fatalf("after the plugin: /sys/fs/bpf in the node's namespace is not a bpffs (%v, %v): its pins died with it", ok, err)
+		t.Fatalf("after the plugins: /sys/fs/bpf in the node's namespace is not a bpffs (%v, %v): their pins died with them", ok, err)
 	}
-	if _, err := os.Stat(filepath.Join(dir, "probe")); err != nil {
-		t.Fatalf("the plugin's pin is not on the node's bpffs: %v", err)
+	for i := range plugins {
+		if _, err := os.Stat(filepath.Join(dir, fmt.Sprintf("probe%d", i))); err != nil {
+			t.Errorf("plugin %d's pin is not on the node's bpffs: %v", i, err)
+		}
 	}
 
 	// The node's own plugin: finds the bpffs, mounts nothing more.
@@ -119,7 +136,7 @@ func bpffsPlugin(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer m.Close()
-	if err := m.Pin(filepath.Join(dir, "probe")); err != nil {
+	if err := m.Pin(filepath.Join(dir, os.Getenv("TERN_TEST_PROBE"))); err != nil {
 		t.Fatalf("pin: %v", err)
 	}
 }
