@@ -110,6 +110,9 @@ func (l *Loader) Attach(objs *Objects, ifname string, ifindex int, hook Hook, mo
 	}
 	var used Mode
 	err = l.Held(func() error {
+		if err := l.current(objs); err != nil {
+			return err
+		}
 		if mode == ModeAuto || mode == ModeTCX {
 			err := l.attachTCX(prog, ifname, ifindex, hook)
 			if err == nil {

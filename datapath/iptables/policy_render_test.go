@@ -292,6 +292,9 @@ func TestClassSetsLPM(t *testing.T) {
 		}
 	}
 	t.Logf("%d address lookups checked", checked)
+	if checked == 0 {
+		t.Error("no address lookup checked")
+	}
 }
 
 // evalRendered decides a packet the way the kernel runs the rendered
@@ -472,6 +475,10 @@ func TestRenderedMatchesSimulator(t *testing.T) {
 		}
 	}
 	t.Logf("%d packets, %d allowed", packets, allowed)
+	// Both verdicts must be exercised, or agreement proves little.
+	if packets == 0 || allowed < packets/20 || allowed > packets*19/20 {
+		t.Errorf("lopsided sample: %d of %d packets allowed", allowed, packets)
+	}
 }
 
 func classOfSet(t *testing.T, names policyNames, set string) uint32 {
