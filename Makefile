@@ -17,6 +17,7 @@ build:
 	@mkdir -p $(BIN)
 	$(GO) build -o $(BIN)/tern ./cmd/tern
 	$(GO) build -o $(BIN)/ternctl ./cmd/ternctl
+	$(GO) build -o $(BIN)/ternd ./cmd/ternd
 	$(GO) build -o $(BIN)/ternbench ./cmd/ternbench
 	$(GO) build -o $(BIN)/host-local github.com/containernetworking/plugins/plugins/ipam/host-local
 
@@ -26,9 +27,12 @@ generate:
 	cd bpf && $(GO) generate ./...
 
 # Every test, against the real kernel. TERN_CNI_PATH points the end-to-end
-# tests at the binaries just built.
+# tests at the binaries just built. The control-plane tests run a real
+# kube-apiserver and etcd from KUBEBUILDER_ASSETS; scripts/kube-testenv.sh
+# builds (once, cached by version) or finds them when it is unset.
 test: build
-	TERN_CNI_PATH=$(CURDIR)/$(BIN) $(GO) test $(GOTEST_FLAGS) ./...
+	assets="$${KUBEBUILDER_ASSETS:-$$(./scripts/kube-testenv.sh | tail -n1)}" && \
+	KUBEBUILDER_ASSETS="$$assets" TERN_CNI_PATH=$(CURDIR)/$(BIN) $(GO) test $(GOTEST_FLAGS) ./...
 
 install: build
 	install -d $(DESTDIR)$(CNI_BIN) $(DESTDIR)$(CNI_CONF)
