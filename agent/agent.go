@@ -381,5 +381,4 @@ func (a *Agent) serve(ctx context.Context, cancel context.CancelCauseFunc) error
 	return nil
 }
 
-
 func parseCIDR(s string) (net.IP, *net.IPNet, error) { return net.ParseCIDR(strings.TrimSpace(s)) }

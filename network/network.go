@@ -184,4 +184,3 @@ func (n *Network) Hosts(eps []*datapath.Endpoint) ([]net.IP, error) {
 	}
 	return hosts, nil
 }
-
