@@ -14,6 +14,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"syscall"
 	"testing"
 	"time"
@@ -114,6 +115,7 @@ func StartControlPlane(t testing.TB) *ControlPlane {
 		"--etcd-servers", etcdClient,
 		"--bind-address", "127.0.0.1",
 		"--advertise-address", "127.0.0.1",
+		"--endpoint-reconciler-type", "none", // loopback cannot be advertised
 		"--secure-port", strconv.Itoa(cp.APIServerPort),
 		"--cert-dir", filepath.Join(dir, "certs"),
 		"--token-auth-file", tokens,
@@ -163,7 +165,10 @@ func (cp *ControlPlane) StartAPIServer() {
 		}
 		time.Sleep(200 * time.Millisecond)
 	}
-	cp.t.Fatalf("kube-apiserver not ready: %s (log: %s)", last, filepath.Join(cp.dir, "kube-apiserver.log"))
+	log, _ := os.ReadFile(filepath.Join(cp.dir, "kube-apiserver.log"))
+	lines := strings.Split(strings.TrimSpace(string(log)), "\n")
+	lines = lines[max(0, len(lines)-20):]
+	cp.t.Fatalf("kube-apiserver not ready: %s; its log ends with:\n%s", last, strings.Join(lines, "\n"))
 }
 
 // RESTConfig is a client configuration for the API server.
