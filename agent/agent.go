@@ -45,6 +45,14 @@ func Main(ctx context.Context, args []string, stderr io.Writer) int {
 		return 2
 	}
 	log := slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: level}))
+	if cfg.InstallFrom != "" {
+		if err := InstallPlugin(cfg.InstallFrom, cfg.CNIBinDir); err != nil {
+			log.Error("install the CNI plugin", "err", err)
+			return 1
+		}
+		log.Info("installed the CNI plugin", "file", filepath.Join(cfg.CNIBinDir, "tern"))
+		return 0
+	}
 	if cfg.Uninstall {
 		if err := RemoveConfList(cfg.CNIConfDir); err != nil {
 			log.Error("uninstall", "err", err)
@@ -297,6 +305,43 @@ func WriteConfList(dir string, conflist []byte) (err error) {
 		return err
 	}
 	return os.Rename(f.Name(), filepath.Join(dir, ConfFileName))
+}
+
+// InstallPlugin copies the plugin binary src to <binDir>/tern: a temporary
+// file in binDir renamed over the old binary, so a runtime executing it
+// during an upgrade runs the old or the new one, never a partial file.
+func InstallPlugin(src, binDir string) (err error) {
+	in, err := os.Open(src)
+	if err != nil {
+		return err
+	}
+	defer in.Close()
+	if err := os.MkdirAll(binDir, 0o755); err != nil {
+		return err
+	}
+	f, err := os.CreateTemp(binDir, ".tern.tmp-*")
+	if err != nil {
+		return err
+	}
+	defer func() {
+		if err != nil {
+			f.Close()
+			os.Remove(f.Name())
+		}
+	}()
+	if _, err = io.Copy(f, in); err != nil {
+		return err
+	}
+	if err = f.Chmod(0o755); err != nil {
+		return err
+	}
+	if err = f.Sync(); err != nil {
+		return err
+	}
+	if err = f.Close(); err != nil {
+		return err
+	}
+	return os.Rename(f.Name(), filepath.Join(binDir, "tern"))
 }
 
 // RemoveConfList removes the conflist ternd installed (uninstall); a

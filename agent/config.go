@@ -32,6 +32,7 @@ type Config struct {
 	HealthAddr   string
 	Offline      bool
 	Uninstall    bool
+	InstallFrom  string
 	MinSync      time.Duration
 	MaxSync      time.Duration
 	ResyncPeriod time.Duration
@@ -67,6 +68,7 @@ var Flags = []flagSpec{
 	{"health-addr", "TERN_HEALTH_ADDR", ":9963", "address of /healthz and /readyz (empty: off)"},
 	{"offline", "TERN_OFFLINE", "false", "file-based mode: no API server; policy comes from ternctl apply"},
 	{"uninstall", "", "false", "remove " + ConfFileName + " from the CNI conf dir and exit"},
+	{"install-plugin", "", "", "copy this tern plugin binary into the CNI bin dir (atomically) and exit (the DaemonSet's init container)"},
 	{"sync-min-interval", "TERN_SYNC_MIN_INTERVAL", "100ms", "minimum time between two datapath syncs (events in between are coalesced)"},
 	{"sync-max-interval", "TERN_SYNC_MAX_INTERVAL", "1m", "a full reconcile (and endpoint GC) runs at least this often"},
 	{"resync-period", "TERN_RESYNC_PERIOD", "10m", "informer resync period (0: none)"},
@@ -132,6 +134,7 @@ func ParseFlags(args []string, getenv func(string) string, stderr io.Writer) (*C
 		MetricsAddr: get("metrics-addr"),
 		HealthAddr:  get("health-addr"),
 		LogLevel:    get("log-level"),
+		InstallFrom: get("install-plugin"),
 	}
 	var errs []error
 	parseBool := func(name string) bool {
