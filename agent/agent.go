@@ -178,9 +178,9 @@ func (a *Agent) install(ctx context.Context, conf *cni.NetConf, conflist []byte)
 }
 
 // runOffline is the file-based mode: no API server; policy comes from
-// ternctl apply. ternd installs the conflist for --pod-cidr, serves health
-// and metrics, and syncs the node's policy state with its endpoints
-// periodically (as a CNI ADD would).
+// ternctl apply (which enforces it itself, as CNI ADD and DEL do). ternd
+// installs the conflist for --pod-cidr once the datapath is loadable and
+// serves health and metrics.
 func (a *Agent) runOffline(ctx context.Context) error {
 	conflist, conf, err := a.netConf(a.cfg.PodCIDR)
 	if err != nil {

@@ -65,3 +65,21 @@ func TestConfListInstall(t *testing.T) {
 		t.Fatalf("second uninstall: %v", err)
 	}
 }
+
+// TestFlagsDocumented: the README's flag table lists every flag with its
+// environment variable.
+func TestFlagsDocumented(t *testing.T) {
+	readme, err := os.ReadFile("../README.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, f := range Flags {
+		row := "| `--" + f.name + "` | "
+		if f.env != "" {
+			row += "`" + f.env + "`"
+		}
+		if !strings.Contains(string(readme), row) {
+			t.Errorf("README.md has no flag table row for --%s (%s)", f.name, row)
+		}
+	}
+}
