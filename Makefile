@@ -9,7 +9,7 @@ CNI_CONF  ?= /etc/cni/net.d
 PREFIX    ?= /usr/local
 GOTEST_FLAGS ?= -count=1 -timeout 40m
 
-.PHONY: all build generate test install lint bench clean demo
+.PHONY: all build generate test install lint bench clean demo image
 
 all: build
 
@@ -44,6 +44,17 @@ install: build
 lint:
 	@out=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
 	$(GO) vet ./...
+
+# The container image of deploy/ (ternd, tern, ternctl; static binaries on
+# an empty base) as an image tarball, without a Docker daemon:
+# docker load -i bin/tern-image.tar, or ctr images import bin/tern-image.tar.
+IMAGE ?= ghcr.io/ternlabs/tern:latest
+image:
+	@mkdir -p $(BIN)/image
+	CGO_ENABLED=0 $(GO) build -trimpath -o $(BIN)/image/ternd ./cmd/ternd
+	CGO_ENABLED=0 $(GO) build -trimpath -o $(BIN)/image/tern ./cmd/tern
+	CGO_ENABLED=0 $(GO) build -trimpath -o $(BIN)/image/ternctl ./cmd/ternctl
+	$(GO) run ./cmd/ternimage --out $(BIN)/tern-image.tar --tag $(IMAGE) $(BIN)/image/ternd $(BIN)/image/tern $(BIN)/image/ternctl
 
 bench: build
 	$(GO) run ./cmd/ternbench --out bench/results
