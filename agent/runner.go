@@ -56,10 +56,10 @@ func (r *runner) Run(ctx context.Context) {
 		defer t.Stop()
 		periodic = t.C
 	}
-	retry := time.NewTimer(0)
-	if !retry.Stop() {
-		<-retry.C
-	}
+	// Stopped until a sync fails (since Go 1.23 a stopped timer's channel
+	// holds no stale value).
+	retry := time.NewTimer(time.Hour)
+	retry.Stop()
 	defer retry.Stop()
 	for {
 		select {

@@ -13,12 +13,14 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
 	"strconv"
 	"strings"
 	"syscall"
 	"testing"
 	"time"
 
+	"github.com/containernetworking/plugins/pkg/ns"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/rest"
 )
@@ -128,8 +130,22 @@ func StartControlPlane(t testing.TB) *ControlPlane {
 		"--allow-privileged",
 	}
 	cp.StartAPIServer()
-	t.Cleanup(cp.StopAPIServer)
+	t.Cleanup(func() {
+		cp.StopAPIServer()
+		if t.Failed() {
+			for _, name := range []string{"kube-apiserver", "etcd"} {
+				t.Logf("%s log ends with:\n%s", name, cp.logTail(name, 15))
+			}
+		}
+	})
 	return cp
+}
+
+// logTail returns the last n lines of a component's log.
+func (cp *ControlPlane) logTail(name string, n int) string {
+	log, _ := os.ReadFile(filepath.Join(cp.dir, name+".log"))
+	lines := strings.Split(strings.TrimSpace(string(log)), "\n")
+	return strings.Join(lines[max(0, len(lines)-n):], "\n")
 }
 
 // StopAPIServer stops kube-apiserver (etcd keeps running); StartAPIServer
@@ -165,10 +181,7 @@ func (cp *ControlPlane) StartAPIServer() {
 		}
 		time.Sleep(200 * time.Millisecond)
 	}
-	log, _ := os.ReadFile(filepath.Join(cp.dir, "kube-apiserver.log"))
-	lines := strings.Split(strings.TrimSpace(string(log)), "\n")
-	lines = lines[max(0, len(lines)-20):]
-	cp.t.Fatalf("kube-apiserver not ready: %s; its log ends with:\n%s", last, strings.Join(lines, "\n"))
+	cp.t.Fatalf("kube-apiserver not ready: %s; its log ends with:\n%s", last, cp.logTail("kube-apiserver", 20))
 }
 
 // RESTConfig is a client configuration for the API server.
@@ -240,14 +253,14 @@ func (cp *ControlPlane) start(name, bin string, args ...string) *process {
 	}
 	cmd := exec.Command(bin, args...)
 	cmd.Stdout, cmd.Stderr = logf, logf
-	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL, Setpgid: true}
-	if err := cmd.Start(); err != nil {
+	done, err := StartProcess(cmd, nil)
+	if err != nil {
 		logf.Close()
 		cp.t.Fatalf("start %s: %v", name, err)
 	}
 	p := &process{cmd: cmd, done: make(chan struct{})}
 	go func() {
-		_ = cmd.Wait()
+		<-done
 		logf.Close()
 		close(p.done)
 	}()
@@ -301,4 +314,58 @@ func WaitFor(ctx context.Context, timeout time.Duration, cond func() error) (tim
 		}
 		time.Sleep(50 * time.Millisecond)
 	}
+}
+
+// StartProcess starts cmd, in network namespace n (nil: the test
+// process's), with SIGKILL as its parent-death signal, so it dies with the
+// test process. The kernel sends that signal when the *thread* that forked
+// the child exits, and Go ends threads that goroutines leave locked (netns
+// helpers do, ns.Do among them, which also runs its callback on a thread of
+// its own): cmd is therefore forked from a thread this function locks, and
+// switches into n itself, for the child's whole life. done is closed once
+// the child has exited and been waited for.
+func StartProcess(cmd *exec.Cmd, n ns.NetNS) (done <-chan struct{}, err error) {
+	if cmd.SysProcAttr == nil {
+		cmd.SysProcAttr = &syscall.SysProcAttr{}
+	}
+	cmd.SysProcAttr.Pdeathsig = syscall.SIGKILL
+	exited := make(chan struct{})
+	errc := make(chan error)
+	go func() {
+		runtime.LockOSThread()
+		restored := true
+		defer func() {
+			if restored {
+				runtime.UnlockOSThread()
+			} // else: the thread ends with this goroutine, after the child
+		}()
+		if n != nil {
+			orig, err := ns.GetCurrentNS()
+			if err != nil {
+				errc <- err
+				return
+			}
+			defer orig.Close()
+			if err := n.Set(); err != nil {
+				errc <- err
+				return
+			}
+			err = cmd.Start()
+			if serr := orig.Set(); serr != nil {
+				restored = false
+			}
+			errc <- err
+		} else {
+			errc <- cmd.Start()
+		}
+		if cmd.Process == nil {
+			return
+		}
+		_ = cmd.Wait()
+		close(exited)
+	}()
+	if err := <-errc; err != nil {
+		return nil, err
+	}
+	return exited, nil
 }

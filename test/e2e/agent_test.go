@@ -111,13 +111,13 @@ func startTernd(t *testing.T, node *testutil.Node, args []string) *ternd {
 	d := &ternd{done: make(chan struct{}), log: logPath}
 	d.cmd = exec.Command(terndBinary(t), args...)
 	d.cmd.Stdout, d.cmd.Stderr = logf, logf
-	d.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
-	// Started from a thread in the node namespace: the process runs there,
-	// as a hostNetwork DaemonSet pod runs in the node's.
-	if err := node.NS.Do(func(ns.NetNS) error { return d.cmd.Start() }); err != nil {
+	// In the node namespace, as a hostNetwork DaemonSet pod runs in the
+	// node's.
+	exited, err := testutil.StartProcess(d.cmd, node.NS)
+	if err != nil {
 		t.Fatalf("start ternd: %v", err)
 	}
-	go func() { d.cmd.Wait(); logf.Close(); close(d.done) }()
+	go func() { <-exited; logf.Close(); close(d.done) }()
 	t.Cleanup(func() {
 		d.stop()
 		if t.Failed() {
@@ -168,6 +168,50 @@ type agentWorld struct {
 	confDir  string
 	args     []string
 	http     *http.Client
+	agent    *ternd // the running agent
+}
+
+// dialsWithin reports whether a TCP connection opens within timeout.
+func dialsWithin(r reach, timeout time.Duration) bool {
+	var c net.Conn
+	err := r.from.Do(func(ns.NetNS) error {
+		var err error
+		c, err = net.DialTimeout("tcp4", net.JoinHostPort(r.ip, strconv.Itoa(r.port)), timeout)
+		return err
+	})
+	if err != nil {
+		return false
+	}
+	c.Close()
+	return true
+}
+
+// syncedAfter returns how long after since the first policy sync that
+// started after since ended, from ternd's log (end time and duration).
+func syncedAfter(logPath string, since time.Time) (time.Duration, bool) {
+	b, err := os.ReadFile(logPath)
+	if err != nil {
+		return 0, false
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		if !strings.Contains(line, `msg="policy synced"`) || !strings.HasPrefix(line, "time=") {
+			continue
+		}
+		ts, _, _ := strings.Cut(strings.TrimPrefix(line, "time="), " ")
+		end, err := time.Parse(time.RFC3339Nano, ts)
+		if err != nil {
+			continue
+		}
+		// The first sync that started after the write: one that started
+		// before it cannot have read the change.
+		_, ds, _ := strings.Cut(line, " duration=")
+		ds, _, _ = strings.Cut(ds, " ")
+		took, err := time.ParseDuration(ds)
+		if err == nil && end.Add(-took).After(since) {
+			return end.Sub(since), true
+		}
+	}
+	return 0, false
 }
 
 func (w *agentWorld) ctx() context.Context { return w.t.Context() }
@@ -258,6 +302,15 @@ func (w *agentWorld) enforced(step string, since time.Time, bound time.Duration,
 		var wg sync.WaitGroup
 		for _, r := range rs {
 			wg.Go(func() {
+				if r.want && r.proto == "tcp" {
+					// A fresh SYN every 250 ms rather than the kernel's
+					// retransmission after 1 s: finer resolution; an
+					// allowed outcome cannot be seen early.
+					if !dialsWithin(r, 250*time.Millisecond) {
+						bad.Add(1)
+					}
+					return
+				}
 				if got, err := r.connects(); err != nil || got != r.want {
 					bad.Add(1)
 				}
@@ -267,7 +320,13 @@ func (w *agentWorld) enforced(step string, since time.Time, bound time.Duration,
 		ok := bad.Load() == 0
 		took := time.Since(since)
 		if ok {
-			w.t.Logf("%s: enforced %v after the API write", step, took.Round(time.Millisecond))
+			applied := "no sync logged"
+			if w.agent != nil {
+				if d, found := syncedAfter(w.agent.log, since); found {
+					applied = "the first ternd sync started after the write ended " + d.Round(time.Millisecond).String() + " after it"
+				}
+			}
+			w.t.Logf("%s: enforcement observed %v after the API write (%s)", step, took.Round(time.Millisecond), applied)
 			return took
 		}
 		if took > bound {
@@ -422,6 +481,7 @@ func TestAgent(t *testing.T) {
 		"--log-level", "debug",
 	}
 	agent := startTernd(t, w.node, w.args)
+	w.agent = agent
 	t.Logf("agent ready %v after start", w.waitReady(60*time.Second).Round(time.Millisecond))
 
 	srv := w.addPod("alpha", "srv", map[string]string{"app": "srv"})
@@ -470,6 +530,7 @@ func TestAgent(t *testing.T) {
 	expect(t, "agent down", tcp(bad, srv, 80, false))
 	start = time.Now()
 	agent = startTernd(t, w.node, w.args)
+	w.agent = agent
 	w.waitReady(60 * time.Second)
 	w.enforced("change made while the agent was down, new agent", start, enforceBound+5*time.Second, tcp(bad, srv, 80, true))
 	s.finish(t, "agent kill -9 and restart")
