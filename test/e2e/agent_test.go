@@ -678,3 +678,60 @@ func TestAgentTwoNodes(t *testing.T) {
 	w1.labelPod("alpha", "stranger", map[string]string{"app": "friend"})
 	w1.enforced("label of a remote pod", start, enforceBound, tcp(stranger, srv, 80, true))
 }
+
+// TestAgentOffline: without an API server, ternd --offline installs the
+// conflist for --pod-cidr once the datapath is loadable and reports ready;
+// policy comes from ternctl apply (the file-based source) and is enforced
+// on the pods wired with that conflist.
+func TestAgentOffline(t *testing.T) {
+	testutil.RequirePrivileged(t)
+	w := &agentWorld{t: t, node: testutil.NewNode(t), confDir: t.TempDir()}
+	w.http = &http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{
+		DisableKeepAlives: true,
+		DialContext: func(_ context.Context, network, addr string) (net.Conn, error) {
+			return testutil.Dial(w.node.NS, network, addr)
+		},
+	}}
+	w.agent = startTernd(t, w.node, []string{
+		"--offline", "--pod-cidr", "10.77.154.0/24",
+		"--cni-conf-dir", w.confDir,
+		"--cni-bin-dir", w.node.CNIPath,
+		"--state-dir", w.node.StateDir,
+		"--bpffs-dir", w.node.BPFFSDir,
+		"--metrics-addr", "127.0.0.1:9962",
+		"--health-addr", "127.0.0.1:9963",
+	})
+	w.waitReady(60 * time.Second)
+	confFile := filepath.Join(w.confDir, "10-tern.conflist")
+	conf, err := os.ReadFile(confFile)
+	if err != nil {
+		t.Fatal(err)
+	}
+	a := addK8sPod(t, w.node, conf, "default", "a")
+	b := addK8sPod(t, w.node, conf, "default", "b")
+	if !strings.HasPrefix(a.IP, "10.77.154.") {
+		t.Fatalf("pod address %s is not from --pod-cidr", a.IP)
+	}
+	expect(t, "no policy", tcp(a, b, 80, true))
+	manifest := filepath.Join(t.TempDir(), "deny.yaml")
+	if err := os.WriteFile(manifest, []byte(`apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: deny, namespace: default}
+spec:
+  podSelector: {}
+  policyTypes: [Ingress]
+`), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if out, err := w.node.Exec(t, ternctlBinary(t), "--cni-conf", confFile, "apply", "-f", manifest); err != nil {
+		t.Fatalf("ternctl apply: %v\n%s", err, out)
+	}
+	expect(t, "ternctl deny-all", tcp(a, b, 80, false))
+	var metrics string
+	if err := w.get("/metrics", "9962", &metrics); err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(metrics, `tern_datapath_dropped_packets_total{reason="policy_ingress"}`) {
+		t.Errorf("/metrics lacks the policy drop counter")
+	}
+}
