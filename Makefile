@@ -9,7 +9,7 @@ CNI_CONF  ?= /etc/cni/net.d
 PREFIX    ?= /usr/local
 GOTEST_FLAGS ?= -count=1 -timeout 40m
 
-.PHONY: all build generate test install lint bench clean demo
+.PHONY: all build generate test install lint bench clean demo image
 
 all: build
 
@@ -22,6 +22,7 @@ build:
 	@mkdir -p $(BIN)
 	$(GO) build -ldflags "$(LDFLAGS)" -o $(BIN)/tern ./cmd/tern
 	$(GO) build -ldflags "$(LDFLAGS)" -o $(BIN)/ternctl ./cmd/ternctl
+	$(GO) build -ldflags "$(LDFLAGS)" -o $(BIN)/ternd ./cmd/ternd
 	$(GO) build -o $(BIN)/ternbench ./cmd/ternbench
 	$(GO) build -o $(BIN)/host-local github.com/containernetworking/plugins/plugins/ipam/host-local
 	# Reference plugins that may follow tern in a conflist (examples/, test/e2e chain tests).
@@ -41,13 +42,16 @@ generate:
 # Packages whose code or tests run goroutines (concurrent ADDs, locks,
 # loaders, stores): `make test` runs them with the race detector (needs cgo:
 # gcc), the others without.
-RACE_PKGS ?= ./ipam/... ./loader/... ./policy/store/... ./cni/... ./ctl/... ./datapath/iptables/... ./internal/testutil/...
+RACE_PKGS ?= ./ipam/... ./loader/... ./policy/store/... ./cni/... ./ctl/... ./datapath/iptables/... ./internal/testutil/... ./agent/... ./network/...
 
 # Every test, against the real kernel. TERN_CNI_PATH points the end-to-end
-# tests at the binaries just built.
+# tests at the binaries just built. The control-plane tests run a real
+# kube-apiserver and etcd from KUBEBUILDER_ASSETS; scripts/kube-testenv.sh
+# builds (once, cached by version) or finds them when it is unset.
 test: build
-	TERN_CNI_PATH=$(CURDIR)/$(BIN) $(GO) test $(GOTEST_FLAGS) $$($(GO) list ./... | grep -v -x -F "$$($(GO) list $(RACE_PKGS))")
-	TERN_CNI_PATH=$(CURDIR)/$(BIN) $(GO) test -race $(GOTEST_FLAGS) $(RACE_PKGS)
+	assets="$${KUBEBUILDER_ASSETS:-$$(./scripts/kube-testenv.sh | tail -n1)}" && \
+	KUBEBUILDER_ASSETS="$$assets" TERN_CNI_PATH=$(CURDIR)/$(BIN) $(GO) test $(GOTEST_FLAGS) $$($(GO) list ./... | grep -v -x -F "$$($(GO) list $(RACE_PKGS))") && \
+	KUBEBUILDER_ASSETS="$$assets" TERN_CNI_PATH=$(CURDIR)/$(BIN) $(GO) test -race $(GOTEST_FLAGS) $(RACE_PKGS)
 
 install: build
 	install -d $(DESTDIR)$(CNI_BIN) $(DESTDIR)$(CNI_CONF)
@@ -59,6 +63,17 @@ install: build
 lint:
 	@out=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
 	$(GO) vet ./...
+
+# The container image of deploy/ (ternd, tern, ternctl; static binaries on
+# an empty base) as an image tarball, without a Docker daemon:
+# docker load -i bin/tern-image.tar, or ctr images import bin/tern-image.tar.
+IMAGE ?= ghcr.io/ternlabs/tern:latest
+image:
+	@mkdir -p $(BIN)/image
+	CGO_ENABLED=0 $(GO) build -trimpath -o $(BIN)/image/ternd ./cmd/ternd
+	CGO_ENABLED=0 $(GO) build -trimpath -o $(BIN)/image/tern ./cmd/tern
+	CGO_ENABLED=0 $(GO) build -trimpath -o $(BIN)/image/ternctl ./cmd/ternctl
+	$(GO) run ./cmd/ternimage --out $(BIN)/tern-image.tar --tag $(IMAGE) $(BIN)/image/ternd $(BIN)/image/tern $(BIN)/image/ternctl
 
 bench: build
 	$(GO) run ./cmd/ternbench --out bench/results

@@ -1,37 +1,60 @@
 package cni
 
 import (
-	"fmt"
-	"net"
-
-	"github.com/vishvananda/netlink"
-
 	"github.com/ternlabs/tern/datapath"
 	"github.com/ternlabs/tern/datapath/iptables"
-	"github.com/ternlabs/tern/loader"
-	"github.com/ternlabs/tern/policy/manifest"
-	"github.com/ternlabs/tern/policy/store"
+	"github.com/ternlabs/tern/network"
 )
 
 // NetworkPolicy on the node: the desired state and the rule set applied to
-// each network live in the policy store under the state directory. ADD
+// each network live in the policy store under the state directory (package
+// network binds this configuration to its datapath and the store). ADD
 // syncs before the pod can send or receive a packet (the pod gets the
 // policy in force from its first packet), DEL after the endpoint is gone
-// (a reused IP never inherits the old pod's identity), and ternctl apply
-// and delete change the state through UpdatePolicy. All three hold the
-// network's attachment lock while they list the endpoints and sync, so no
-// sync can miss a pod being added.
+// (a reused IP never inherits the old pod's identity); ternctl and ternd
+// change the state through Network().Update and Replace. All of them hold
+// the network's attachment lock while they list the endpoints and sync, so
+// no sync can miss a pod being added.
 
-// policyNode describes the network for the policy store. enf is the
-// datapath's policy enforcer, nil if it has none.
-func (c *NetConf) policyNode(enf datapath.PolicyEnforcer, eps []*datapath.Endpoint) store.Node {
-	return store.Node{
-		Network:   c.Name,
-		Endpoints: storeEndpoints(eps),
-		Hosts:     func() ([]net.IP, error) { return c.nodeHosts(eps) },
-		Enforcer:  enf,
-		Datapath:  c.Datapath,
+// Network binds the configuration to its datapath and the node's policy
+// store.
+func (c *NetConf) Network() *network.Network {
+	n := &network.Network{
+		Name:       c.Name,
+		Datapath:   c.Datapath,
+		StateDir:   c.StateDir,
+		AttachLock: newRecords(c.StateDir, c.Name).lockPath(),
+		Endpoints:  c.Endpoints,
+		OpenEnforcer: func() (datapath.PolicyEnforcer, func(), error) {
+			return c.openEnforcer(nil)
+		},
 	}
+	if c.pool != nil {
+		n.Gateway = c.pool.Gateway
+	}
+	return n
+}
+
+// openEnforcer returns the network's policy enforcement: dp's when it has
+// one, else a new handle on the datapath. The iptables datapath's
+// enforcement needs only the network name, not the pod subnet a full
+// Datapath wants, so it works for DEL without a record too.
+func (c *NetConf) openEnforcer(dp datapath.Datapath) (datapath.PolicyEnforcer, func(), error) {
+	if dp != nil {
+		return enforcer(dp), func() {}, nil
+	}
+	if c.Datapath == DatapathIPTables {
+		pol, err := iptables.NewPolicy(c.Name)
+		if err != nil {
+			return nil, nil, err
+		}
+		return pol, func() {}, nil
+	}
+	dp, err := c.newDatapath(nil, nil)
+	if err != nil {
+		return nil, nil, err
+	}
+	return enforcer(dp), func() { closeDatapath(dp) }, nil
 }
 
 // enforcer returns dp's policy enforcer, nil if it has none.
@@ -46,10 +69,7 @@ func enforcer(dp datapath.Datapath) datapath.PolicyEnforcer {
 // the given endpoints. A datapath without enforcement fails if policies
 // exist: better no pod than a pod its policies do not isolate.
 func (c *NetConf) syncPolicy(dp datapath.Datapath, eps []*datapath.Endpoint) error {
-	if err := store.New(c.StateDir).Sync(c.policyNode(enforcer(dp), eps)); err != nil {
-		return fmt.Errorf("NetworkPolicy: %w", err)
-	}
-	return nil
+	return c.Network().Sync(enforcer(dp), eps)
 }
 
 // syncPolicyAfterDel is syncPolicy for DEL. dp may be nil (DEL without a
@@ -59,52 +79,16 @@ func (c *NetConf) syncPolicy(dp datapath.Datapath, eps []*datapath.Endpoint) err
 func (c *NetConf) syncPolicyAfterDel(dp datapath.Datapath, eps []*datapath.Endpoint) error {
 	enf := enforcer(dp)
 	if enf == nil && c.Datapath == DatapathIPTables {
-		pol, err := iptables.NewPolicy(c.Name)
+		e, _, err := c.openEnforcer(nil)
 		if err != nil {
 			return err
 		}
-		enf = pol
+		enf = e
 	}
 	if enf == nil {
 		return nil
 	}
-	if err := store.New(c.StateDir).Sync(c.policyNode(enf, eps)); err != nil {
-		return fmt.Errorf("NetworkPolicy: %w", err)
-	}
-	return nil
-}
-
-func storeEndpoints(eps []*datapath.Endpoint) []store.Endpoint {
-	out := make([]store.Endpoint, 0, len(eps))
-	for _, ep := range eps {
-		out = append(out, store.Endpoint{IP: ep.IP.IP, Namespace: ep.PodNamespace, Name: ep.PodName})
-	}
-	return out
-}
-
-// nodeHosts returns the node's own addresses, which policy always lets
-// pods talk to: every IPv4 address in the namespace the plugin runs in (the
-// node's) and the pods' gateways.
-func (c *NetConf) nodeHosts(eps []*datapath.Endpoint) ([]net.IP, error) {
-	addrs, err := netlink.AddrList(nil, netlink.FAMILY_V4)
-	if err != nil {
-		return nil, fmt.Errorf("list node addresses: %w", err)
-	}
-	var hosts []net.IP
-	for _, a := range addrs {
-		if a.IPNet != nil {
-			hosts = append(hosts, a.IP)
-		}
-	}
-	for _, ep := range eps {
-		if ep.Gateway != nil {
-			hosts = append(hosts, ep.Gateway)
-		}
-	}
-	if c.pool != nil && c.pool.Gateway != nil {
-		hosts = append(hosts, c.pool.Gateway)
-	}
-	return hosts, nil
+	return c.Network().Sync(enf, eps)
 }
 
 // withoutAttachment returns eps without the attachment (containerID,
@@ -117,60 +101,4 @@ func withoutAttachment(eps []*datapath.Endpoint, containerID, ifname string) []*
 		}
 	}
 	return out
-}
-
-// UpdatePolicy changes the node's desired policy state with change and
-// enforces the result on this network's pods before it returns (ternctl
-// apply and delete). On error nothing changes. A datapath that cannot
-// enforce NetworkPolicy yet refuses any state with policies. Other networks
-// sharing the state directory pick the new state up at their next ADD, DEL
-// or update.
-func (c *NetConf) UpdatePolicy(change func(*manifest.State) (*manifest.State, error)) (before, after *manifest.State, err error) {
-	recs := newRecords(c.StateDir, c.Name)
-	lock, err := loader.Lock(recs.lockPath())
-	if err != nil {
-		return nil, nil, err
-	}
-	defer lock.Unlock()
-	list, err := recs.list()
-	if err != nil {
-		return nil, nil, err
-	}
-	eps := make([]*datapath.Endpoint, 0, len(list))
-	for _, r := range list {
-		eps = append(eps, r.endpoint())
-	}
-	var enf datapath.PolicyEnforcer
-	switch c.Datapath {
-	case DatapathIPTables:
-		// The iptables datapath's enforcement needs only the network
-		// name, not the pod subnet a full Datapath wants.
-		pol, err := iptables.NewPolicy(c.Name)
-		if err != nil {
-			return nil, nil, err
-		}
-		enf = pol
-	default:
-		dp, err := c.newDatapath(nil, nil)
-		if err != nil {
-			return nil, nil, err
-		}
-		defer closeDatapath(dp)
-		enf = enforcer(dp)
-	}
-	before, after, err = store.New(c.StateDir).Update(c.policyNode(enf, eps), change)
-	if err != nil {
-		return nil, nil, fmt.Errorf("NetworkPolicy: %w", err)
-	}
-	return before, after, nil
-}
-
-// PolicyEndpoints lists the network's attachments as the policy store
-// sees them.
-func (c *NetConf) PolicyEndpoints() ([]store.Endpoint, error) {
-	eps, err := c.Endpoints()
-	if err != nil {
-		return nil, err
-	}
-	return storeEndpoints(eps), nil
 }

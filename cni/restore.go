@@ -4,7 +4,6 @@ import (
 	"fmt"
 
 	"github.com/ternlabs/tern/datapath"
-	"github.com/ternlabs/tern/policy/store"
 )
 
 // restorer is a datapath that can lose its node state under running pods
@@ -31,9 +30,7 @@ func (c *NetConf) restoreEndpoints(dp datapath.Datapath, others []*datapath.Endp
 		return err
 	}
 	if lost {
-		n := c.policyNode(enforcer(dp), others)
-		n.Reapply = true
-		if err := store.New(c.StateDir).Sync(n); err != nil {
+		if err := c.Network().Reapply(enforcer(dp), others); err != nil {
 			return fmt.Errorf("restore NetworkPolicy after lost pins: %w", err)
 		}
 	}

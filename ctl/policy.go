@@ -127,7 +127,7 @@ func applyManifests(conf *cni.NetConf, files []string, del bool, w io.Writer) er
 	if del {
 		change = func(st *manifest.State) (*manifest.State, error) { return st.Delete(objs) }
 	}
-	before, after, err := conf.UpdatePolicy(change)
+	before, after, err := conf.Network().Update(change)
 	if err != nil {
 		return err
 	}
@@ -171,7 +171,7 @@ func getPolicies(conf *cni.NetConf, output string, w io.Writer) error {
 	if err != nil {
 		return err
 	}
-	eps, err := conf.PolicyEndpoints()
+	eps, err := conf.Network().PolicyEndpoints()
 	if err != nil {
 		return err
 	}

@@ -4,7 +4,7 @@
 #
 # Run as root from the repository root after `make build`:
 #
-#   sudo ./examples/demo.sh
+#   ./examples/demo.sh
 #
 # It shows each pod's address, the tcx program on a host-side veth, ping and
 # a 3-second iperf3 between pods, and the datapath's metrics proving the

@@ -75,7 +75,7 @@ say "make build"
 make build
 
 if [[ ${SKIP_DEMO:-} == 1 ]]; then
-	say "built bin/tern; run the demo with: sudo ./examples/demo.sh"
+	say "built bin/tern; run the demo (as root) with: ./examples/demo.sh"
 	exit 0
 fi
 say "examples/demo.sh"

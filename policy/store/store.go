@@ -188,6 +188,35 @@ func (s *Store) Update(n Node, change func(*manifest.State) (*manifest.State, er
 	return before, after, nil
 }
 
+// UpdateState replaces the desired state with change(current state)
+// without compiling or applying anything: for a network that has no pod on
+// the node and no rule set applied (ternd records the API server's state;
+// the first CNI ADD enforces it). On error nothing changes.
+func (s *Store) UpdateState(change func(*manifest.State) (*manifest.State, error)) (before, after *manifest.State, err error) {
+	unlock, err := s.lock()
+	if err != nil {
+		return nil, nil, err
+	}
+	defer unlock()
+	before, err = s.loadState()
+	if err != nil {
+		return nil, nil, err
+	}
+	if before == nil {
+		before = manifest.NewState()
+	}
+	if after, err = change(before); err != nil {
+		return nil, nil, err
+	}
+	if after == nil {
+		after = manifest.NewState()
+	}
+	if err := s.saveState(after); err != nil {
+		return nil, nil, err
+	}
+	return before, after, nil
+}
+
 // notEnforced is the check for a datapath without enforcement: fine as
 // long as no NetworkPolicy exists.
 func notEnforced(n Node, st *manifest.State) error {

@@ -1,0 +1,429 @@
+// Package agent is ternd, Tern's node agent: it watches the Kubernetes API
+// server (Nodes, Pods, Namespaces, NetworkPolicies; Services and
+// EndpointSlices cached for the Services datapath) and keeps this node's
+// network in line with it through the same policy store, compiler and
+// datapath diff that ternctl and the CNI plugin use (package network). It
+// writes the node's CNI configuration once it is ready, serves /healthz,
+// /readyz and /metrics, and collects endpoints whose pods are gone.
+package agent
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync/atomic"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/rest"
+	"k8s.io/client-go/tools/clientcmd"
+
+	"github.com/ternlabs/tern/cni"
+	"github.com/ternlabs/tern/datapath"
+)
+
+// Main is ternd's main: it parses args (flags with environment fallbacks),
+// runs until ctx ends and returns the exit status.
+func Main(ctx context.Context, args []string, stderr io.Writer) int {
+	cfg, err := ParseFlags(args, os.Getenv, stderr)
+	if err != nil {
+		fmt.Fprintf(stderr, "ternd: %v\n", err)
+		return 2
+	}
+	var level slog.Level
+	if err := level.UnmarshalText([]byte(cfg.LogLevel)); err != nil {
+		fmt.Fprintf(stderr, "ternd: --log-level: %v\n", err)
+		return 2
+	}
+	log := slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: level}))
+	if cfg.InstallFrom != "" {
+		if err := InstallPlugin(cfg.InstallFrom, cfg.CNIBinDir); err != nil {
+			log.Error("install the CNI plugin", "err", err)
+			return 1
+		}
+		log.Info("installed the CNI plugin", "file", filepath.Join(cfg.CNIBinDir, "tern"))
+		return 0
+	}
+	if cfg.Uninstall {
+		if err := RemoveConfList(cfg.CNIConfDir); err != nil {
+			log.Error("uninstall", "err", err)
+			return 1
+		}
+		log.Info("removed the CNI configuration", "file", filepath.Join(cfg.CNIConfDir, ConfFileName))
+		return 0
+	}
+	if err := Run(ctx, cfg, log); err != nil && !errors.Is(err, context.Canceled) {
+		log.Error("ternd failed", "err", err)
+		return 1
+	}
+	return 0
+}
+
+// Agent is a running ternd.
+type Agent struct {
+	cfg     *Config
+	log     *slog.Logger
+	metrics *metrics
+	ctrl    *controller
+	synced  atomic.Bool // informer caches synced
+	ready   atomic.Bool // caches synced, datapath loadable, conflist written
+}
+
+// Run runs the agent until ctx ends: informers (unless offline), first
+// reconcile, conflist, then coalesced syncs.
+func Run(ctx context.Context, cfg *Config, log *slog.Logger) error {
+	a := &Agent{cfg: cfg, log: log, metrics: newMetrics(bpffsFor(cfg), log)}
+	ctx, cancel := context.WithCancelCause(ctx)
+	defer cancel(nil)
+	if err := a.serve(ctx, cancel); err != nil {
+		return err
+	}
+	log.Info("ternd starting", "node", cfg.NodeName, "datapath", cfg.Datapath, "offline", cfg.Offline)
+	if cfg.Offline {
+		return a.runOffline(ctx)
+	}
+	client, err := newClient(cfg.Kubeconfig)
+	if err != nil {
+		return err
+	}
+	a.ctrl = newController(client, cfg.NodeName, cfg.ResyncPeriod, cfg.MinSync, cfg.MaxSync, a.metrics, log)
+	if err := a.ctrl.start(ctx); err != nil {
+		return err
+	}
+	a.synced.Store(true)
+	log.Info("informer caches synced")
+
+	podCIDR, err := a.waitPodCIDR(ctx)
+	if err != nil {
+		return err
+	}
+	conflist, conf, err := a.netConf(podCIDR)
+	if err != nil {
+		return err
+	}
+	target := &netTarget{
+		replace: conf.Network().Replace,
+		collect: func(gone func(*datapath.Endpoint, time.Duration) bool) (int, error) {
+			removed, err := conf.Collect(pluginConf(conflist), gone)
+			return len(removed), err
+		},
+		grace: cfg.GCGrace,
+	}
+	// The first reconcile, by diff against what the datapath holds (pinned
+	// maps and the applied rule set): never clear then rebuild.
+	if err := a.firstSync(ctx, target); err != nil {
+		return err
+	}
+	if err := a.install(ctx, conf, conflist); err != nil {
+		return err
+	}
+	a.ctrl.setTarget(target)
+	a.ctrl.runner.Run(ctx)
+	return context.Cause(ctx)
+}
+
+// firstSync applies the API server's state before the node is declared
+// ready, retrying until it succeeds.
+func (a *Agent) firstSync(ctx context.Context, t Target) error {
+	for backoff := 500 * time.Millisecond; ; backoff = min(2*backoff, 30*time.Second) {
+		a.ctrl.target.Store(&t)
+		err := a.ctrl.sync(ctx)
+		a.ctrl.target.Store(nil)
+		if err == nil {
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			return context.Cause(ctx)
+		case <-time.After(backoff):
+		}
+	}
+}
+
+// install waits until the datapath is loadable and the plugin binary is
+// installed, then writes the conflist: only then may kubelet wire pods.
+func (a *Agent) install(ctx context.Context, conf *cni.NetConf, conflist []byte) error {
+	for {
+		err := conf.CheckDatapath()
+		if err == nil {
+			if _, serr := os.Stat(filepath.Join(a.cfg.CNIBinDir, "tern")); serr != nil {
+				err = fmt.Errorf("plugin not installed: %w", serr)
+			}
+		}
+		if err == nil {
+			break
+		}
+		a.log.Warn("not ready to install the CNI configuration", "err", err)
+		select {
+		case <-ctx.Done():
+			return context.Cause(ctx)
+		case <-time.After(2 * time.Second):
+		}
+	}
+	if err := WriteConfList(a.cfg.CNIConfDir, conflist); err != nil {
+		return err
+	}
+	a.ready.Store(true)
+	a.log.Info("ready: CNI configuration written", "file", filepath.Join(a.cfg.CNIConfDir, ConfFileName))
+	return nil
+}
+
+// runOffline is the file-based mode: no API server; policy comes from
+// ternctl apply (which enforces it itself, as CNI ADD and DEL do). ternd
+// installs the conflist for --pod-cidr once the datapath is loadable and
+// serves health and metrics.
+func (a *Agent) runOffline(ctx context.Context) error {
+	conflist, conf, err := a.netConf(a.cfg.PodCIDR)
+	if err != nil {
+		return err
+	}
+	a.synced.Store(true)
+	if err := a.install(ctx, conf, conflist); err != nil {
+		return err
+	}
+	<-ctx.Done()
+	return context.Cause(ctx)
+}
+
+// waitPodCIDR returns --pod-cidr, else the Node's pod CIDR, waiting for
+// the controller manager to allocate one.
+func (a *Agent) waitPodCIDR(ctx context.Context) (string, error) {
+	if a.cfg.PodCIDR != "" {
+		return a.cfg.PodCIDR, nil
+	}
+	for logged := false; ; {
+		cidr, err := a.ctrl.podCIDR()
+		if err == nil && cidr != "" {
+			a.log.Info("node pod CIDR", "podCIDR", cidr)
+			return cidr, nil
+		}
+		if !logged {
+			a.log.Info("waiting for the node's spec.podCIDRs", "node", a.cfg.NodeName, "err", err)
+			logged = true
+		}
+		select {
+		case <-ctx.Done():
+			return "", context.Cause(ctx)
+		case <-time.After(time.Second):
+		}
+	}
+}
+
+// ConfList builds the conflist ternd installs for the node's pod subnet.
+func ConfList(cfg *Config, podCIDR string) ([]byte, error) {
+	plugin := map[string]any{
+		"type":     "tern",
+		"datapath": cfg.Datapath,
+		"stateDir": cfg.StateDir,
+		"bpffsDir": cfg.BPFFSDir,
+		"ipam":     map[string]any{"type": "tern-ipam", "subnet": podCIDR},
+	}
+	if cfg.ClusterCIDR != "" {
+		plugin["clusterCIDR"] = cfg.ClusterCIDR
+	}
+	if cfg.ServiceCIDR != "" {
+		plugin["nonMasqueradeCIDRs"] = []string{cfg.ServiceCIDR}
+	}
+	if cfg.MTU != 0 {
+		plugin["mtu"] = cfg.MTU
+	}
+	if cfg.Uplink != "" {
+		plugin["uplink"] = cfg.Uplink
+	}
+	return json.MarshalIndent(map[string]any{
+		"cniVersion": "1.1.0",
+		"name":       cfg.Network,
+		"plugins":    []any{plugin},
+	}, "", "  ")
+}
+
+// pluginConf is the tern plugin's configuration of a conflist, with the
+// list's name and version, as the plugin gets it on stdin.
+func pluginConf(conflist []byte) []byte {
+	var l struct {
+		CNIVersion string           `json:"cniVersion"`
+		Name       string           `json:"name"`
+		Plugins    []map[string]any `json:"plugins"`
+	}
+	if err := json.Unmarshal(conflist, &l); err != nil || len(l.Plugins) == 0 {
+		return nil
+	}
+	p := l.Plugins[0]
+	p["cniVersion"], p["name"] = l.CNIVersion, l.Name
+	b, _ := json.Marshal(p)
+	return b
+}
+
+func (a *Agent) netConf(podCIDR string) ([]byte, *cni.NetConf, error) {
+	conflist, err := ConfList(a.cfg, podCIDR)
+	if err != nil {
+		return nil, nil, err
+	}
+	conf, err := cni.ParseConfig(pluginConf(conflist))
+	if err != nil {
+		return nil, nil, fmt.Errorf("network configuration: %w", err)
+	}
+	return conflist, conf, nil
+}
+
+// WriteConfList installs conflist as <dir>/10-tern.conflist atomically:
+// a temporary file in dir, synced, renamed over the old one. A runtime
+// never reads a partial file.
+func WriteConfList(dir string, conflist []byte) (err error) {
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return err
+	}
+	f, err := os.CreateTemp(dir, "."+ConfFileName+".tmp-*")
+	if err != nil {
+		return err
+	}
+	defer func() {
+		if err != nil {
+			f.Close()
+			os.Remove(f.Name())
+		}
+	}()
+	if _, err = f.Write(append(conflist, '\n')); err != nil {
+		return err
+	}
+	if err = f.Chmod(0o644); err != nil {
+		return err
+	}
+	if err = f.Sync(); err != nil {
+		return err
+	}
+	if err = f.Close(); err != nil {
+		return err
+	}
+	return os.Rename(f.Name(), filepath.Join(dir, ConfFileName))
+}
+
+// InstallPlugin copies the plugin binary src to <binDir>/tern: a temporary
+// file in binDir renamed over the old binary, so a runtime executing it
+// during an upgrade runs the old or the new one, never a partial file.
+func InstallPlugin(src, binDir string) (err error) {
+	in, err := os.Open(src)
+	if err != nil {
+		return err
+	}
+	defer in.Close()
+	if err := os.MkdirAll(binDir, 0o755); err != nil {
+		return err
+	}
+	f, err := os.CreateTemp(binDir, ".tern.tmp-*")
+	if err != nil {
+		return err
+	}
+	defer func() {
+		if err != nil {
+			f.Close()
+			os.Remove(f.Name())
+		}
+	}()
+	if _, err = io.Copy(f, in); err != nil {
+		return err
+	}
+	if err = f.Chmod(0o755); err != nil {
+		return err
+	}
+	if err = f.Sync(); err != nil {
+		return err
+	}
+	if err = f.Close(); err != nil {
+		return err
+	}
+	return os.Rename(f.Name(), filepath.Join(binDir, "tern"))
+}
+
+// RemoveConfList removes the conflist ternd installed (uninstall); a
+// missing file is not an error.
+func RemoveConfList(dir string) error {
+	err := os.Remove(filepath.Join(dir, ConfFileName))
+	if errors.Is(err, os.ErrNotExist) {
+		return nil
+	}
+	return err
+}
+
+func newClient(kubeconfig string) (kubernetes.Interface, error) {
+	var (
+		rc  *rest.Config
+		err error
+	)
+	if kubeconfig != "" {
+		rc, err = clientcmd.BuildConfigFromFlags("", kubeconfig)
+	} else {
+		rc, err = rest.InClusterConfig()
+	}
+	if err != nil {
+		return nil, fmt.Errorf("API server client: %w", err)
+	}
+	rc.UserAgent = "ternd"
+	// Protobuf is cheaper to decode than JSON for the built-in types.
+	rc.ContentType = "application/vnd.kubernetes.protobuf"
+	rc.AcceptContentTypes = "application/vnd.kubernetes.protobuf,application/json"
+	return kubernetes.NewForConfig(rc)
+}
+
+// bpffsFor is the bpffs directory whose maps /metrics reads ("" for the
+// iptables datapath, whose counters live in iptables).
+func bpffsFor(cfg *Config) string {
+	if cfg.Datapath == cni.DatapathEBPF {
+		return cfg.BPFFSDir
+	}
+	return ""
+}
+
+// serve starts the health and metrics servers; a server that fails after
+// starting cancels the agent.
+func (a *Agent) serve(ctx context.Context, cancel context.CancelCauseFunc) error {
+	health := http.NewServeMux()
+	health.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) { io.WriteString(w, "ok\n") })
+	health.HandleFunc("/readyz", func(w http.ResponseWriter, _ *http.Request) {
+		switch {
+		case a.ready.Load():
+			io.WriteString(w, "ok\n")
+		case a.synced.Load():
+			http.Error(w, "not ready: datapath or CNI configuration not installed yet", http.StatusServiceUnavailable)
+		default:
+			http.Error(w, "not ready: informer caches not synced", http.StatusServiceUnavailable)
+		}
+	})
+	metricsMux := http.NewServeMux()
+	metricsMux.Handle("/metrics", promhttp.HandlerFor(a.metrics.reg, promhttp.HandlerOpts{}))
+	for _, s := range []struct {
+		name, addr string
+		h          http.Handler
+	}{{"health", a.cfg.HealthAddr, health}, {"metrics", a.cfg.MetricsAddr, metricsMux}} {
+		if s.addr == "" {
+			continue
+		}
+		l, err := net.Listen("tcp", s.addr)
+		if err != nil {
+			return fmt.Errorf("%s server: %w", s.name, err)
+		}
+		srv := &http.Server{Handler: s.h, ReadHeaderTimeout: 5 * time.Second}
+		go func() {
+			if err := srv.Serve(l); err != nil && !errors.Is(err, http.ErrServerClosed) {
+				cancel(fmt.Errorf("%s server: %w", s.name, err))
+			}
+		}()
+		go func() {
+			<-ctx.Done()
+			srv.Close()
+		}()
+		a.log.Info("serving", "server", s.name, "addr", l.Addr().String())
+	}
+	return nil
+}
+
+func parseCIDR(s string) (net.IP, *net.IPNet, error) { return net.ParseCIDR(strings.TrimSpace(s)) }
