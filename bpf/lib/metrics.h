@@ -3,9 +3,10 @@
 #define TERN_METRICS_H
 
 #include "maps.h"
+#include "events.h"
 
-/* count adds one packet of len bytes to the per-CPU counter m. */
-static __always_inline void count(enum metric m, __u32 len)
+/* count_metric adds one packet of len bytes to the per-CPU counter m. */
+static __always_inline void count_metric(enum metric m, __u32 len)
 {
 	__u32 key = m;
 	struct metric_value *v = bpf_map_lookup_elem(&tern_metrics, &key);
@@ -15,5 +16,15 @@ static __always_inline void count(enum metric m, __u32 len)
 	v->packets++;
 	v->bytes += len;
 }
+
+/* count counts the packet under m and sends its event (events.h): a drop,
+ * or a trace when traces are on. Every outcome is counted here, so every
+ * one has its event. A macro so that call sites stay count(m, skb->len):
+ * it takes the packet from the caller's `skb`, which every caller has. */
+#define count(m, len)                      \
+	do {                               \
+		count_metric((m), (len));  \
+		event_metric(skb, (m));    \
+	} while (0)
 
 #endif /* TERN_METRICS_H */
