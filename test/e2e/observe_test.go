@@ -1,0 +1,125 @@
+package e2e
+
+import (
+	"bufio"
+	"encoding/json"
+	"fmt"
+	"strconv"
+	"strings"
+	"sync"
+	"testing"
+
+	"github.com/ternlabs/tern/internal/testutil"
+)
+
+// explainers holds, per test (by name), the check expect runs on every
+// case before it probes it: see explainEveryCase.
+var explainers sync.Map // string -> func(reach) error
+
+// explainEveryCase makes every expect of the test ask `ternctl explain`
+// first, and fail a case whose predicted outcome is not the expected one
+// (which the probe then checks against real traffic). The datapath and the
+// reference evaluator must also agree (explain exits non-zero otherwise).
+// node is the address a probe from the node ("node") is explained from.
+func (w *policyWorld) explainEveryCase(node string) {
+	t := w.t
+	explainers.Store(t.Name(), func(r reach) error {
+		from := r.fromS
+		if !strings.Contains(from, "/") {
+			from = node
+		}
+		proto := strings.ToUpper(r.proto)
+		out, err := w.ternctl("-o", "json", "explain", "--from", from, "--to", r.ip, "--port", strconv.Itoa(r.port), "--protocol", proto)
+		if err != nil {
+			return fmt.Errorf("ternctl explain for %v: %v\n%s", r, err, out)
+		}
+		var res struct {
+			Allowed, ReferenceAllowed, Agree bool
+			Action                           string
+		}
+		if err := json.Unmarshal([]byte(out), &res); err != nil {
+			return fmt.Errorf("ternctl explain for %v: %v\n%s", r, err, out)
+		}
+		if res.Allowed != r.want || !res.Agree || res.ReferenceAllowed != r.want {
+			return fmt.Errorf("ternctl explain predicts allowed=%v (reference %v, agree %v, %s) for %v:\n%s", res.Allowed, res.ReferenceAllowed, res.Agree, res.Action, r, out)
+		}
+		return nil
+	})
+	t.Cleanup(func() { explainers.Delete(t.Name()) })
+}
+
+// explainFirst runs the test's explain check, if it has one, on each case.
+func explainFirst(t *testing.T, step string, rs []reach) {
+	t.Helper()
+	f, ok := explainers.Load(t.Name())
+	if !ok {
+		return
+	}
+	for _, r := range rs {
+		if err := f.(func(reach) error)(r); err != nil {
+			t.Errorf("%s: %v", step, err)
+		}
+	}
+}
+
+// TestMonitorPolicyDenied: a connection NetworkPolicy denies between two
+// real pods shows in `ternctl monitor` with both pods' names, the port,
+// the direction and the policy isolating the destination; an allowed one
+// does not (drops and denials only, by default).
+func TestMonitorPolicyDenied(t *testing.T) {
+	testutil.RequirePrivileged(t)
+	w := newPolicyWorld(t, "ebpf")
+	n := w.node
+	web := addK8sPod(t, n, w.conf, "prod", "web")
+	client := addK8sPod(t, n, w.conf, "dev", "client")
+	w.mustTernctl("apply", "-f", w.write("cluster.yaml", policyCluster))
+	w.mustTernctl("apply", "-f", w.write("deny.yaml", denyAllIngress))
+	expect(t, "denied and allowed", tcp(client, web, 8080, false), tcp(web, client, 80, true))
+
+	// The ring buffer keeps what nobody has read yet: the monitor started
+	// now sees the denial that just happened.
+	out := w.mustTernctl("-o", "json", "monitor", "--pod", "prod/web", "--duration", "2s")
+	var found []map[string]any
+	sc := bufio.NewScanner(strings.NewReader(out))
+	for sc.Scan() {
+		var ev map[string]any
+		if err := json.Unmarshal(sc.Bytes(), &ev); err != nil {
+			t.Fatalf("monitor line %q: %v", sc.Text(), err)
+		}
+		found = append(found, ev)
+	}
+	var denial map[string]any
+	for _, ev := range found {
+		if ev["kind"] == "policy" && ev["verdict"] == "deny" {
+			denial = ev
+		}
+		if ev["kind"] == "policy" && ev["verdict"] == "allow" {
+			t.Errorf("allowed flow reported by default: %v", ev)
+		}
+	}
+	if denial == nil {
+		t.Fatalf("no policy denial in the monitor output:\n%s", out)
+	}
+	want := map[string]any{
+		"srcPod": "dev/client", "dstPod": "prod/web", "src": client.IP, "dst": web.IP, "dstPort": 8080.0,
+		"proto": "TCP", "direction": "ingress", "pod": "prod/web", "reason": "drop_policy_ingress",
+	}
+	for k, v := range want {
+		if denial[k] != v {
+			t.Errorf("monitor denial %s = %v, want %v (event %v)", k, denial[k], v, denial)
+		}
+	}
+	if pols, _ := denial["policies"].([]any); len(pols) != 1 || pols[0] != "prod/deny-all" {
+		t.Errorf("monitor denial names policies %v, want [prod/deny-all]", denial["policies"])
+	}
+
+	// The table form names the same.
+	w.mustTernctl("apply", "-f", w.write("deny2.yaml", denyAllIngress)) // unchanged: no new state
+	expect(t, "denied again", tcp(client, web, 80, false))
+	line := w.mustTernctl("monitor", "--pod", "dev/client", "--count", "1", "--duration", "2s")
+	for _, s := range []string{"policy", "drop_policy_ingress", "(dev/client)", "(prod/web)", ":80", "ingress of prod/web denied", "prod/deny-all"} {
+		if !strings.Contains(line, s) {
+			t.Errorf("monitor line lacks %q:\n%s", s, line)
+		}
+	}
+}
