@@ -356,23 +356,30 @@ func inetChecksum(b []byte) uint16 {
 	return ^uint16(sum)
 }
 
-// identityOf reads a local pod's identity from the live tern_ep_policy.
-func identityOf(conf *cni.NetConf, a netip.Addr) uint32 {
+// policyStateOf reads a local pod's identity and isolation flags from the
+// live tern_ep_policy (zero: no policy state).
+func policyStateOf(conf *cni.NetConf, a netip.Addr) (id, flags uint32) {
 	m, err := ebpf.LoadPinnedMap(conf.BPFFSDir+"/maps/tern_ep_policy", &ebpf.LoadPinOptions{ReadOnly: true})
 	if err != nil {
-		return 0
+		return 0, 0
 	}
 	defer m.Close()
 	key, err := ebpfdp.EndpointKey(net.IP(a.AsSlice()))
 	if err != nil {
-		return 0
+		return 0, 0
 	}
 	var v [8]byte // compile.EndpointPolicy: local identity, flags
 	if err := m.Lookup(key, &v); err != nil {
-		return 0
+		return 0, 0
 	}
-	return binary.NativeEndian.Uint32(v[:4])
+	return binary.NativeEndian.Uint32(v[:4]), binary.NativeEndian.Uint32(v[4:])
 }
+
+// ep_policy flags (bpf/include/tern_types.h).
+const (
+	epPolicyIngress = 1 << 0
+	epPolicyEgress  = 1 << 1
+)
 
 func hostMAC(ep *datapath.Endpoint) net.HardwareAddr {
 	if len(ep.HostMAC) == 6 {
@@ -389,8 +396,9 @@ func hostMAC(ep *datapath.Endpoint) net.HardwareAddr {
 // pod, else tern_to_pod on the destination's veth (what the host stack
 // delivers to a local pod).
 func explainEBPF(conf *cni.NetConf, r *explainResult, o *explainOpts) error {
-	r.From.Identity = identityOf(conf, r.From.addr)
-	r.To.Identity = identityOf(conf, r.To.addr)
+	var fromFlags, toFlags uint32
+	r.From.Identity, fromFlags = policyStateOf(conf, r.From.addr)
+	r.To.Identity, toFlags = policyStateOf(conf, r.To.addr)
 	var (
 		prog  string
 		ep    *datapath.Endpoint
@@ -439,14 +447,18 @@ func explainEBPF(conf *cni.NetConf, r *explainResult, o *explainOpts) error {
 			}
 			s.Datapath = fmt.Sprintf("%s (identity %d, remote class %d)", verdict, ev.LocalID, ev.RemoteClass)
 		}
+		isolated := (s.Direction == "egress" && fromFlags&epPolicyEgress != 0) || (s.Direction == "ingress" && toFlags&epPolicyIngress != 0)
 		if !s.Reached {
 			switch {
+			case !isolated:
+				s.Reached = true // nothing to decide: it passes
 			case policyDrop:
 				s.Datapath = "not decided: the other direction denied first"
 			case run.Action == "drop":
 				s.Datapath = "not reached: dropped before policy"
 			default:
-				s.Reached = true // passed without a decision: not isolated, or no policy state
+				s.Reached = true
+				s.Datapath = "passed without a decision"
 			}
 		}
 	}

@@ -4,10 +4,14 @@ import (
 	"bufio"
 	"encoding/json"
 	"fmt"
+	"net"
 	"strconv"
 	"strings"
 	"sync"
 	"testing"
+
+	"github.com/containernetworking/plugins/pkg/ns"
+	"github.com/vishvananda/netlink"
 
 	"github.com/ternlabs/tern/internal/testutil"
 )
@@ -117,9 +121,67 @@ func TestMonitorPolicyDenied(t *testing.T) {
 	w.mustTernctl("apply", "-f", w.write("deny2.yaml", denyAllIngress)) // unchanged: no new state
 	expect(t, "denied again", tcp(client, web, 80, false))
 	line := w.mustTernctl("monitor", "--pod", "dev/client", "--count", "1", "--duration", "2s")
+	t.Logf("ternctl monitor --pod dev/client:\n%s", line)
 	for _, s := range []string{"policy", "drop_policy_ingress", "(dev/client)", "(prod/web)", ":80", "ingress of prod/web denied", "prod/deny-all"} {
 		if !strings.Contains(line, s) {
 			t.Errorf("monitor line lacks %q:\n%s", s, line)
 		}
 	}
+	t.Logf("ternctl explain --from dev/client --to prod/web --port 8080:\n%s", w.mustTernctl("explain", "--from", "dev/client", "--to", "prod/web", "--port", "8080"))
+
+	// A real spoofed packet: the client sends from an address that is not
+	// its own (added to its eth0), and the drop names it and the veth.
+	spoofed := "10.77.30.200"
+	err := client.NS.Do(func(ns.NetNS) error {
+		eth0, err := netlink.LinkByName("eth0")
+		if err != nil {
+			return err
+		}
+		if err := netlink.AddrAdd(eth0, &netlink.Addr{IPNet: &net.IPNet{IP: net.ParseIP(spoofed), Mask: net.CIDRMask(32, 32)}}); err != nil {
+			return err
+		}
+		c, err := net.DialUDP("udp4", &net.UDPAddr{IP: net.ParseIP(spoofed)}, &net.UDPAddr{IP: net.ParseIP(web.IP), Port: 53})
+		if err != nil {
+			return err
+		}
+		defer c.Close()
+		_, err = c.Write([]byte("spoofed"))
+		return err
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	out = w.mustTernctl("-o", "json", "monitor", "--type", "drop", "--duration", "2s")
+	var spoof map[string]any
+	sc = bufio.NewScanner(strings.NewReader(out))
+	for sc.Scan() {
+		var ev map[string]any
+		if json.Unmarshal(sc.Bytes(), &ev) == nil && ev["reason"] == "drop_spoofed" {
+			spoof = ev
+		}
+	}
+	if spoof == nil || spoof["src"] != spoofed || spoof["dst"] != web.IP || spoof["dstPod"] != "prod/web" || spoof["dstPort"] != 53.0 ||
+		spoof["interface"] != client.hostVeth(t, w) {
+		t.Errorf("no drop_spoofed event from %s to prod/web:53 on dev/client's veth %s in:\n%s", spoofed, client.hostVeth(t, w), out)
+	}
+}
+
+// hostVeth returns the pod's host-side veth, as ternctl get endpoints
+// shows it.
+func (p *k8sPod) hostVeth(t *testing.T, w *policyWorld) string {
+	t.Helper()
+	var eps []struct {
+		IP       string `json:"ip"`
+		HostVeth string `json:"hostVeth"`
+	}
+	if err := json.Unmarshal([]byte(w.mustTernctl("-o", "json", "get", "endpoints")), &eps); err != nil {
+		t.Fatal(err)
+	}
+	for _, e := range eps {
+		if e.IP == p.IP {
+			return e.HostVeth
+		}
+	}
+	t.Fatalf("no endpoint %s", p.IP)
+	return ""
 }
