@@ -3,11 +3,13 @@ package bpf
 import (
 	"encoding/binary"
 	"errors"
+	"net"
 	"net/netip"
 	"os"
 	"testing"
 	"time"
 
+	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/ringbuf"
 	"golang.org/x/sys/unix"
 )
@@ -15,7 +17,13 @@ import (
 // drainEvents reads every event waiting in the objects' ring buffer.
 func drainEvents(t *testing.T, objs *testObjs) []TernEvent {
 	t.Helper()
-	rd, err := ringbuf.NewReader(objs.maps[TernMapTernEvents])
+	return drainRing(t, objs.maps[TernMapTernEvents])
+}
+
+// drainRing reads every event waiting in the ring buffer m.
+func drainRing(t *testing.T, m *ebpf.Map) []TernEvent {
+	t.Helper()
+	rd, err := ringbuf.NewReader(m)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -266,5 +274,45 @@ func TestEventRateLimit(t *testing.T) {
 	extra := int(elapsed / time.Second) // tokens earned while running
 	if len(evs) < 3 || len(evs) > 3+extra || int(lim.Sent) != len(evs) || lim.Sent+lim.Suppressed != 10 || lim.Lost != 0 {
 		t.Errorf("%d events, limiter %+v after %v; want 3 sent, 7 suppressed", len(evs), lim, elapsed)
+	}
+}
+
+// TestDropEventsNAT: the drops of the masquerading path, and of the uplink
+// program (a second object sharing the maps), send their events too.
+func TestDropEventsNAT(t *testing.T) {
+	w := newNATWorld(t, natOptions{})
+	ring := w.maps[TernMapTernEvents]
+	one := func(t *testing.T, want TernMetric, ifindex int) TernEvent {
+		t.Helper()
+		evs := drainRing(t, ring)
+		if len(evs) != 1 || TernEventKind(evs[0].Type) != TernEventKindEVENT_DROP || TernMetric(evs[0].Reason) != want || evs[0].Ifindex != uint32(ifindex) {
+			t.Fatalf("events %+v, want one drop %d on ifindex %d", evs, want, ifindex)
+		}
+		return evs[0]
+	}
+
+	drainRing(t, ring)
+	if v, _ := w.fromPodRun(t, w.a, natPkt{dst: natServer, proto: 47, payload: []byte{0, 0, 8, 0}}); v != natActShot {
+		t.Fatalf("GRE to the server: verdict %d", v)
+	}
+	if ev := one(t, TernMetricMETRIC_DROP_NAT_UNSUPPORTED, w.a.ifindex); ev.Proto != 47 || ev.Saddr != be32(w.a.ip) || ev.Daddr != be32(natServer) {
+		t.Errorf("nat unsupported event %+v: want GRE %s -> %s", ev, w.a.ip, natServer)
+	}
+
+	// A reply of a masqueraded flow whose TTL expires on the hop into the
+	// pod, on the uplink.
+	v, out := w.fromPodRun(t, w.a, natPkt{dst: natServer, proto: unix.IPPROTO_UDP, sport: 5353, dport: 53, payload: []byte("q")})
+	if v != natActRedirect {
+		t.Fatalf("tern_from_pod verdict %d", v)
+	}
+	natPort := natParse(t, out).sport
+	drainRing(t, ring)
+	reply := natPkt{src: natServer, dst: natNodeIP, ttl: 1, proto: unix.IPPROTO_UDP, sport: 53, dport: natPort, payload: []byte("a"),
+		srcMAC: net.HardwareAddr{2, 0, 0, 0, 0, 2}, dstMAC: w.uplinkMAC}
+	if v, _ := w.run(t, w.fromUplink, w.uplink, reply.frame()); v != natActShot {
+		t.Fatalf("TTL 1 reply: verdict %d", v)
+	}
+	if ev := one(t, TernMetricMETRIC_DROP_REV_TTL, w.uplink); ev.Saddr != be32(natServer) || ev.Dport != be16(natPort) {
+		t.Errorf("rev ttl event %+v: want from %s to NAT port %d", ev, natServer, natPort)
 	}
 }
