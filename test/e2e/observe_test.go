@@ -5,11 +5,13 @@ import (
 	"encoding/json"
 	"fmt"
 	"net"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"sync"
 	"testing"
 
+	"github.com/cilium/ebpf"
 	"github.com/containernetworking/plugins/pkg/ns"
 	"github.com/vishvananda/netlink"
 
@@ -184,4 +186,66 @@ func (p *k8sPod) hostVeth(t *testing.T, w *policyWorld) string {
 	}
 	t.Fatalf("no endpoint %s", p.IP)
 	return ""
+}
+
+// TestMonitorLostCounts: events over the rate limit are not sent, and the
+// monitor says how many it missed.
+func TestMonitorLostCounts(t *testing.T) {
+	testutil.RequirePrivileged(t)
+	w := newPolicyWorld(t, "ebpf")
+	n := w.node
+	web := addK8sPod(t, n, w.conf, "prod", "web")
+	client := addK8sPod(t, n, w.conf, "dev", "client")
+	w.mustTernctl("apply", "-f", w.write("cluster.yaml", policyCluster))
+	w.mustTernctl("apply", "-f", w.write("deny.yaml", denyAllIngress))
+
+	// One event per second per CPU, no burst beyond one.
+	cfg, err := ebpf.LoadPinnedMap(filepath.Join(n.BPFFSDir, "maps", "tern_event_config"), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cfg.Close()
+	if err := cfg.Put(uint32(0), [4]uint32{0, 1, 1, 0}); err != nil { // flags, rate, burst, pad
+		t.Fatal(err)
+	}
+
+	// Denied datagrams for as long as the monitor runs.
+	done := make(chan struct{})
+	var wg sync.WaitGroup
+	wg.Go(func() {
+		for {
+			select {
+			case <-done:
+				return
+			default:
+			}
+			if ok, err := udp(client, web, 53, false).connects(); err != nil || ok {
+				t.Errorf("denied probe: connected %v, %v", ok, err)
+				return
+			}
+		}
+	})
+	out, err := w.ternctl("-o", "json", "monitor", "--duration", "4s")
+	close(done)
+	wg.Wait()
+	if err != nil {
+		t.Fatalf("monitor: %v\n%s", err, out)
+	}
+	var suppressed float64
+	sc := bufio.NewScanner(strings.NewReader(out))
+	for sc.Scan() {
+		var ev map[string]any
+		if err := json.Unmarshal(sc.Bytes(), &ev); err != nil {
+			t.Fatalf("monitor line %q: %v", sc.Text(), err)
+		}
+		if ev["kind"] == "lost" {
+			s, _ := ev["suppressed"].(float64)
+			suppressed += s
+		}
+	}
+	if suppressed == 0 {
+		t.Errorf("no suppressed events reported at 1 event/s under a flood of denials:\n%s", out)
+	}
+	lines, _ := w.ternctl("monitor", "--duration", "1500ms")
+	t.Logf("table form:\n%s", lines)
 }
