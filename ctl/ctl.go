@@ -56,10 +56,10 @@ func Run(args []string, stdout, stderr io.Writer) error {
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
-	rest := fs.Args()
-	if len(rest) > 0 && (rest[0] == "monitor" || rest[0] == "explain") {
-		return observe(*confPath, rest, *output, stdout, stderr)
+	if v := fs.Arg(0); v == "monitor" || v == "explain" {
+		return observe(*confPath, fs.Args(), *output, stdout, stderr)
 	}
+	rest := fs.Args()
 	if len(rest) == 0 || (rest[0] == "get" && len(rest) != 2) || (rest[0] != "get" && rest[0] != "apply" && rest[0] != "delete") {
 		fs.Usage()
 		return errors.New("unknown command")

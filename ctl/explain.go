@@ -79,13 +79,14 @@ type explainOpts struct {
 	proto    uint8
 }
 
-func parseExplainFlags(args []string, stderr io.Writer) (*explainOpts, error) {
+func parseExplainFlags(args []string, output *string, stderr io.Writer) (*explainOpts, error) {
 	fs := flag.NewFlagSet("ternctl explain", flag.ContinueOnError)
 	fs.SetOutput(stderr)
 	from := fs.String("from", "", "source: NS/POD or an IPv4 address")
 	to := fs.String("to", "", "destination: NS/POD or an IPv4 address")
 	port := fs.Int("port", 0, "destination port (TCP, UDP, SCTP)")
 	proto := fs.String("protocol", "TCP", "TCP, UDP, SCTP or ICMP (echo request)")
+	fs.StringVar(output, "o", *output, "output format: table or json")
 	if err := fs.Parse(args); err != nil {
 		return nil, err
 	}
@@ -189,9 +190,12 @@ func (e explainEnd) String() string {
 // or a walk of the iptables policy chains) next to the reference
 // evaluator's. It fails when they disagree.
 func explain(conf *cni.NetConf, args []string, output string, stdout, stderr io.Writer) error {
-	o, err := parseExplainFlags(args, stderr)
+	o, err := parseExplainFlags(args, &output, stderr)
 	if err != nil {
 		return err
+	}
+	if output != "table" && output != "json" {
+		return fmt.Errorf("unknown output format %q", output)
 	}
 	v, err := conf.PolicyView()
 	if err != nil {

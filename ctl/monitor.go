@@ -103,7 +103,7 @@ type monitorOpts struct {
 	duration time.Duration   // stop after this long (0: no limit)
 }
 
-func parseMonitorFlags(args []string, stderr io.Writer) (*monitorOpts, error) {
+func parseMonitorFlags(args []string, output *string, stderr io.Writer) (*monitorOpts, error) {
 	fs := flag.NewFlagSet("ternctl monitor", flag.ContinueOnError)
 	fs.SetOutput(stderr)
 	var types fileList
@@ -111,6 +111,7 @@ func parseMonitorFlags(args []string, stderr io.Writer) (*monitorOpts, error) {
 	pod := fs.String("pod", "", "only events to or from this pod (NS/NAME)")
 	count := fs.Int("count", 0, "exit after this many events")
 	duration := fs.Duration("duration", 0, "exit after this long")
+	fs.StringVar(output, "o", *output, "output format: table or json (one object per line)")
 	if err := fs.Parse(args); err != nil {
 		return nil, err
 	}
@@ -369,9 +370,12 @@ func openPinned(conf *cni.NetConf, name string) (*ebpf.Map, error) {
 // monitor prints the datapath's events as they come (first those already
 // waiting in the ring buffer), one line or JSON object each.
 func monitor(conf *cni.NetConf, args []string, output string, stdout, stderr io.Writer) error {
-	o, err := parseMonitorFlags(args, stderr)
+	o, err := parseMonitorFlags(args, &output, stderr)
 	if err != nil {
 		return err
+	}
+	if output != "table" && output != "json" {
+		return fmt.Errorf("unknown output format %q", output)
 	}
 	if !conf.IsEBPF() {
 		return errors.New("monitor: events come from the eBPF datapath; on the iptables datapath use `ternctl explain` and iptables -L -v")

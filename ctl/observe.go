@@ -1,7 +1,6 @@
 package ctl
 
 import (
-	"fmt"
 	"io"
 
 	"github.com/ternlabs/tern/cni"
@@ -10,9 +9,6 @@ import (
 // observe runs monitor and explain: the verbs that show what the datapath
 // does with packets.
 func observe(confPath string, rest []string, output string, stdout, stderr io.Writer) error {
-	if output != "table" && output != "json" {
-		return fmt.Errorf("unknown output format %q", output)
-	}
 	path := confPath
 	if path == "" {
 		p, err := cni.FindConfFile(cni.DefaultConfDir)
