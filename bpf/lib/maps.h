@@ -54,6 +54,35 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } tern_config SEC(".maps");
 
+/* Datapath events (lib/events.h). Pinned like the rest: the ring buffer is
+ * read by `ternctl monitor`, the config written by `ternctl monitor` and
+ * the plugin. */
+#define TERN_EVENTS_RINGBUF (256 * 1024)
+
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, TERN_EVENTS_RINGBUF);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} tern_events SEC(".maps");
+
+/* tern_event_config: one event_config at index 0 (all zero: defaults). */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct event_config);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} tern_event_config SEC(".maps");
+
+/* tern_event_limiter: the per-CPU token bucket of event emission. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct event_limiter);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} tern_event_limiter SEC(".maps");
+
 /* tern_nomasq: destinations pods reach with their own address. */
 struct {
 	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
@@ -132,35 +161,6 @@ struct {
 	__type(value, struct policy_frag_ports);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } tern_policy_frag SEC(".maps");
-
-/* Datapath events (lib/events.h). Pinned like the rest: the ring buffer is
- * read by `ternctl monitor`, the config written by `ternctl monitor` and
- * the plugin. */
-#define TERN_EVENTS_RINGBUF (256 * 1024)
-
-struct {
-	__uint(type, BPF_MAP_TYPE_RINGBUF);
-	__uint(max_entries, TERN_EVENTS_RINGBUF);
-	__uint(pinning, LIBBPF_PIN_BY_NAME);
-} tern_events SEC(".maps");
-
-/* tern_event_config: one event_config at index 0 (all zero: defaults). */
-struct {
-	__uint(type, BPF_MAP_TYPE_ARRAY);
-	__uint(max_entries, 1);
-	__type(key, __u32);
-	__type(value, struct event_config);
-	__uint(pinning, LIBBPF_PIN_BY_NAME);
-} tern_event_config SEC(".maps");
-
-/* tern_event_limiter: the per-CPU token bucket of event emission. */
-struct {
-	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-	__uint(max_entries, 1);
-	__type(key, __u32);
-	__type(value, struct event_limiter);
-	__uint(pinning, LIBBPF_PIN_BY_NAME);
-} tern_event_limiter SEC(".maps");
 
 /* The flag enums only ever travel in integer fields, so nothing would put
  * them in BTF, where bpf2go -type looks for them: these constants do.
