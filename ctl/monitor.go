@@ -400,12 +400,18 @@ func monitor(conf *cni.NetConf, args []string, output string, stdout, stderr io.
 		return err
 	}
 	var podIP netip.Addr
+	var podIf uint32 // the pod's host veth, when it is on this node
 	if o.pod != "" {
 		ip, ok := nm.podIP(o.pod)
 		if !ok {
 			return fmt.Errorf("monitor: no pod %s on this network", o.pod)
 		}
 		podIP = ip
+		for ifindex, name := range nm.byIf {
+			if name == o.pod {
+				podIf = ifindex
+			}
+		}
 	}
 
 	// Turn on what was asked for, for as long as the monitor runs. Bits
@@ -485,7 +491,7 @@ func monitor(conf *cni.NetConf, args []string, output string, stdout, stderr io.
 			fmt.Fprintf(stderr, "ternctl monitor: %v\n", err)
 			continue
 		}
-		if !o.wants(ev) || (podIP.IsValid() && ev.Src != podIP && ev.Dst != podIP) {
+		if !o.wants(ev) || (podIP.IsValid() && !ev.Involves(podIP, podIf)) {
 			continue
 		}
 		m := nm.describe(ev)

@@ -42,6 +42,16 @@ type Event struct {
 	RemoteClass uint32 // class (identity) of the other end
 }
 
+// Involves reports whether the event is about a packet to or from ip, or,
+// for what is not IPv4 (ARP, IPv6), one seen on interface ifindex (a pod's
+// host veth; 0: none).
+func (ev Event) Involves(ip netip.Addr, ifindex uint32) bool {
+	if ev.Src == ip || ev.Dst == ip {
+		return true
+	}
+	return !ev.Src.IsValid() && ifindex != 0 && ev.Ifindex == ifindex
+}
+
 // DecodeEvent decodes one record of tern_events.
 func DecodeEvent(raw []byte) (Event, error) {
 	var r ternbpf.TernEvent
