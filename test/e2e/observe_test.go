@@ -14,6 +14,7 @@ import (
 	"github.com/cilium/ebpf"
 	"github.com/containernetworking/plugins/pkg/ns"
 	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
 
 	"github.com/ternlabs/tern/internal/testutil"
 )
@@ -248,4 +249,91 @@ func TestMonitorLostCounts(t *testing.T) {
 	}
 	lines, _ := w.ternctl("monitor", "--duration", "1500ms")
 	t.Logf("table form:\n%s", lines)
+}
+
+// TestMonitorDropReasons sends, from a real pod, a frame for each drop
+// reason a pod can provoke (through a packet socket on its eth0, so the
+// pod's stack does not stand in the way), and finds each drop in `ternctl
+// monitor`, on the pod's veth.
+func TestMonitorDropReasons(t *testing.T) {
+	testutil.RequirePrivileged(t)
+	w := newPolicyWorld(t, "ebpf")
+	n := w.node
+	web := addK8sPod(t, n, w.conf, "prod", "web")
+	client := addK8sPod(t, n, w.conf, "dev", "client")
+	veth := client.hostVeth(t, w)
+	var gwMAC net.HardwareAddr
+	err := n.NS.Do(func(ns.NetNS) error {
+		l, err := netlink.LinkByName(veth)
+		if err == nil {
+			gwMAC = l.Attrs().HardwareAddr
+		}
+		return err
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	cip, wip := net.ParseIP(client.IP).To4(), net.ParseIP(web.IP).To4()
+	ipv4 := func(ihl byte, src, dst net.IP) []byte {
+		h := []byte{0x40 | ihl, 0, 0, 28, 0, 1, 0x40, 0, 64, 17, 0, 0}
+		h = append(append(h, src...), dst...)
+		return append(h, 0x30, 0x39, 0, 53, 0, 8, 0, 0) // UDP 12345 -> 53
+	}
+	arp := func(sha net.HardwareAddr, spa, tpa net.IP) []byte {
+		b := []byte{0, 1, 8, 0, 6, 4, 0, 1}
+		b = append(append(b, sha...), spa...)
+		return append(append(b, make([]byte, 6)...), tpa...)
+	}
+	err = client.NS.Do(func(ns.NetNS) error {
+		eth0, err := netlink.LinkByName("eth0")
+		if err != nil {
+			return err
+		}
+		mac := eth0.Attrs().HardwareAddr
+		fd, err := unix.Socket(unix.AF_PACKET, unix.SOCK_RAW, 0)
+		if err != nil {
+			return err
+		}
+		defer unix.Close(fd)
+		frames := map[string][]byte{
+			"drop_spoofed":     append(eth(gwMAC, mac, 0x0800), ipv4(5, net.IPv4(10, 77, 30, 201).To4(), wip)...),
+			"drop_loopback":    append(eth(gwMAC, mac, 0x0800), ipv4(5, cip, net.IPv4(127, 0, 0, 1).To4())...),
+			"drop_truncated":   append(eth(gwMAC, mac, 0x0800), ipv4(4, cip, wip)...),
+			"drop_non_ipv4":    append(eth(gwMAC, mac, 0x86dd), make([]byte, 48)...),
+			"drop_arp_spoofed": append(eth(net.HardwareAddr{0xff, 0xff, 0xff, 0xff, 0xff, 0xff}, mac, 0x0806), arp(mac, wip, cip)...),
+		}
+		for reason, f := range frames {
+			sa := &unix.SockaddrLinklayer{Ifindex: eth0.Attrs().Index, Halen: 6}
+			copy(sa.Addr[:], f[:6])
+			if err := unix.Sendto(fd, f, 0, sa); err != nil {
+				return fmt.Errorf("send %s frame: %w", reason, err)
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	out := w.mustTernctl("-o", "json", "monitor", "--type", "drop", "--duration", "2s")
+	seen := map[string]bool{}
+	sc := bufio.NewScanner(strings.NewReader(out))
+	for sc.Scan() {
+		var ev map[string]any
+		if err := json.Unmarshal(sc.Bytes(), &ev); err != nil {
+			t.Fatalf("monitor line %q: %v", sc.Text(), err)
+		}
+		if ev["interface"] == veth {
+			seen[ev["reason"].(string)] = true
+		}
+	}
+	for _, r := range []string{"drop_spoofed", "drop_loopback", "drop_truncated", "drop_non_ipv4", "drop_arp_spoofed"} {
+		if !seen[r] {
+			t.Errorf("no %s event on %s in:\n%s", r, veth, out)
+		}
+	}
+}
+
+func eth(dst, src net.HardwareAddr, etherType uint16) []byte {
+	b := append(append([]byte{}, dst...), src...)
+	return append(b, byte(etherType>>8), byte(etherType))
 }
