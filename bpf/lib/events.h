@@ -10,11 +10,12 @@
  * them, instead of the plain drop of their metric.
  *
  * Cost: what a packet pays with its kind of event off is one lookup of
- * tern_event_config (an array: inlined by the JIT) and a flag test; drops,
- * which are rare, and first packets of flows pay that too. Sending is a
- * function call (not inlined: one copy for every call site), a token bucket
- * per CPU (tern_event_limiter; rate and burst from tern_event_config) and a
- * bpf_ringbuf_output. */
+ * tern_event_config (an array: inlined by the JIT) and a flag test. With it
+ * on, a token from a per-CPU bucket on the coarse clock
+ * (tern_event_limiter; rate and burst from tern_event_config), then, for
+ * the events within the rate, the packet's headers and a
+ * bpf_ringbuf_output. Both are functions of their own (not inlined: one
+ * copy for every call site). Figures: BenchmarkEvents, README. */
 #ifndef TERN_EVENTS_H
 #define TERN_EVENTS_H
 
@@ -62,7 +63,11 @@ static __always_inline int event_admit(struct event_limiter *l, const struct eve
 	__u64 rate = cfg->rate ? cfg->rate : EVENT_DEFAULT_RATE;
 	__u64 burst = cfg->burst ? cfg->burst : EVENT_DEFAULT_BURST;
 	__u64 cost = EVENT_NSEC_PER_SEC / rate;
-	__u64 now = bpf_ktime_get_ns();
+	/* The coarse clock (as of the last tick): it refills the bucket a
+	 * few milliseconds' worth at a time, which the burst absorbs, and
+	 * costs a fraction of bpf_ktime_get_ns, which matters under a flood
+	 * of drops where nearly every event is suppressed. */
+	__u64 now = bpf_ktime_get_coarse_ns();
 	__u64 credit = l->credit_ns + (now - l->last_ns); /* a fresh bucket starts full */
 
 	if (credit > cost * burst)
@@ -117,19 +122,30 @@ static __always_inline void event_fill_packet(struct __sk_buff *skb, struct even
 	}
 }
 
-/* event_send completes ev from the packet and writes it, when this CPU's
- * rate allows. A function of its own: one copy for all call sites, which
- * are on slow paths or behind a flag that is off by default. */
-static __attribute__((noinline)) int event_send(struct __sk_buff *skb, struct event *ev)
+/* event_take_token reports whether this CPU may send an event now (the
+ * token bucket of tern_event_limiter), counting it as suppressed if not.
+ * A function of its own, like event_write: one copy for all call sites. */
+static __attribute__((noinline)) int event_take_token(void)
 {
 	const struct event_config *cfg = event_config();
 	struct event_limiter *l;
 	__u32 key = 0;
 
 	l = bpf_map_lookup_elem(&tern_event_limiter, &key);
-	if (!cfg || !l || !ev)
+	if (!cfg || !l)
 		return 0;
-	if (!event_admit(l, cfg))
+	return event_admit(l, cfg);
+}
+
+/* event_write completes ev from the packet and writes it to the ring
+ * buffer, counting it as sent or lost. Call it after event_take_token. */
+static __attribute__((noinline)) int event_write(struct __sk_buff *skb, struct event *ev)
+{
+	struct event_limiter *l;
+	__u32 key = 0;
+
+	l = bpf_map_lookup_elem(&tern_event_limiter, &key);
+	if (!l || !ev)
 		return 0;
 	event_fill_packet(skb, ev);
 	ev->ts_ns = bpf_ktime_get_ns();
@@ -138,6 +154,13 @@ static __attribute__((noinline)) int event_send(struct __sk_buff *skb, struct ev
 	else
 		l->sent++;
 	return 0;
+}
+
+/* event_send sends ev, when this CPU's rate allows. */
+static __always_inline void event_send(struct __sk_buff *skb, struct event *ev)
+{
+	if (event_take_token())
+		event_write(skb, ev);
 }
 
 /* event_metric sends the event of a counted outcome m: a drop, unless

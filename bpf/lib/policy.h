@@ -121,6 +121,8 @@ static __always_inline void policy_event(struct __sk_buff *skb, __u8 dir, __u8 v
 	if (verdict == EVENT_VERDICT_DENY ? (cfg->flags & EVENT_F_NO_POLICY_DENY)
 					  : !(cfg->flags & EVENT_F_POLICY_ALLOW))
 		return;
+	if (!event_take_token())
+		return; /* over the rate: spare the lookups (a flood of denials) */
 	ev.type = EVENT_POLICY;
 	ev.dir = dir;
 	ev.verdict = verdict;
@@ -128,7 +130,7 @@ static __always_inline void policy_event(struct __sk_buff *skb, __u8 dir, __u8 v
 	if (ep)
 		ev.local_id = ep->local_id;
 	ev.remote_class = policy_class_of(remote);
-	event_send(skb, &ev);
+	event_write(skb, &ev);
 }
 
 /* policy_ct_key_of fills the flow key of a packet from saddr:sport to
