@@ -42,6 +42,67 @@ const (
 	TernEpPolicyFlagsEP_POLICY_F_EGRESS  TernEpPolicyFlags = 2
 )
 
+type TernEvent struct {
+	_           structs.HostLayout
+	TsNs        uint64
+	Ifindex     uint32
+	Len         uint32
+	Type        uint8
+	Proto       uint8
+	Reason      uint16
+	Dir         uint8
+	Verdict     uint8
+	EthProto    uint16
+	Saddr       uint32
+	Daddr       uint32
+	Sport       uint16
+	Dport       uint16
+	LocalId     uint32
+	RemoteClass uint32
+	Pad         uint32
+}
+
+type TernEventConfig struct {
+	_     structs.HostLayout
+	Flags uint32
+	Rate  uint32
+	Burst uint32
+	Pad   uint32
+}
+
+type TernEventFlags uint32
+
+const (
+	TernEventFlagsEVENT_F_NO_DROP        TernEventFlags = 1
+	TernEventFlagsEVENT_F_NO_POLICY_DENY TernEventFlags = 2
+	TernEventFlagsEVENT_F_POLICY_ALLOW   TernEventFlags = 4
+	TernEventFlagsEVENT_F_TRACE          TernEventFlags = 8
+)
+
+type TernEventKind uint32
+
+const (
+	TernEventKindEVENT_DROP   TernEventKind = 1
+	TernEventKindEVENT_POLICY TernEventKind = 2
+	TernEventKindEVENT_TRACE  TernEventKind = 3
+)
+
+type TernEventLimiter struct {
+	_          structs.HostLayout
+	LastNs     uint64
+	CreditNs   uint64
+	Sent       uint64
+	Suppressed uint64
+	Lost       uint64
+}
+
+type TernEventVerdict uint32
+
+const (
+	TernEventVerdictEVENT_VERDICT_ALLOW TernEventVerdict = 1
+	TernEventVerdictEVENT_VERDICT_DENY  TernEventVerdict = 2
+)
+
 type TernLpmV4Key struct {
 	_         structs.HostLayout
 	Prefixlen uint32
@@ -222,6 +283,9 @@ const (
 	TernMapTernConfig           = "tern_config"
 	TernMapTernEndpoints        = "tern_endpoints"
 	TernMapTernEpPolicy         = "tern_ep_policy"
+	TernMapTernEventConfig      = "tern_event_config"
+	TernMapTernEventLimiter     = "tern_event_limiter"
+	TernMapTernEvents           = "tern_events"
 	TernMapTernIpcache          = "tern_ipcache"
 	TernMapTernMetrics          = "tern_metrics"
 	TernMapTernNat              = "tern_nat"
@@ -247,6 +311,10 @@ const (
 	TernVarNatPortMin           = "nat_port_min"
 	TernVarTernBtfEndpointFlags = "tern_btf_endpoint_flags"
 	TernVarTernBtfEpPolicyFlags = "tern_btf_ep_policy_flags"
+	TernVarTernBtfEventDropMask = "tern_btf_event_drop_mask"
+	TernVarTernBtfEventFlags    = "tern_btf_event_flags"
+	TernVarTernBtfEventKind     = "tern_btf_event_kind"
+	TernVarTernBtfEventVerdict  = "tern_btf_event_verdict"
 	TernVarTernBtfNatFlags      = "tern_btf_nat_flags"
 	TernVarTernBtfPolicyClass   = "tern_btf_policy_class"
 	TernVarTernBtfPolicyCtFlags = "tern_btf_policy_ct_flags"
@@ -308,6 +376,9 @@ type TernMapSpecs struct {
 	TernConfig       *ebpf.MapSpec `ebpf:"tern_config"`
 	TernEndpoints    *ebpf.MapSpec `ebpf:"tern_endpoints"`
 	TernEpPolicy     *ebpf.MapSpec `ebpf:"tern_ep_policy"`
+	TernEventConfig  *ebpf.MapSpec `ebpf:"tern_event_config"`
+	TernEventLimiter *ebpf.MapSpec `ebpf:"tern_event_limiter"`
+	TernEvents       *ebpf.MapSpec `ebpf:"tern_events"`
 	TernIpcache      *ebpf.MapSpec `ebpf:"tern_ipcache"`
 	TernMetrics      *ebpf.MapSpec `ebpf:"tern_metrics"`
 	TernNat          *ebpf.MapSpec `ebpf:"tern_nat"`
@@ -336,6 +407,10 @@ type TernVariableSpecs struct {
 	NatPortMin           *ebpf.VariableSpec `ebpf:"nat_port_min"`
 	TernBtfEndpointFlags *ebpf.VariableSpec `ebpf:"tern_btf_endpoint_flags"`
 	TernBtfEpPolicyFlags *ebpf.VariableSpec `ebpf:"tern_btf_ep_policy_flags"`
+	TernBtfEventDropMask *ebpf.VariableSpec `ebpf:"tern_btf_event_drop_mask"`
+	TernBtfEventFlags    *ebpf.VariableSpec `ebpf:"tern_btf_event_flags"`
+	TernBtfEventKind     *ebpf.VariableSpec `ebpf:"tern_btf_event_kind"`
+	TernBtfEventVerdict  *ebpf.VariableSpec `ebpf:"tern_btf_event_verdict"`
 	TernBtfNatFlags      *ebpf.VariableSpec `ebpf:"tern_btf_nat_flags"`
 	TernBtfPolicyClass   *ebpf.VariableSpec `ebpf:"tern_btf_policy_class"`
 	TernBtfPolicyCtFlags *ebpf.VariableSpec `ebpf:"tern_btf_policy_ct_flags"`
@@ -366,6 +441,9 @@ type TernMaps struct {
 	TernConfig       *ebpf.Map `ebpf:"tern_config"`
 	TernEndpoints    *ebpf.Map `ebpf:"tern_endpoints"`
 	TernEpPolicy     *ebpf.Map `ebpf:"tern_ep_policy"`
+	TernEventConfig  *ebpf.Map `ebpf:"tern_event_config"`
+	TernEventLimiter *ebpf.Map `ebpf:"tern_event_limiter"`
+	TernEvents       *ebpf.Map `ebpf:"tern_events"`
 	TernIpcache      *ebpf.Map `ebpf:"tern_ipcache"`
 	TernMetrics      *ebpf.Map `ebpf:"tern_metrics"`
 	TernNat          *ebpf.Map `ebpf:"tern_nat"`
@@ -385,6 +463,9 @@ func (m *TernMaps) Close() error {
 		m.TernConfig,
 		m.TernEndpoints,
 		m.TernEpPolicy,
+		m.TernEventConfig,
+		m.TernEventLimiter,
+		m.TernEvents,
 		m.TernIpcache,
 		m.TernMetrics,
 		m.TernNat,
@@ -414,6 +495,10 @@ type TernVariables struct {
 	NatPortMin           *ebpf.Variable `ebpf:"nat_port_min"`
 	TernBtfEndpointFlags *ebpf.Variable `ebpf:"tern_btf_endpoint_flags"`
 	TernBtfEpPolicyFlags *ebpf.Variable `ebpf:"tern_btf_ep_policy_flags"`
+	TernBtfEventDropMask *ebpf.Variable `ebpf:"tern_btf_event_drop_mask"`
+	TernBtfEventFlags    *ebpf.Variable `ebpf:"tern_btf_event_flags"`
+	TernBtfEventKind     *ebpf.Variable `ebpf:"tern_btf_event_kind"`
+	TernBtfEventVerdict  *ebpf.Variable `ebpf:"tern_btf_event_verdict"`
 	TernBtfNatFlags      *ebpf.Variable `ebpf:"tern_btf_nat_flags"`
 	TernBtfPolicyClass   *ebpf.Variable `ebpf:"tern_btf_policy_class"`
 	TernBtfPolicyCtFlags *ebpf.Variable `ebpf:"tern_btf_policy_ct_flags"`

@@ -19,6 +19,9 @@ const (
 	TernUplinkMapTernConfig           = "tern_config"
 	TernUplinkMapTernEndpoints        = "tern_endpoints"
 	TernUplinkMapTernEpPolicy         = "tern_ep_policy"
+	TernUplinkMapTernEventConfig      = "tern_event_config"
+	TernUplinkMapTernEventLimiter     = "tern_event_limiter"
+	TernUplinkMapTernEvents           = "tern_events"
 	TernUplinkMapTernIpcache          = "tern_ipcache"
 	TernUplinkMapTernMetrics          = "tern_metrics"
 	TernUplinkMapTernNat              = "tern_nat"
@@ -43,6 +46,10 @@ const (
 	TernUplinkVarNatPortMin           = "nat_port_min"
 	TernUplinkVarTernBtfEndpointFlags = "tern_btf_endpoint_flags"
 	TernUplinkVarTernBtfEpPolicyFlags = "tern_btf_ep_policy_flags"
+	TernUplinkVarTernBtfEventDropMask = "tern_btf_event_drop_mask"
+	TernUplinkVarTernBtfEventFlags    = "tern_btf_event_flags"
+	TernUplinkVarTernBtfEventKind     = "tern_btf_event_kind"
+	TernUplinkVarTernBtfEventVerdict  = "tern_btf_event_verdict"
 	TernUplinkVarTernBtfNatFlags      = "tern_btf_nat_flags"
 	TernUplinkVarTernBtfPolicyClass   = "tern_btf_policy_class"
 	TernUplinkVarTernBtfPolicyCtFlags = "tern_btf_policy_ct_flags"
@@ -103,6 +110,9 @@ type TernUplinkMapSpecs struct {
 	TernConfig       *ebpf.MapSpec `ebpf:"tern_config"`
 	TernEndpoints    *ebpf.MapSpec `ebpf:"tern_endpoints"`
 	TernEpPolicy     *ebpf.MapSpec `ebpf:"tern_ep_policy"`
+	TernEventConfig  *ebpf.MapSpec `ebpf:"tern_event_config"`
+	TernEventLimiter *ebpf.MapSpec `ebpf:"tern_event_limiter"`
+	TernEvents       *ebpf.MapSpec `ebpf:"tern_events"`
 	TernIpcache      *ebpf.MapSpec `ebpf:"tern_ipcache"`
 	TernMetrics      *ebpf.MapSpec `ebpf:"tern_metrics"`
 	TernNat          *ebpf.MapSpec `ebpf:"tern_nat"`
@@ -131,6 +141,10 @@ type TernUplinkVariableSpecs struct {
 	NatPortMin           *ebpf.VariableSpec `ebpf:"nat_port_min"`
 	TernBtfEndpointFlags *ebpf.VariableSpec `ebpf:"tern_btf_endpoint_flags"`
 	TernBtfEpPolicyFlags *ebpf.VariableSpec `ebpf:"tern_btf_ep_policy_flags"`
+	TernBtfEventDropMask *ebpf.VariableSpec `ebpf:"tern_btf_event_drop_mask"`
+	TernBtfEventFlags    *ebpf.VariableSpec `ebpf:"tern_btf_event_flags"`
+	TernBtfEventKind     *ebpf.VariableSpec `ebpf:"tern_btf_event_kind"`
+	TernBtfEventVerdict  *ebpf.VariableSpec `ebpf:"tern_btf_event_verdict"`
 	TernBtfNatFlags      *ebpf.VariableSpec `ebpf:"tern_btf_nat_flags"`
 	TernBtfPolicyClass   *ebpf.VariableSpec `ebpf:"tern_btf_policy_class"`
 	TernBtfPolicyCtFlags *ebpf.VariableSpec `ebpf:"tern_btf_policy_ct_flags"`
@@ -161,6 +175,9 @@ type TernUplinkMaps struct {
 	TernConfig       *ebpf.Map `ebpf:"tern_config"`
 	TernEndpoints    *ebpf.Map `ebpf:"tern_endpoints"`
 	TernEpPolicy     *ebpf.Map `ebpf:"tern_ep_policy"`
+	TernEventConfig  *ebpf.Map `ebpf:"tern_event_config"`
+	TernEventLimiter *ebpf.Map `ebpf:"tern_event_limiter"`
+	TernEvents       *ebpf.Map `ebpf:"tern_events"`
 	TernIpcache      *ebpf.Map `ebpf:"tern_ipcache"`
 	TernMetrics      *ebpf.Map `ebpf:"tern_metrics"`
 	TernNat          *ebpf.Map `ebpf:"tern_nat"`
@@ -180,6 +197,9 @@ func (m *TernUplinkMaps) Close() error {
 		m.TernConfig,
 		m.TernEndpoints,
 		m.TernEpPolicy,
+		m.TernEventConfig,
+		m.TernEventLimiter,
+		m.TernEvents,
 		m.TernIpcache,
 		m.TernMetrics,
 		m.TernNat,
@@ -209,6 +229,10 @@ type TernUplinkVariables struct {
 	NatPortMin           *ebpf.Variable `ebpf:"nat_port_min"`
 	TernBtfEndpointFlags *ebpf.Variable `ebpf:"tern_btf_endpoint_flags"`
 	TernBtfEpPolicyFlags *ebpf.Variable `ebpf:"tern_btf_ep_policy_flags"`
+	TernBtfEventDropMask *ebpf.Variable `ebpf:"tern_btf_event_drop_mask"`
+	TernBtfEventFlags    *ebpf.Variable `ebpf:"tern_btf_event_flags"`
+	TernBtfEventKind     *ebpf.Variable `ebpf:"tern_btf_event_kind"`
+	TernBtfEventVerdict  *ebpf.Variable `ebpf:"tern_btf_event_verdict"`
 	TernBtfNatFlags      *ebpf.Variable `ebpf:"tern_btf_nat_flags"`
 	TernBtfPolicyClass   *ebpf.Variable `ebpf:"tern_btf_policy_class"`
 	TernBtfPolicyCtFlags *ebpf.Variable `ebpf:"tern_btf_policy_ct_flags"`

@@ -40,6 +40,13 @@ commands:
   apply -f FILE|DIR     add or replace the Pods, Namespaces and NetworkPolicies of
                         the manifests in the node's policy state, and enforce it
   delete -f FILE|DIR    remove them (by kind, namespace and name), and enforce it
+  monitor [--type drop|policy|trace] [--pod NS/NAME] [--count N] [--duration D]
+                        datapath events as they happen (eBPF datapath): drops,
+                        NetworkPolicy verdicts, forwarding traces
+  explain --from NS/POD|IP --to NS/POD|IP --port N [--protocol TCP|UDP|SCTP]
+                        what the datapath would do with the first packet of a
+                        connection, without sending it, checked against the
+                        reference evaluator
 
 apply and delete read multi-document YAML or JSON (a directory: its *.yaml,
 *.yml and *.json files, "-": standard input), also lists as kubectl prints
@@ -62,6 +69,9 @@ func Run(args []string, stdout, stderr io.Writer) error {
 	fs.Usage = func() { fmt.Fprint(stderr, usage) }
 	if err := fs.Parse(args); err != nil {
 		return err
+	}
+	if v := fs.Arg(0); v == "monitor" || v == "explain" {
+		return observe(*confPath, fs.Args(), *output, stdout, stderr)
 	}
 	rest := fs.Args()
 	if len(rest) == 0 || (rest[0] == "get" && len(rest) < 2) || (rest[0] != "get" && rest[0] != "apply" && rest[0] != "delete") {

@@ -226,4 +226,65 @@ struct metric_value {
 	__u64 bytes;
 };
 
+/* Datapath events (lib/events.h): records of tern_events, the ring buffer
+ * `ternctl monitor` reads. */
+enum event_kind {
+	EVENT_DROP = 1,   /* a drop, counted under reason (enum metric) */
+	EVENT_POLICY = 2, /* a NetworkPolicy decision on the first packet of a flow */
+	EVENT_TRACE = 3,  /* a forwarding outcome, counted under reason (enum metric) */
+};
+
+enum event_verdict {
+	EVENT_VERDICT_ALLOW = 1,
+	EVENT_VERDICT_DENY = 2,
+};
+
+/* event: one record of tern_events. The addresses and ports are read from
+ * the packet as it is when the event is sent (after a SNAT: translated). */
+struct event {
+	__u64 ts_ns;         /* bpf_ktime_get_ns (CLOCK_MONOTONIC) */
+	__u32 ifindex;       /* interface the program runs on */
+	__u32 len;           /* packet length */
+	__u8 type;           /* enum event_kind */
+	__u8 proto;          /* IP protocol; 0 when not IPv4 */
+	__u16 reason;        /* EVENT_DROP, EVENT_TRACE: enum metric */
+	__u8 dir;            /* EVENT_POLICY: enum policy_dir decided */
+	__u8 verdict;        /* EVENT_POLICY: enum event_verdict */
+	__be16 eth_proto;    /* ethertype */
+	__be32 saddr;
+	__be32 daddr;
+	__be16 sport;        /* ICMP echo: the identifier in both */
+	__be16 dport;
+	__u32 local_id;      /* EVENT_POLICY: identity of the pod whose policy decided */
+	__u32 remote_class;  /* EVENT_POLICY: class (identity) of the other end */
+	__u32 pad;
+};
+
+/* event_config: the single entry of tern_event_config. All zero is the
+ * default: drops and policy denials on, policy allows and traces off, at
+ * EVENT_DEFAULT_RATE per CPU. */
+struct event_config {
+	__u32 flags; /* enum event_flags */
+	__u32 rate;  /* events per second per CPU; 0: EVENT_DEFAULT_RATE */
+	__u32 burst; /* events a CPU may send at once; 0: EVENT_DEFAULT_BURST */
+	__u32 pad;
+};
+
+enum event_flags {
+	EVENT_F_NO_DROP = 1 << 0,        /* no EVENT_DROP */
+	EVENT_F_NO_POLICY_DENY = 1 << 1, /* no EVENT_POLICY denials */
+	EVENT_F_POLICY_ALLOW = 1 << 2,   /* EVENT_POLICY for allowed flows too */
+	EVENT_F_TRACE = 1 << 3,          /* EVENT_TRACE */
+};
+
+/* event_limiter: per-CPU token bucket of tern_event_limiter, and what
+ * became of the events it was asked for. */
+struct event_limiter {
+	__u64 last_ns;    /* when credit_ns was last updated */
+	__u64 credit_ns;  /* time credit: each event costs 1 s / rate */
+	__u64 sent;       /* written to the ring buffer */
+	__u64 suppressed; /* over the rate: not sent */
+	__u64 lost;       /* the ring buffer was full */
+};
+
 #endif /* TERN_TYPES_H */

@@ -61,6 +61,35 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } tern_config SEC(".maps");
 
+/* Datapath events (lib/events.h). Pinned like the rest: the ring buffer is
+ * read by `ternctl monitor`, the config written by `ternctl monitor` and
+ * the plugin. */
+#define TERN_EVENTS_RINGBUF (256 * 1024)
+
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, TERN_EVENTS_RINGBUF);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} tern_events SEC(".maps");
+
+/* tern_event_config: one event_config at index 0 (all zero: defaults). */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct event_config);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} tern_event_config SEC(".maps");
+
+/* tern_event_limiter: the per-CPU token bucket of event emission. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct event_limiter);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} tern_event_limiter SEC(".maps");
+
 /* tern_nomasq: destinations pods reach with their own address. */
 struct {
 	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
@@ -208,5 +237,8 @@ const volatile enum policy_ct_flags tern_btf_policy_ct_flags = 0;
 const volatile enum policy_class tern_btf_policy_class = POLICY_CLASS_WORLD;
 const volatile enum policy_dir tern_btf_policy_dir = POLICY_DIR_INGRESS;
 const volatile enum policy_verdict tern_btf_policy_verdict = POLICY_VERDICT_ALLOW;
+const volatile enum event_kind tern_btf_event_kind = EVENT_DROP;
+const volatile enum event_verdict tern_btf_event_verdict = EVENT_VERDICT_ALLOW;
+const volatile enum event_flags tern_btf_event_flags = 0;
 
 #endif /* TERN_MAPS_H */

@@ -35,6 +35,7 @@
 #include "maps.h"
 #include "metrics.h"
 #include "conntrack.h"
+#include "events.h"
 
 /* Prefix length of a lookup key: every bit of the 96 after prefixlen. */
 #define POLICY_LOOKUP_PREFIXLEN 96
@@ -100,6 +101,36 @@ static __always_inline int policy_allows(__u8 dir, __u32 local_id, __be32 remote
 		return 1;
 	__builtin_memcpy(key.remote_class, &any, sizeof(key.remote_class));
 	return policy_entry_allows(&key);
+}
+
+/* policy_event sends the EVENT_POLICY of a decision in direction dir on a
+ * packet from saddr to daddr: the local end is the sender for egress, the
+ * receiver for ingress. Denials are on by default, allows off
+ * (tern_event_config). */
+static __always_inline void policy_event(struct __sk_buff *skb, __u8 dir, __u8 verdict,
+					 __be32 saddr, __be32 daddr)
+{
+	const struct event_config *cfg = event_config();
+	__be32 local = dir == POLICY_DIR_EGRESS ? saddr : daddr;
+	__be32 remote = dir == POLICY_DIR_EGRESS ? daddr : saddr;
+	struct event ev = {};
+	struct ep_policy *ep;
+
+	if (!cfg)
+		return;
+	if (verdict == EVENT_VERDICT_DENY ? (cfg->flags & EVENT_F_NO_POLICY_DENY)
+					  : !(cfg->flags & EVENT_F_POLICY_ALLOW))
+		return;
+	if (!event_take_token())
+		return; /* over the rate: spare the lookups (a flood of denials) */
+	ev.type = EVENT_POLICY;
+	ev.dir = dir;
+	ev.verdict = verdict;
+	ep = bpf_map_lookup_elem(&tern_ep_policy, &local);
+	if (ep)
+		ev.local_id = ep->local_id;
+	ev.remote_class = policy_class_of(remote);
+	event_write(skb, &ev);
 }
 
 /* policy_ct_key_of fills the flow key of a packet from saddr:sport to
@@ -337,6 +368,10 @@ static __always_inline enum policy_result policy_check(struct __sk_buff *skb, __
 	r = policy_decide(&src, &dst, peer, daddr, proto, pport);
 	if (r != POLICY_PASS)
 		return r;
+	if (src.flags & EP_POLICY_F_EGRESS)
+		policy_event(skb, POLICY_DIR_EGRESS, EVENT_VERDICT_ALLOW, saddr, daddr);
+	if (dst.flags & EP_POLICY_F_INGRESS)
+		policy_event(skb, POLICY_DIR_INGRESS, EVENT_VERDICT_ALLOW, saddr, daddr);
 
 	{
 		struct policy_ct_entry ne = {
@@ -375,9 +410,11 @@ static __always_inline int policy_pass_as(struct __sk_buff *skb, __be32 saddr, _
 		return 1;
 	case POLICY_DROP_EGRESS:
 		count(METRIC_DROP_POLICY_EGRESS, skb->len);
+		policy_event(skb, POLICY_DIR_EGRESS, EVENT_VERDICT_DENY, saddr, daddr);
 		return 0;
 	case POLICY_DROP_INGRESS:
 		count(METRIC_DROP_POLICY_INGRESS, skb->len);
+		policy_event(skb, POLICY_DIR_INGRESS, EVENT_VERDICT_DENY, saddr, daddr);
 		return 0;
 	default:
 		count(METRIC_DROP_TRUNCATED, skb->len);

@@ -178,6 +178,7 @@ func (r reach) connects() (bool, error) {
 // differs.
 func expect(t *testing.T, step string, rs ...reach) {
 	t.Helper()
+	explainFirst(t, step, rs) // observe_test.go: ternctl explain must predict each outcome
 	errs := make([]error, len(rs))
 	var wg sync.WaitGroup
 	for i, r := range rs {
@@ -317,6 +318,7 @@ spec:
 func testNetworkPolicy(t *testing.T, dp string) {
 	w := newPolicyWorld(t, dp)
 	n := w.node
+	w.explainEveryCase("10.77.30.1")
 	web := addK8sPod(t, n, w.conf, "prod", "web")
 	db := addK8sPod(t, n, w.conf, "prod", "db")
 	api := addK8sPod(t, n, w.conf, "prod", "api")
