@@ -40,6 +40,7 @@
 #include "lib/forward.h"
 #include "lib/policy.h"
 #include "lib/arp.h"
+#include "lib/remote.h"
 
 char __license[] SEC("license") = "Dual BSD/GPL";
 
@@ -323,6 +324,7 @@ SEC("tc")
 int tern_from_pod(struct __sk_buff *skb)
 {
 	struct endpoint *src, *dst;
+	const struct remote_node *rn;
 	struct node_config *cfg;
 	struct ethhdr *eth;
 	struct iphdr *iph;
@@ -395,6 +397,12 @@ int tern_from_pod(struct __sk_buff *skb)
 	dst = bpf_map_lookup_elem(&tern_endpoints, &ip.daddr);
 	if (dst)
 		return deliver_to_endpoint(skb, dst, ip.ttl, METRIC_REDIRECT_PEER);
+
+	/* A pod of another node: native routing or VXLAN (lib/remote.h),
+	 * never masqueraded. */
+	rn = remote_lookup(ip.daddr);
+	if (rn)
+		return remote_forward(skb, rn, ip.saddr, ip.daddr, ip.tos, ip.proto, ip.ttl);
 
 	/* Masquerade what leaves the cluster, when this pod's network asks
 	 * for it and the node has an uplink with an address. */

@@ -76,7 +76,12 @@ const (
 	TernMetricMETRIC_DROP_NAT_ICMP        TernMetric = 22
 	TernMetricMETRIC_NAT_REV_LOST         TernMetric = 23
 	TernMetricMETRIC_NAT_GC               TernMetric = 24
-	TernMetricMETRIC_MAX                  TernMetric = 25
+	TernMetricMETRIC_REMOTE_NATIVE        TernMetric = 25
+	TernMetricMETRIC_REMOTE_VXLAN         TernMetric = 26
+	TernMetricMETRIC_FROM_REMOTE          TernMetric = 27
+	TernMetricMETRIC_DROP_TUNNEL_FORGED   TernMetric = 28
+	TernMetricMETRIC_DROP_TUNNEL_NO_POD   TernMetric = 29
+	TernMetricMETRIC_MAX                  TernMetric = 30
 )
 
 type TernMetricValue struct {
@@ -212,6 +217,12 @@ const (
 	TernPolicyVerdictPOLICY_VERDICT_ALLOW TernPolicyVerdict = 1
 )
 
+type TernRemoteNode struct {
+	_             structs.HostLayout
+	NodeIp        uint32
+	TunnelIfindex uint32
+}
+
 // Names of all BPF objects in the ELF.
 //
 // Used for safe lookups in a Collection or CollectionSpec.
@@ -229,6 +240,7 @@ const (
 	TernMapTernPolicy           = "tern_policy"
 	TernMapTernPolicyCt         = "tern_policy_ct"
 	TernMapTernPolicyFrag       = "tern_policy_frag"
+	TernMapTernRemote           = "tern_remote"
 	TernProgTernFromPod         = "tern_from_pod"
 	TernProgTernNatGc           = "tern_nat_gc"
 	TernProgTernToPod           = "tern_to_pod"
@@ -313,6 +325,7 @@ type TernMapSpecs struct {
 	TernPolicy     *ebpf.MapSpec `ebpf:"tern_policy"`
 	TernPolicyCt   *ebpf.MapSpec `ebpf:"tern_policy_ct"`
 	TernPolicyFrag *ebpf.MapSpec `ebpf:"tern_policy_frag"`
+	TernRemote     *ebpf.MapSpec `ebpf:"tern_remote"`
 }
 
 // TernVariableSpecs contains global variables before they are loaded into the kernel.
@@ -369,6 +382,7 @@ type TernMaps struct {
 	TernPolicy     *ebpf.Map `ebpf:"tern_policy"`
 	TernPolicyCt   *ebpf.Map `ebpf:"tern_policy_ct"`
 	TernPolicyFrag *ebpf.Map `ebpf:"tern_policy_frag"`
+	TernRemote     *ebpf.Map `ebpf:"tern_remote"`
 }
 
 func (m *TernMaps) Close() error {
@@ -386,6 +400,7 @@ func (m *TernMaps) Close() error {
 		m.TernPolicy,
 		m.TernPolicyCt,
 		m.TernPolicyFrag,
+		m.TernRemote,
 	)
 }
 

@@ -29,6 +29,7 @@ const (
 	TernUplinkMapTernPolicy           = "tern_policy"
 	TernUplinkMapTernPolicyCt         = "tern_policy_ct"
 	TernUplinkMapTernPolicyFrag       = "tern_policy_frag"
+	TernUplinkMapTernRemote           = "tern_remote"
 	TernUplinkProgTernFromUplink      = "tern_from_uplink"
 	TernUplinkVarCtTimeoutIcmp        = "ct_timeout_icmp"
 	TernUplinkVarCtTimeoutTcp         = "ct_timeout_tcp"
@@ -109,6 +110,7 @@ type TernUplinkMapSpecs struct {
 	TernPolicy     *ebpf.MapSpec `ebpf:"tern_policy"`
 	TernPolicyCt   *ebpf.MapSpec `ebpf:"tern_policy_ct"`
 	TernPolicyFrag *ebpf.MapSpec `ebpf:"tern_policy_frag"`
+	TernRemote     *ebpf.MapSpec `ebpf:"tern_remote"`
 }
 
 // TernUplinkVariableSpecs contains global variables before they are loaded into the kernel.
@@ -165,6 +167,7 @@ type TernUplinkMaps struct {
 	TernPolicy     *ebpf.Map `ebpf:"tern_policy"`
 	TernPolicyCt   *ebpf.Map `ebpf:"tern_policy_ct"`
 	TernPolicyFrag *ebpf.Map `ebpf:"tern_policy_frag"`
+	TernRemote     *ebpf.Map `ebpf:"tern_remote"`
 }
 
 func (m *TernUplinkMaps) Close() error {
@@ -182,6 +185,7 @@ func (m *TernUplinkMaps) Close() error {
 		m.TernPolicy,
 		m.TernPolicyCt,
 		m.TernPolicyFrag,
+		m.TernRemote,
 	)
 }
 

@@ -62,6 +62,11 @@ var metricDescriptions = map[string]string{
 	"drop_nat_icmp":        "dropped: ICMP from a pod that masquerade cannot translate",
 	"nat_rev_lost":         "a flow's reverse NAT entry was gone or another flow's: re-allocated (should stay 0)",
 	"nat_gc":               "expired NAT entries removed by the garbage collector (packets = entries)",
+	"remote_native":        "to a pod of another node: FIB lookup and bpf_redirect_neigh out of the uplink (native routing)",
+	"remote_vxlan":         "to a pod of another node: VXLAN tunnel key set, redirected to the VXLAN device",
+	"from_remote":          "from a pod of another node, delivered into a pod of this node by bpf_redirect_peer",
+	"drop_tunnel_forged":   "dropped: VXLAN packet whose outer source is not the node owning its inner source (or pod traffic of a VXLAN node arriving unencapsulated)",
+	"drop_tunnel_no_pod":   "dropped: decapsulated VXLAN packet not for a pod of this node",
 }
 
 // readCounters reads the network's datapath counters: the eBPF metrics map

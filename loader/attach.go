@@ -28,6 +28,9 @@ const (
 	// HookPodEgress is tc egress of a pod's host-side veth: what the host
 	// stack delivers to the pod (NetworkPolicy ingress).
 	HookPodEgress Hook = "egress"
+	// HookTunnelIngress is tc ingress of the node's VXLAN device (package
+	// routing, VXLAN mode): decapsulated traffic from other nodes' pods.
+	HookTunnelIngress Hook = "tunnel"
 )
 
 func (h Hook) program() string {
@@ -38,6 +41,8 @@ func (h Hook) program() string {
 		return "tern_from_uplink"
 	case HookPodEgress:
 		return "tern_to_pod"
+	case HookTunnelIngress:
+		return "tern_from_tunnel"
 	}
 	return ""
 }

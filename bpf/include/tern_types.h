@@ -33,6 +33,14 @@ struct node_config {
 	__u32 uplink_ifindex;  /* interface SNATed traffic must leave by; 0 = none */
 };
 
+/* remote_node: value of tern_remote, keyed (lpm_v4_key) by another node's
+ * pod CIDR. Written by the routing reconciler (package routing), never by
+ * the programs. */
+struct remote_node {
+	__be32 node_ip;         /* the node's InternalIP: next hop (native) or tunnel remote (VXLAN) */
+	__u32 tunnel_ifindex;   /* VXLAN device (external mode) to redirect to; 0 = native routing */
+};
+
 /* lpm_v4_key: key of tern_nomasq (LPM trie of destinations that keep the
  * pod's source address: cluster CIDR and nonMasqueradeCIDRs). */
 struct lpm_v4_key {
@@ -111,6 +119,11 @@ enum metric {
 	METRIC_DROP_NAT_ICMP,       /* ICMP from a pod that masquerade cannot translate (error about no masqueraded flow, other types) */
 	METRIC_NAT_REV_LOST,        /* a flow's reverse NAT entry was gone or another flow's: re-allocated (should stay 0) */
 	METRIC_NAT_GC,              /* expired NAT entries removed by the garbage collector (packets = entries) */
+	METRIC_REMOTE_NATIVE,       /* to a pod of another node: FIB lookup and bpf_redirect_neigh out of the uplink (native routing) */
+	METRIC_REMOTE_VXLAN,        /* to a pod of another node: tunnel key set, redirected to the VXLAN device */
+	METRIC_FROM_REMOTE,         /* from a pod of another node (uplink or VXLAN), delivered into a pod of this node by bpf_redirect_peer */
+	METRIC_DROP_TUNNEL_FORGED,  /* VXLAN: no tunnel key, or the outer source is not the node that owns the inner source's pod CIDR */
+	METRIC_DROP_TUNNEL_NO_POD,  /* VXLAN: decapsulated, but not for a pod of this node (the tunnel carries pod-to-pod traffic only) */
 	METRIC_MAX,
 };
 

@@ -36,6 +36,11 @@ var metricNames = [...]string{
 	ternbpf.TernMetricMETRIC_DROP_NAT_ICMP:        "drop_nat_icmp",
 	ternbpf.TernMetricMETRIC_NAT_REV_LOST:         "nat_rev_lost",
 	ternbpf.TernMetricMETRIC_NAT_GC:               "nat_gc",
+	ternbpf.TernMetricMETRIC_REMOTE_NATIVE:        "remote_native",
+	ternbpf.TernMetricMETRIC_REMOTE_VXLAN:         "remote_vxlan",
+	ternbpf.TernMetricMETRIC_FROM_REMOTE:          "from_remote",
+	ternbpf.TernMetricMETRIC_DROP_TUNNEL_FORGED:   "drop_tunnel_forged",
+	ternbpf.TernMetricMETRIC_DROP_TUNNEL_NO_POD:   "drop_tunnel_no_pod",
 }
 
 // MetricName is the name of a metric (e.g. "redirect_peer").
