@@ -444,7 +444,9 @@ const (
 
 func (e *ipEncap) Type() int { return nl.LWTUNNEL_ENCAP_IP }
 
-func (e *ipEncap) Decode([]byte) error { return errors.New("decoding an IP encapsulation is not supported") }
+func (e *ipEncap) Decode([]byte) error {
+	return errors.New("decoding an IP encapsulation is not supported")
+}
 
 func (e *ipEncap) Encode() ([]byte, error) {
 	dst := e.Dst.To4()
