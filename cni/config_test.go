@@ -69,6 +69,7 @@ func TestParseConfigDefaults(t *testing.T) {
 		{"built-in IPAM", conf.builtinIPAM(), true},
 		{"clusterCIDR", conf.clusterCIDR == nil, true},
 		{"nonMasqueradeCIDRs", len(conf.nonMasq), 0},
+		{"routing", conf.Routing, RoutingNative},
 	}
 	for _, c := range checks {
 		if !reflect.DeepEqual(c.got, c.want) {
@@ -96,6 +97,7 @@ func TestParseConfigExplicit(t *testing.T) {
 		"tcAttach":           "legacy",
 		"natPortRange":       "50000-60999",
 		"natMemoryMiB":       48,
+		"routing":            "vxlan",
 	}, nil))
 	if err != nil {
 		t.Fatalf("ParseConfig: %v", err)
@@ -115,6 +117,7 @@ func TestParseConfigExplicit(t *testing.T) {
 		{"attach mode", conf.attachMode, loader.ModeLegacy},
 		{"natPortRange", [2]uint16{conf.natPortMin, conf.natPortMax}, [2]uint16{50000, 60999}},
 		{"natMemoryMiB", conf.NATMemoryMiB, 48},
+		{"routing", conf.Routing, RoutingVXLAN},
 	}
 	for _, c := range checks {
 		if !reflect.DeepEqual(c.got, c.want) {
@@ -199,6 +202,7 @@ func TestParseConfigFieldErrors(t *testing.T) {
 		{"natPortRange above 65535", map[string]any{"natPortRange": "61000-70000"}, nil, "natPortRange"},
 		{"natMemoryMiB negative", map[string]any{"natMemoryMiB": -1}, nil, "natMemoryMiB"},
 		{"natMemoryMiB above 4096", map[string]any{"natMemoryMiB": 5000}, nil, "natMemoryMiB"},
+		{"unknown routing", map[string]any{"routing": "geneve"}, nil, "routing"},
 		{"missing ipam", map[string]any{"ipam": nil}, nil, "ipam.type"},
 		{"missing ipam.type", nil, map[string]any{"type": nil}, "ipam.type"},
 		{"empty ipam.type", nil, map[string]any{"type": ""}, "ipam.type"},
