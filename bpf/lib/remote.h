@@ -69,7 +69,11 @@ static __always_inline int remote_forward(struct __sk_buff *skb, const struct re
 		key.remote_ipv4 = bpf_ntohl(node_ip);
 		key.tunnel_id = TERN_VXLAN_VNI;
 		key.tunnel_ttl = TERN_TUNNEL_TTL;
-		if (bpf_skb_set_tunnel_key(skb, &key, sizeof(key), 0) < 0 ||
+		/* No outer UDP checksum (BPF_F_ZERO_CSUM_TX), as the kernel
+		 * routes' encapsulation sends it (RFC 7348 allows zero): with
+		 * one, every segment of a GSO packet is checksummed in software
+		 * on its way out of a veth or an uplink without tunnel offload. */
+		if (bpf_skb_set_tunnel_key(skb, &key, sizeof(key), BPF_F_ZERO_CSUM_TX) < 0 ||
 		    decrement_ttl_at(skb, ttl) < 0) {
 			count(METRIC_DROP_REDIRECT, skb->len);
 			return TC_ACT_SHOT;
