@@ -24,6 +24,12 @@
 //
 // Routes are marked with protocol RouteProtocol, which is how Sync tells
 // its own routes from everyone else's.
+//
+// Forged VXLAN: the eBPF datapath's tern_from_tunnel accepts a
+// decapsulated packet only from the node that owns its inner source's pod
+// CIDR. Without a datapath table (the iptables datapath), Sync keeps an
+// iptables chain, TERN-VXLAN-IN, that lets UDP to the VXLAN port in from
+// the other nodes' InternalIPs only (filter.go).
 package routing
 
 import (
@@ -223,6 +229,11 @@ func (r *Reconciler) Sync(nodes []Node) error {
 			return err
 		}
 	}
+	if dev != nil && r.cfg.Table == nil {
+		if err := r.syncVXLANFilter(nodeIPs); err != nil {
+			return err
+		}
+	}
 	var errs []error
 	for cidr, rt := range have {
 		if keep[cidr] {
@@ -240,6 +251,11 @@ func (r *Reconciler) Sync(nodes []Node) error {
 		// Native mode: a device left from VXLAN mode goes once no
 		// route uses it.
 		errs = append(errs, err)
+	}
+	if dev == nil && r.cfg.Table == nil {
+		if err := r.removeVXLANFilter(); err != nil {
+			errs = append(errs, err)
+		}
 	}
 	return errors.Join(errs...)
 }
@@ -264,6 +280,11 @@ func (r *Reconciler) Teardown() error {
 	}
 	if err := r.removeDevice(); err != nil {
 		errs = append(errs, err)
+	}
+	if r.cfg.Table == nil {
+		if err := r.removeVXLANFilter(); err != nil {
+			errs = append(errs, err)
+		}
 	}
 	return errors.Join(errs...)
 }
