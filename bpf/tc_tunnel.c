@@ -7,12 +7,13 @@
  * header's addresses in the tunnel key.
  *
  * Decides: a packet whose outer source is the node owning the inner
- * source's pod CIDR (tern_remote), addressed to a pod of this node, meets
- * that pod's ingress policy and is delivered with bpf_redirect_peer. All
- * else is dropped: non-IPv4, no tunnel key or an outer source that is not
- * the owner (a forged VXLAN packet: lib/remote.h), and destinations that
- * are not pods of this node (the tunnel carries pod-to-pod traffic only,
- * and must not become a way into the node's other networks). */
+ * source (tern_remote: a pod CIDR of that node, or the node's own /32),
+ * addressed to a pod of this node, meets that pod's ingress policy and is
+ * delivered with bpf_redirect_peer; addressed to this node's own IP, it
+ * goes to the host stack. All else is dropped: non-IPv4, no tunnel key or
+ * an outer source that is not the owner (a forged VXLAN packet:
+ * lib/remote.h), and other destinations (the tunnel must not become a way
+ * into the node's other networks). */
 
 #include <linux/bpf.h>
 #include <linux/pkt_cls.h>
@@ -34,6 +35,7 @@ char __license[] SEC("license") = "Dual BSD/GPL";
 SEC("tc")
 int tern_from_tunnel(struct __sk_buff *skb)
 {
+	struct node_config *cfg;
 	struct endpoint *ep;
 	struct ethhdr *eth;
 	struct iphdr *iph;
@@ -65,6 +67,16 @@ int tern_from_tunnel(struct __sk_buff *skb)
 	}
 	ep = bpf_map_lookup_elem(&tern_endpoints, &daddr);
 	if (!ep) {
+		/* A pod of another node answering (or talking to) this node
+		 * itself: the host stack delivers it. The inner frame is
+		 * addressed to the sender's gateway MAC, not this device's,
+		 * which would make the stack drop it as another host's. */
+		cfg = node_config();
+		if (cfg && cfg->node_ip && daddr == cfg->node_ip &&
+		    bpf_skb_change_type(skb, 0 /* PACKET_HOST */) == 0) {
+			count(METRIC_TUNNEL_TO_HOST, skb->len);
+			return TERN_PASS;
+		}
 		count(METRIC_DROP_TUNNEL_NO_POD, skb->len);
 		return TC_ACT_SHOT;
 	}

@@ -81,7 +81,8 @@ const (
 	TernMetricMETRIC_FROM_REMOTE          TernMetric = 27
 	TernMetricMETRIC_DROP_TUNNEL_FORGED   TernMetric = 28
 	TernMetricMETRIC_DROP_TUNNEL_NO_POD   TernMetric = 29
-	TernMetricMETRIC_MAX                  TernMetric = 30
+	TernMetricMETRIC_TUNNEL_TO_HOST       TernMetric = 30
+	TernMetricMETRIC_MAX                  TernMetric = 31
 )
 
 type TernMetricValue struct {

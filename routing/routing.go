@@ -18,9 +18,12 @@
 //     (`ip route … encap ip id 1 dst <node> via <node> dev tern-vxlan
 //     onlink`), and a permanent neighbour entry resolves the next hop to
 //     the remote device's MAC, which is derived from its node's IP
-//     (MACFor), so no node needs to learn another's MAC. The host stack,
-//     and with it the iptables datapath, sends through these routes; the
-//     eBPF datapath sets the same tunnel key itself (bpf/lib/remote.h).
+//     (MACFor), so no node needs to learn another's MAC. The routes' source
+//     is the node's InternalIP. The host stack, and with it the iptables
+//     datapath, sends through these routes; the eBPF datapath sets the same
+//     tunnel key itself (bpf/lib/remote.h), and its table also maps each
+//     other node's InternalIP (/32) to the tunnel, so pods reach the other
+//     nodes, and the nodes' own traffic is accepted, through it.
 //
 // Routes are marked with protocol RouteProtocol, which is how Sync tells
 // its own routes from everyone else's.
@@ -99,6 +102,9 @@ type Config struct {
 // node's network namespace; they are not safe for concurrent use.
 type Reconciler struct {
 	cfg Config
+	// srcIP is the node's InternalIP in VXLAN mode (LocalIP, else the
+	// uplink's first address): the source of its encapsulated routes.
+	srcIP net.IP
 }
 
 // New validates cfg and fills its defaults.
@@ -225,6 +231,17 @@ func (r *Reconciler) Sync(nodes []Node) error {
 			}
 			remotes = append(remotes, rm)
 		}
+		if dev != nil {
+			// Each node's own address too (table only, never a kernel
+			// route: the underlay reaches it): a pod's packets to
+			// another node go through the tunnel, and the node's own
+			// traffic to this node's pods is accepted from the tunnel
+			// as that node's (bpf/tc_tunnel.c).
+			for _, ip := range nodeIPs {
+				remotes = append(remotes, datapath.Remote{CIDR: net.IPNet{IP: ip, Mask: net.CIDRMask(32, 32)},
+					NodeIP: ip, TunnelIfindex: dev.Attrs().Index})
+			}
+		}
 		if err := r.cfg.Table.SyncRemotes(remotes); err != nil {
 			return err
 		}
@@ -296,6 +313,14 @@ func (r *Reconciler) route(d desired, dev netlink.Link) *netlink.Route {
 		rt.LinkIndex = dev.Attrs().Index
 		rt.Flags = int(netlink.FLAG_ONLINK)
 		rt.Encap = &ipEncap{ID: VNI, Dst: d.nodeIP, TTL: tunnelTTL}
+		// The node's own traffic to other nodes' pods leaves with the
+		// node's InternalIP, which the other nodes accept from the
+		// tunnel as this node's; left to the kernel, the source would
+		// be the first local address, e.g. a pods' gateway on lo, to
+		// which no answer finds its way back.
+		if r.srcIP != nil && !r.srcIP.IsUnspecified() {
+			rt.Src = r.srcIP
+		}
 	}
 	return rt
 }
@@ -303,7 +328,7 @@ func (r *Reconciler) route(d desired, dev netlink.Link) *netlink.Route {
 // sameRoute compares what Sync sets. The encapsulation is not compared
 // (netlink does not decode it); its destination is always the gateway.
 func sameRoute(cur netlink.Route, want *netlink.Route) bool {
-	if !cur.Gw.Equal(want.Gw) {
+	if !cur.Gw.Equal(want.Gw) || (want.Src != nil && !cur.Src.Equal(want.Src)) {
 		return false
 	}
 	if want.LinkIndex != 0 {
@@ -339,7 +364,8 @@ func (r *Reconciler) ensureDevice() (netlink.Link, error) {
 		return nil, fmt.Errorf("uplink %s: %w", r.cfg.Uplink, err)
 	}
 	mtu := up.Attrs().MTU - VXLANOverhead
-	mac := MACFor(r.localIP(up))
+	r.srcIP = r.localIP(up)
+	mac := MACFor(r.srcIP)
 	lk, err := netlinksafe.LinkByName(r.cfg.Device)
 	if err != nil {
 		if !errors.As(err, &netlink.LinkNotFoundError{}) {

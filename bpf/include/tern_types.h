@@ -123,7 +123,8 @@ enum metric {
 	METRIC_REMOTE_VXLAN,        /* to a pod of another node: tunnel key set, redirected to the VXLAN device */
 	METRIC_FROM_REMOTE,         /* from a pod of another node (uplink or VXLAN), delivered into a pod of this node by bpf_redirect_peer */
 	METRIC_DROP_TUNNEL_FORGED,  /* VXLAN: no tunnel key, or the outer source is not the node that owns the inner source's pod CIDR */
-	METRIC_DROP_TUNNEL_NO_POD,  /* VXLAN: decapsulated, but not for a pod of this node (the tunnel carries pod-to-pod traffic only) */
+	METRIC_DROP_TUNNEL_NO_POD,  /* VXLAN: decapsulated, but neither for a pod of this node nor for the node's own address */
+	METRIC_TUNNEL_TO_HOST,      /* VXLAN: from another node's pod, for this node's own address: to the host stack */
 	METRIC_MAX,
 };
 

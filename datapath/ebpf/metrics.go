@@ -41,6 +41,7 @@ var metricNames = [...]string{
 	ternbpf.TernMetricMETRIC_FROM_REMOTE:          "from_remote",
 	ternbpf.TernMetricMETRIC_DROP_TUNNEL_FORGED:   "drop_tunnel_forged",
 	ternbpf.TernMetricMETRIC_DROP_TUNNEL_NO_POD:   "drop_tunnel_no_pod",
+	ternbpf.TernMetricMETRIC_TUNNEL_TO_HOST:       "tunnel_to_host",
 }
 
 // MetricName is the name of a metric (e.g. "redirect_peer").

@@ -300,6 +300,34 @@ func testMultiNode(t *testing.T, dp, mode string) {
 			}
 		}
 	}
+	// Nodes and pods of other nodes: a node's own processes (hostNetwork
+	// pods, NodePort relays) reach the other nodes' pods, and pods reach
+	// the other nodes' addresses, in both modes.
+	for i, n := range w.nodes {
+		for j, p := range pods {
+			if i == j {
+				continue
+			}
+			step := fmt.Sprintf("%s: node%d host <-> node%d pod", w, i+1, j+1)
+			if err := testutil.Ping(n.NS, p.IP, 1); err != nil {
+				t.Errorf("%s: %v", step, err)
+			}
+			if _, err := greet(n.NS, net.JoinHostPort(p.IP, "8080")); err != nil {
+				t.Errorf("%s: tcp: %v", step, err)
+			}
+			if err := testutil.Ping(p.NS, n.ip, 1); err != nil {
+				t.Errorf("%s: pod pings the node: %v", step, err)
+			}
+		}
+	}
+	if dp == "ebpf" && mode == routing.ModeVXLAN {
+		// Pods' answers to a node's own address came through the tunnel.
+		for _, n := range w.nodes {
+			if n.metrics(t)["tunnel_to_host"] == 0 {
+				t.Errorf("%s: tunnel_to_host stayed 0: answers to the node did not come through the tunnel", n.name)
+			}
+		}
+	}
 	// One byte more than the pod MTU with DF cannot leave the pod.
 	if err := pingDF(pods[0].NS, pods[1].IP, wantMTU+1); err == nil {
 		t.Errorf("%s: a packet above the pod MTU with DF went through", w)
