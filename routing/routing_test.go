@@ -210,8 +210,8 @@ func TestSyncVXLAN(t *testing.T) {
 			t.Errorf("routes lack %q:\n%s", want, out)
 		}
 	}
-	if !strings.Contains(out, "via 192.168.90.3 dev "+DefaultDevice) || !strings.Contains(out, "onlink") {
-		t.Errorf("routes not via the device, onlink:\n%s", out)
+	if !strings.Contains(out, "via 192.168.90.3 dev "+DefaultDevice+" scope global src 192.168.90.1 onlink") || !strings.Contains(out, "onlink") {
+		t.Errorf("routes not via the device, from the node's IP, onlink:\n%s", out)
 	}
 	var perm []string
 	for _, nb := range neighs {
