@@ -156,8 +156,8 @@ func (cfg *Config) resolve() error {
 	}
 	seen := map[string]bool{}
 	for _, p := range cfg.Paths {
-		if !slices.Contains(AllPaths, p) {
-			return fmt.Errorf("unknown path %q (known: %s)", p, strings.Join(AllPaths, ", "))
+		if !slices.Contains(KnownPaths, p) {
+			return fmt.Errorf("unknown path %q (known: %s)", p, strings.Join(KnownPaths, ", "))
 		}
 		if seen[p] {
 			return fmt.Errorf("path %q given twice", p)
@@ -360,6 +360,9 @@ func (r *runner) execute(ctx context.Context) error {
 			break
 		}
 		pr := PathResult{Name: name, Description: pathDescriptions[name]}
+		if d, ok := xnodeDescriptions[name]; ok {
+			pr.Description = d
+		}
 		if reason, ok := unavailable[name]; ok {
 			pr.Status, pr.Reason = StatusUnavailable, reason
 			r.logf("path %s unavailable: %s", name, reason)
@@ -468,6 +471,8 @@ func (r *runner) setupPath(ctx context.Context, name string) (*Topology, error) 
 		return r.setupReference(ctx)
 	case PathEBPF, PathIptables:
 		return r.setupTern(ctx, name)
+	case PathLimitXNode, PathEBPFNative, PathEBPFVXLAN, PathIptablesNative, PathIptablesVXLAN:
+		return r.setupXNode(ctx, name)
 	}
 	return nil, fmt.Errorf("unknown path %q", name)
 }

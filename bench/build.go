@@ -108,9 +108,10 @@ func goRun(ctx context.Context, dir string, env []string, args ...string) error 
 func (r *runner) buildPlugins(ctx context.Context, version string) map[string]string {
 	unavailable := make(map[string]string)
 	needRef := r.selected(PathReference)
-	needTern := r.selected(PathEBPF) || r.selected(PathIptables)
+	ternPaths := []string{PathEBPF, PathIptables, PathEBPFNative, PathEBPFVXLAN, PathIptablesNative, PathIptablesVXLAN}
+	needTern := slices.ContainsFunc(ternPaths, r.selected)
 	markTern := func(reason string) {
-		for _, p := range []string{PathEBPF, PathIptables} {
+		for _, p := range ternPaths {
 			if r.selected(p) {
 				unavailable[p] = reason
 			}

@@ -238,7 +238,16 @@ func (r *Results) Summarize() {
 					Workload: w.Name, Metric: m.Name, Unit: m.Unit, Better: m.Better, Path: p.Name,
 					N: n, Median: Median(vals), Min: lo, Max: hi,
 				}
-				if m.Better != Informational {
+				if base, cross := crossNodeBaselines[p.Name]; cross && m.Better != Informational {
+					// A cross-node path compares with the cross-node
+					// limit and with iptables in its routing mode.
+					if base[0] != "" && okPaths[base[0]] {
+						row.VsLimit = SummarizeRatios(PairedRatios(vals, r.values(w.Name, m.Name, base[0])))
+					}
+					if base[1] != "" && okPaths[base[1]] {
+						row.VsIptables = SummarizeRatios(PairedRatios(vals, r.values(w.Name, m.Name, base[1])))
+					}
+				} else if m.Better != Informational {
 					if p.Name != PathLimit && okPaths[PathLimit] {
 						row.VsLimit = SummarizeRatios(PairedRatios(vals, limit))
 					}

@@ -45,6 +45,7 @@
 #include "lib/policy.h"
 #include "lib/arp.h"
 #include "lib/stack.h"
+#include "lib/remote.h"
 
 char __license[] SEC("license") = "Dual BSD/GPL";
 
@@ -328,6 +329,7 @@ SEC("tc")
 int tern_from_pod(struct __sk_buff *skb)
 {
 	struct endpoint *src, *dst;
+	const struct remote_node *rn;
 	struct node_config *cfg;
 	struct ethhdr *eth;
 	struct iphdr *iph;
@@ -414,6 +416,19 @@ int tern_from_pod(struct __sk_buff *skb)
 			return TERN_PASS;
 		}
 		return deliver_to_endpoint(skb, dst, ip.ttl, METRIC_REDIRECT_PEER);
+	}
+
+	/* A pod of another node: native routing or VXLAN (lib/remote.h),
+	 * never masqueraded; but an answer to a flow this node's stack
+	 * delivered (a NodePort or hostPort hit from that pod) goes back
+	 * through the stack, which reverses its DNAT. */
+	rn = remote_lookup(ip.daddr);
+	if (rn) {
+		if (stack_owned(skb, ip.saddr, ip.daddr, ip.proto, ip.ihl, ip.frag_off)) {
+			count(METRIC_PASS_STACK_REPLY, skb->len);
+			return TERN_PASS;
+		}
+		return remote_forward(skb, rn, ip.saddr, ip.daddr, ip.tos, ip.proto, ip.ttl);
 	}
 
 	/* Masquerade what leaves the cluster, when this pod's network asks

@@ -901,6 +901,7 @@ func TestTypesMatchBTF(t *testing.T) {
 	}{
 		{"endpoint", reflect.TypeFor[TernEndpoint]()},
 		{"metric_value", reflect.TypeFor[TernMetricValue]()},
+		{"remote_node", reflect.TypeFor[TernRemoteNode]()},
 	}
 	for _, s := range structs {
 		var st *btf.Struct

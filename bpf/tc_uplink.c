@@ -10,7 +10,11 @@
  * translated back to the pod's address and delivered into the pod with
  * bpf_redirect_peer. Traffic routed straight to a pod's own address is
  * remembered so the pod's answers are not masqueraded, and goes on through
- * the host stack. Everything else (the node's own traffic) passes untouched.
+ * the host stack. A packet from a pod of another node (native routing,
+ * lib/remote.h) for a pod of this one meets that pod's ingress policy and is
+ * delivered with bpf_redirect_peer; one whose source is a pod CIDR of a
+ * VXLAN node arrives unencapsulated only if forged, and is dropped.
+ * Everything else (the node's own traffic) passes untouched.
  *
  * tern_to_uplink, at tc egress of the same interface, decides the egress
  * policy of a local pod whose packet the host stack DNATed to an address
@@ -36,6 +40,7 @@
 #include "lib/forward.h"
 #include "lib/policy.h"
 #include "lib/stack.h"
+#include "lib/remote.h"
 
 char __license[] SEC("license") = "Dual BSD/GPL";
 
@@ -192,13 +197,14 @@ static __always_inline int rev_snat(struct __sk_buff *skb, __be32 saddr, __u8 tt
 SEC("tc")
 int tern_from_uplink(struct __sk_buff *skb)
 {
+	const struct remote_node *rn;
 	struct node_config *cfg;
 	struct endpoint *ep;
 	struct ethhdr *eth;
 	struct iphdr *iph;
 	struct l4 l4 = {};
 	__be32 saddr, daddr;
-	__be16 frag_off;
+	__be16 frag_off, id;
 	__u8 ttl, proto, ihl;
 	int ret;
 
@@ -208,6 +214,7 @@ int tern_from_uplink(struct __sk_buff *skb)
 	saddr = iph->saddr;
 	daddr = iph->daddr;
 	frag_off = iph->frag_off;
+	id = iph->id;
 	ttl = iph->ttl;
 	proto = iph->protocol;
 	ihl = iph->ihl;
@@ -225,9 +232,20 @@ int tern_from_uplink(struct __sk_buff *skb)
 		goto pass;
 	}
 
+	ep = bpf_map_lookup_elem(&tern_endpoints, &daddr);
+	if (ep) {
+		rn = remote_lookup(saddr);
+		if (rn) {
+			if (rn->tunnel_ifindex) {
+				count(METRIC_DROP_TUNNEL_FORGED, skb->len);
+				return TC_ACT_SHOT;
+			}
+			return remote_deliver(skb, ep, saddr, daddr, proto, ihl, frag_off, id, ttl);
+		}
+	}
+
 	/* Routed to a pod's own address: remember the flow so the pod's
 	 * answers keep that address (see snat_note_inbound). */
-	ep = bpf_map_lookup_elem(&tern_endpoints, &daddr);
 	if (ep && (ep->flags & ENDPOINT_F_MASQ) &&
 	    (proto == IPPROTO_TCP || proto == IPPROTO_UDP || proto == IPPROTO_ICMP) &&
 	    !nomasq(saddr) && parse_l4(skb, proto, ihl, frag_off, &l4) == L4_OK && !l4.nonfirst &&

@@ -140,7 +140,13 @@ const (
 	TernMetricMETRIC_PASS_SERVICE         TernMetric = 25
 	TernMetricMETRIC_PASS_STACK_REPLY     TernMetric = 26
 	TernMetricMETRIC_DROP_SVC_NO_DNAT     TernMetric = 27
-	TernMetricMETRIC_MAX                  TernMetric = 28
+	TernMetricMETRIC_REMOTE_NATIVE        TernMetric = 28
+	TernMetricMETRIC_REMOTE_VXLAN         TernMetric = 29
+	TernMetricMETRIC_FROM_REMOTE          TernMetric = 30
+	TernMetricMETRIC_DROP_TUNNEL_FORGED   TernMetric = 31
+	TernMetricMETRIC_DROP_TUNNEL_NO_POD   TernMetric = 32
+	TernMetricMETRIC_TUNNEL_TO_HOST       TernMetric = 33
+	TernMetricMETRIC_MAX                  TernMetric = 34
 )
 
 type TernMetricValue struct {
@@ -276,6 +282,12 @@ const (
 	TernPolicyVerdictPOLICY_VERDICT_ALLOW TernPolicyVerdict = 1
 )
 
+type TernRemoteNode struct {
+	_             structs.HostLayout
+	NodeIp        uint32
+	TunnelIfindex uint32
+}
+
 // Names of all BPF objects in the ELF.
 //
 // Used for safe lookups in a Collection or CollectionSpec.
@@ -296,6 +308,7 @@ const (
 	TernMapTernPolicy           = "tern_policy"
 	TernMapTernPolicyCt         = "tern_policy_ct"
 	TernMapTernPolicyFrag       = "tern_policy_frag"
+	TernMapTernRemote           = "tern_remote"
 	TernMapTernServiceCidrs     = "tern_service_cidrs"
 	TernMapTernStackCt          = "tern_stack_ct"
 	TernProgTernFromPod         = "tern_from_pod"
@@ -389,6 +402,7 @@ type TernMapSpecs struct {
 	TernPolicy       *ebpf.MapSpec `ebpf:"tern_policy"`
 	TernPolicyCt     *ebpf.MapSpec `ebpf:"tern_policy_ct"`
 	TernPolicyFrag   *ebpf.MapSpec `ebpf:"tern_policy_frag"`
+	TernRemote       *ebpf.MapSpec `ebpf:"tern_remote"`
 	TernServiceCidrs *ebpf.MapSpec `ebpf:"tern_service_cidrs"`
 	TernStackCt      *ebpf.MapSpec `ebpf:"tern_stack_ct"`
 }
@@ -454,6 +468,7 @@ type TernMaps struct {
 	TernPolicy       *ebpf.Map `ebpf:"tern_policy"`
 	TernPolicyCt     *ebpf.Map `ebpf:"tern_policy_ct"`
 	TernPolicyFrag   *ebpf.Map `ebpf:"tern_policy_frag"`
+	TernRemote       *ebpf.Map `ebpf:"tern_remote"`
 	TernServiceCidrs *ebpf.Map `ebpf:"tern_service_cidrs"`
 	TernStackCt      *ebpf.Map `ebpf:"tern_stack_ct"`
 }
@@ -476,6 +491,7 @@ func (m *TernMaps) Close() error {
 		m.TernPolicy,
 		m.TernPolicyCt,
 		m.TernPolicyFrag,
+		m.TernRemote,
 		m.TernServiceCidrs,
 		m.TernStackCt,
 	)

@@ -32,6 +32,7 @@ const (
 	TernUplinkMapTernPolicy           = "tern_policy"
 	TernUplinkMapTernPolicyCt         = "tern_policy_ct"
 	TernUplinkMapTernPolicyFrag       = "tern_policy_frag"
+	TernUplinkMapTernRemote           = "tern_remote"
 	TernUplinkMapTernServiceCidrs     = "tern_service_cidrs"
 	TernUplinkMapTernStackCt          = "tern_stack_ct"
 	TernUplinkProgTernFromUplink      = "tern_from_uplink"
@@ -123,6 +124,7 @@ type TernUplinkMapSpecs struct {
 	TernPolicy       *ebpf.MapSpec `ebpf:"tern_policy"`
 	TernPolicyCt     *ebpf.MapSpec `ebpf:"tern_policy_ct"`
 	TernPolicyFrag   *ebpf.MapSpec `ebpf:"tern_policy_frag"`
+	TernRemote       *ebpf.MapSpec `ebpf:"tern_remote"`
 	TernServiceCidrs *ebpf.MapSpec `ebpf:"tern_service_cidrs"`
 	TernStackCt      *ebpf.MapSpec `ebpf:"tern_stack_ct"`
 }
@@ -188,6 +190,7 @@ type TernUplinkMaps struct {
 	TernPolicy       *ebpf.Map `ebpf:"tern_policy"`
 	TernPolicyCt     *ebpf.Map `ebpf:"tern_policy_ct"`
 	TernPolicyFrag   *ebpf.Map `ebpf:"tern_policy_frag"`
+	TernRemote       *ebpf.Map `ebpf:"tern_remote"`
 	TernServiceCidrs *ebpf.Map `ebpf:"tern_service_cidrs"`
 	TernStackCt      *ebpf.Map `ebpf:"tern_stack_ct"`
 }
@@ -210,6 +213,7 @@ func (m *TernUplinkMaps) Close() error {
 		m.TernPolicy,
 		m.TernPolicyCt,
 		m.TernPolicyFrag,
+		m.TernRemote,
 		m.TernServiceCidrs,
 		m.TernStackCt,
 	)

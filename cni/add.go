@@ -49,6 +49,9 @@ func cmdAdd(args *skel.CmdArgs) (err error) {
 	if err := checkIfnameFree(podNS, args.IfName); err != nil {
 		return err
 	}
+	if conf.MTU, err = conf.podMTU(); err != nil {
+		return err
+	}
 
 	// Undo completed steps if a later one fails. Undo errors are reported
 	// on stderr (stdout carries the CNI error), never silently dropped.

@@ -34,6 +34,12 @@ const (
 	ServicesEBPF = "ebpf"
 )
 
+// Routing modes accepted in the "routing" field (package routing).
+const (
+	RoutingNative = "native"
+	RoutingVXLAN  = "vxlan"
+)
+
 // Defaults for optional fields.
 const (
 	DefaultStateDir = "/var/lib/tern"
@@ -80,6 +86,13 @@ type NetConf struct {
 	// both; Tern attaches its datapath to what prevResult names). See
 	// chained.go.
 	Mode string `json:"mode,omitempty"`
+	// Routing is how pods reach pods of other nodes: "native" (default:
+	// routes to each remote pod CIDR via that node's InternalIP) or
+	// "vxlan" (an overlay between the nodes; pods get the uplink's MTU
+	// minus VXLANOverhead unless mtu is set). The routes themselves are
+	// the node agent's (package routing); the plugin only needs the mode
+	// for the MTU.
+	Routing string `json:"routing,omitempty"`
 
 	// Parsed forms, filled by ParseConfig.
 	clusterCIDR *net.IPNet
@@ -145,6 +158,12 @@ func ParseConfig(stdin []byte) (*NetConf, error) {
 	}
 	if conf.Datapath != DatapathEBPF && conf.Datapath != DatapathIPTables {
 		return nil, fieldErr("datapath", "%q is not one of %q, %q", conf.Datapath, DatapathEBPF, DatapathIPTables)
+	}
+	if conf.Routing == "" {
+		conf.Routing = RoutingNative
+	}
+	if conf.Routing != RoutingNative && conf.Routing != RoutingVXLAN {
+		return nil, fieldErr("routing", "%q is not one of %q, %q", conf.Routing, RoutingNative, RoutingVXLAN)
 	}
 	if conf.MTU < 0 || (conf.MTU != 0 && (conf.MTU < 576 || conf.MTU > 65535)) {
 		return nil, fieldErr("mtu", "%d is outside 576-65535", conf.MTU)

@@ -71,6 +71,7 @@ func TestParseConfigDefaults(t *testing.T) {
 		{"nonMasqueradeCIDRs", len(conf.nonMasq), 0},
 		{"services", conf.Services, ServicesKubeProxy},
 		{"serviceCIDR", len(conf.serviceCIDR), 0},
+		{"routing", conf.Routing, RoutingNative},
 	}
 	for _, c := range checks {
 		if !reflect.DeepEqual(c.got, c.want) {
@@ -100,6 +101,7 @@ func TestParseConfigExplicit(t *testing.T) {
 		"natMemoryMiB":       48,
 		"services":           "kube-proxy",
 		"serviceCIDR":        []string{"10.96.0.0/12", "172.30.0.0/16"},
+		"routing":            "vxlan",
 	}, nil))
 	if err != nil {
 		t.Fatalf("ParseConfig: %v", err)
@@ -121,6 +123,7 @@ func TestParseConfigExplicit(t *testing.T) {
 		{"natMemoryMiB", conf.NATMemoryMiB, 48},
 		{"services", conf.Services, ServicesKubeProxy},
 		{"serviceCIDR", fmt.Sprint(conf.serviceCIDR), "[{10.96.0.0 fff00000} {172.30.0.0 ffff0000}]"},
+		{"routing", conf.Routing, RoutingVXLAN},
 	}
 	for _, c := range checks {
 		if !reflect.DeepEqual(c.got, c.want) {
@@ -209,6 +212,7 @@ func TestParseConfigFieldErrors(t *testing.T) {
 		{"natPortRange above 65535", map[string]any{"natPortRange": "61000-70000"}, nil, "natPortRange"},
 		{"natMemoryMiB negative", map[string]any{"natMemoryMiB": -1}, nil, "natMemoryMiB"},
 		{"natMemoryMiB above 4096", map[string]any{"natMemoryMiB": 5000}, nil, "natMemoryMiB"},
+		{"unknown routing", map[string]any{"routing": "geneve"}, nil, "routing"},
 		{"missing ipam", map[string]any{"ipam": nil}, nil, "ipam.type"},
 		{"missing ipam.type", nil, map[string]any{"type": nil}, "ipam.type"},
 		{"empty ipam.type", nil, map[string]any{"type": ""}, "ipam.type"},

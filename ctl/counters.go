@@ -65,6 +65,12 @@ var metricDescriptions = map[string]string{
 	"pass_service":         "to a Service CIDR: left to the host stack (kube-proxy) undecided",
 	"pass_stack_reply":     "answer of a flow the host stack delivered into a pod: back through the stack",
 	"drop_svc_no_dnat":     "dropped: uplink egress, a pod's packet to a Service CIDR nothing translated",
+	"remote_native":        "to a pod of another node: FIB lookup and bpf_redirect_neigh out of the uplink (native routing)",
+	"remote_vxlan":         "to a pod of another node: VXLAN tunnel key set, redirected to the VXLAN device",
+	"from_remote":          "from a pod of another node, delivered into a pod of this node by bpf_redirect_peer",
+	"drop_tunnel_forged":   "dropped: VXLAN packet whose outer source is not the node owning its inner source (or pod traffic of a VXLAN node arriving unencapsulated)",
+	"drop_tunnel_no_pod":   "dropped: decapsulated VXLAN packet neither for a pod of this node nor for the node itself",
+	"tunnel_to_host":       "VXLAN: from another node's pod to this node's own address, handed to the host stack",
 }
 
 // readCounters reads the network's datapath counters: the eBPF metrics map

@@ -47,3 +47,27 @@ type Datapath interface {
 	// Status reports whether ADD can be served.
 	Status() error
 }
+
+// Remote is a pod CIDR of another node as a datapath's fast path needs it
+// (package routing computes them from the cluster's nodes).
+type Remote struct {
+	CIDR   net.IPNet // the other node's pod CIDR
+	NodeIP net.IP    // that node's InternalIP (IPv4)
+	// TunnelIfindex is this node's VXLAN device in VXLAN mode: packets for
+	// CIDR are encapsulated to NodeIP through it. 0: native routing.
+	TunnelIfindex int
+}
+
+// RemoteTable is implemented by datapaths with a table of other nodes' pod
+// CIDRs (the eBPF datapath's tern_remote map). The iptables datapath has
+// none: kernel routes alone carry its cross-node traffic.
+type RemoteTable interface {
+	// SyncRemotes makes the table hold exactly remotes, by difference:
+	// new and changed entries first, stale ones last.
+	SyncRemotes(remotes []Remote) error
+	// AttachTunnel attaches the decapsulation program to the node's
+	// VXLAN device, before any entry points at it.
+	AttachTunnel(ifname string, ifindex int) error
+	// DetachTunnel removes it (missing is not an error).
+	DetachTunnel(ifname string) error
+}

@@ -32,6 +32,9 @@ const (
 	// host stack translated (a Service DNATed to a backend off the node)
 	// meets the sender's egress policy there. One attachment per node.
 	HookUplinkEgress Hook = "uplink-egress"
+	// HookTunnelIngress is tc ingress of the node's VXLAN device (package
+	// routing, VXLAN mode): decapsulated traffic from other nodes' pods.
+	HookTunnelIngress Hook = "tunnel"
 )
 
 func (h Hook) program() string {
@@ -44,6 +47,8 @@ func (h Hook) program() string {
 		return "tern_to_pod"
 	case HookUplinkEgress:
 		return "tern_to_uplink"
+	case HookTunnelIngress:
+		return "tern_from_tunnel"
 	}
 	return ""
 }

@@ -33,6 +33,14 @@ struct node_config {
 	__u32 uplink_ifindex;  /* interface SNATed traffic must leave by; 0 = none */
 };
 
+/* remote_node: value of tern_remote, keyed (lpm_v4_key) by another node's
+ * pod CIDR. Written by the routing reconciler (package routing), never by
+ * the programs. */
+struct remote_node {
+	__be32 node_ip;         /* the node's InternalIP: next hop (native) or tunnel remote (VXLAN) */
+	__u32 tunnel_ifindex;   /* VXLAN device (external mode) to redirect to; 0 = native routing */
+};
+
 /* lpm_v4_key: key of tern_nomasq (LPM trie of destinations that keep the
  * pod's source address: cluster CIDR and nonMasqueradeCIDRs). */
 struct lpm_v4_key {
@@ -114,6 +122,12 @@ enum metric {
 	METRIC_PASS_SERVICE,        /* to a Service CIDR: left to the host stack (kube-proxy) undecided */
 	METRIC_PASS_STACK_REPLY,    /* answer of a flow the host stack delivered: back through the stack */
 	METRIC_DROP_SVC_NO_DNAT, /* uplink egress: a pod's packet to a Service CIDR nothing translated */
+	METRIC_REMOTE_NATIVE,       /* to a pod of another node: FIB lookup and bpf_redirect_neigh out of the uplink (native routing) */
+	METRIC_REMOTE_VXLAN,        /* to a pod of another node: tunnel key set, redirected to the VXLAN device */
+	METRIC_FROM_REMOTE,         /* from a pod of another node (uplink or VXLAN), delivered into a pod of this node by bpf_redirect_peer */
+	METRIC_DROP_TUNNEL_FORGED,  /* VXLAN: no tunnel key, or the outer source is not the node that owns the inner source's pod CIDR */
+	METRIC_DROP_TUNNEL_NO_POD,  /* VXLAN: decapsulated, but neither for a pod of this node nor for the node's own address */
+	METRIC_TUNNEL_TO_HOST,      /* VXLAN: from another node's pod, for this node's own address: to the host stack */
 	METRIC_MAX,
 };
 

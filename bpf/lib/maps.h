@@ -16,6 +16,8 @@
  * they are created (datapath/ebpf NAT.MapEntries). */
 #define TERN_MAX_NAT 65536
 #define TERN_MAX_NOMASQ 256
+/* Pod CIDRs of other nodes: a few per node. */
+#define TERN_MAX_REMOTE 16384
 /* NetworkPolicy. One policy rule becomes a few tern_policy entries (port
  * ranges split into prefix-aligned blocks, one entry per matching remote
  * class): room for well over 10,000 rules. The LPM tries allocate on
@@ -99,6 +101,16 @@ struct {
 	__type(value, __u8);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } tern_nomasq SEC(".maps");
+
+/* tern_remote: pod CIDR of another node -> that node (lib/remote.h). */
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(max_entries, TERN_MAX_REMOTE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct lpm_v4_key);
+	__type(value, struct remote_node);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} tern_remote SEC(".maps");
 
 /* tern_nat: pod-side tuple -> translated source (node IP, NAT port).
  *

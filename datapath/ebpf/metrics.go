@@ -39,6 +39,12 @@ var metricNames = [...]string{
 	ternbpf.TernMetricMETRIC_PASS_SERVICE:         "pass_service",
 	ternbpf.TernMetricMETRIC_PASS_STACK_REPLY:     "pass_stack_reply",
 	ternbpf.TernMetricMETRIC_DROP_SVC_NO_DNAT:     "drop_svc_no_dnat",
+	ternbpf.TernMetricMETRIC_REMOTE_NATIVE:        "remote_native",
+	ternbpf.TernMetricMETRIC_REMOTE_VXLAN:         "remote_vxlan",
+	ternbpf.TernMetricMETRIC_FROM_REMOTE:          "from_remote",
+	ternbpf.TernMetricMETRIC_DROP_TUNNEL_FORGED:   "drop_tunnel_forged",
+	ternbpf.TernMetricMETRIC_DROP_TUNNEL_NO_POD:   "drop_tunnel_no_pod",
+	ternbpf.TernMetricMETRIC_TUNNEL_TO_HOST:       "tunnel_to_host",
 }
 
 // MetricName is the name of a metric (e.g. "redirect_peer").

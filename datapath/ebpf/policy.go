@@ -95,7 +95,10 @@ func (d *Datapath) ApplyPolicy(prev, next *compile.RuleSet) error {
 		if err := d.claimPolicy(pm); err != nil {
 			return err
 		}
-		return ApplyRuleSet(pm, prev, next)
+		if err := ApplyRuleSet(pm, prev, next); err != nil {
+			return err
+		}
+		return d.forgetChurned(prev, next)
 	})
 }
 

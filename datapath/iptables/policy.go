@@ -441,7 +441,7 @@ func (d *Datapath) ApplyPolicy(prev, next *compile.RuleSet) error {
 // in atomically and removes everything else of the network's policy
 // objects, so it also repairs what an earlier failure or a manual edit
 // left. On error the rule set in force is the one before the call.
-func (p *Policy) ApplyPolicy(_, next *compile.RuleSet) error {
+func (p *Policy) ApplyPolicy(prev, next *compile.RuleSet) error {
 	unlock, err := lockIptables()
 	if err != nil {
 		return err
@@ -450,7 +450,7 @@ func (p *Policy) ApplyPolicy(_, next *compile.RuleSet) error {
 	if err := p.apply(next); err != nil {
 		return fmt.Errorf("iptables policy: %w", err)
 	}
-	return nil
+	return forgetChurned(prev, next)
 }
 
 func (p *Policy) apply(next *compile.RuleSet) error {

@@ -1,0 +1,204 @@
+package bpf
+
+import (
+	"bytes"
+	"net"
+	"net/netip"
+	"testing"
+
+	"github.com/cilium/ebpf"
+	"github.com/containernetworking/plugins/pkg/ns"
+	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
+)
+
+// Multi-node tests (lib/remote.h): tern_from_pod sending to a pod of
+// another node, tern_from_uplink receiving from one (native routing), and
+// tern_from_tunnel, run through BPF_PROG_TEST_RUN in the SNAT tests' node
+// namespace (natWorld). Node 192.0.2.3, on the uplink's subnet, owns the
+// pod CIDR 10.244.2.0/24 (natOtherPod is in it); the namespace has the
+// native route to it, as package routing installs it.
+var (
+	remoteNode = netip.MustParseAddr("192.0.2.3")
+	remoteCIDR = netip.MustParsePrefix("10.244.2.0/24")
+)
+
+type remoteWorld struct {
+	*natWorld
+	fromTunnel *ebpf.Program
+	tunnel     int // a VXLAN device's ifindex (external mode)
+}
+
+func newRemoteWorld(t *testing.T) *remoteWorld {
+	t.Helper()
+	w := &remoteWorld{natWorld: newNATWorld(t, natOptions{})}
+	spec, err := LoadTernTunnel()
+	if err != nil {
+		t.Fatal(err)
+	}
+	repl := map[string]*ebpf.Map{}
+	for name, m := range spec.Maps {
+		m.Pinning = ebpf.PinNone
+		if shared, ok := w.maps[name]; ok && name[0] != '.' {
+			repl[name] = shared
+		}
+	}
+	coll, err := ebpf.NewCollectionWithOptions(spec, ebpf.CollectionOptions{MapReplacements: repl})
+	if err != nil {
+		t.Fatalf("load %+v", err)
+	}
+	t.Cleanup(coll.Close)
+	w.fromTunnel = coll.Programs[TernTunnelProgTernFromTunnel]
+	err = w.ns.Do(func(ns.NetNS) error {
+		dst := net.IPNet{IP: remoteCIDR.Addr().AsSlice(), Mask: net.CIDRMask(remoteCIDR.Bits(), 32)}
+		if err := netlink.RouteAdd(&netlink.Route{Dst: &dst, Gw: remoteNode.AsSlice(), LinkIndex: w.uplink}); err != nil {
+			return err
+		}
+		if err := netlink.LinkAdd(&netlink.Vxlan{LinkAttrs: netlink.LinkAttrs{Name: "rvx"}, FlowBased: true, Port: 8472}); err != nil {
+			return err
+		}
+		lk, err := netlink.LinkByName("rvx")
+		if err != nil {
+			return err
+		}
+		w.tunnel = lk.Attrs().Index
+		return netlink.LinkSetUp(lk)
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return w
+}
+
+// setRemote makes remoteCIDR belong to remoteNode, natively routed or
+// through the tunnel.
+func (w *remoteWorld) setRemote(t *testing.T, tunnel bool) {
+	t.Helper()
+	v := TernRemoteNode{NodeIp: natAddr(remoteNode)}
+	if tunnel {
+		v.TunnelIfindex = uint32(w.tunnel)
+	}
+	k := TernLpmV4Key{Prefixlen: uint32(remoteCIDR.Bits()), Addr: natAddr(remoteCIDR.Addr())}
+	if err := w.maps[TernMapTernRemote].Put(k, v); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func (w *remoteWorld) clearRemote(t *testing.T) {
+	t.Helper()
+	k := TernLpmV4Key{Prefixlen: uint32(remoteCIDR.Bits()), Addr: natAddr(remoteCIDR.Addr())}
+	_ = w.maps[TernMapTernRemote].Delete(k)
+}
+
+// TestRemote: the multi-node branches, one packet each.
+func TestRemote(t *testing.T) {
+	w := newRemoteWorld(t)
+	udpTo := func(src, dst netip.Addr, ttl uint8) natPkt {
+		return natPkt{src: src, dst: dst, ttl: ttl, proto: unix.IPPROTO_UDP, sport: 4000, dport: 53, payload: []byte("remote")}
+	}
+	for _, c := range []struct {
+		name        string
+		remote      string // "", "native", "vxlan": the tern_remote entry for remoteCIDR
+		run         func(t *testing.T) (uint32, []byte)
+		wantVerdict uint32
+		wantMetric  TernMetric
+		check       func(t *testing.T, out []byte)
+	}{{
+		// A pod's UDP to a pod of node 192.0.2.3, native: FIB lookup,
+		// TTL decremented, bpf_redirect_neigh (TC_ACT_REDIRECT), no
+		// masquerade (source unchanged).
+		name: "pod to remote pod, native", remote: "native",
+		run:         func(t *testing.T) (uint32, []byte) { return w.fromPodRun(t, w.a, udpTo(netip.Addr{}, natOtherPod, 0)) },
+		wantVerdict: natActRedirect, wantMetric: TernMetricMETRIC_REMOTE_NATIVE,
+		check: func(t *testing.T, out []byte) {
+			if out[14+8] != 63 {
+				t.Errorf("TTL %d, want 63", out[14+8])
+			}
+			if !bytes.Equal(out[14+12:14+16], w.a.ip.AsSlice()) {
+				t.Errorf("source %v, want the pod's own %s", net.IP(out[14+12:14+16]), w.a.ip)
+			}
+		},
+	}, {
+		// The same packet in VXLAN mode: tunnel key set, redirected to
+		// the VXLAN device.
+		name: "pod to remote pod, vxlan", remote: "vxlan",
+		run:         func(t *testing.T) (uint32, []byte) { return w.fromPodRun(t, w.a, udpTo(netip.Addr{}, natOtherPod, 0)) },
+		wantVerdict: natActRedirect, wantMetric: TernMetricMETRIC_REMOTE_VXLAN,
+		check: func(t *testing.T, out []byte) {
+			if out[14+8] != 63 {
+				t.Errorf("TTL %d, want 63", out[14+8])
+			}
+		},
+	}, {
+		// TTL 1: the stack answers with time exceeded.
+		name: "pod to remote pod, TTL 1", remote: "vxlan",
+		run:         func(t *testing.T) (uint32, []byte) { return w.fromPodRun(t, w.a, udpTo(netip.Addr{}, natOtherPod, 1)) },
+		wantVerdict: natActOK, wantMetric: TernMetricMETRIC_PASS_TTL,
+	}, {
+		// Without the entry, the cluster address is left to the stack
+		// (not masqueraded: inside the cluster CIDR), as before.
+		name: "pod to unknown cluster address", remote: "",
+		run:         func(t *testing.T) (uint32, []byte) { return w.fromPodRun(t, w.a, udpTo(netip.Addr{}, natOtherPod, 0)) },
+		wantVerdict: natActOK, wantMetric: TernMetricMETRIC_PASS_HOST,
+	}, {
+		// A remote pod's packet arriving on the uplink for local pod b:
+		// redirect_peer with b's MACs and TTL - 1.
+		name: "remote pod to local pod on the uplink, native", remote: "native",
+		run: func(t *testing.T) (uint32, []byte) {
+			return w.fromUplinkRun(t, udpTo(natOtherPod, w.b.ip, 0))
+		},
+		wantVerdict: natActRedirect, wantMetric: TernMetricMETRIC_FROM_REMOTE,
+		check: func(t *testing.T, out []byte) {
+			if !bytes.Equal(out[0:6], w.b.mac) || !bytes.Equal(out[6:12], w.b.hostMAC) {
+				t.Errorf("MACs %v > %v, want %v > %v", net.HardwareAddr(out[6:12]), net.HardwareAddr(out[0:6]), w.b.hostMAC, w.b.mac)
+			}
+			if out[14+8] != 63 {
+				t.Errorf("TTL %d, want 63", out[14+8])
+			}
+		},
+	}, {
+		// A VXLAN node's pod address arriving unencapsulated: forged.
+		name: "vxlan node's pod on the uplink", remote: "vxlan",
+		run: func(t *testing.T) (uint32, []byte) {
+			return w.fromUplinkRun(t, udpTo(natOtherPod, w.b.ip, 0))
+		},
+		wantVerdict: natActShot, wantMetric: TernMetricMETRIC_DROP_TUNNEL_FORGED,
+	}, {
+		// On the VXLAN device, a packet without tunnel metadata (not
+		// decapsulated by an external device: no outer source to check)
+		// is never from the owner.
+		name: "tunnel without key", remote: "vxlan",
+		run: func(t *testing.T) (uint32, []byte) {
+			p := udpTo(natOtherPod, w.b.ip, 0)
+			p.srcMAC, p.dstMAC = net.HardwareAddr{2, 0, 0, 0, 0, 3}, net.HardwareAddr{2, 0, 0, 0, 0, 4}
+			return w.run(t, w.fromTunnel, w.tunnel, p.frame())
+		},
+		wantVerdict: natActShot, wantMetric: TernMetricMETRIC_DROP_TUNNEL_FORGED,
+	}, {
+		// An inner source in no known pod CIDR is dropped before the key
+		// is even read.
+		name: "tunnel from unknown pod CIDR", remote: "",
+		run: func(t *testing.T) (uint32, []byte) {
+			p := udpTo(natServer, w.b.ip, 0)
+			p.srcMAC, p.dstMAC = net.HardwareAddr{2, 0, 0, 0, 0, 3}, net.HardwareAddr{2, 0, 0, 0, 0, 4}
+			return w.run(t, w.fromTunnel, w.tunnel, p.frame())
+		},
+		wantVerdict: natActShot, wantMetric: TernMetricMETRIC_DROP_TUNNEL_FORGED,
+	}} {
+		t.Run(c.name, func(t *testing.T) {
+			w.reset(t)
+			w.clearRemote(t)
+			if c.remote != "" {
+				w.setRemote(t, c.remote == "vxlan")
+			}
+			verdict, out := c.run(t)
+			if verdict != c.wantVerdict {
+				t.Errorf("verdict %#x, want %#x", verdict, c.wantVerdict)
+			}
+			w.wantMetrics(t, map[TernMetric]uint64{c.wantMetric: 1})
+			if c.check != nil {
+				c.check(t, out)
+			}
+		})
+	}
+}
