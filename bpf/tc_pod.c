@@ -45,6 +45,7 @@
 #include "lib/policy.h"
 #include "lib/arp.h"
 #include "lib/stack.h"
+#include "lib/lb.h"
 
 char __license[] SEC("license") = "Dual BSD/GPL";
 
@@ -392,6 +393,19 @@ int tern_from_pod(struct __sk_buff *skb)
 	ip.tos = iph->tos;
 	ip_id = iph->id;
 
+	/* Tern's own Service load balancer (services: "ebpf", lib/lb.h):
+	 * the Service is translated first, so that policy and delivery
+	 * below see the backend. */
+	if (src->flags & ENDPOINT_F_LB) {
+		struct lb_pkt lp = { .saddr = ip.saddr, .daddr = ip.daddr, .frag_off = ip.frag_off,
+				     .id = ip_id, .proto = ip.proto, .ihl = ip.ihl, .ttl = ip.ttl };
+		int v = lb_from_pod(skb, src, &lp);
+
+		if (v != LB_CONTINUE)
+			return v;
+		ip.daddr = lp.daddr;
+	}
+
 	/* A Service address (never a pod's): kube-proxy's DNAT in the host
 	 * stack decides where it goes, and policy is decided on the
 	 * translated packet (tern_to_pod, lib/stack.h). */
@@ -405,6 +419,17 @@ int tern_from_pod(struct __sk_buff *skb)
 	 * forged source would be policed as the pod it claims to be). */
 	if (!policy_pass(skb, ip.saddr, ip.daddr, ip.proto, ip.ihl, ip.frag_off, ip_id))
 		return TC_ACT_SHOT;
+
+	/* A backend's answer to a Service flow: from the Service address
+	 * again (decided above on the backend's own, as its flow was). */
+	if (src->flags & ENDPOINT_F_LB) {
+		struct lb_pkt lp = { .saddr = ip.saddr, .daddr = ip.daddr, .frag_off = ip.frag_off,
+				     .id = ip_id, .proto = ip.proto, .ihl = ip.ihl, .ttl = ip.ttl };
+
+		if (lb_reply(skb, &lp) < 0)
+			return TC_ACT_SHOT;
+		ip.saddr = lp.saddr;
+	}
 
 	if (dst) {
 		/* An answer to a flow the stack delivered (e.g. DNATed from a

@@ -36,6 +36,7 @@
 #include "lib/forward.h"
 #include "lib/policy.h"
 #include "lib/stack.h"
+#include "lib/lb.h"
 
 char __license[] SEC("license") = "Dual BSD/GPL";
 
@@ -198,7 +199,7 @@ int tern_from_uplink(struct __sk_buff *skb)
 	struct iphdr *iph;
 	struct l4 l4 = {};
 	__be32 saddr, daddr;
-	__be16 frag_off;
+	__be16 frag_off, id;
 	__u8 ttl, proto, ihl;
 	int ret;
 
@@ -211,6 +212,7 @@ int tern_from_uplink(struct __sk_buff *skb)
 	ttl = iph->ttl;
 	proto = iph->protocol;
 	ihl = iph->ihl;
+	id = iph->id;
 
 	cfg = node_config();
 	if (!cfg || !cfg->node_ip)
@@ -228,6 +230,16 @@ int tern_from_uplink(struct __sk_buff *skb)
 	/* Routed to a pod's own address: remember the flow so the pod's
 	 * answers keep that address (see snat_note_inbound). */
 	ep = bpf_map_lookup_elem(&tern_endpoints, &daddr);
+	/* A remote backend's answer to a Service flow of a pod whose network
+	 * balances Services itself (lib/lb.h). */
+	if (ep && (ep->flags & ENDPOINT_F_LB)) {
+		struct lb_pkt lp = { .saddr = saddr, .daddr = daddr, .frag_off = frag_off,
+				     .id = id, .proto = proto, .ihl = ihl, .ttl = ttl };
+
+		ret = lb_from_uplink(skb, ep, &lp);
+		if (ret != LB_CONTINUE)
+			return ret;
+	}
 	if (ep && (ep->flags & ENDPOINT_F_MASQ) &&
 	    (proto == IPPROTO_TCP || proto == IPPROTO_UDP || proto == IPPROTO_ICMP) &&
 	    !nomasq(saddr) && parse_l4(skb, proto, ihl, frag_off, &l4) == L4_OK && !l4.nonfirst &&

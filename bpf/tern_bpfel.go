@@ -27,6 +27,7 @@ type TernEndpointFlags uint32
 const (
 	TernEndpointFlagsENDPOINT_F_NONE TernEndpointFlags = 0
 	TernEndpointFlagsENDPOINT_F_MASQ TernEndpointFlags = 1
+	TernEndpointFlagsENDPOINT_F_LB   TernEndpointFlags = 2
 )
 
 type TernEpPolicy struct {
@@ -41,6 +42,81 @@ const (
 	TernEpPolicyFlagsEP_POLICY_F_INGRESS TernEpPolicyFlags = 1
 	TernEpPolicyFlagsEP_POLICY_F_EGRESS  TernEpPolicyFlags = 2
 )
+
+type TernLbAffinity struct {
+	_        structs.HostLayout
+	LastSeen uint64
+	Addr     uint32
+	Port     uint16
+	Pad      uint16
+}
+
+type TernLbAffinityKey struct {
+	_      structs.HostLayout
+	Client uint32
+	Id     uint32
+}
+
+type TernLbBackend struct {
+	_    structs.HostLayout
+	Addr uint32
+	Port uint16
+	Pad  uint16
+}
+
+type TernLbCtEntry struct {
+	_        structs.HostLayout
+	LastSeen uint64
+	Addr     uint32
+	Port     uint16
+	Flags    uint16
+	RevId    uint32
+	Pad      uint32
+}
+
+type TernLbCtFlags uint32
+
+const (
+	TernLbCtFlagsLB_CT_F_REPLY   TernLbCtFlags = 256
+	TernLbCtFlagsLB_CT_F_HAIRPIN TernLbCtFlags = 512
+)
+
+type TernLbScratch struct {
+	_    structs.HostLayout
+	Ck   TernNatTuple
+	Rk   TernNatTuple
+	Ne   TernLbCtEntry
+	Na   TernLbAffinity
+	Icmp [56]uint8
+}
+
+type TernLbSlotKey struct {
+	_    structs.HostLayout
+	Id   uint32
+	Slot uint32
+}
+
+type TernLbSvc struct {
+	_               structs.HostLayout
+	Id              uint32
+	Count           uint32
+	AffinityTimeout uint32
+	Flags           uint32
+}
+
+type TernLbSvcFlags uint32
+
+const (
+	TernLbSvcFlagsLB_SVC_F_DROP TernLbSvcFlags = 1
+)
+
+type TernLbSvcKey struct {
+	_     structs.HostLayout
+	Addr  uint32
+	Port  uint16
+	Proto uint8
+	Pad   uint8
+}
 
 type TernLpmV4Key struct {
 	_         structs.HostLayout
@@ -79,7 +155,13 @@ const (
 	TernMetricMETRIC_PASS_SERVICE         TernMetric = 25
 	TernMetricMETRIC_PASS_STACK_REPLY     TernMetric = 26
 	TernMetricMETRIC_DROP_SVC_NO_DNAT     TernMetric = 27
-	TernMetricMETRIC_MAX                  TernMetric = 28
+	TernMetricMETRIC_LB_DNAT              TernMetric = 28
+	TernMetricMETRIC_LB_REV_NAT           TernMetric = 29
+	TernMetricMETRIC_LB_HAIRPIN           TernMetric = 30
+	TernMetricMETRIC_LB_REJECT            TernMetric = 31
+	TernMetricMETRIC_DROP_LB_NO_LOCAL     TernMetric = 32
+	TernMetricMETRIC_DROP_LB              TernMetric = 33
+	TernMetricMETRIC_MAX                  TernMetric = 34
 )
 
 type TernMetricValue struct {
@@ -223,6 +305,12 @@ const (
 	TernMapTernEndpoints        = "tern_endpoints"
 	TernMapTernEpPolicy         = "tern_ep_policy"
 	TernMapTernIpcache          = "tern_ipcache"
+	TernMapTernLbAffinity       = "tern_lb_affinity"
+	TernMapTernLbBackends       = "tern_lb_backends"
+	TernMapTernLbCt             = "tern_lb_ct"
+	TernMapTernLbRev            = "tern_lb_rev"
+	TernMapTernLbScratch        = "tern_lb_scratch"
+	TernMapTernLbSvc            = "tern_lb_svc"
 	TernMapTernMetrics          = "tern_metrics"
 	TernMapTernNat              = "tern_nat"
 	TernMapTernNatGcTimer       = "tern_nat_gc_timer"
@@ -242,11 +330,14 @@ const (
 	TernVarCtTimeoutTcpClose    = "ct_timeout_tcp_close"
 	TernVarCtTimeoutTcpSyn      = "ct_timeout_tcp_syn"
 	TernVarCtTimeoutUdp         = "ct_timeout_udp"
+	TernVarLbLoopbackIp         = "lb_loopback_ip"
 	TernVarNatGcInterval        = "nat_gc_interval"
 	TernVarNatPortMax           = "nat_port_max"
 	TernVarNatPortMin           = "nat_port_min"
 	TernVarTernBtfEndpointFlags = "tern_btf_endpoint_flags"
 	TernVarTernBtfEpPolicyFlags = "tern_btf_ep_policy_flags"
+	TernVarTernBtfLbCtFlags     = "tern_btf_lb_ct_flags"
+	TernVarTernBtfLbSvcFlags    = "tern_btf_lb_svc_flags"
 	TernVarTernBtfNatFlags      = "tern_btf_nat_flags"
 	TernVarTernBtfPolicyClass   = "tern_btf_policy_class"
 	TernVarTernBtfPolicyCtFlags = "tern_btf_policy_ct_flags"
@@ -309,6 +400,12 @@ type TernMapSpecs struct {
 	TernEndpoints    *ebpf.MapSpec `ebpf:"tern_endpoints"`
 	TernEpPolicy     *ebpf.MapSpec `ebpf:"tern_ep_policy"`
 	TernIpcache      *ebpf.MapSpec `ebpf:"tern_ipcache"`
+	TernLbAffinity   *ebpf.MapSpec `ebpf:"tern_lb_affinity"`
+	TernLbBackends   *ebpf.MapSpec `ebpf:"tern_lb_backends"`
+	TernLbCt         *ebpf.MapSpec `ebpf:"tern_lb_ct"`
+	TernLbRev        *ebpf.MapSpec `ebpf:"tern_lb_rev"`
+	TernLbScratch    *ebpf.MapSpec `ebpf:"tern_lb_scratch"`
+	TernLbSvc        *ebpf.MapSpec `ebpf:"tern_lb_svc"`
 	TernMetrics      *ebpf.MapSpec `ebpf:"tern_metrics"`
 	TernNat          *ebpf.MapSpec `ebpf:"tern_nat"`
 	TernNatGcTimer   *ebpf.MapSpec `ebpf:"tern_nat_gc_timer"`
@@ -331,11 +428,14 @@ type TernVariableSpecs struct {
 	CtTimeoutTcpClose    *ebpf.VariableSpec `ebpf:"ct_timeout_tcp_close"`
 	CtTimeoutTcpSyn      *ebpf.VariableSpec `ebpf:"ct_timeout_tcp_syn"`
 	CtTimeoutUdp         *ebpf.VariableSpec `ebpf:"ct_timeout_udp"`
+	LbLoopbackIp         *ebpf.VariableSpec `ebpf:"lb_loopback_ip"`
 	NatGcInterval        *ebpf.VariableSpec `ebpf:"nat_gc_interval"`
 	NatPortMax           *ebpf.VariableSpec `ebpf:"nat_port_max"`
 	NatPortMin           *ebpf.VariableSpec `ebpf:"nat_port_min"`
 	TernBtfEndpointFlags *ebpf.VariableSpec `ebpf:"tern_btf_endpoint_flags"`
 	TernBtfEpPolicyFlags *ebpf.VariableSpec `ebpf:"tern_btf_ep_policy_flags"`
+	TernBtfLbCtFlags     *ebpf.VariableSpec `ebpf:"tern_btf_lb_ct_flags"`
+	TernBtfLbSvcFlags    *ebpf.VariableSpec `ebpf:"tern_btf_lb_svc_flags"`
 	TernBtfNatFlags      *ebpf.VariableSpec `ebpf:"tern_btf_nat_flags"`
 	TernBtfPolicyClass   *ebpf.VariableSpec `ebpf:"tern_btf_policy_class"`
 	TernBtfPolicyCtFlags *ebpf.VariableSpec `ebpf:"tern_btf_policy_ct_flags"`
@@ -367,6 +467,12 @@ type TernMaps struct {
 	TernEndpoints    *ebpf.Map `ebpf:"tern_endpoints"`
 	TernEpPolicy     *ebpf.Map `ebpf:"tern_ep_policy"`
 	TernIpcache      *ebpf.Map `ebpf:"tern_ipcache"`
+	TernLbAffinity   *ebpf.Map `ebpf:"tern_lb_affinity"`
+	TernLbBackends   *ebpf.Map `ebpf:"tern_lb_backends"`
+	TernLbCt         *ebpf.Map `ebpf:"tern_lb_ct"`
+	TernLbRev        *ebpf.Map `ebpf:"tern_lb_rev"`
+	TernLbScratch    *ebpf.Map `ebpf:"tern_lb_scratch"`
+	TernLbSvc        *ebpf.Map `ebpf:"tern_lb_svc"`
 	TernMetrics      *ebpf.Map `ebpf:"tern_metrics"`
 	TernNat          *ebpf.Map `ebpf:"tern_nat"`
 	TernNatGcTimer   *ebpf.Map `ebpf:"tern_nat_gc_timer"`
@@ -386,6 +492,12 @@ func (m *TernMaps) Close() error {
 		m.TernEndpoints,
 		m.TernEpPolicy,
 		m.TernIpcache,
+		m.TernLbAffinity,
+		m.TernLbBackends,
+		m.TernLbCt,
+		m.TernLbRev,
+		m.TernLbScratch,
+		m.TernLbSvc,
 		m.TernMetrics,
 		m.TernNat,
 		m.TernNatGcTimer,
@@ -409,11 +521,14 @@ type TernVariables struct {
 	CtTimeoutTcpClose    *ebpf.Variable `ebpf:"ct_timeout_tcp_close"`
 	CtTimeoutTcpSyn      *ebpf.Variable `ebpf:"ct_timeout_tcp_syn"`
 	CtTimeoutUdp         *ebpf.Variable `ebpf:"ct_timeout_udp"`
+	LbLoopbackIp         *ebpf.Variable `ebpf:"lb_loopback_ip"`
 	NatGcInterval        *ebpf.Variable `ebpf:"nat_gc_interval"`
 	NatPortMax           *ebpf.Variable `ebpf:"nat_port_max"`
 	NatPortMin           *ebpf.Variable `ebpf:"nat_port_min"`
 	TernBtfEndpointFlags *ebpf.Variable `ebpf:"tern_btf_endpoint_flags"`
 	TernBtfEpPolicyFlags *ebpf.Variable `ebpf:"tern_btf_ep_policy_flags"`
+	TernBtfLbCtFlags     *ebpf.Variable `ebpf:"tern_btf_lb_ct_flags"`
+	TernBtfLbSvcFlags    *ebpf.Variable `ebpf:"tern_btf_lb_svc_flags"`
 	TernBtfNatFlags      *ebpf.Variable `ebpf:"tern_btf_nat_flags"`
 	TernBtfPolicyClass   *ebpf.Variable `ebpf:"tern_btf_policy_class"`
 	TernBtfPolicyCtFlags *ebpf.Variable `ebpf:"tern_btf_policy_ct_flags"`

@@ -20,6 +20,12 @@ const (
 	TernUplinkMapTernEndpoints        = "tern_endpoints"
 	TernUplinkMapTernEpPolicy         = "tern_ep_policy"
 	TernUplinkMapTernIpcache          = "tern_ipcache"
+	TernUplinkMapTernLbAffinity       = "tern_lb_affinity"
+	TernUplinkMapTernLbBackends       = "tern_lb_backends"
+	TernUplinkMapTernLbCt             = "tern_lb_ct"
+	TernUplinkMapTernLbRev            = "tern_lb_rev"
+	TernUplinkMapTernLbScratch        = "tern_lb_scratch"
+	TernUplinkMapTernLbSvc            = "tern_lb_svc"
 	TernUplinkMapTernMetrics          = "tern_metrics"
 	TernUplinkMapTernNat              = "tern_nat"
 	TernUplinkMapTernNatGcTimer       = "tern_nat_gc_timer"
@@ -38,11 +44,14 @@ const (
 	TernUplinkVarCtTimeoutTcpClose    = "ct_timeout_tcp_close"
 	TernUplinkVarCtTimeoutTcpSyn      = "ct_timeout_tcp_syn"
 	TernUplinkVarCtTimeoutUdp         = "ct_timeout_udp"
+	TernUplinkVarLbLoopbackIp         = "lb_loopback_ip"
 	TernUplinkVarNatGcInterval        = "nat_gc_interval"
 	TernUplinkVarNatPortMax           = "nat_port_max"
 	TernUplinkVarNatPortMin           = "nat_port_min"
 	TernUplinkVarTernBtfEndpointFlags = "tern_btf_endpoint_flags"
 	TernUplinkVarTernBtfEpPolicyFlags = "tern_btf_ep_policy_flags"
+	TernUplinkVarTernBtfLbCtFlags     = "tern_btf_lb_ct_flags"
+	TernUplinkVarTernBtfLbSvcFlags    = "tern_btf_lb_svc_flags"
 	TernUplinkVarTernBtfNatFlags      = "tern_btf_nat_flags"
 	TernUplinkVarTernBtfPolicyClass   = "tern_btf_policy_class"
 	TernUplinkVarTernBtfPolicyCtFlags = "tern_btf_policy_ct_flags"
@@ -104,6 +113,12 @@ type TernUplinkMapSpecs struct {
 	TernEndpoints    *ebpf.MapSpec `ebpf:"tern_endpoints"`
 	TernEpPolicy     *ebpf.MapSpec `ebpf:"tern_ep_policy"`
 	TernIpcache      *ebpf.MapSpec `ebpf:"tern_ipcache"`
+	TernLbAffinity   *ebpf.MapSpec `ebpf:"tern_lb_affinity"`
+	TernLbBackends   *ebpf.MapSpec `ebpf:"tern_lb_backends"`
+	TernLbCt         *ebpf.MapSpec `ebpf:"tern_lb_ct"`
+	TernLbRev        *ebpf.MapSpec `ebpf:"tern_lb_rev"`
+	TernLbScratch    *ebpf.MapSpec `ebpf:"tern_lb_scratch"`
+	TernLbSvc        *ebpf.MapSpec `ebpf:"tern_lb_svc"`
 	TernMetrics      *ebpf.MapSpec `ebpf:"tern_metrics"`
 	TernNat          *ebpf.MapSpec `ebpf:"tern_nat"`
 	TernNatGcTimer   *ebpf.MapSpec `ebpf:"tern_nat_gc_timer"`
@@ -126,11 +141,14 @@ type TernUplinkVariableSpecs struct {
 	CtTimeoutTcpClose    *ebpf.VariableSpec `ebpf:"ct_timeout_tcp_close"`
 	CtTimeoutTcpSyn      *ebpf.VariableSpec `ebpf:"ct_timeout_tcp_syn"`
 	CtTimeoutUdp         *ebpf.VariableSpec `ebpf:"ct_timeout_udp"`
+	LbLoopbackIp         *ebpf.VariableSpec `ebpf:"lb_loopback_ip"`
 	NatGcInterval        *ebpf.VariableSpec `ebpf:"nat_gc_interval"`
 	NatPortMax           *ebpf.VariableSpec `ebpf:"nat_port_max"`
 	NatPortMin           *ebpf.VariableSpec `ebpf:"nat_port_min"`
 	TernBtfEndpointFlags *ebpf.VariableSpec `ebpf:"tern_btf_endpoint_flags"`
 	TernBtfEpPolicyFlags *ebpf.VariableSpec `ebpf:"tern_btf_ep_policy_flags"`
+	TernBtfLbCtFlags     *ebpf.VariableSpec `ebpf:"tern_btf_lb_ct_flags"`
+	TernBtfLbSvcFlags    *ebpf.VariableSpec `ebpf:"tern_btf_lb_svc_flags"`
 	TernBtfNatFlags      *ebpf.VariableSpec `ebpf:"tern_btf_nat_flags"`
 	TernBtfPolicyClass   *ebpf.VariableSpec `ebpf:"tern_btf_policy_class"`
 	TernBtfPolicyCtFlags *ebpf.VariableSpec `ebpf:"tern_btf_policy_ct_flags"`
@@ -162,6 +180,12 @@ type TernUplinkMaps struct {
 	TernEndpoints    *ebpf.Map `ebpf:"tern_endpoints"`
 	TernEpPolicy     *ebpf.Map `ebpf:"tern_ep_policy"`
 	TernIpcache      *ebpf.Map `ebpf:"tern_ipcache"`
+	TernLbAffinity   *ebpf.Map `ebpf:"tern_lb_affinity"`
+	TernLbBackends   *ebpf.Map `ebpf:"tern_lb_backends"`
+	TernLbCt         *ebpf.Map `ebpf:"tern_lb_ct"`
+	TernLbRev        *ebpf.Map `ebpf:"tern_lb_rev"`
+	TernLbScratch    *ebpf.Map `ebpf:"tern_lb_scratch"`
+	TernLbSvc        *ebpf.Map `ebpf:"tern_lb_svc"`
 	TernMetrics      *ebpf.Map `ebpf:"tern_metrics"`
 	TernNat          *ebpf.Map `ebpf:"tern_nat"`
 	TernNatGcTimer   *ebpf.Map `ebpf:"tern_nat_gc_timer"`
@@ -181,6 +205,12 @@ func (m *TernUplinkMaps) Close() error {
 		m.TernEndpoints,
 		m.TernEpPolicy,
 		m.TernIpcache,
+		m.TernLbAffinity,
+		m.TernLbBackends,
+		m.TernLbCt,
+		m.TernLbRev,
+		m.TernLbScratch,
+		m.TernLbSvc,
 		m.TernMetrics,
 		m.TernNat,
 		m.TernNatGcTimer,
@@ -204,11 +234,14 @@ type TernUplinkVariables struct {
 	CtTimeoutTcpClose    *ebpf.Variable `ebpf:"ct_timeout_tcp_close"`
 	CtTimeoutTcpSyn      *ebpf.Variable `ebpf:"ct_timeout_tcp_syn"`
 	CtTimeoutUdp         *ebpf.Variable `ebpf:"ct_timeout_udp"`
+	LbLoopbackIp         *ebpf.Variable `ebpf:"lb_loopback_ip"`
 	NatGcInterval        *ebpf.Variable `ebpf:"nat_gc_interval"`
 	NatPortMax           *ebpf.Variable `ebpf:"nat_port_max"`
 	NatPortMin           *ebpf.Variable `ebpf:"nat_port_min"`
 	TernBtfEndpointFlags *ebpf.Variable `ebpf:"tern_btf_endpoint_flags"`
 	TernBtfEpPolicyFlags *ebpf.Variable `ebpf:"tern_btf_ep_policy_flags"`
+	TernBtfLbCtFlags     *ebpf.Variable `ebpf:"tern_btf_lb_ct_flags"`
+	TernBtfLbSvcFlags    *ebpf.Variable `ebpf:"tern_btf_lb_svc_flags"`
 	TernBtfNatFlags      *ebpf.Variable `ebpf:"tern_btf_nat_flags"`
 	TernBtfPolicyClass   *ebpf.Variable `ebpf:"tern_btf_policy_class"`
 	TernBtfPolicyCtFlags *ebpf.Variable `ebpf:"tern_btf_policy_ct_flags"`

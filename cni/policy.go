@@ -25,13 +25,19 @@ import (
 // policyNode describes the network for the policy store. enf is the
 // datapath's policy enforcer, nil if it has none.
 func (c *NetConf) policyNode(enf datapath.PolicyEnforcer, eps []*datapath.Endpoint) store.Node {
-	return store.Node{
+	n := store.Node{
 		Network:   c.Name,
 		Endpoints: storeEndpoints(eps),
 		Hosts:     func() ([]net.IP, error) { return c.nodeHosts(eps) },
 		Enforcer:  enf,
 		Datapath:  c.Datapath,
 	}
+	// services "ebpf": the same store update compiles the Services for
+	// the datapath's load balancer.
+	if lb, ok := enf.(datapath.ServiceBalancer); ok && c.Services == ServicesEBPF {
+		n.Balancer = lb
+	}
+	return n
 }
 
 // enforcer returns dp's policy enforcer, nil if it has none.

@@ -65,6 +65,12 @@ var metricDescriptions = map[string]string{
 	"pass_service":         "to a Service CIDR: left to the host stack (kube-proxy) undecided",
 	"pass_stack_reply":     "answer of a flow the host stack delivered into a pod: back through the stack",
 	"drop_svc_no_dnat":     "dropped: uplink egress, a pod's packet to a Service CIDR nothing translated",
+	"lb_dnat":              "services \"ebpf\": a pod's packet to a Service translated to its backend",
+	"lb_rev_nat":           "services \"ebpf\": a backend's answer translated back to the Service address",
+	"lb_hairpin":           "services \"ebpf\": a pod reaching itself through its Service (service-loopback address)",
+	"lb_reject":            "services \"ebpf\": a Service without endpoints answered with ICMP port unreachable",
+	"drop_lb_no_local":     "dropped: services \"ebpf\", traffic policy Local and no backend on this node",
+	"drop_lb":              "dropped: services \"ebpf\", translation failed (helper error, map full, unknown hairpin answer)",
 }
 
 // readCounters reads the network's datapath counters: the eBPF metrics map

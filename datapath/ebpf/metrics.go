@@ -39,6 +39,12 @@ var metricNames = [...]string{
 	ternbpf.TernMetricMETRIC_PASS_SERVICE:         "pass_service",
 	ternbpf.TernMetricMETRIC_PASS_STACK_REPLY:     "pass_stack_reply",
 	ternbpf.TernMetricMETRIC_DROP_SVC_NO_DNAT:     "drop_svc_no_dnat",
+	ternbpf.TernMetricMETRIC_LB_DNAT:              "lb_dnat",
+	ternbpf.TernMetricMETRIC_LB_REV_NAT:           "lb_rev_nat",
+	ternbpf.TernMetricMETRIC_LB_HAIRPIN:           "lb_hairpin",
+	ternbpf.TernMetricMETRIC_LB_REJECT:            "lb_reject",
+	ternbpf.TernMetricMETRIC_DROP_LB_NO_LOCAL:     "drop_lb_no_local",
+	ternbpf.TernMetricMETRIC_DROP_LB:              "drop_lb",
 }
 
 // MetricName is the name of a metric (e.g. "redirect_peer").
