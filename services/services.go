@@ -107,6 +107,12 @@ type Entry struct {
 	// NoBackends is NoBackendsReject or NoBackendsDrop when Backends is
 	// empty.
 	NoBackends string `json:"noBackends,omitempty"`
+	// Draining are endpoints still in the EndpointSlices that get no new
+	// flows (not ready, terminating while a ready one exists, or not on
+	// this node under traffic policy Local): their established flows
+	// stay, as kube-proxy leaves their conntrack entries. Flows of a
+	// backend in neither list end.
+	Draining []Backend `json:"draining,omitempty"`
 }
 
 // Table is the compiled load-balancing state of a node, entries sorted by
@@ -199,6 +205,7 @@ func Compile(st *manifest.State, node Node, prev *Table) (*Table, error) {
 					TrafficPolicyLocal: trafficLocal,
 				}
 				e.Backends, e.NoBackends = eps.pick(trafficLocal)
+				e.Draining = eps.draining(e.Backends)
 				return e
 			}
 			for _, ip := range clusterIPs(spec) {
@@ -394,6 +401,22 @@ func (s endpointSet) pick(onlyLocal bool) ([]Backend, string) {
 		return []Backend{}, NoBackendsDrop
 	}
 	return []Backend{}, NoBackendsReject
+}
+
+// draining returns the endpoints of the set that are not among chosen.
+func (s endpointSet) draining(chosen []Backend) []Backend {
+	in := map[netip.AddrPort]bool{}
+	for _, b := range chosen {
+		in[netip.AddrPortFrom(b.IP, b.Port)] = true
+	}
+	var out []Backend
+	for _, e := range s {
+		if !in[netip.AddrPortFrom(e.IP, e.Port)] {
+			out = append(out, e.Backend)
+		}
+	}
+	slices.SortFunc(out, func(a, b Backend) int { return cmp.Or(a.IP.Compare(b.IP), cmp.Compare(a.Port, b.Port)) })
+	return out
 }
 
 func sortedServices(st *manifest.State) []types.NamespacedName {

@@ -156,22 +156,23 @@ endpoints:
 		endpoints  string
 		backends   []services.Backend
 		noBackends string
+		draining   []services.Backend // endpoints whose established flows stay
 	}{
 		{"ready local wins over terminating", `
 - {addresses: [10.244.0.5], conditions: {ready: true}}
 - {addresses: [10.244.0.6], nodeName: node-a, conditions: {ready: false, serving: true, terminating: true}}
-`, []services.Backend{be("10.244.0.5", 8080, true)}, ""},
+`, []services.Backend{be("10.244.0.5", 8080, true)}, "", []services.Backend{{IP: netip.MustParseAddr("10.244.0.6"), Port: 8080, Local: true, Terminating: true}}},
 		{"terminating serving when none ready", `
 - {addresses: [10.244.0.6], nodeName: node-a, conditions: {ready: false, serving: true, terminating: true}}
 - {addresses: [10.244.0.7], nodeName: node-a, conditions: {ready: false, serving: false, terminating: true}}
-`, []services.Backend{{IP: netip.MustParseAddr("10.244.0.6"), Port: 8080, Local: true, Terminating: true}}, ""},
+`, []services.Backend{{IP: netip.MustParseAddr("10.244.0.6"), Port: 8080, Local: true, Terminating: true}}, "", []services.Backend{{IP: netip.MustParseAddr("10.244.0.7"), Port: 8080, Local: true, Terminating: true}}},
 		{"not ready, not serving: reject", `
 - {addresses: [10.244.0.5], conditions: {ready: false}}
-`, []services.Backend{}, services.NoBackendsReject},
+`, []services.Backend{}, services.NoBackendsReject, []services.Backend{be("10.244.0.5", 8080, true)}},
 		{"only remote ready under Local: drop", `
 - {addresses: [10.244.9.9], nodeName: node-b, conditions: {ready: true}}
-`, []services.Backend{}, services.NoBackendsDrop},
-		{"no endpoints: reject", ` []`, []services.Backend{}, services.NoBackendsReject},
+`, []services.Backend{}, services.NoBackendsDrop, []services.Backend{be("10.244.9.9", 8080, false)}},
+		{"no endpoints: reject", ` []`, []services.Backend{}, services.NoBackendsReject, nil},
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
@@ -186,6 +187,9 @@ endpoints:
 				}
 				if !e.TrafficPolicyLocal || !reflect.DeepEqual(e.Backends, c.backends) || e.NoBackends != c.noBackends {
 					t.Errorf("%s: local %v backends %+v noBackends %q\nwant %+v %q", f, e.TrafficPolicyLocal, e.Backends, e.NoBackends, c.backends, c.noBackends)
+				}
+				if !reflect.DeepEqual(e.Draining, c.draining) {
+					t.Errorf("%s: draining %+v, want %+v", f, e.Draining, c.draining)
 				}
 			}
 		})

@@ -27,12 +27,17 @@ import (
 //   - established flows are pinned to their backend in tern_lb_ct and never
 //     look at the slots again, so moving a surviving backend to another slot
 //     leaves its flows alone;
-//   - the flows of a removed backend (and of a removed frontend) are
-//     deleted from tern_lb_ct and tern_lb_affinity: their next packet is
-//     balanced again, to a surviving backend, which answers a TCP segment of
-//     a connection it does not know with RST (the client's connection ends
-//     instead of waiting for a backend that is gone); a UDP flow (DNS) just
-//     moves on.
+//   - a backend that leaves the slots but is still an endpoint (draining:
+//     terminating, not ready, or remote under traffic policy Local) keeps
+//     its established flows, as kube-proxy keeps their conntrack entries;
+//   - the flows of a backend gone from the endpoints (and of a removed
+//     frontend) are deleted from tern_lb_ct and tern_lb_affinity: their
+//     next packet is balanced again, to a surviving backend, which answers
+//     a TCP segment of a connection it does not know with RST (the
+//     client's connection ends instead of waiting for a backend that is
+//     gone); a UDP flow (DNS) just moves on. Which backends went is known
+//     from prev (backends and draining ones) and, whatever prev says, from
+//     the slots the maps held.
 
 var _ datapath.ServiceBalancer = (*Datapath)(nil)
 
@@ -71,7 +76,7 @@ func (d *Datapath) ApplyServices(prev, next *services.Table) error {
 		return err
 	}
 	defer lock.Unlock()
-	return ApplyLBTable(m, next)
+	return ApplyLBTable(m, prev, next)
 }
 
 func lbAddr(a netip.Addr) uint32 {
@@ -97,9 +102,22 @@ type lbFlowKey struct {
 	backend ternbpf.TernLbBackend
 }
 
+// lbKnown is every backend of an entry, chosen or draining.
+func lbKnown(e services.Entry) map[ternbpf.TernLbBackend]bool {
+	out := map[ternbpf.TernLbBackend]bool{}
+	for _, b := range e.Backends {
+		out[lbBackendValue(b)] = true
+	}
+	for _, b := range e.Draining {
+		out[lbBackendValue(b)] = true
+	}
+	return out
+}
+
 // ApplyLBTable brings the maps in line with next (see the comment at the
-// top of this file for the order of writes).
-func ApplyLBTable(m LBMaps, next *services.Table) error {
+// top of this file for the order of writes). prev (nil: unknown) is the
+// table applied before: draining backends that leave it end their flows.
+func ApplyLBTable(m LBMaps, prev, next *services.Table) error {
 	cur := map[ternbpf.TernLbSvcKey]ternbpf.TernLbSvc{}
 	var (
 		k ternbpf.TernLbSvcKey
@@ -121,6 +139,20 @@ func ApplyLBTable(m LBMaps, next *services.Table) error {
 	}
 	gone := map[uint32]bool{}       // frontend ids whose flows all end
 	removed := map[lbFlowKey]bool{} // backends whose flows end
+	if prev != nil {
+		for _, pe := range prev.Entries {
+			ne, ok := next.Lookup(pe.Frontend)
+			if !ok || ne.ID != pe.ID {
+				continue // the frontend goes: all its flows end below
+			}
+			still := lbKnown(ne)
+			for b := range lbKnown(pe) {
+				if !still[b] {
+					removed[lbFlowKey{uint32(pe.ID), b}] = true
+				}
+			}
+		}
+	}
 	// Frontends that go, or whose id changed (a table recompiled without
 	// its predecessor): stop new flows first, then the slots and the
 	// reverse translation.
@@ -184,6 +216,10 @@ func applyFrontend(m LBMaps, k ternbpf.TernLbSvcKey, e services.Entry, cur map[t
 	for _, b := range e.Backends {
 		wantSet[lbBackendValue(b)] = true
 	}
+	draining := map[ternbpf.TernLbBackend]bool{}
+	for _, b := range e.Draining {
+		draining[lbBackendValue(b)] = true
+	}
 	haveSet := map[ternbpf.TernLbBackend]bool{}
 	for _, b := range slots {
 		haveSet[b] = true
@@ -224,7 +260,9 @@ func applyFrontend(m LBMaps, k ternbpf.TernLbSvcKey, e services.Entry, cur map[t
 			i++
 			continue
 		}
-		removed[lbFlowKey{id, slots[i]}] = true
+		if !draining[slots[i]] {
+			removed[lbFlowKey{id, slots[i]}] = true
+		}
 		last := len(slots) - 1
 		if i != last {
 			if err := m.Backends.Put(ternbpf.TernLbSlotKey{Id: id, Slot: uint32(i)}, slots[last]); err != nil {

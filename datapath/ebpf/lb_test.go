@@ -82,7 +82,7 @@ func TestApplyLBTable(t *testing.T) {
 	entry := func(bs ...services.Backend) *services.Table {
 		return &services.Table{Entries: []services.Entry{{Frontend: fe, ID: 3, AffinityTimeout: 60, Backends: bs}}}
 	}
-	if err := ApplyLBTable(m, entry(be(1), be(2), be(3))); err != nil {
+	if err := ApplyLBTable(m, nil, entry(be(1), be(2), be(3))); err != nil {
 		t.Fatal(err)
 	}
 	s, slots := lbSlots(t, m, fe)
@@ -115,7 +115,7 @@ func TestApplyLBTable(t *testing.T) {
 	}
 
 	// 2 leaves, 4 comes: 1 keeps slot 0, the hole of 2 is filled.
-	if err := ApplyLBTable(m, entry(be(1), be(3), be(4))); err != nil {
+	if err := ApplyLBTable(m, entry(be(1), be(2), be(3)), entry(be(1), be(3), be(4))); err != nil {
 		t.Fatal(err)
 	}
 	s, slots = lbSlots(t, m, fe)
@@ -143,7 +143,7 @@ func TestApplyLBTable(t *testing.T) {
 	// No backend left, traffic policy Local: the frontend drops.
 	tab := entry()
 	tab.Entries[0].NoBackends = services.NoBackendsDrop
-	if err := ApplyLBTable(m, tab); err != nil {
+	if err := ApplyLBTable(m, nil, tab); err != nil {
 		t.Fatal(err)
 	}
 	if s, slots = lbSlots(t, m, fe); s.Count != 0 || len(slots) != 0 || s.Flags != uint32(ternbpf.TernLbSvcFlagsLB_SVC_F_DROP) {
@@ -155,7 +155,7 @@ func TestApplyLBTable(t *testing.T) {
 
 	// The frontend goes: everything of it goes.
 	flow(be(1), 1000)
-	if err := ApplyLBTable(m, &services.Table{}); err != nil {
+	if err := ApplyLBTable(m, nil, &services.Table{}); err != nil {
 		t.Fatal(err)
 	}
 	for name, mm := range map[string]*cilium.Map{"svc": m.Svc, "rev": m.Rev, "ct": m.CT, "backends": m.Backends} {
@@ -163,5 +163,43 @@ func TestApplyLBTable(t *testing.T) {
 		if mm.Iterate().Next(&k, &v) {
 			t.Errorf("%s not empty", name)
 		}
+	}
+}
+
+// A backend that leaves the slots but stays an endpoint (terminating)
+// keeps its established flows; when it then leaves the endpoints, they end.
+func TestApplyLBTableDraining(t *testing.T) {
+	m := newLBMaps(t)
+	fe := services.Frontend{IP: netip.MustParseAddr("10.96.0.10"), Port: 80, Proto: services.ProtoTCP}
+	b1 := services.Backend{IP: netip.MustParseAddr("10.244.1.1"), Port: 8080}
+	b2 := services.Backend{IP: netip.MustParseAddr("10.244.1.2"), Port: 8080}
+	tab := func(backends, draining []services.Backend) *services.Table {
+		return &services.Table{Entries: []services.Entry{{Frontend: fe, ID: 1, Backends: backends, Draining: draining}}}
+	}
+	both := tab([]services.Backend{b1, b2}, nil)
+	if err := ApplyLBTable(m, nil, both); err != nil {
+		t.Fatal(err)
+	}
+	client := netip.MustParseAddr("10.244.1.50")
+	fwd := ternbpf.TernNatTuple{Saddr: lbAddr(client), Daddr: lbAddr(fe.IP), Sport: lbPort(1000), Dport: lbPort(80), Proto: services.ProtoTCP}
+	if err := m.CT.Put(fwd, ternbpf.TernLbCtEntry{Addr: lbAddr(b2.IP), Port: lbPort(8080), RevId: 1}); err != nil {
+		t.Fatal(err)
+	}
+	draining := tab([]services.Backend{b1}, []services.Backend{b2})
+	if err := ApplyLBTable(m, both, draining); err != nil {
+		t.Fatal(err)
+	}
+	if _, slots := lbSlots(t, m, fe); len(slots) != 1 || slots[0].Addr() != b1.IP {
+		t.Errorf("slots while b2 drains: %v", slots)
+	}
+	var e ternbpf.TernLbCtEntry
+	if err := m.CT.Lookup(fwd, &e); err != nil {
+		t.Errorf("the draining backend's flow was ended: %v", err)
+	}
+	if err := ApplyLBTable(m, draining, tab([]services.Backend{b1}, nil)); err != nil {
+		t.Fatal(err)
+	}
+	if err := m.CT.Lookup(fwd, &e); err == nil {
+		t.Errorf("the flow of a backend gone from the endpoints stayed")
 	}
 }

@@ -78,7 +78,7 @@ func newLBWorld(t *testing.T) *lbWorld {
 		t.Fatal(err)
 	}
 	sw.apply("cluster.yaml", policyCluster)
-	sw.apply("services.yaml", w.services(true))
+	sw.apply("services.yaml", w.services("ready"))
 	return w
 }
 
@@ -91,13 +91,15 @@ func writeTemp(t *testing.T, name string, data []byte) string {
 	return p
 }
 
-// services is the manifest of the Services above; withC says whether C
-// is an endpoint of the churn Service.
-func (w *lbWorld) services(withC bool) string {
+// services is the manifest of the Services above; churnC is C in the
+// churn Service: "ready", "terminating" (still serving) or "" (gone).
+func (w *lbWorld) services(churnC string) string {
 	a, b, c := w.a.IP, w.b.IP, w.c.IP
-	churnC := ""
-	if withC {
+	switch churnC {
+	case "ready":
 		churnC = fmt.Sprintf("\n- {addresses: [%s], conditions: {ready: true}}", c)
+	case "terminating":
+		churnC = fmt.Sprintf("\n- {addresses: [%s], conditions: {ready: false, serving: true, terminating: true}}", c)
 	}
 	return fmt.Sprintf(`
 apiVersion: v1
@@ -370,10 +372,11 @@ spec:
 	testLBChurn(t, w)
 }
 
-// testLBChurn: connections spread over B and C; C leaves the Service while
-// they are open: B's connections keep working, C's end with a reset (not a
-// hang), new connections all go to B, and a DNS-style UDP client sending
-// all along never goes unanswered for long.
+// testLBChurn: connections spread over B and C; C starts terminating
+// while they are open (its connections keep working, new ones go to B),
+// then leaves the Service: B's connections keep working, C's end with a
+// reset (not a hang), new connections all go to B; a DNS-style UDP client
+// sending all along is answered.
 func testLBChurn(t *testing.T, w *lbWorld) {
 	type conn struct {
 		c       net.Conn
@@ -436,7 +439,26 @@ func testLBChurn(t *testing.T, w *lbWorld) {
 		}
 	})
 
-	w.apply("services.yaml", w.services(false))
+	newOnlyToB := func(step string) {
+		t.Helper()
+		for range 8 {
+			if cn := dial(); cn.backend != "web" {
+				t.Errorf("%s: a new connection went to %s", step, cn.backend)
+			} else {
+				cn.c.Close()
+			}
+		}
+	}
+	w.apply("services.yaml", w.services("terminating"))
+	for i, cn := range conns {
+		_, werr := fmt.Fprintf(cn.c, "drain %d\n", i)
+		if line, rerr := cn.r.ReadString('\n'); werr != nil || rerr != nil || line != fmt.Sprintf("drain %d\n", i) {
+			t.Errorf("C terminating: connection %d to %s: %q %v %v", i, cn.backend, line, werr, rerr)
+		}
+	}
+	newOnlyToB("C terminating")
+
+	w.apply("services.yaml", w.services(""))
 
 	for i, cn := range conns {
 		_, werr := fmt.Fprintf(cn.c, "ping %d\n", i)
@@ -453,13 +475,7 @@ func testLBChurn(t *testing.T, w *lbWorld) {
 			}
 		}
 	}
-	for range 8 {
-		if cn := dial(); cn.backend != "web" {
-			t.Errorf("a new connection went to %s after it left the Service", cn.backend)
-		} else {
-			cn.c.Close()
-		}
-	}
+	newOnlyToB("C gone")
 	close(stop)
 	wg.Wait()
 	if answered == 0 || failed > answered/10 {
