@@ -74,6 +74,18 @@ static __always_inline int multicast_or_broadcast(__be32 daddr)
 	return (a & 0xf0000000) == 0xe0000000 || a == 0xffffffff;
 }
 
+/* lb_pkt_of fills the load balancer's view of the packet (lib/lb.h). */
+static __always_inline void lb_pkt_of(struct lb_pkt *lp, const struct ip4 *ip, __be16 id)
+{
+	lp->saddr = ip->saddr;
+	lp->daddr = ip->daddr;
+	lp->frag_off = ip->frag_off;
+	lp->id = id;
+	lp->proto = ip->proto;
+	lp->ihl = ip->ihl;
+	lp->ttl = ip->ttl;
+}
+
 #define IP_DF 0x4000
 
 /* Not a tc verdict (those are >= -1): snat_icmp translated the message. */
@@ -332,8 +344,10 @@ int tern_from_pod(struct __sk_buff *skb)
 	struct node_config *cfg;
 	struct ethhdr *eth;
 	struct iphdr *iph;
+	struct lb_pkt lp = {};
 	struct ip4 ip;
 	__be16 ip_id;
+	int v;
 
 	/* A tag the veth's receive path took off (skb_vlan_untag): the
 	 * frame below it may look like IPv4, but no pod of Tern's sends
@@ -395,16 +409,13 @@ int tern_from_pod(struct __sk_buff *skb)
 
 	/* Tern's own Service load balancer (services: "ebpf", lib/lb.h):
 	 * the Service is translated first, so that policy and delivery
-	 * below see the backend. */
-	if (src->flags & ENDPOINT_F_LB) {
-		struct lb_pkt lp = { .saddr = ip.saddr, .daddr = ip.daddr, .frag_off = ip.frag_off,
-				     .id = ip_id, .proto = ip.proto, .ihl = ip.ihl, .ttl = ip.ttl };
-		int v = lb_from_pod(skb, src, &lp);
-
-		if (v != LB_CONTINUE)
-			return v;
-		ip.daddr = lp.daddr;
-	}
+	 * below see the backend. Called whatever the endpoint's mode (it
+	 * checks ENDPOINT_F_LB itself): one path for the verifier. */
+	lb_pkt_of(&lp, &ip, ip_id);
+	v = lb_from_pod(skb, src, &lp);
+	if (v != LB_CONTINUE)
+		return v;
+	ip.daddr = lp.daddr;
 
 	/* A Service address (never a pod's): kube-proxy's DNAT in the host
 	 * stack decides where it goes, and policy is decided on the
@@ -422,14 +433,10 @@ int tern_from_pod(struct __sk_buff *skb)
 
 	/* A backend's answer to a Service flow: from the Service address
 	 * again (decided above on the backend's own, as its flow was). */
-	if (src->flags & ENDPOINT_F_LB) {
-		struct lb_pkt lp = { .saddr = ip.saddr, .daddr = ip.daddr, .frag_off = ip.frag_off,
-				     .id = ip_id, .proto = ip.proto, .ihl = ip.ihl, .ttl = ip.ttl };
-
-		if (lb_reply(skb, &lp) < 0)
-			return TC_ACT_SHOT;
-		ip.saddr = lp.saddr;
-	}
+	lb_pkt_of(&lp, &ip, ip_id);
+	if (lb_reply(skb, src, &lp) < 0)
+		return TC_ACT_SHOT;
+	ip.saddr = lp.saddr;
 
 	if (dst) {
 		/* An answer to a flow the stack delivered (e.g. DNATed from a

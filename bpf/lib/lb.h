@@ -291,6 +291,8 @@ __noinline int lb_from_pod(struct __sk_buff *skb, const struct endpoint *src, st
 
 	if (!src || !p)
 		return TC_ACT_SHOT;
+	if (!(src->flags & ENDPOINT_F_LB))
+		return LB_CONTINUE;
 	saddr = p->saddr;
 	daddr = &p->daddr;
 	proto = p->proto;
@@ -374,10 +376,10 @@ drop:
 	return TC_ACT_SHOT;
 }
 
-/* lb_reply translates a backend's answer to a Service flow back to the
+/* lb_reply translates a backend's (src's) answer to a Service flow back to the
  * frontend the client addressed: 1 when it did (*saddr updated), 0 when
  * the packet is no such answer, -1 when the rewrite failed (counted). */
-__noinline int lb_reply(struct __sk_buff *skb, struct lb_pkt *p)
+__noinline int lb_reply(struct __sk_buff *skb, const struct endpoint *src, struct lb_pkt *p)
 {
 	struct nat_tuple rk = {};
 	struct lb_ct_entry *e;
@@ -386,8 +388,10 @@ __noinline int lb_reply(struct __sk_buff *skb, struct lb_pkt *p)
 
 	__u8 proto;
 
-	if (!p)
+	if (!p || !src)
 		return -1;
+	if (!(src->flags & ENDPOINT_F_LB))
+		return 0;
 	proto = p->proto;
 	if (proto != IPPROTO_TCP && proto != IPPROTO_UDP && proto != IPPROTO_SCTP)
 		return 0;
@@ -445,7 +449,7 @@ __noinline int lb_from_uplink(struct __sk_buff *skb, const struct endpoint *ep, 
 		return LB_CONTINUE;
 	if (!policy_pass(skb, p->saddr, p->daddr, proto, p->ihl, p->frag_off, p->id))
 		return TC_ACT_SHOT;
-	r = lb_reply(skb, p);
+	r = lb_reply(skb, ep, p);
 	if (r < 0)
 		return TC_ACT_SHOT;
 	if (r == 0)
