@@ -28,7 +28,8 @@ import (
 //
 //	client  dev/client (A)   web  prod/web (B)   db  prod/db (C)
 //	10.96.1.10 tcp/80 -> http (B:8080, a named targetPort), udp/53 -> B:53
-//	10.96.1.11 tcp/7000 -> B:7000 (whoami: greets with the client address)
+//	10.96.1.11 tcp/7000 -> B:7000 (whoami: greets with the client address),
+//	           NodePort 30090, externalIP 198.51.100.70
 //	10.96.1.20 tcp/80 -> A:8080                        (A's own Service)
 //	10.96.1.30 tcp/80 -> ext's whoami                  (a backend off the node)
 //	10.96.1.40 tcp/80, udp/53: no endpoints            (rejected)
@@ -119,7 +120,7 @@ endpoints: [{addresses: [%[2]s], conditions: {ready: true}}]
 apiVersion: v1
 kind: Service
 metadata: {namespace: prod, name: who}
-spec: {clusterIP: %[5]s, ports: [{port: 7000}]}
+spec: {type: NodePort, clusterIP: %[5]s, externalIPs: [198.51.100.70], ports: [{port: 7000, nodePort: 30090}]}
 ---
 apiVersion: discovery.k8s.io/v1
 kind: EndpointSlice
@@ -230,6 +231,8 @@ func TestServicesEBPF(t *testing.T) {
 	for _, p := range []struct{ what, addr string }{
 		{"ClusterIP, backend on the node", net.JoinHostPort(lbWho, "7000")},
 		{"ClusterIP, backend off the node", net.JoinHostPort(lbRemote, "80")},
+		{"NodePort on the node's uplink address", net.JoinHostPort(extNodeIP, "30090")},
+		{"external IP", net.JoinHostPort("198.51.100.70", "7000")},
 	} {
 		if got, err := whoami(a.NS, p.addr); err != nil || got != a.IP {
 			t.Errorf("%s: backend saw %q (%v), want %s", p.what, got, err, a.IP)
