@@ -338,3 +338,40 @@ func TestLBPolicyOnBackend(t *testing.T) {
 	lbRun(t, w, w.fromPod, w.a.ifindex, w.podFrame(w.a, natPkt{dst: other, proto: unix.IPPROTO_TCP, sport: 44000, dport: 80, tcpFlags: natTCPSyn}),
 		natActShot, TernMetricMETRIC_LB_DNAT, TernMetricMETRIC_DROP_POLICY_EGRESS)
 }
+
+// A client outside the node reaches a NodePort on the node's address: the
+// uplink DNATs to the backend on the node (the backend's ingress policy
+// decides on the client's address; no SNAT), and the backend's answer
+// leaves by the uplink from the node port, sent with bpf_redirect_neigh.
+// A backend on another node is not reached that way (yet): dropped.
+func TestLBNodePortFromUplink(t *testing.T) {
+	w := newNATWorld(t, natOptions{})
+	lbReset(t, w)
+	client := natServer // an address outside the cluster, behind the gateway
+	lbService(t, w, natNodeIP, 30080, unix.IPPROTO_TCP, 8, TernLbSvc{}, lbBackend{w.b.ip, 8080})
+	in := natPkt{src: client, dst: natNodeIP, proto: unix.IPPROTO_TCP, sport: 45000, dport: 30080, tcpFlags: natTCPSyn}
+	in.srcMAC, in.dstMAC = []byte{2, 0, 0, 0, 0, 2}, w.uplinkMAC
+	out := lbRun(t, w, w.fromUplink, w.uplink, in.frame(), natActRedirect, TernMetricMETRIC_LB_DNAT, TernMetricMETRIC_REDIRECT_PEER)
+	if p := natParse(t, out); p.src != client || p.dst != w.b.ip || p.dport != 8080 || !bytes.Equal(p.dstMAC, w.b.mac) {
+		t.Errorf("NodePort DNATed to %s:%d from %s", p.dst, p.dport, p.src)
+	}
+	out = lbRun(t, w, w.fromPod, w.b.ifindex, w.podFrame(w.b, natPkt{dst: client, proto: unix.IPPROTO_TCP, sport: 8080, dport: 45000, tcpFlags: natTCPSyn | natTCPAck}),
+		natActRedirect, TernMetricMETRIC_LB_REV_NAT)
+	if p := natParse(t, out); p.src != natNodeIP || p.sport != 30080 || p.dst != client || p.dport != 45000 || p.ttl != 63 {
+		t.Errorf("answer from %s:%d to %s:%d ttl %d", p.src, p.sport, p.dst, p.dport, p.ttl)
+	}
+	// The backend's ingress policy sees the client: isolated without a
+	// rule, the next new connection is dropped.
+	if err := w.maps[TernMapTernEpPolicy].Put(natAddr(w.b.ip), TernEpPolicy{LocalId: 2, Flags: uint32(TernEpPolicyFlagsEP_POLICY_F_INGRESS)}); err != nil {
+		t.Fatal(err)
+	}
+	in.sport = 45001
+	lbRun(t, w, w.fromUplink, w.uplink, in.frame(), natActShot, TernMetricMETRIC_DROP_POLICY_INGRESS)
+	// A backend on another node: not from the uplink (yet).
+	lbService(t, w, natNodeIP, 30081, unix.IPPROTO_TCP, 9, TernLbSvc{}, lbBackend{natOtherPod, 8080})
+	in.dport = 30081
+	lbRun(t, w, w.fromUplink, w.uplink, in.frame(), natActShot, TernMetricMETRIC_DROP_LB)
+	// Not a frontend: the stack's, as before.
+	in.dport = 22
+	lbRun(t, w, w.fromUplink, w.uplink, in.frame(), natActOK, TernMetricMETRIC_PASS_UPLINK)
+}

@@ -434,8 +434,9 @@ int tern_from_pod(struct __sk_buff *skb)
 	/* A backend's answer to a Service flow: from the Service address
 	 * again (decided above on the backend's own, as its flow was). */
 	lb_pkt_of(&lp, &ip, ip_id);
-	if (lb_reply(skb, src, &lp) < 0)
-		return TC_ACT_SHOT;
+	v = lb_reply(skb, src, &lp);
+	if (v != LB_CONTINUE)
+		return v;
 	ip.saddr = lp.saddr;
 
 	if (dst) {

@@ -224,8 +224,19 @@ int tern_from_uplink(struct __sk_buff *skb)
 		ret = rev_snat(skb, saddr, ttl, proto, &l4, cfg->node_ip);
 		if (ret != NOT_OURS)
 			return ret;
-		goto pass;
 	}
+	/* A Service frontend of Tern's load balancer (NodePort, external
+	 * and load-balancer IPs; lib/lb.h). */
+	{
+		struct lb_pkt lp = { .saddr = saddr, .daddr = daddr, .frag_off = frag_off,
+				     .id = id, .proto = proto, .ihl = ihl, .ttl = ttl };
+
+		ret = lb_uplink_frontend(skb, &lp);
+		if (ret != LB_CONTINUE)
+			return ret;
+	}
+	if (daddr == cfg->node_ip)
+		goto pass;
 
 	/* Routed to a pod's own address: remember the flow so the pod's
 	 * answers keep that address (see snat_note_inbound). */

@@ -77,8 +77,9 @@ type TernLbCtEntry struct {
 type TernLbCtFlags uint32
 
 const (
-	TernLbCtFlagsLB_CT_F_REPLY   TernLbCtFlags = 256
-	TernLbCtFlagsLB_CT_F_HAIRPIN TernLbCtFlags = 512
+	TernLbCtFlagsLB_CT_F_REPLY    TernLbCtFlags = 256
+	TernLbCtFlagsLB_CT_F_HAIRPIN  TernLbCtFlags = 512
+	TernLbCtFlagsLB_CT_F_EXTERNAL TernLbCtFlags = 1024
 )
 
 type TernLbScratch struct {
@@ -88,6 +89,7 @@ type TernLbScratch struct {
 	Ne   TernLbCtEntry
 	Na   TernLbAffinity
 	Icmp [56]uint8
+	Fib  [8]uint64
 }
 
 type TernLbSlotKey struct {

@@ -285,6 +285,7 @@ struct lb_ct_entry {
 enum lb_ct_flags {
 	LB_CT_F_REPLY = 1 << 8,
 	LB_CT_F_HAIRPIN = 1 << 9,
+	LB_CT_F_EXTERNAL = 1 << 10, /* reply entry: the client is outside the node (came in by the uplink) */
 };
 
 /* lb_affinity_key: key of tern_lb_affinity (ClientIP session affinity). */

@@ -44,6 +44,7 @@
 #include "csum.h"
 #include "conntrack.h"
 #include "forward.h"
+#include "fib.h"
 #include "policy.h"
 
 #ifndef IPPROTO_SCTP
@@ -117,6 +118,7 @@ struct lb_scratch {
 	struct lb_ct_entry ne;   /* a new tern_lb_ct entry */
 	struct lb_affinity na;   /* a new tern_lb_affinity entry */
 	__u8 icmp[56];           /* struct lb_icmp_error */
+	__u64 fib[8];            /* struct bpf_fib_lookup */
 };
 
 struct {
@@ -376,9 +378,14 @@ drop:
 	return TC_ACT_SHOT;
 }
 
-/* lb_reply translates a backend's (src's) answer to a Service flow back to the
- * frontend the client addressed: 1 when it did (*saddr updated), 0 when
- * the packet is no such answer, -1 when the rewrite failed (counted). */
+/* lb_reply translates a backend's (src's) answer to a Service flow back to
+ * the frontend the client addressed (p->saddr updated) and returns
+ * LB_CONTINUE, also when the packet is no such answer; or a tc verdict:
+ * TC_ACT_SHOT when the rewrite failed (counted), or the redirect of an
+ * answer to a client outside the node (a NodePort or external-IP flow
+ * from the uplink), which is sent out with bpf_redirect_neigh: its source
+ * is now a node address, which the host stack would drop as a martian
+ * coming in from a pod. */
 __noinline int lb_reply(struct __sk_buff *skb, const struct endpoint *src, struct lb_pkt *p)
 {
 	struct nat_tuple rk = {};
@@ -388,15 +395,19 @@ __noinline int lb_reply(struct __sk_buff *skb, const struct endpoint *src, struc
 
 	__u8 proto;
 
+	struct bpf_fib_lookup *fib;
+	struct lb_scratch *s;
+
+	_Static_assert(sizeof(*fib) == sizeof(s->fib), "struct bpf_fib_lookup in lb_scratch");
 	if (!p || !src)
-		return -1;
+		return TC_ACT_SHOT;
 	if (!(src->flags & ENDPOINT_F_LB))
-		return 0;
+		return LB_CONTINUE;
 	proto = p->proto;
 	if (proto != IPPROTO_TCP && proto != IPPROTO_UDP && proto != IPPROTO_SCTP)
-		return 0;
+		return LB_CONTINUE;
 	if (parse_l4(skb, proto, p->ihl, p->frag_off, &l4) != L4_OK || l4.nonfirst)
-		return 0;
+		return LB_CONTINUE;
 	rk.saddr = p->saddr;
 	rk.daddr = p->daddr;
 	rk.sport = l4.sport;
@@ -404,18 +415,34 @@ __noinline int lb_reply(struct __sk_buff *skb, const struct endpoint *src, struc
 	rk.proto = proto;
 	e = bpf_map_lookup_elem(&tern_lb_ct, &rk);
 	if (!e || !(e->flags & LB_CT_F_REPLY) || (e->flags & LB_CT_F_HAIRPIN))
-		return 0;
+		return LB_CONTINUE;
 	fe = bpf_map_lookup_elem(&tern_lb_rev, &e->rev_id);
 	if (!fe)
-		return 0; /* the frontend is gone: the client has no flow to match it either */
+		return LB_CONTINUE; /* the frontend is gone: the client has no flow to match it either */
 	lb_ct_touch(e, bpf_ktime_get_ns(), tcp_close_flags(&l4, NAT_F_FIN_REMOTE));
-	if (lb_rewrite(skb, proto, l4.off, IP_SADDR_OFF, p->saddr, fe->addr, l4.off, l4.sport, fe->port) < 0) {
-		count(METRIC_DROP_LB, skb->len);
-		return -1;
-	}
+	if (lb_rewrite(skb, proto, l4.off, IP_SADDR_OFF, p->saddr, fe->addr, l4.off, l4.sport, fe->port) < 0)
+		goto drop;
 	p->saddr = fe->addr;
 	count(METRIC_LB_REV_NAT, skb->len);
-	return 1;
+	if (!(e->flags & LB_CT_F_EXTERNAL))
+		return LB_CONTINUE;
+	/* To a client outside the node, from a node address. */
+	if (p->ttl <= 1) {
+		count(METRIC_PASS_TTL, skb->len);
+		return TERN_PASS;
+	}
+	s = lb_scratch();
+	if (!s)
+		goto drop;
+	fib = (struct bpf_fib_lookup *)s->fib;
+	if (fib_lookup_v4(skb, fib, p->saddr, p->daddr, 0, proto, fe->port, l4.dport) !=
+	    BPF_FIB_LKUP_RET_SUCCESS ||
+	    decrement_ttl_at(skb, p->ttl) < 0)
+		goto drop;
+	return redirect_neigh_v4(fib);
+drop:
+	count(METRIC_DROP_LB, skb->len);
+	return TC_ACT_SHOT;
 }
 
 /* lb_from_uplink: a remote backend's answer to a local client pod, as it
@@ -450,11 +477,98 @@ __noinline int lb_from_uplink(struct __sk_buff *skb, const struct endpoint *ep, 
 	if (!policy_pass(skb, p->saddr, p->daddr, proto, p->ihl, p->frag_off, p->id))
 		return TC_ACT_SHOT;
 	r = lb_reply(skb, ep, p);
-	if (r < 0)
-		return TC_ACT_SHOT;
-	if (r == 0)
-		return LB_CONTINUE;
+	if (r != LB_CONTINUE)
+		return r;
 	return deliver_to_endpoint(skb, ep, p->ttl, METRIC_REDIRECT_PEER);
+}
+
+/* lb_uplink_frontend: a client outside the node reaches a frontend on the
+ * uplink (NodePort on the node address, an external or load-balancer IP):
+ * DNAT to a backend on this node, the backend's ingress policy decided on
+ * the client's own address (no SNAT: the answer leaves from the backend's
+ * tern_from_pod, reverse-translated, by bpf_redirect_neigh), delivered
+ * into the backend. LB_CONTINUE: not a frontend. A backend on another node
+ * (externalTrafficPolicy: Cluster would SNAT to the node) is not
+ * supported yet: dropped and counted drop_lb. No backend: dropped (no
+ * ICMP error to the outside). */
+__noinline int lb_uplink_frontend(struct __sk_buff *skb, struct lb_pkt *p)
+{
+	struct lb_svc_key fk = {};
+	struct lb_scratch *s;
+	struct lb_ct_entry *e;
+	struct endpoint *ep;
+	struct lb_backend b;
+	struct lb_svc *svc;
+	struct l4 l4 = {};
+	__u8 proto;
+	__u64 now;
+
+	if (!p)
+		return TC_ACT_SHOT;
+	proto = p->proto;
+	if (proto != IPPROTO_TCP && proto != IPPROTO_UDP && proto != IPPROTO_SCTP)
+		return LB_CONTINUE;
+	if (parse_l4(skb, proto, p->ihl, p->frag_off, &l4) != L4_OK || l4.nonfirst)
+		return LB_CONTINUE;
+	fk.addr = p->daddr;
+	fk.port = l4.dport;
+	fk.proto = proto;
+	svc = bpf_map_lookup_elem(&tern_lb_svc, &fk);
+	if (!svc)
+		return LB_CONTINUE;
+	s = lb_scratch();
+	if (!s)
+		goto drop;
+	now = bpf_ktime_get_ns();
+	__builtin_memset(&s->ck, 0, sizeof(s->ck));
+	s->ck.saddr = p->saddr;
+	s->ck.daddr = p->daddr;
+	s->ck.sport = l4.sport;
+	s->ck.dport = l4.dport;
+	s->ck.proto = proto;
+	e = bpf_map_lookup_elem(&tern_lb_ct, &s->ck);
+	if (e && !(e->flags & LB_CT_F_REPLY) && e->rev_id == svc->id &&
+	    !ct_expired(e->last_seen, now, proto, NAT_F_SEEN_REPLY | e->flags)) {
+		b.addr = e->addr;
+		b.port = e->port;
+		lb_ct_touch(e, now, tcp_close_flags(&l4, NAT_F_FIN_REMOTE));
+	} else {
+		if (lb_pick(skb, svc, p->saddr, now, &b, s) < 0) {
+			count((svc->flags & LB_SVC_F_DROP) ? METRIC_DROP_LB_NO_LOCAL : METRIC_DROP_LB, skb->len);
+			return TC_ACT_SHOT;
+		}
+		__builtin_memset(&s->rk, 0, sizeof(s->rk));
+		s->rk.saddr = b.addr;
+		s->rk.daddr = p->saddr;
+		s->rk.sport = b.port;
+		s->rk.dport = l4.sport;
+		s->rk.proto = proto;
+		__builtin_memset(&s->ne, 0, sizeof(s->ne));
+		s->ne.last_seen = now;
+		s->ne.addr = p->saddr;
+		s->ne.port = l4.sport;
+		s->ne.rev_id = svc->id;
+		s->ne.flags = LB_CT_F_REPLY | LB_CT_F_EXTERNAL;
+		if (bpf_map_update_elem(&tern_lb_ct, &s->rk, &s->ne, BPF_ANY) < 0)
+			goto drop;
+		s->ne.addr = b.addr;
+		s->ne.port = b.port;
+		s->ne.flags = tcp_close_flags(&l4, NAT_F_FIN_REMOTE);
+		if (bpf_map_update_elem(&tern_lb_ct, &s->ck, &s->ne, BPF_ANY) < 0)
+			goto drop;
+	}
+	ep = bpf_map_lookup_elem(&tern_endpoints, &b.addr);
+	if (!ep)
+		goto drop; /* a backend on another node: not yet */
+	if (lb_rewrite(skb, proto, l4.off, IP_DADDR_OFF, p->daddr, b.addr, l4.off + 2, l4.dport, b.port) < 0)
+		goto drop;
+	if (!policy_pass(skb, p->saddr, b.addr, proto, p->ihl, p->frag_off, p->id))
+		return TC_ACT_SHOT;
+	count(METRIC_LB_DNAT, skb->len);
+	return deliver_to_endpoint(skb, ep, p->ttl, METRIC_REDIRECT_PEER);
+drop:
+	count(METRIC_DROP_LB, skb->len);
+	return TC_ACT_SHOT;
 }
 
 #endif /* TERN_LB_H */

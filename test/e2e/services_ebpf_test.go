@@ -75,6 +75,10 @@ func newLBWorld(t *testing.T) *lbWorld {
 	if _, err := testutil.ExecIn(sw.snatWorld.ext, "ip", "route", "add", "10.77.50.0/24", "via", extNodeIP); err != nil {
 		t.Fatal(err)
 	}
+	// ...and sends to the external IP through the node.
+	if _, err := testutil.ExecIn(sw.snatWorld.ext, "ip", "route", "add", "198.51.100.70/32", "via", extNodeIP); err != nil {
+		t.Fatal(err)
+	}
 	if _, err := sw.node.Exec(t, "sysctl", "-qw", "net.ipv4.ip_forward=1"); err != nil {
 		t.Fatal(err)
 	}
@@ -236,6 +240,14 @@ func TestServicesEBPF(t *testing.T) {
 	} {
 		if got, err := whoami(a.NS, p.addr); err != nil || got != a.IP {
 			t.Errorf("%s: backend saw %q (%v), want %s", p.what, got, err, a.IP)
+		}
+	}
+	// From outside the node (the uplink): the NodePort and the external
+	// IP, to a backend on the node, keep the client's address; the answer
+	// comes back from the address and port the client used.
+	for _, addr := range []string{net.JoinHostPort(extNodeIP, "30090"), net.JoinHostPort("198.51.100.70", "7000")} {
+		if got, err := whoami(w.snatWorld.ext, addr); err != nil || got != extIP {
+			t.Errorf("ext -> %s: backend saw %q (%v), want the client's address %s", addr, got, err, extIP)
 		}
 	}
 	// A pod reaching itself: its server sees the service-loopback address.
