@@ -220,6 +220,13 @@ func TestServicesEBPF(t *testing.T) {
 	w := newLBWorld(t)
 	a, b, c := w.a, w.b, w.c
 
+	// ternctl shows the table the load balancer got.
+	out, err := w.node.Exec(t, w.bin, "--cni-conf", w.confFile, "get", "services")
+	if err != nil || !strings.Contains(out, lbWeb+":80/TCP") || !strings.Contains(out, b.IP+":8080") ||
+		!strings.Contains(out, lbEmpty+":53/UDP") || !strings.Contains(out, "<reject>") {
+		t.Errorf("ternctl get services: %v\n%s", err, out)
+	}
+
 	expect(t, "no policy",
 		svc(a, lbWeb, "prod/web ClusterIP", "tcp", 80, true),
 		svc(a, lbWeb, "prod/web ClusterIP (DNS)", "udp", 53, true),
@@ -271,7 +278,7 @@ endpoints: [{addresses: [%s]}]
 
 	// No endpoints: refused at once (ICMP port unreachable), TCP and UDP.
 	start := time.Now()
-	_, err := dialFrom(a.NS, "tcp", net.JoinHostPort(lbEmpty, "80"), 0)
+	_, err = dialFrom(a.NS, "tcp", net.JoinHostPort(lbEmpty, "80"), 0)
 	if !errors.Is(err, syscall.ECONNREFUSED) {
 		t.Errorf("TCP to a Service without endpoints: %v, want connection refused", err)
 	} else if d := time.Since(start); d > 4*time.Second {
