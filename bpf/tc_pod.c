@@ -46,6 +46,7 @@
 #include "lib/arp.h"
 #include "lib/stack.h"
 #include "lib/remote.h"
+#include "lib/lb.h"
 
 char __license[] SEC("license") = "Dual BSD/GPL";
 
@@ -72,6 +73,18 @@ static __always_inline int multicast_or_broadcast(__be32 daddr)
 	__u32 a = bpf_ntohl(daddr);
 
 	return (a & 0xf0000000) == 0xe0000000 || a == 0xffffffff;
+}
+
+/* lb_pkt_of fills the load balancer's view of the packet (lib/lb.h). */
+static __always_inline void lb_pkt_of(struct lb_pkt *lp, const struct ip4 *ip, __be16 id)
+{
+	lp->saddr = ip->saddr;
+	lp->daddr = ip->daddr;
+	lp->frag_off = ip->frag_off;
+	lp->id = id;
+	lp->proto = ip->proto;
+	lp->ihl = ip->ihl;
+	lp->ttl = ip->ttl;
 }
 
 #define IP_DF 0x4000
@@ -333,8 +346,10 @@ int tern_from_pod(struct __sk_buff *skb)
 	struct node_config *cfg;
 	struct ethhdr *eth;
 	struct iphdr *iph;
+	struct lb_pkt lp = {};
 	struct ip4 ip;
 	__be16 ip_id;
+	int v;
 
 	/* A tag the veth's receive path took off (skb_vlan_untag): the
 	 * frame below it may look like IPv4, but no pod of Tern's sends
@@ -394,6 +409,16 @@ int tern_from_pod(struct __sk_buff *skb)
 	ip.tos = iph->tos;
 	ip_id = iph->id;
 
+	/* Tern's own Service load balancer (services: "ebpf", lib/lb.h):
+	 * the Service is translated first, so that policy and delivery
+	 * below see the backend. Called whatever the endpoint's mode (it
+	 * checks ENDPOINT_F_LB itself): one path for the verifier. */
+	lb_pkt_of(&lp, &ip, ip_id);
+	v = lb_from_pod(skb, src, &lp);
+	if (v != LB_CONTINUE)
+		return v;
+	ip.daddr = lp.daddr;
+
 	/* A Service address (never a pod's): kube-proxy's DNAT in the host
 	 * stack decides where it goes, and policy is decided on the
 	 * translated packet (tern_to_pod, lib/stack.h). */
@@ -407,6 +432,14 @@ int tern_from_pod(struct __sk_buff *skb)
 	 * forged source would be policed as the pod it claims to be). */
 	if (!policy_pass(skb, ip.saddr, ip.daddr, ip.proto, ip.ihl, ip.frag_off, ip_id))
 		return TC_ACT_SHOT;
+
+	/* A backend's answer to a Service flow: from the Service address
+	 * again (decided above on the backend's own, as its flow was). */
+	lb_pkt_of(&lp, &ip, ip_id);
+	v = lb_reply(skb, src, &lp);
+	if (v != LB_CONTINUE)
+		return v;
+	ip.saddr = lp.saddr;
 
 	if (dst) {
 		/* An answer to a flow the stack delivered (e.g. DNATed from a

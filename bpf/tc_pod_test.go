@@ -987,6 +987,11 @@ func TestTypesMatchBTF(t *testing.T) {
 	}{
 		{TernMapTernEndpoints, ebpf.Hash, 4, endpointSize, 65536},
 		{TernMapTernMetrics, ebpf.PerCPUArray, uint32(unsafe.Sizeof(TernMetric(0))), uint32(unsafe.Sizeof(TernMetricValue{})), 64},
+		{TernMapTernLbSvc, ebpf.Hash, uint32(unsafe.Sizeof(TernLbSvcKey{})), uint32(unsafe.Sizeof(TernLbSvc{})), 65536},
+		{TernMapTernLbBackends, ebpf.Hash, uint32(unsafe.Sizeof(TernLbSlotKey{})), uint32(unsafe.Sizeof(TernLbBackend{})), 262144},
+		{TernMapTernLbRev, ebpf.Hash, 4, uint32(unsafe.Sizeof(TernLbBackend{})), 65536},
+		{TernMapTernLbCt, ebpf.LRUHash, uint32(unsafe.Sizeof(TernNatTuple{})), uint32(unsafe.Sizeof(TernLbCtEntry{})), 262144},
+		{TernMapTernLbAffinity, ebpf.LRUHash, uint32(unsafe.Sizeof(TernLbAffinityKey{})), uint32(unsafe.Sizeof(TernLbAffinity{})), 65536},
 	}
 	for _, want := range maps {
 		ms, ok := spec.Maps[want.name]

@@ -41,6 +41,7 @@
 #include "lib/policy.h"
 #include "lib/stack.h"
 #include "lib/remote.h"
+#include "lib/lb.h"
 
 char __license[] SEC("license") = "Dual BSD/GPL";
 
@@ -218,6 +219,7 @@ int tern_from_uplink(struct __sk_buff *skb)
 	ttl = iph->ttl;
 	proto = iph->protocol;
 	ihl = iph->ihl;
+	id = iph->id;
 
 	cfg = node_config();
 	if (!cfg || !cfg->node_ip)
@@ -229,10 +231,32 @@ int tern_from_uplink(struct __sk_buff *skb)
 		ret = rev_snat(skb, saddr, ttl, proto, &l4, cfg->node_ip);
 		if (ret != NOT_OURS)
 			return ret;
-		goto pass;
 	}
+	/* A Service frontend of Tern's load balancer (NodePort, external
+	 * and load-balancer IPs; lib/lb.h). */
+	{
+		struct lb_pkt lp = { .saddr = saddr, .daddr = daddr, .frag_off = frag_off,
+				     .id = id, .proto = proto, .ihl = ihl, .ttl = ttl };
+
+		ret = lb_uplink_frontend(skb, &lp);
+		if (ret != LB_CONTINUE)
+			return ret;
+	}
+	if (daddr == cfg->node_ip)
+		goto pass;
 
 	ep = bpf_map_lookup_elem(&tern_endpoints, &daddr);
+	/* A remote backend's answer to a Service flow of a pod whose network
+	 * balances Services itself (lib/lb.h): translated back before it is
+	 * delivered as pod-to-pod traffic. */
+	if (ep && (ep->flags & ENDPOINT_F_LB)) {
+		struct lb_pkt lp = { .saddr = saddr, .daddr = daddr, .frag_off = frag_off,
+				     .id = id, .proto = proto, .ihl = ihl, .ttl = ttl };
+
+		ret = lb_from_uplink(skb, ep, &lp);
+		if (ret != LB_CONTINUE)
+			return ret;
+	}
 	if (ep) {
 		rn = remote_lookup(saddr);
 		if (rn) {

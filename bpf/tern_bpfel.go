@@ -27,6 +27,7 @@ type TernEndpointFlags uint32
 const (
 	TernEndpointFlagsENDPOINT_F_NONE TernEndpointFlags = 0
 	TernEndpointFlagsENDPOINT_F_MASQ TernEndpointFlags = 1
+	TernEndpointFlagsENDPOINT_F_LB   TernEndpointFlags = 2
 )
 
 type TernEpPolicy struct {
@@ -103,6 +104,83 @@ const (
 	TernEventVerdictEVENT_VERDICT_DENY  TernEventVerdict = 2
 )
 
+type TernLbAffinity struct {
+	_        structs.HostLayout
+	LastSeen uint64
+	Addr     uint32
+	Port     uint16
+	Pad      uint16
+}
+
+type TernLbAffinityKey struct {
+	_      structs.HostLayout
+	Client uint32
+	Id     uint32
+}
+
+type TernLbBackend struct {
+	_    structs.HostLayout
+	Addr uint32
+	Port uint16
+	Pad  uint16
+}
+
+type TernLbCtEntry struct {
+	_        structs.HostLayout
+	LastSeen uint64
+	Addr     uint32
+	Port     uint16
+	Flags    uint16
+	RevId    uint32
+	Pad      uint32
+}
+
+type TernLbCtFlags uint32
+
+const (
+	TernLbCtFlagsLB_CT_F_REPLY    TernLbCtFlags = 256
+	TernLbCtFlagsLB_CT_F_HAIRPIN  TernLbCtFlags = 512
+	TernLbCtFlagsLB_CT_F_EXTERNAL TernLbCtFlags = 1024
+)
+
+type TernLbScratch struct {
+	_    structs.HostLayout
+	Ck   TernNatTuple
+	Rk   TernNatTuple
+	Ne   TernLbCtEntry
+	Na   TernLbAffinity
+	Icmp [56]uint8
+	Fib  [8]uint64
+}
+
+type TernLbSlotKey struct {
+	_    structs.HostLayout
+	Id   uint32
+	Slot uint32
+}
+
+type TernLbSvc struct {
+	_               structs.HostLayout
+	Id              uint32
+	Count           uint32
+	AffinityTimeout uint32
+	Flags           uint32
+}
+
+type TernLbSvcFlags uint32
+
+const (
+	TernLbSvcFlagsLB_SVC_F_DROP TernLbSvcFlags = 1
+)
+
+type TernLbSvcKey struct {
+	_     structs.HostLayout
+	Addr  uint32
+	Port  uint16
+	Proto uint8
+	Pad   uint8
+}
+
 type TernLpmV4Key struct {
 	_         structs.HostLayout
 	Prefixlen uint32
@@ -146,7 +224,13 @@ const (
 	TernMetricMETRIC_DROP_TUNNEL_FORGED   TernMetric = 31
 	TernMetricMETRIC_DROP_TUNNEL_NO_POD   TernMetric = 32
 	TernMetricMETRIC_TUNNEL_TO_HOST       TernMetric = 33
-	TernMetricMETRIC_MAX                  TernMetric = 34
+	TernMetricMETRIC_LB_DNAT              TernMetric = 34
+	TernMetricMETRIC_LB_REV_NAT           TernMetric = 35
+	TernMetricMETRIC_LB_HAIRPIN           TernMetric = 36
+	TernMetricMETRIC_LB_REJECT            TernMetric = 37
+	TernMetricMETRIC_DROP_LB_NO_LOCAL     TernMetric = 38
+	TernMetricMETRIC_DROP_LB              TernMetric = 39
+	TernMetricMETRIC_MAX                  TernMetric = 40
 )
 
 type TernMetricValue struct {
@@ -299,6 +383,12 @@ const (
 	TernMapTernEventLimiter     = "tern_event_limiter"
 	TernMapTernEvents           = "tern_events"
 	TernMapTernIpcache          = "tern_ipcache"
+	TernMapTernLbAffinity       = "tern_lb_affinity"
+	TernMapTernLbBackends       = "tern_lb_backends"
+	TernMapTernLbCt             = "tern_lb_ct"
+	TernMapTernLbRev            = "tern_lb_rev"
+	TernMapTernLbScratch        = "tern_lb_scratch"
+	TernMapTernLbSvc            = "tern_lb_svc"
 	TernMapTernMetrics          = "tern_metrics"
 	TernMapTernNat              = "tern_nat"
 	TernMapTernNatGcTimer       = "tern_nat_gc_timer"
@@ -319,6 +409,7 @@ const (
 	TernVarCtTimeoutTcpClose    = "ct_timeout_tcp_close"
 	TernVarCtTimeoutTcpSyn      = "ct_timeout_tcp_syn"
 	TernVarCtTimeoutUdp         = "ct_timeout_udp"
+	TernVarLbLoopbackIp         = "lb_loopback_ip"
 	TernVarNatGcInterval        = "nat_gc_interval"
 	TernVarNatPortMax           = "nat_port_max"
 	TernVarNatPortMin           = "nat_port_min"
@@ -328,6 +419,8 @@ const (
 	TernVarTernBtfEventFlags    = "tern_btf_event_flags"
 	TernVarTernBtfEventKind     = "tern_btf_event_kind"
 	TernVarTernBtfEventVerdict  = "tern_btf_event_verdict"
+	TernVarTernBtfLbCtFlags     = "tern_btf_lb_ct_flags"
+	TernVarTernBtfLbSvcFlags    = "tern_btf_lb_svc_flags"
 	TernVarTernBtfNatFlags      = "tern_btf_nat_flags"
 	TernVarTernBtfPolicyClass   = "tern_btf_policy_class"
 	TernVarTernBtfPolicyCtFlags = "tern_btf_policy_ct_flags"
@@ -393,6 +486,12 @@ type TernMapSpecs struct {
 	TernEventLimiter *ebpf.MapSpec `ebpf:"tern_event_limiter"`
 	TernEvents       *ebpf.MapSpec `ebpf:"tern_events"`
 	TernIpcache      *ebpf.MapSpec `ebpf:"tern_ipcache"`
+	TernLbAffinity   *ebpf.MapSpec `ebpf:"tern_lb_affinity"`
+	TernLbBackends   *ebpf.MapSpec `ebpf:"tern_lb_backends"`
+	TernLbCt         *ebpf.MapSpec `ebpf:"tern_lb_ct"`
+	TernLbRev        *ebpf.MapSpec `ebpf:"tern_lb_rev"`
+	TernLbScratch    *ebpf.MapSpec `ebpf:"tern_lb_scratch"`
+	TernLbSvc        *ebpf.MapSpec `ebpf:"tern_lb_svc"`
 	TernMetrics      *ebpf.MapSpec `ebpf:"tern_metrics"`
 	TernNat          *ebpf.MapSpec `ebpf:"tern_nat"`
 	TernNatGcTimer   *ebpf.MapSpec `ebpf:"tern_nat_gc_timer"`
@@ -416,6 +515,7 @@ type TernVariableSpecs struct {
 	CtTimeoutTcpClose    *ebpf.VariableSpec `ebpf:"ct_timeout_tcp_close"`
 	CtTimeoutTcpSyn      *ebpf.VariableSpec `ebpf:"ct_timeout_tcp_syn"`
 	CtTimeoutUdp         *ebpf.VariableSpec `ebpf:"ct_timeout_udp"`
+	LbLoopbackIp         *ebpf.VariableSpec `ebpf:"lb_loopback_ip"`
 	NatGcInterval        *ebpf.VariableSpec `ebpf:"nat_gc_interval"`
 	NatPortMax           *ebpf.VariableSpec `ebpf:"nat_port_max"`
 	NatPortMin           *ebpf.VariableSpec `ebpf:"nat_port_min"`
@@ -425,6 +525,8 @@ type TernVariableSpecs struct {
 	TernBtfEventFlags    *ebpf.VariableSpec `ebpf:"tern_btf_event_flags"`
 	TernBtfEventKind     *ebpf.VariableSpec `ebpf:"tern_btf_event_kind"`
 	TernBtfEventVerdict  *ebpf.VariableSpec `ebpf:"tern_btf_event_verdict"`
+	TernBtfLbCtFlags     *ebpf.VariableSpec `ebpf:"tern_btf_lb_ct_flags"`
+	TernBtfLbSvcFlags    *ebpf.VariableSpec `ebpf:"tern_btf_lb_svc_flags"`
 	TernBtfNatFlags      *ebpf.VariableSpec `ebpf:"tern_btf_nat_flags"`
 	TernBtfPolicyClass   *ebpf.VariableSpec `ebpf:"tern_btf_policy_class"`
 	TernBtfPolicyCtFlags *ebpf.VariableSpec `ebpf:"tern_btf_policy_ct_flags"`
@@ -459,6 +561,12 @@ type TernMaps struct {
 	TernEventLimiter *ebpf.Map `ebpf:"tern_event_limiter"`
 	TernEvents       *ebpf.Map `ebpf:"tern_events"`
 	TernIpcache      *ebpf.Map `ebpf:"tern_ipcache"`
+	TernLbAffinity   *ebpf.Map `ebpf:"tern_lb_affinity"`
+	TernLbBackends   *ebpf.Map `ebpf:"tern_lb_backends"`
+	TernLbCt         *ebpf.Map `ebpf:"tern_lb_ct"`
+	TernLbRev        *ebpf.Map `ebpf:"tern_lb_rev"`
+	TernLbScratch    *ebpf.Map `ebpf:"tern_lb_scratch"`
+	TernLbSvc        *ebpf.Map `ebpf:"tern_lb_svc"`
 	TernMetrics      *ebpf.Map `ebpf:"tern_metrics"`
 	TernNat          *ebpf.Map `ebpf:"tern_nat"`
 	TernNatGcTimer   *ebpf.Map `ebpf:"tern_nat_gc_timer"`
@@ -482,6 +590,12 @@ func (m *TernMaps) Close() error {
 		m.TernEventLimiter,
 		m.TernEvents,
 		m.TernIpcache,
+		m.TernLbAffinity,
+		m.TernLbBackends,
+		m.TernLbCt,
+		m.TernLbRev,
+		m.TernLbScratch,
+		m.TernLbSvc,
 		m.TernMetrics,
 		m.TernNat,
 		m.TernNatGcTimer,
@@ -506,6 +620,7 @@ type TernVariables struct {
 	CtTimeoutTcpClose    *ebpf.Variable `ebpf:"ct_timeout_tcp_close"`
 	CtTimeoutTcpSyn      *ebpf.Variable `ebpf:"ct_timeout_tcp_syn"`
 	CtTimeoutUdp         *ebpf.Variable `ebpf:"ct_timeout_udp"`
+	LbLoopbackIp         *ebpf.Variable `ebpf:"lb_loopback_ip"`
 	NatGcInterval        *ebpf.Variable `ebpf:"nat_gc_interval"`
 	NatPortMax           *ebpf.Variable `ebpf:"nat_port_max"`
 	NatPortMin           *ebpf.Variable `ebpf:"nat_port_min"`
@@ -515,6 +630,8 @@ type TernVariables struct {
 	TernBtfEventFlags    *ebpf.Variable `ebpf:"tern_btf_event_flags"`
 	TernBtfEventKind     *ebpf.Variable `ebpf:"tern_btf_event_kind"`
 	TernBtfEventVerdict  *ebpf.Variable `ebpf:"tern_btf_event_verdict"`
+	TernBtfLbCtFlags     *ebpf.Variable `ebpf:"tern_btf_lb_ct_flags"`
+	TernBtfLbSvcFlags    *ebpf.Variable `ebpf:"tern_btf_lb_svc_flags"`
 	TernBtfNatFlags      *ebpf.Variable `ebpf:"tern_btf_nat_flags"`
 	TernBtfPolicyClass   *ebpf.Variable `ebpf:"tern_btf_policy_class"`
 	TernBtfPolicyCtFlags *ebpf.Variable `ebpf:"tern_btf_policy_ct_flags"`

@@ -23,6 +23,11 @@ const (
 	TernTunnelMapTernEventLimiter     = "tern_event_limiter"
 	TernTunnelMapTernEvents           = "tern_events"
 	TernTunnelMapTernIpcache          = "tern_ipcache"
+	TernTunnelMapTernLbAffinity       = "tern_lb_affinity"
+	TernTunnelMapTernLbBackends       = "tern_lb_backends"
+	TernTunnelMapTernLbCt             = "tern_lb_ct"
+	TernTunnelMapTernLbRev            = "tern_lb_rev"
+	TernTunnelMapTernLbSvc            = "tern_lb_svc"
 	TernTunnelMapTernMetrics          = "tern_metrics"
 	TernTunnelMapTernNat              = "tern_nat"
 	TernTunnelMapTernNatGcTimer       = "tern_nat_gc_timer"
@@ -50,6 +55,8 @@ const (
 	TernTunnelVarTernBtfEventFlags    = "tern_btf_event_flags"
 	TernTunnelVarTernBtfEventKind     = "tern_btf_event_kind"
 	TernTunnelVarTernBtfEventVerdict  = "tern_btf_event_verdict"
+	TernTunnelVarTernBtfLbCtFlags     = "tern_btf_lb_ct_flags"
+	TernTunnelVarTernBtfLbSvcFlags    = "tern_btf_lb_svc_flags"
 	TernTunnelVarTernBtfNatFlags      = "tern_btf_nat_flags"
 	TernTunnelVarTernBtfPolicyClass   = "tern_btf_policy_class"
 	TernTunnelVarTernBtfPolicyCtFlags = "tern_btf_policy_ct_flags"
@@ -113,6 +120,11 @@ type TernTunnelMapSpecs struct {
 	TernEventLimiter *ebpf.MapSpec `ebpf:"tern_event_limiter"`
 	TernEvents       *ebpf.MapSpec `ebpf:"tern_events"`
 	TernIpcache      *ebpf.MapSpec `ebpf:"tern_ipcache"`
+	TernLbAffinity   *ebpf.MapSpec `ebpf:"tern_lb_affinity"`
+	TernLbBackends   *ebpf.MapSpec `ebpf:"tern_lb_backends"`
+	TernLbCt         *ebpf.MapSpec `ebpf:"tern_lb_ct"`
+	TernLbRev        *ebpf.MapSpec `ebpf:"tern_lb_rev"`
+	TernLbSvc        *ebpf.MapSpec `ebpf:"tern_lb_svc"`
 	TernMetrics      *ebpf.MapSpec `ebpf:"tern_metrics"`
 	TernNat          *ebpf.MapSpec `ebpf:"tern_nat"`
 	TernNatGcTimer   *ebpf.MapSpec `ebpf:"tern_nat_gc_timer"`
@@ -145,6 +157,8 @@ type TernTunnelVariableSpecs struct {
 	TernBtfEventFlags    *ebpf.VariableSpec `ebpf:"tern_btf_event_flags"`
 	TernBtfEventKind     *ebpf.VariableSpec `ebpf:"tern_btf_event_kind"`
 	TernBtfEventVerdict  *ebpf.VariableSpec `ebpf:"tern_btf_event_verdict"`
+	TernBtfLbCtFlags     *ebpf.VariableSpec `ebpf:"tern_btf_lb_ct_flags"`
+	TernBtfLbSvcFlags    *ebpf.VariableSpec `ebpf:"tern_btf_lb_svc_flags"`
 	TernBtfNatFlags      *ebpf.VariableSpec `ebpf:"tern_btf_nat_flags"`
 	TernBtfPolicyClass   *ebpf.VariableSpec `ebpf:"tern_btf_policy_class"`
 	TernBtfPolicyCtFlags *ebpf.VariableSpec `ebpf:"tern_btf_policy_ct_flags"`
@@ -179,6 +193,11 @@ type TernTunnelMaps struct {
 	TernEventLimiter *ebpf.Map `ebpf:"tern_event_limiter"`
 	TernEvents       *ebpf.Map `ebpf:"tern_events"`
 	TernIpcache      *ebpf.Map `ebpf:"tern_ipcache"`
+	TernLbAffinity   *ebpf.Map `ebpf:"tern_lb_affinity"`
+	TernLbBackends   *ebpf.Map `ebpf:"tern_lb_backends"`
+	TernLbCt         *ebpf.Map `ebpf:"tern_lb_ct"`
+	TernLbRev        *ebpf.Map `ebpf:"tern_lb_rev"`
+	TernLbSvc        *ebpf.Map `ebpf:"tern_lb_svc"`
 	TernMetrics      *ebpf.Map `ebpf:"tern_metrics"`
 	TernNat          *ebpf.Map `ebpf:"tern_nat"`
 	TernNatGcTimer   *ebpf.Map `ebpf:"tern_nat_gc_timer"`
@@ -202,6 +221,11 @@ func (m *TernTunnelMaps) Close() error {
 		m.TernEventLimiter,
 		m.TernEvents,
 		m.TernIpcache,
+		m.TernLbAffinity,
+		m.TernLbBackends,
+		m.TernLbCt,
+		m.TernLbRev,
+		m.TernLbSvc,
 		m.TernMetrics,
 		m.TernNat,
 		m.TernNatGcTimer,
@@ -235,6 +259,8 @@ type TernTunnelVariables struct {
 	TernBtfEventFlags    *ebpf.Variable `ebpf:"tern_btf_event_flags"`
 	TernBtfEventKind     *ebpf.Variable `ebpf:"tern_btf_event_kind"`
 	TernBtfEventVerdict  *ebpf.Variable `ebpf:"tern_btf_event_verdict"`
+	TernBtfLbCtFlags     *ebpf.Variable `ebpf:"tern_btf_lb_ct_flags"`
+	TernBtfLbSvcFlags    *ebpf.Variable `ebpf:"tern_btf_lb_svc_flags"`
 	TernBtfNatFlags      *ebpf.Variable `ebpf:"tern_btf_nat_flags"`
 	TernBtfPolicyClass   *ebpf.Variable `ebpf:"tern_btf_policy_class"`
 	TernBtfPolicyCtFlags *ebpf.Variable `ebpf:"tern_btf_policy_ct_flags"`

@@ -23,6 +23,12 @@ const (
 	TernUplinkMapTernEventLimiter     = "tern_event_limiter"
 	TernUplinkMapTernEvents           = "tern_events"
 	TernUplinkMapTernIpcache          = "tern_ipcache"
+	TernUplinkMapTernLbAffinity       = "tern_lb_affinity"
+	TernUplinkMapTernLbBackends       = "tern_lb_backends"
+	TernUplinkMapTernLbCt             = "tern_lb_ct"
+	TernUplinkMapTernLbRev            = "tern_lb_rev"
+	TernUplinkMapTernLbScratch        = "tern_lb_scratch"
+	TernUplinkMapTernLbSvc            = "tern_lb_svc"
 	TernUplinkMapTernMetrics          = "tern_metrics"
 	TernUplinkMapTernNat              = "tern_nat"
 	TernUplinkMapTernNatGcTimer       = "tern_nat_gc_timer"
@@ -42,6 +48,7 @@ const (
 	TernUplinkVarCtTimeoutTcpClose    = "ct_timeout_tcp_close"
 	TernUplinkVarCtTimeoutTcpSyn      = "ct_timeout_tcp_syn"
 	TernUplinkVarCtTimeoutUdp         = "ct_timeout_udp"
+	TernUplinkVarLbLoopbackIp         = "lb_loopback_ip"
 	TernUplinkVarNatGcInterval        = "nat_gc_interval"
 	TernUplinkVarNatPortMax           = "nat_port_max"
 	TernUplinkVarNatPortMin           = "nat_port_min"
@@ -51,6 +58,8 @@ const (
 	TernUplinkVarTernBtfEventFlags    = "tern_btf_event_flags"
 	TernUplinkVarTernBtfEventKind     = "tern_btf_event_kind"
 	TernUplinkVarTernBtfEventVerdict  = "tern_btf_event_verdict"
+	TernUplinkVarTernBtfLbCtFlags     = "tern_btf_lb_ct_flags"
+	TernUplinkVarTernBtfLbSvcFlags    = "tern_btf_lb_svc_flags"
 	TernUplinkVarTernBtfNatFlags      = "tern_btf_nat_flags"
 	TernUplinkVarTernBtfPolicyClass   = "tern_btf_policy_class"
 	TernUplinkVarTernBtfPolicyCtFlags = "tern_btf_policy_ct_flags"
@@ -115,6 +124,12 @@ type TernUplinkMapSpecs struct {
 	TernEventLimiter *ebpf.MapSpec `ebpf:"tern_event_limiter"`
 	TernEvents       *ebpf.MapSpec `ebpf:"tern_events"`
 	TernIpcache      *ebpf.MapSpec `ebpf:"tern_ipcache"`
+	TernLbAffinity   *ebpf.MapSpec `ebpf:"tern_lb_affinity"`
+	TernLbBackends   *ebpf.MapSpec `ebpf:"tern_lb_backends"`
+	TernLbCt         *ebpf.MapSpec `ebpf:"tern_lb_ct"`
+	TernLbRev        *ebpf.MapSpec `ebpf:"tern_lb_rev"`
+	TernLbScratch    *ebpf.MapSpec `ebpf:"tern_lb_scratch"`
+	TernLbSvc        *ebpf.MapSpec `ebpf:"tern_lb_svc"`
 	TernMetrics      *ebpf.MapSpec `ebpf:"tern_metrics"`
 	TernNat          *ebpf.MapSpec `ebpf:"tern_nat"`
 	TernNatGcTimer   *ebpf.MapSpec `ebpf:"tern_nat_gc_timer"`
@@ -138,6 +153,7 @@ type TernUplinkVariableSpecs struct {
 	CtTimeoutTcpClose    *ebpf.VariableSpec `ebpf:"ct_timeout_tcp_close"`
 	CtTimeoutTcpSyn      *ebpf.VariableSpec `ebpf:"ct_timeout_tcp_syn"`
 	CtTimeoutUdp         *ebpf.VariableSpec `ebpf:"ct_timeout_udp"`
+	LbLoopbackIp         *ebpf.VariableSpec `ebpf:"lb_loopback_ip"`
 	NatGcInterval        *ebpf.VariableSpec `ebpf:"nat_gc_interval"`
 	NatPortMax           *ebpf.VariableSpec `ebpf:"nat_port_max"`
 	NatPortMin           *ebpf.VariableSpec `ebpf:"nat_port_min"`
@@ -147,6 +163,8 @@ type TernUplinkVariableSpecs struct {
 	TernBtfEventFlags    *ebpf.VariableSpec `ebpf:"tern_btf_event_flags"`
 	TernBtfEventKind     *ebpf.VariableSpec `ebpf:"tern_btf_event_kind"`
 	TernBtfEventVerdict  *ebpf.VariableSpec `ebpf:"tern_btf_event_verdict"`
+	TernBtfLbCtFlags     *ebpf.VariableSpec `ebpf:"tern_btf_lb_ct_flags"`
+	TernBtfLbSvcFlags    *ebpf.VariableSpec `ebpf:"tern_btf_lb_svc_flags"`
 	TernBtfNatFlags      *ebpf.VariableSpec `ebpf:"tern_btf_nat_flags"`
 	TernBtfPolicyClass   *ebpf.VariableSpec `ebpf:"tern_btf_policy_class"`
 	TernBtfPolicyCtFlags *ebpf.VariableSpec `ebpf:"tern_btf_policy_ct_flags"`
@@ -181,6 +199,12 @@ type TernUplinkMaps struct {
 	TernEventLimiter *ebpf.Map `ebpf:"tern_event_limiter"`
 	TernEvents       *ebpf.Map `ebpf:"tern_events"`
 	TernIpcache      *ebpf.Map `ebpf:"tern_ipcache"`
+	TernLbAffinity   *ebpf.Map `ebpf:"tern_lb_affinity"`
+	TernLbBackends   *ebpf.Map `ebpf:"tern_lb_backends"`
+	TernLbCt         *ebpf.Map `ebpf:"tern_lb_ct"`
+	TernLbRev        *ebpf.Map `ebpf:"tern_lb_rev"`
+	TernLbScratch    *ebpf.Map `ebpf:"tern_lb_scratch"`
+	TernLbSvc        *ebpf.Map `ebpf:"tern_lb_svc"`
 	TernMetrics      *ebpf.Map `ebpf:"tern_metrics"`
 	TernNat          *ebpf.Map `ebpf:"tern_nat"`
 	TernNatGcTimer   *ebpf.Map `ebpf:"tern_nat_gc_timer"`
@@ -204,6 +228,12 @@ func (m *TernUplinkMaps) Close() error {
 		m.TernEventLimiter,
 		m.TernEvents,
 		m.TernIpcache,
+		m.TernLbAffinity,
+		m.TernLbBackends,
+		m.TernLbCt,
+		m.TernLbRev,
+		m.TernLbScratch,
+		m.TernLbSvc,
 		m.TernMetrics,
 		m.TernNat,
 		m.TernNatGcTimer,
@@ -228,6 +258,7 @@ type TernUplinkVariables struct {
 	CtTimeoutTcpClose    *ebpf.Variable `ebpf:"ct_timeout_tcp_close"`
 	CtTimeoutTcpSyn      *ebpf.Variable `ebpf:"ct_timeout_tcp_syn"`
 	CtTimeoutUdp         *ebpf.Variable `ebpf:"ct_timeout_udp"`
+	LbLoopbackIp         *ebpf.Variable `ebpf:"lb_loopback_ip"`
 	NatGcInterval        *ebpf.Variable `ebpf:"nat_gc_interval"`
 	NatPortMax           *ebpf.Variable `ebpf:"nat_port_max"`
 	NatPortMin           *ebpf.Variable `ebpf:"nat_port_min"`
@@ -237,6 +268,8 @@ type TernUplinkVariables struct {
 	TernBtfEventFlags    *ebpf.Variable `ebpf:"tern_btf_event_flags"`
 	TernBtfEventKind     *ebpf.Variable `ebpf:"tern_btf_event_kind"`
 	TernBtfEventVerdict  *ebpf.Variable `ebpf:"tern_btf_event_verdict"`
+	TernBtfLbCtFlags     *ebpf.Variable `ebpf:"tern_btf_lb_ct_flags"`
+	TernBtfLbSvcFlags    *ebpf.Variable `ebpf:"tern_btf_lb_svc_flags"`
 	TernBtfNatFlags      *ebpf.Variable `ebpf:"tern_btf_nat_flags"`
 	TernBtfPolicyClass   *ebpf.Variable `ebpf:"tern_btf_policy_class"`
 	TernBtfPolicyCtFlags *ebpf.Variable `ebpf:"tern_btf_policy_ct_flags"`

@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"net/netip"
 	"strconv"
 	"strings"
 
@@ -29,9 +30,14 @@ const (
 	// proxy) translates Services; Tern hands Service traffic and the
 	// replies of flows the host stack translated to the host stack.
 	ServicesKubeProxy = "kube-proxy"
-	// ServicesEBPF: Tern's own eBPF Service load balancer. Not available
-	// yet: rejected with code 7.
+	// ServicesEBPF: Tern's own eBPF Service load balancer (kube-proxy
+	// replacement, bpf/lib/lb.h), fed with the Services and
+	// EndpointSlices of the node's state. eBPF datapath only.
 	ServicesEBPF = "ebpf"
+
+	// DefaultServiceLoopbackIP is the client address a pod sees when it
+	// reaches itself through its own Service (services "ebpf").
+	DefaultServiceLoopbackIP = "169.254.42.1"
 )
 
 // Routing modes accepted in the "routing" field (package routing).
@@ -65,8 +71,12 @@ type NetConf struct {
 	// interface of the node's IPv4 default route.
 	Uplink string `json:"uplink,omitempty"`
 	// Services says who translates Kubernetes Services: "kube-proxy"
-	// (default). "ebpf" is reserved for Tern's own load balancer.
+	// (default) or "ebpf" (Tern's own load balancer, eBPF datapath only).
 	Services string `json:"services,omitempty"`
+	// ServiceLoopbackIP (services "ebpf") is the source address a pod sees
+	// on packets it sent itself through its own Service (hairpin).
+	// Default 169.254.42.1; it must be IPv4 and is never a pod's.
+	ServiceLoopbackIP string `json:"serviceLoopbackIP,omitempty"`
 	// ServiceCIDR lists the ranges kube-proxy's ClusterIPs come from. The
 	// eBPF datapath hands pod traffic to them to the host stack (where
 	// kube-proxy's DNAT is) instead of masquerading or redirecting it.
@@ -98,6 +108,7 @@ type NetConf struct {
 	clusterCIDR *net.IPNet
 	nonMasq     []net.IPNet
 	serviceCIDR []net.IPNet
+	lbLoopback  netip.Addr
 	attachMode  loader.Mode
 	natPortMin  uint16
 	natPortMax  uint16
@@ -187,9 +198,28 @@ func ParseConfig(stdin []byte) (*NetConf, error) {
 		conf.Services = ServicesKubeProxy
 	case ServicesKubeProxy:
 	case ServicesEBPF:
-		return nil, fieldErr("services", "%q (Tern's own eBPF Service load balancer) is not available yet; use %q with kube-proxy", ServicesEBPF, ServicesKubeProxy)
+		if conf.Datapath != DatapathEBPF {
+			return nil, fieldErr("services", "%q (Tern's own eBPF Service load balancer) needs the eBPF datapath; with datapath %q use %q with kube-proxy", ServicesEBPF, conf.Datapath, ServicesKubeProxy)
+		}
 	default:
 		return nil, fieldErr("services", "%q is not one of %q, %q", conf.Services, ServicesKubeProxy, ServicesEBPF)
+	}
+	if conf.ServiceLoopbackIP != "" && conf.Services != ServicesEBPF {
+		return nil, fieldErr("serviceLoopbackIP", "only used with services %q", ServicesEBPF)
+	}
+	if conf.Services == ServicesEBPF {
+		lo := conf.ServiceLoopbackIP
+		if lo == "" {
+			lo = DefaultServiceLoopbackIP
+		}
+		a, err := netip.ParseAddr(lo)
+		if err != nil || !a.Is4() || a.IsUnspecified() || a.IsLoopback() || a.IsMulticast() {
+			return nil, fieldErr("serviceLoopbackIP", "%q is not a unicast IPv4 address", lo)
+		}
+		if conf.clusterCIDR != nil && conf.clusterCIDR.Contains(a.AsSlice()) {
+			return nil, fieldErr("serviceLoopbackIP", "%s is inside clusterCIDR %s (it must never be a pod's)", a, conf.clusterCIDR)
+		}
+		conf.lbLoopback = a
 	}
 	for i, s := range conf.ServiceCIDR {
 		_, n, err := net.ParseCIDR(s)

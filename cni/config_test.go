@@ -194,7 +194,10 @@ func TestParseConfigFieldErrors(t *testing.T) {
 		{"nonMasqueradeCIDRs[0] bad", map[string]any{"nonMasqueradeCIDRs": []string{"bad"}}, nil, "nonMasqueradeCIDRs[0]"},
 		{"nonMasqueradeCIDRs[2] bad", map[string]any{"nonMasqueradeCIDRs": []string{"10.0.0.0/8", "172.16.0.0/12", "192.168.1.1"}}, nil, "nonMasqueradeCIDRs[2]"},
 		{"nonMasqueradeCIDRs[1] IPv6", map[string]any{"nonMasqueradeCIDRs": []string{"10.0.0.0/8", "fd00::/8"}}, nil, "nonMasqueradeCIDRs[1]"},
-		{"services ebpf not available yet", map[string]any{"services": "ebpf"}, nil, "services"},
+		{"services ebpf on the iptables datapath", map[string]any{"services": "ebpf", "datapath": "iptables"}, nil, "services"},
+		{"serviceLoopbackIP without services ebpf", map[string]any{"serviceLoopbackIP": "169.254.1.1"}, nil, "serviceLoopbackIP"},
+		{"serviceLoopbackIP IPv6", map[string]any{"services": "ebpf", "serviceLoopbackIP": "fe80::1"}, nil, "serviceLoopbackIP"},
+		{"serviceLoopbackIP in clusterCIDR", map[string]any{"services": "ebpf", "serviceLoopbackIP": "10.244.9.9", "clusterCIDR": "10.244.0.0/16"}, nil, "serviceLoopbackIP"},
 		{"unknown services", map[string]any{"services": "ipvs"}, nil, "services"},
 		{"serviceCIDR[0] bad", map[string]any{"serviceCIDR": []string{"10.96.0.10"}}, nil, "serviceCIDR[0]"},
 		{"serviceCIDR[1] IPv6", map[string]any{"serviceCIDR": []string{"10.96.0.0/12", "fd00::/108"}}, nil, "serviceCIDR[1]"},
@@ -578,16 +581,28 @@ func TestSafeName(t *testing.T) {
 	}
 }
 
-// services "ebpf" is the coming eBPF load balancer: a config asking for it
-// must fail clearly (code 7, saying it is not available yet) rather than
-// run without Service translation.
-func TestParseConfigServicesEBPFNotYet(t *testing.T) {
-	_, err := ParseConfig(confJSON(t, map[string]any{"services": "ebpf"}, nil))
+// services "ebpf" is Tern's own load balancer: accepted on the eBPF
+// datapath (with the default service-loopback address, or another), and
+// refused on the iptables datapath with a message that says why and what
+// to use instead (CNI error code 7).
+func TestParseConfigServicesEBPF(t *testing.T) {
+	conf, err := ParseConfig(confJSON(t, map[string]any{"services": "ebpf"}, nil))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if conf.Services != ServicesEBPF || conf.lbLoopback.String() != DefaultServiceLoopbackIP {
+		t.Errorf("services %q loopback %s", conf.Services, conf.lbLoopback)
+	}
+	conf, err = ParseConfig(confJSON(t, map[string]any{"services": "ebpf", "serviceLoopbackIP": "169.254.7.7"}, nil))
+	if err != nil || conf.lbLoopback.String() != "169.254.7.7" {
+		t.Fatalf("serviceLoopbackIP: %v %v", conf, err)
+	}
+	_, err = ParseConfig(confJSON(t, map[string]any{"services": "ebpf", "datapath": "iptables"}, nil))
 	te, ok := cniError(err).(*types.Error)
 	if !ok || te.Code != types.ErrInvalidNetworkConfig {
-		t.Fatalf("services ebpf: %v, want CNI error code %d", err, types.ErrInvalidNetworkConfig)
+		t.Fatalf("services ebpf on iptables: %v, want CNI error code %d", err, types.ErrInvalidNetworkConfig)
 	}
-	if !strings.Contains(te.Msg, "not available yet") || !strings.Contains(te.Msg, "kube-proxy") {
-		t.Errorf("message %q does not say the eBPF load balancer is not available yet", te.Msg)
+	if !strings.Contains(te.Msg, "needs the eBPF datapath") || !strings.Contains(te.Msg, "kube-proxy") {
+		t.Errorf("message %q does not say services ebpf needs the eBPF datapath", te.Msg)
 	}
 }

@@ -27,11 +27,13 @@ func (c *NetConf) newDatapath(subnet *net.IPNet, gateway net.IP) (datapath.Datap
 			ClusterCIDR:        c.clusterCIDR,
 			NonMasqueradeCIDRs: c.nonMasq,
 			ServiceCIDRs:       c.serviceCIDR,
+			LoadBalancer:       c.Services == ServicesEBPF,
 			PodSubnet:          subnet,
 			NAT: ebpfdp.NAT{
-				PortMin:   c.natPortMin,
-				PortMax:   c.natPortMax,
-				MemoryMiB: c.NATMemoryMiB,
+				PortMin:    c.natPortMin,
+				PortMax:    c.natPortMax,
+				MemoryMiB:  c.NATMemoryMiB,
+				LBLoopback: c.lbLoopback,
 			},
 		}
 		// Resolved on every command, but only ADD and STATUS fail when

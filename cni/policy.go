@@ -28,6 +28,7 @@ func (c *NetConf) Network() *network.Network {
 		OpenEnforcer: func() (datapath.PolicyEnforcer, func(), error) {
 			return c.openEnforcer(nil)
 		},
+		BalanceServices: c.Services == ServicesEBPF,
 	}
 	if c.pool != nil {
 		n.Gateway = c.pool.Gateway

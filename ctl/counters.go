@@ -71,6 +71,12 @@ var metricDescriptions = map[string]string{
 	"drop_tunnel_forged":   "dropped: VXLAN packet whose outer source is not the node owning its inner source (or pod traffic of a VXLAN node arriving unencapsulated)",
 	"drop_tunnel_no_pod":   "dropped: decapsulated VXLAN packet neither for a pod of this node nor for the node itself",
 	"tunnel_to_host":       "VXLAN: from another node's pod to this node's own address, handed to the host stack",
+	"lb_dnat":              "services \"ebpf\": a pod's packet to a Service translated to its backend",
+	"lb_rev_nat":           "services \"ebpf\": a backend's answer translated back to the Service address",
+	"lb_hairpin":           "services \"ebpf\": a pod reaching itself through its Service (service-loopback address)",
+	"lb_reject":            "services \"ebpf\": a Service without endpoints answered with ICMP port unreachable",
+	"drop_lb_no_local":     "dropped: services \"ebpf\", traffic policy Local and no backend on this node",
+	"drop_lb":              "dropped: services \"ebpf\", translation failed (helper error, map full, unknown hairpin answer)",
 }
 
 // readCounters reads the network's datapath counters: the eBPF metrics map

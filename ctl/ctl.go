@@ -37,8 +37,11 @@ commands:
                         every interval until Ctrl-C ("get metrics": the same; its
                         -o json keeps the earlier shape, every counter by name)
   get policies          NetworkPolicies in force: selected local pods, policy types, rules
-  apply -f FILE|DIR     add or replace the Pods, Namespaces and NetworkPolicies of
-                        the manifests in the node's policy state, and enforce it
+  get services          the Service table of Tern's load balancer (services "ebpf"):
+                        frontends, their backends or what they do without any
+  apply -f FILE|DIR     add or replace the Pods, Namespaces, NetworkPolicies,
+                        Services and EndpointSlices of the manifests in the
+                        node's state, and enforce it
   delete -f FILE|DIR    remove them (by kind, namespace and name), and enforce it
   monitor [--type drop|policy|trace] [--pod NS/NAME] [--count N] [--duration D]
                         datapath events as they happen (eBPF datapath): drops,
@@ -126,6 +129,8 @@ func Run(args []string, stdout, stderr io.Writer) error {
 		return getCounters(ctx, conf, counters, stdout)
 	case "policies", "policy", "networkpolicies", "netpol":
 		return getPolicies(conf, *output, stdout)
+	case "services", "service", "svc":
+		return getServices(conf, *output, stdout)
 	}
 	fs.Usage()
 	return fmt.Errorf("unknown resource %q", rest[1])

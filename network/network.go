@@ -46,6 +46,14 @@ type Network struct {
 	// Gateway is the pods' gateway when the configuration knows it (the
 	// built-in IPAM's); nil otherwise.
 	Gateway net.IP
+	// BalanceServices says the network balances Services itself
+	// (services: "ebpf"): the store compiles Services and EndpointSlices
+	// for the datapath's load balancer in the same update as the policy.
+	BalanceServices bool
+	// NodeName is the node's name as EndpointSlices spell it, for
+	// traffic policy Local (the agent knows it; empty elsewhere, where
+	// only the node's own pods count as local).
+	NodeName string
 }
 
 // Store is the node's policy store.
@@ -53,13 +61,18 @@ func (n *Network) Store() *store.Store { return store.New(n.StateDir) }
 
 // node describes the network for the policy store.
 func (n *Network) node(enf datapath.PolicyEnforcer, eps []*datapath.Endpoint) store.Node {
-	return store.Node{
+	node := store.Node{
 		Network:   n.Name,
 		Endpoints: StoreEndpoints(eps),
 		Hosts:     func() ([]net.IP, error) { return n.Hosts(eps) },
 		Enforcer:  enf,
 		Datapath:  n.Datapath,
+		NodeName:  n.NodeName,
 	}
+	if lb, ok := enf.(datapath.ServiceBalancer); ok && n.BalanceServices {
+		node.Balancer = lb
+	}
+	return node
 }
 
 // Sync brings the network's policy state in line with the store for the

@@ -23,6 +23,9 @@ enum endpoint_flags {
 	 * tern_nomasq is masqueraded to the node IP. Per endpoint, so that
 	 * networks sharing a node can differ. */
 	ENDPOINT_F_MASQ = 1 << 0,
+	/* The pod's network has services: "ebpf": Tern's own Service load
+	 * balancer (lib/lb.h) translates what it sends to a Service. */
+	ENDPOINT_F_LB = 1 << 1,
 };
 
 /* node_config: the single entry of tern_config, written by the plugin on
@@ -128,6 +131,12 @@ enum metric {
 	METRIC_DROP_TUNNEL_FORGED,  /* VXLAN: no tunnel key, or the outer source is not the node that owns the inner source's pod CIDR */
 	METRIC_DROP_TUNNEL_NO_POD,  /* VXLAN: decapsulated, but neither for a pod of this node nor for the node's own address */
 	METRIC_TUNNEL_TO_HOST,      /* VXLAN: from another node's pod, for this node's own address: to the host stack */
+	METRIC_LB_DNAT,          /* services "ebpf": a pod's packet to a Service translated to a backend */
+	METRIC_LB_REV_NAT,       /* services "ebpf": a backend's answer translated back to the Service address */
+	METRIC_LB_HAIRPIN,       /* services "ebpf": a pod reaching itself through its Service, through the loopback address */
+	METRIC_LB_REJECT,        /* services "ebpf": a Service without endpoints, answered with ICMP port unreachable */
+	METRIC_DROP_LB_NO_LOCAL, /* services "ebpf": traffic policy Local and no backend on this node */
+	METRIC_DROP_LB,          /* services "ebpf": translation failed (helper error, map full, unknown hairpin answer) */
 	METRIC_MAX,
 };
 
@@ -232,6 +241,79 @@ struct policy_frag_key {
 struct policy_frag_ports {
 	__be16 sport;
 	__be16 dport;
+};
+
+/* Tern's Service load balancer (services: "ebpf", lib/lb.h). */
+
+/* lb_svc_key: key of tern_lb_svc, a frontend: (address, port, protocol). */
+struct lb_svc_key {
+	__be32 addr;
+	__be16 port;
+	__u8 proto;
+	__u8 pad;
+};
+
+/* lb_svc: value of tern_lb_svc. */
+struct lb_svc {
+	__u32 id;               /* rev-NAT id (tern_lb_rev) and the backend slots' namespace */
+	__u32 count;            /* backend slots 0..count-1 in tern_lb_backends; 0: none */
+	__u32 affinity_timeout; /* ClientIP session affinity, seconds; 0: none */
+	__u32 flags;            /* enum lb_svc_flags */
+};
+
+enum lb_svc_flags {
+	LB_SVC_F_DROP = 1 << 0, /* without backends: drop (traffic policy Local, none here) instead of rejecting */
+};
+
+/* lb_slot_key: key of tern_lb_backends. */
+struct lb_slot_key {
+	__u32 id;
+	__u32 slot;
+};
+
+/* lb_backend: value of tern_lb_backends, and of tern_lb_rev (the frontend
+ * a rev-NAT id translates answers back to). */
+struct lb_backend {
+	__be32 addr;
+	__be16 port;
+	__u16 pad;
+};
+
+/* lb_ct_entry: value of tern_lb_ct, keyed by struct nat_tuple:
+ *  - forward (the flow as the client sent it, to the frontend): the
+ *    backend it is pinned to;
+ *  - reply (LB_CT_F_REPLY; the backend's answer as it sends it): the
+ *    client's address and port the answer goes to (for a hairpin, the pod
+ *    behind the loopback address). */
+struct lb_ct_entry {
+	__u64 last_seen;
+	__be32 addr;
+	__be16 port;
+	__u16 flags;  /* enum lb_ct_flags */
+	__u32 rev_id; /* frontend id */
+	__u32 pad;
+};
+
+/* Above the NAT_F_* bits, which lb_ct_entry.flags also carries (FIN, RST:
+ * the timeouts of lib/conntrack.h). */
+enum lb_ct_flags {
+	LB_CT_F_REPLY = 1 << 8,
+	LB_CT_F_HAIRPIN = 1 << 9,
+	LB_CT_F_EXTERNAL = 1 << 10, /* reply entry: the client is outside the node (came in by the uplink) */
+};
+
+/* lb_affinity_key: key of tern_lb_affinity (ClientIP session affinity). */
+struct lb_affinity_key {
+	__be32 client;
+	__u32 id;
+};
+
+/* lb_affinity: value of tern_lb_affinity. */
+struct lb_affinity {
+	__u64 last_seen;
+	__be32 addr;
+	__be16 port;
+	__u16 pad;
 };
 
 /* metric_value: one per-CPU slot of the metrics array. */

@@ -239,10 +239,68 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } tern_stack_ct SEC(".maps");
 
+/* Tern's Service load balancer (services: "ebpf", lib/lb.h). Frontends and
+ * backend slots are written by the plugin by difference from the compiled
+ * Service table (datapath/ebpf/lb.go); the conntrack and affinity maps by
+ * the programs. TERN_MAX_LB_SLOTS: sum over frontends of their backends. */
+#define TERN_MAX_LB_SERVICES 65536
+#define TERN_MAX_LB_SLOTS 262144
+#define TERN_MAX_LB_CT 262144
+#define TERN_MAX_LB_AFFINITY 65536
+
+/* tern_lb_svc: frontend (address, port, protocol) -> service. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, TERN_MAX_LB_SERVICES);
+	__type(key, struct lb_svc_key);
+	__type(value, struct lb_svc);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} tern_lb_svc SEC(".maps");
+
+/* tern_lb_backends: (frontend id, slot) -> backend. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, TERN_MAX_LB_SLOTS);
+	__type(key, struct lb_slot_key);
+	__type(value, struct lb_backend);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} tern_lb_backends SEC(".maps");
+
+/* tern_lb_rev: frontend id -> frontend address and port (rev-NAT). */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, TERN_MAX_LB_SERVICES);
+	__type(key, __u32);
+	__type(value, struct lb_backend);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} tern_lb_rev SEC(".maps");
+
+/* tern_lb_ct: per-flow conntrack of the load balancer, both directions
+ * (struct lb_ct_entry). LRU: an evicted flow is balanced again on its
+ * next packet (its backend stays the same while the slots do). */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, TERN_MAX_LB_CT);
+	__type(key, struct nat_tuple);
+	__type(value, struct lb_ct_entry);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} tern_lb_ct SEC(".maps");
+
+/* tern_lb_affinity: (client, frontend id) -> backend, ClientIP affinity. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, TERN_MAX_LB_AFFINITY);
+	__type(key, struct lb_affinity_key);
+	__type(value, struct lb_affinity);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} tern_lb_affinity SEC(".maps");
+
 /* The flag enums only ever travel in integer fields, so nothing would put
  * them in BTF, where bpf2go -type looks for them: these constants do.
  * Programs never read them. */
 const volatile enum endpoint_flags tern_btf_endpoint_flags = ENDPOINT_F_NONE;
+const volatile enum lb_svc_flags tern_btf_lb_svc_flags = 0;
+const volatile enum lb_ct_flags tern_btf_lb_ct_flags = 0;
 const volatile enum nat_flags tern_btf_nat_flags = 0;
 const volatile enum ep_policy_flags tern_btf_ep_policy_flags = 0;
 const volatile enum policy_ct_flags tern_btf_policy_ct_flags = 0;

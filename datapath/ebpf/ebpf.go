@@ -47,6 +47,10 @@ type Config struct {
 	// ServiceCIDRs are the ranges kube-proxy's ClusterIPs come from
 	// (services.go): pod traffic to them goes to the host stack.
 	ServiceCIDRs []net.IPNet
+	// LoadBalancer marks the network's endpoints for Tern's own Service
+	// load balancer (services "ebpf", lb.go): what they send to a Service
+	// frontend is translated to a backend by tern_from_pod.
+	LoadBalancer bool
 	// PodSubnet stands in for ClusterCIDR when that is unset (as in the
 	// iptables datapath). Nil when unknown (DEL without a record).
 	PodSubnet *net.IPNet
@@ -163,6 +167,9 @@ func (d *Datapath) endpointValue(ep *datapath.Endpoint) (ternbpf.TernEndpoint, e
 	}
 	if d.cfg.IPMasq {
 		v.Flags |= uint32(ternbpf.TernEndpointFlagsENDPOINT_F_MASQ)
+	}
+	if d.cfg.LoadBalancer {
+		v.Flags |= uint32(ternbpf.TernEndpointFlagsENDPOINT_F_LB)
 	}
 	return v, nil
 }

@@ -45,6 +45,12 @@ var metricNames = [...]string{
 	ternbpf.TernMetricMETRIC_DROP_TUNNEL_FORGED:   "drop_tunnel_forged",
 	ternbpf.TernMetricMETRIC_DROP_TUNNEL_NO_POD:   "drop_tunnel_no_pod",
 	ternbpf.TernMetricMETRIC_TUNNEL_TO_HOST:       "tunnel_to_host",
+	ternbpf.TernMetricMETRIC_LB_DNAT:              "lb_dnat",
+	ternbpf.TernMetricMETRIC_LB_REV_NAT:           "lb_rev_nat",
+	ternbpf.TernMetricMETRIC_LB_HAIRPIN:           "lb_hairpin",
+	ternbpf.TernMetricMETRIC_LB_REJECT:            "lb_reject",
+	ternbpf.TernMetricMETRIC_DROP_LB_NO_LOCAL:     "drop_lb_no_local",
+	ternbpf.TernMetricMETRIC_DROP_LB:              "drop_lb",
 }
 
 // MetricName is the name of a metric (e.g. "redirect_peer").

@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"net/netip"
 	"path/filepath"
 	"slices"
 	"strconv"
@@ -120,6 +121,10 @@ type NAT struct {
 	// GCInterval is the period of the in-kernel NAT garbage collector
 	// (0: 10 s).
 	GCInterval time.Duration
+	// LBLoopback is the service-loopback address of the Service load
+	// balancer (lib/lb.h: the client a pod reaching itself through its
+	// Service sees). Zero: 169.254.42.1.
+	LBLoopback netip.Addr
 }
 
 // DefaultNAT: ports above the kernel's default ephemeral range (32768-60999),
@@ -130,6 +135,7 @@ func DefaultNAT() NAT {
 		TCP: 6 * time.Hour, TCPSyn: 60 * time.Second, TCPClose: 10 * time.Second,
 		UDP: 60 * time.Second, ICMP: 30 * time.Second,
 		MemoryMiB: DefaultNATMemoryMiB, GCInterval: 10 * time.Second,
+		LBLoopback: netip.AddrFrom4([4]byte{169, 254, 42, 1}),
 	}
 }
 
@@ -165,6 +171,9 @@ func (n NAT) withDefaults() NAT {
 	if n.MemoryMiB == 0 {
 		n.MemoryMiB = d.MemoryMiB
 	}
+	if !n.LBLoopback.IsValid() {
+		n.LBLoopback = d.LBLoopback
+	}
 	return n
 }
 
@@ -179,6 +188,7 @@ func (n NAT) vars() map[string]uint32 {
 		ternbpf.TernVarCtTimeoutUdp:      sec(n.UDP),
 		ternbpf.TernVarCtTimeoutIcmp:     sec(n.ICMP),
 		ternbpf.TernVarNatGcInterval:     sec(n.GCInterval),
+		ternbpf.TernVarLbLoopbackIp:      lbAddr(n.LBLoopback),
 	}
 }
 

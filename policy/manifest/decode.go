@@ -14,14 +14,16 @@ import (
 	"strings"
 
 	corev1 "k8s.io/api/core/v1"
+	discoveryv1 "k8s.io/api/discovery/v1"
 	networkingv1 "k8s.io/api/networking/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/runtime"
 	"sigs.k8s.io/yaml"
 )
 
-// Object is one of *corev1.Pod, *corev1.Namespace and
-// *networkingv1.NetworkPolicy.
+// Object is one of *corev1.Pod, *corev1.Namespace,
+// *networkingv1.NetworkPolicy, *corev1.Service and
+// *discoveryv1.EndpointSlice.
 type Object interface {
 	metav1.Object
 	runtime.Object
@@ -34,6 +36,9 @@ const (
 	KindPod              = "Pod"
 	KindNamespace        = "Namespace"
 	KindNetworkPolicy    = "NetworkPolicy"
+	APIVersionDiscovery  = "discovery.k8s.io/v1"
+	KindService          = "Service"
+	KindEndpointSlice    = "EndpointSlice"
 )
 
 // DecodeError is returned by Decode. Doc is the 0-based index of the
@@ -70,7 +75,8 @@ func (e *ObjectError) Unwrap() error { return e.Err }
 
 // Decode reads a stream of manifests: YAML documents separated by "---"
 // lines, or a sequence of JSON objects. Every document must be a v1 Pod, a
-// v1 Namespace or a networking.k8s.io/v1 NetworkPolicy, or a list of them
+// v1 Namespace, a networking.k8s.io/v1 NetworkPolicy, a v1 Service or a
+// discovery.k8s.io/v1 EndpointSlice, or a list of them
 // (a v1 List as `kubectl get -o yaml` prints, or a typed list such as
 // NetworkPolicyList) whose items obey the same rules; unknown fields
 // (exact case), duplicate fields and invalid objects are rejected. Empty
@@ -196,6 +202,8 @@ var listKinds = map[string]string{
 	APIVersionCore + "/PodList":                 KindPod,
 	APIVersionCore + "/NamespaceList":           KindNamespace,
 	APIVersionNetworking + "/NetworkPolicyList": KindNetworkPolicy,
+	APIVersionCore + "/ServiceList":             KindService,
+	APIVersionDiscovery + "/EndpointSliceList":  KindEndpointSlice,
 	APIVersionCore + "/" + KindList:             "",
 }
 
@@ -317,8 +325,12 @@ func decodeObject(data []byte, wantKind string) (Object, error) {
 		obj = &corev1.Namespace{}
 	case apiVersion == APIVersionNetworking && kind == KindNetworkPolicy:
 		obj = &networkingv1.NetworkPolicy{}
+	case apiVersion == APIVersionCore && kind == KindService:
+		obj = &corev1.Service{}
+	case apiVersion == APIVersionDiscovery && kind == KindEndpointSlice:
+		obj = &discoveryv1.EndpointSlice{}
 	default:
-		return nil, wrap(fmt.Errorf("unsupported apiVersion/kind %s/%s (want v1 Pod, v1 Namespace or networking.k8s.io/v1 NetworkPolicy)", apiVersion, kind))
+		return nil, wrap(fmt.Errorf("unsupported apiVersion/kind %s/%s (want v1 Pod, v1 Namespace, networking.k8s.io/v1 NetworkPolicy, v1 Service or discovery.k8s.io/v1 EndpointSlice)", apiVersion, kind))
 	}
 	if wantKind != "" && kind != wantKind {
 		return nil, wrap(fmt.Errorf("expected kind %s", wantKind))

@@ -35,7 +35,7 @@ func testdata(t testing.TB, dir string) map[string][]byte {
 }
 
 func TestDecodeValid(t *testing.T) {
-	want := map[string]int{"cluster.yaml": 4, "selectors.yaml": 3, "list.json": 3, "flow.yaml": 1, "kubectl-list.yaml": 3, "typed-list.json": 2}
+	want := map[string]int{"cluster.yaml": 4, "selectors.yaml": 3, "list.json": 3, "flow.yaml": 1, "kubectl-list.yaml": 3, "typed-list.json": 2, "services.yaml": 2}
 	for name, data := range testdata(t, "valid") {
 		t.Run(name, func(t *testing.T) {
 			objs, err := manifest.Decode(bytes.NewReader(data))
@@ -279,6 +279,9 @@ func TestSaveLoad(t *testing.T) {
 	if len(loaded.Pods) != len(s.Pods) || len(loaded.Policies) != len(s.Policies) || len(loaded.Namespaces) != len(s.Namespaces) {
 		t.Errorf("loaded %d/%d/%d objects", len(loaded.Namespaces), len(loaded.Pods), len(loaded.Policies))
 	}
+	if len(loaded.Services) != 1 || len(loaded.EndpointSlices) != 1 {
+		t.Errorf("loaded %d Services, %d EndpointSlices; want 1, 1", len(loaded.Services), len(loaded.EndpointSlices))
+	}
 	// Saving again replaces the file and leaves no temporary behind.
 	if err := loaded.Save(path); err != nil {
 		t.Fatal(err)
@@ -294,6 +297,7 @@ func TestSaveLoad(t *testing.T) {
 		`{"namespaces":[{"apiVersion":"v1","kind":"Pod","metadata":{"name":"a"},"spec":{"containers":[{"name":"c"}]}}],"pods":[],"networkPolicies":[]}`,
 		`{"namespaces":[{"apiVersion":"v1","kind":"Namespace","metadata":{"name":"a"}},{"apiVersion":"v1","kind":"Namespace","metadata":{"name":"a"}}]}`,
 		`{"namespaces":[],"extra":1}`,
+		`{"namespaces":[],"pods":[],"networkPolicies":[],"services":[{"apiVersion":"v1","kind":"Pod","metadata":{"name":"a"},"spec":{"containers":[{"name":"c"}]}}]}`,
 	} {
 		if err := os.WriteFile(path, []byte(bad), 0o644); err != nil {
 			t.Fatal(err)

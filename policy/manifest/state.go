@@ -12,6 +12,7 @@ import (
 	"strings"
 
 	corev1 "k8s.io/api/core/v1"
+	discoveryv1 "k8s.io/api/discovery/v1"
 	networkingv1 "k8s.io/api/networking/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/labels"
@@ -30,6 +31,10 @@ type State struct {
 	Namespaces map[string]*corev1.Namespace
 	Pods       map[types.NamespacedName]*corev1.Pod
 	Policies   map[types.NamespacedName]*networkingv1.NetworkPolicy
+	// Services and EndpointSlices feed Tern's own Service load balancer
+	// (package services); policy does not read them.
+	Services       map[types.NamespacedName]*corev1.Service
+	EndpointSlices map[types.NamespacedName]*discoveryv1.EndpointSlice
 }
 
 // NewState returns an empty state.
@@ -38,6 +43,9 @@ func NewState() *State {
 		Namespaces: map[string]*corev1.Namespace{},
 		Pods:       map[types.NamespacedName]*corev1.Pod{},
 		Policies:   map[types.NamespacedName]*networkingv1.NetworkPolicy{},
+
+		Services:       map[types.NamespacedName]*corev1.Service{},
+		EndpointSlices: map[types.NamespacedName]*discoveryv1.EndpointSlice{},
 	}
 }
 
@@ -54,6 +62,12 @@ func (s *State) clone() *State {
 	}
 	for k, v := range s.Policies {
 		n.Policies[k] = v
+	}
+	for k, v := range s.Services {
+		n.Services[k] = v
+	}
+	for k, v := range s.EndpointSlices {
+		n.EndpointSlices[k] = v
 	}
 	return n
 }
@@ -84,6 +98,10 @@ func (s *State) Apply(objs []Object) (*State, error) {
 			n.Namespaces[o.Name] = o
 		case *networkingv1.NetworkPolicy:
 			n.Policies[key(o)] = o
+		case *corev1.Service:
+			n.Services[key(o)] = o
+		case *discoveryv1.EndpointSlice:
+			n.EndpointSlices[key(o)] = o
 		}
 	}
 	return n, nil
@@ -114,6 +132,10 @@ func (s *State) Delete(objs []Object) (*State, error) {
 			delete(n.Namespaces, obj.GetName())
 		case *networkingv1.NetworkPolicy:
 			delete(n.Policies, k)
+		case *corev1.Service:
+			delete(n.Services, k)
+		case *discoveryv1.EndpointSlice:
+			delete(n.EndpointSlices, k)
 		}
 	}
 	return n, nil
@@ -137,7 +159,8 @@ func (s *State) NamespaceLabels(name string) labels.Set {
 }
 
 // Objects returns every object of the state: namespaces, then pods, then
-// policies, each sorted by namespace and name.
+// policies, then services, then endpoint slices, each sorted by namespace
+// and name.
 func (s *State) Objects() []Object {
 	if s == nil {
 		return nil
@@ -152,6 +175,12 @@ func (s *State) Objects() []Object {
 	for _, k := range sortedNames(s.Policies) {
 		out = append(out, s.Policies[k])
 	}
+	for _, k := range sortedNames(s.Services) {
+		out = append(out, s.Services[k])
+	}
+	for _, k := range sortedNames(s.EndpointSlices) {
+		out = append(out, s.EndpointSlices[k])
+	}
 	return out
 }
 
@@ -160,6 +189,10 @@ type stateJSON struct {
 	Namespaces      []json.RawMessage `json:"namespaces"`
 	Pods            []json.RawMessage `json:"pods"`
 	NetworkPolicies []json.RawMessage `json:"networkPolicies"`
+	// Left out when empty, so a state without Services reads the same as
+	// before they existed.
+	Services       []json.RawMessage `json:"services,omitempty"`
+	EndpointSlices []json.RawMessage `json:"endpointSlices,omitempty"`
 }
 
 // MarshalJSON encodes the state as {"namespaces": [...], "pods": [...],
@@ -183,6 +216,10 @@ func (s *State) MarshalJSON() ([]byte, error) {
 			out.Pods = append(out.Pods, b)
 		case *networkingv1.NetworkPolicy:
 			out.NetworkPolicies = append(out.NetworkPolicies, b)
+		case *corev1.Service:
+			out.Services = append(out.Services, b)
+		case *discoveryv1.EndpointSlice:
+			out.EndpointSlices = append(out.EndpointSlices, b)
 		}
 	}
 	return json.Marshal(out)
@@ -206,6 +243,8 @@ func (s *State) UnmarshalJSON(data []byte) error {
 		{"namespaces", KindNamespace, in.Namespaces},
 		{"pods", KindPod, in.Pods},
 		{"networkPolicies", KindNetworkPolicy, in.NetworkPolicies},
+		{"services", KindService, in.Services},
+		{"endpointSlices", KindEndpointSlice, in.EndpointSlices},
 	}
 	for _, l := range lists {
 		for i, raw := range l.items {
@@ -227,6 +266,12 @@ func (s *State) UnmarshalJSON(data []byte) error {
 			case *networkingv1.NetworkPolicy:
 				_, dup = n.Policies[key(o)]
 				n.Policies[key(o)] = o
+			case *corev1.Service:
+				_, dup = n.Services[key(o)]
+				n.Services[key(o)] = o
+			case *discoveryv1.EndpointSlice:
+				_, dup = n.EndpointSlices[key(o)]
+				n.EndpointSlices[key(o)] = o
 			}
 			if dup {
 				return fmt.Errorf("decode state: %s[%d]: %s %s given twice", l.field, i, l.kind, strings.TrimPrefix(key(obj).String(), "/"))
@@ -329,6 +374,20 @@ func normalize(obj Object) (Object, error) {
 			c.Namespace = metav1.NamespaceDefault
 		}
 		return c, nil
+	case *corev1.Service:
+		c := o.DeepCopy()
+		c.APIVersion, c.Kind = APIVersionCore, KindService
+		if c.Namespace == "" {
+			c.Namespace = metav1.NamespaceDefault
+		}
+		return c, nil
+	case *discoveryv1.EndpointSlice:
+		c := o.DeepCopy()
+		c.APIVersion, c.Kind = APIVersionDiscovery, KindEndpointSlice
+		if c.Namespace == "" {
+			c.Namespace = metav1.NamespaceDefault
+		}
+		return c, nil
 	}
 	return nil, fmt.Errorf("unsupported object type %T", obj)
 }
@@ -342,6 +401,10 @@ func isNil(obj Object) bool {
 	case *corev1.Namespace:
 		return o == nil
 	case *networkingv1.NetworkPolicy:
+		return o == nil
+	case *corev1.Service:
+		return o == nil
+	case *discoveryv1.EndpointSlice:
 		return o == nil
 	}
 	return false

@@ -7,6 +7,7 @@ import (
 	"strings"
 
 	corev1 "k8s.io/api/core/v1"
+	discoveryv1 "k8s.io/api/discovery/v1"
 	networkingv1 "k8s.io/api/networking/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/util/intstr"
@@ -38,6 +39,10 @@ func KindOf(obj Object) string {
 		return KindNamespace
 	case *networkingv1.NetworkPolicy:
 		return KindNetworkPolicy
+	case *corev1.Service:
+		return KindService
+	case *discoveryv1.EndpointSlice:
+		return KindEndpointSlice
 	}
 	return ""
 }
@@ -68,6 +73,18 @@ func Validate(obj Object) error {
 		}
 		validateMeta(&errs, &o.ObjectMeta, true, validation.IsDNS1123Subdomain)
 		validatePolicySpec(&errs, &o.Spec)
+	case *corev1.Service:
+		if o == nil {
+			return errors.New("nil Service")
+		}
+		validateMeta(&errs, &o.ObjectMeta, true, validation.IsDNS1035Label)
+		validateService(&errs, o)
+	case *discoveryv1.EndpointSlice:
+		if o == nil {
+			return errors.New("nil EndpointSlice")
+		}
+		validateMeta(&errs, &o.ObjectMeta, true, validation.IsDNS1123Subdomain)
+		validateEndpointSlice(&errs, o)
 	default:
 		return fmt.Errorf("unsupported object type %T", obj)
 	}

@@ -9,6 +9,8 @@
 //   - applied-<network>.json: the rule set last applied to that network's
 //     datapath (compile.RuleSet's JSON), the prev of the next update, so
 //     identity and class numbers stay stable while an update is applied;
+//   - applied-services-<network>.json: the Service table (services.Table)
+//     last applied to a network whose datapath balances Services itself;
 //   - lock: a file lock that serialises every change.
 //
 // Sync (CNI ADD and DEL) and Update (ternctl apply and delete) compile the
@@ -44,6 +46,7 @@ import (
 	"github.com/ternlabs/tern/policy"
 	"github.com/ternlabs/tern/policy/compile"
 	"github.com/ternlabs/tern/policy/manifest"
+	"github.com/ternlabs/tern/services"
 )
 
 // ErrNotImplemented is returned (wrapped) when policies would have to be
@@ -88,12 +91,24 @@ type Node struct {
 	// recreated after the node's pins were lost): Sync applies the whole
 	// rule set, not the difference from the one on record.
 	Reapply bool
+	// Balancer is the network's own Service load balancer (services:
+	// "ebpf"); nil when something else (kube-proxy) translates Services.
+	// The Services and EndpointSlices of the state are compiled for it
+	// with the policy, in the same update.
+	Balancer datapath.ServiceBalancer
+	// NodeName is the node's name as EndpointSlices spell it (nodeName),
+	// for traffic policy Local; pods of Endpoints are local either way.
+	NodeName string
 }
 
 func (s *Store) statePath() string { return filepath.Join(s.dir, "state.json") }
 
 func (s *Store) appliedPath(network string) string {
 	return filepath.Join(s.dir, "applied-"+network+".json")
+}
+
+func (s *Store) appliedServicesPath(network string) string {
+	return filepath.Join(s.dir, "applied-services-"+network+".json")
 }
 
 func validNetwork(network string) error {
@@ -110,7 +125,7 @@ func (s *Store) Sync(n Node) error {
 	if err := validNetwork(n.Network); err != nil {
 		return err
 	}
-	if !exists(s.statePath()) && !exists(s.appliedPath(n.Network)) {
+	if !exists(s.statePath()) && !exists(s.appliedPath(n.Network)) && !exists(s.appliedServicesPath(n.Network)) {
 		return nil
 	}
 	unlock, err := s.lock()
@@ -264,17 +279,113 @@ func (s *Store) enforce(n Node, st *manifest.State, prev *compile.RuleSet) (undo
 	if err := s.saveApplied(n.Network, next); err != nil {
 		return nil, errors.Join(err, restoreDatapath())
 	}
-	return func() error {
-		var errs []error
-		if prev == nil {
-			if err := os.Remove(s.appliedPath(n.Network)); err != nil && !errors.Is(err, os.ErrNotExist) {
-				errs = append(errs, fmt.Errorf("policy: undo: %w", err))
-			}
-		} else if err := s.saveApplied(n.Network, prev); err != nil {
-			errs = append(errs, fmt.Errorf("policy: undo: %w", err))
+	undoServices := func() error { return nil }
+	if n.Balancer != nil {
+		if undoServices, err = s.balance(n, st, hosts); err != nil {
+			return nil, errors.Join(err, s.restoreApplied(n.Network, prev), restoreDatapath())
 		}
-		return errors.Join(append(errs, restoreDatapath())...)
+	}
+	return func() error {
+		return errors.Join(undoServices(), s.restoreApplied(n.Network, prev), restoreDatapath())
 	}, nil
+}
+
+// restoreApplied puts back the record of the rule set applied before
+// (none: no record).
+func (s *Store) restoreApplied(network string, prev *compile.RuleSet) error {
+	if prev == nil {
+		if err := os.Remove(s.appliedPath(network)); err != nil && !errors.Is(err, os.ErrNotExist) {
+			return fmt.Errorf("policy: undo: %w", err)
+		}
+		return nil
+	}
+	if err := s.saveApplied(network, prev); err != nil {
+		return fmt.Errorf("policy: undo: %w", err)
+	}
+	return nil
+}
+
+// balance compiles the Services of st for the node, applies the table to
+// the network's load balancer and records it. It returns the undo.
+func (s *Store) balance(n Node, st *manifest.State, hosts []net.IP) (undo func() error, err error) {
+	prev, err := s.loadAppliedServices(n.Network)
+	if err != nil {
+		return nil, err
+	}
+	node := services.Node{Name: n.NodeName}
+	for _, h := range hosts {
+		if a, ok := netip.AddrFromSlice(h); ok {
+			node.Addrs = append(node.Addrs, a.Unmap())
+		}
+	}
+	for _, ep := range n.Endpoints {
+		if a, ok := netip.AddrFromSlice(ep.IP); ok {
+			node.LocalPods = append(node.LocalPods, a.Unmap())
+		}
+	}
+	next, err := services.Compile(st, node, prev)
+	if err != nil {
+		return nil, err
+	}
+	if err := n.Balancer.ApplyServices(prev, next); err != nil {
+		return nil, fmt.Errorf("services: apply to network %s: %w", n.Network, err)
+	}
+	back := prev
+	if back == nil {
+		back = &services.Table{}
+	}
+	restore := func() error {
+		if err := n.Balancer.ApplyServices(next, back); err != nil {
+			return fmt.Errorf("services: undo: restore the previous table of network %s: %w", n.Network, err)
+		}
+		return nil
+	}
+	if err := s.saveJSON(s.appliedServicesPath(n.Network), next); err != nil {
+		return nil, errors.Join(err, restore())
+	}
+	return func() error {
+		var err error
+		if prev == nil {
+			if e := os.Remove(s.appliedServicesPath(n.Network)); e != nil && !errors.Is(e, os.ErrNotExist) {
+				err = fmt.Errorf("services: undo: %w", e)
+			}
+		} else {
+			err = s.saveJSON(s.appliedServicesPath(n.Network), prev)
+		}
+		return errors.Join(err, restore())
+	}, nil
+}
+
+// AppliedServices returns the Service table last applied to the network,
+// nil if none.
+func (s *Store) AppliedServices(network string) (*services.Table, error) {
+	if err := validNetwork(network); err != nil {
+		return nil, err
+	}
+	return s.loadAppliedServices(network)
+}
+
+func (s *Store) loadAppliedServices(network string) (*services.Table, error) {
+	b, err := os.ReadFile(s.appliedServicesPath(network))
+	if errors.Is(err, os.ErrNotExist) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, fmt.Errorf("policy store: %w", err)
+	}
+	t := &services.Table{}
+	if err := json.Unmarshal(b, t); err != nil {
+		return nil, fmt.Errorf("policy store: decode %s: %w", s.appliedServicesPath(network), err)
+	}
+	return t, nil
+}
+
+func (s *Store) saveJSON(path string, v any) error {
+	b, err := json.MarshalIndent(v, "", "  ")
+	if err != nil {
+		return fmt.Errorf("policy store: encode: %w", err)
+	}
+	return writeFileAtomic(path, append(b, '\n'))
 }
 
 // Topology builds the policy topology of a network on this node: its
@@ -326,7 +437,7 @@ func (s *Store) Forget(network string) error {
 	if err := validNetwork(network); err != nil {
 		return err
 	}
-	if !exists(s.appliedPath(network)) {
+	if !exists(s.appliedPath(network)) && !exists(s.appliedServicesPath(network)) {
 		return nil
 	}
 	unlock, err := s.lock()
@@ -334,8 +445,10 @@ func (s *Store) Forget(network string) error {
 		return err
 	}
 	defer unlock()
-	if err := os.Remove(s.appliedPath(network)); err != nil && !errors.Is(err, os.ErrNotExist) {
-		return fmt.Errorf("policy store: %w", err)
+	for _, p := range []string{s.appliedPath(network), s.appliedServicesPath(network)} {
+		if err := os.Remove(p); err != nil && !errors.Is(err, os.ErrNotExist) {
+			return fmt.Errorf("policy store: %w", err)
+		}
 	}
 	return nil
 }
