@@ -194,6 +194,20 @@ drop:
 	return TC_ACT_SHOT;
 }
 
+/* snat_lookup_now is snat_lookup (lib/nat.h) in a frame of its own, at the
+ * current time: the port search (SipHash state, candidate ports) would
+ * otherwise sit in tern_from_pod's frame, and the verifier bounds a frame
+ * plus its deepest chain of callees (the load balancer's, the event
+ * writer's) to 512 bytes. flags are the packet's close flags, and SNAT_SYN
+ * when it opens a TCP connection. */
+#define SNAT_SYN 0x8000
+static __noinline int snat_lookup_now(const struct nat_tuple *orig, __be32 node_ip, __u32 flags,
+				      __be16 *port)
+{
+	return snat_lookup(orig, node_ip, flags & ~SNAT_SYN, !!(flags & SNAT_SYN),
+			   bpf_ktime_get_ns(), port);
+}
+
 /* snat_out masquerades a packet of src to the node IP and sends it out of
  * the uplink the FIB chose. Returns a tc verdict. It never lets a packet
  * that needs masquerading reach the stack untranslated, which would send
@@ -203,12 +217,12 @@ drop:
 static __always_inline int snat_out(struct __sk_buff *skb, const struct ip4 *ip,
 				    const struct node_config *cfg)
 {
-	struct bpf_fib_lookup fib;
+	struct bpf_fib_lookup *fib;
+	struct lb_scratch *scratch;
 	struct nat_tuple orig = {};
 	struct l4 l4 = {};
 	__u32 port_off, csum_off;
 	__be16 nat_port, from_port;
-	__u64 now;
 	long rc;
 	int v;
 
@@ -217,10 +231,19 @@ static __always_inline int snat_out(struct __sk_buff *skb, const struct ip4 *ip,
 		return TC_ACT_SHOT;
 	}
 
-	rc = fib_lookup_v4(skb, &fib, ip->saddr, ip->daddr, ip->tos, ip->proto, l4.sport, l4.dport);
+	/* The FIB parameters live in the per-CPU scratch map, not on the
+	 * stack: tern_from_pod's frame plus its deepest callee must stay
+	 * within the verifier's 512 bytes. */
+	scratch = lb_scratch();
+	if (!scratch) {
+		count(METRIC_DROP_REDIRECT, skb->len);
+		return TC_ACT_SHOT;
+	}
+	fib = (struct bpf_fib_lookup *)scratch->fib;
+	rc = fib_lookup_v4(skb, fib, ip->saddr, ip->daddr, ip->tos, ip->proto, l4.sport, l4.dport);
 	switch (rc) {
 	case BPF_FIB_LKUP_RET_SUCCESS:
-		if (fib.ifindex != cfg->uplink_ifindex) {
+		if (fib->ifindex != cfg->uplink_ifindex) {
 			/* Routed out of another interface: we have no address
 			 * to masquerade to there, and the stack would send it
 			 * with the pod's. Destinations that may see pod
@@ -290,10 +313,11 @@ static __always_inline int snat_out(struct __sk_buff *skb, const struct ip4 *ip,
 		goto unsupported;
 	}
 
-	now = bpf_ktime_get_ns();
-	switch (snat_lookup(&orig, cfg->node_ip, tcp_close_flags(&l4, NAT_F_FIN_POD),
-			    l4.proto == IPPROTO_TCP && (l4.tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN,
-			    now, &nat_port)) {
+	switch (snat_lookup_now(&orig, cfg->node_ip,
+				tcp_close_flags(&l4, NAT_F_FIN_POD) |
+				(l4.proto == IPPROTO_TCP &&
+				 (l4.tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN ? SNAT_SYN : 0),
+				&nat_port)) {
 	case SNAT_TRANSLATE:
 		break;
 	case SNAT_INBOUND:
@@ -320,7 +344,7 @@ send:
 		return TC_ACT_SHOT;
 	}
 	count(METRIC_SNAT, skb->len);
-	return redirect_neigh_v4(&fib);
+	return redirect_neigh_v4(fib);
 
 unsupported:
 	/* Sending it on would leak the pod address; the stack would too. */
@@ -336,6 +360,16 @@ SEC("tc")
 int tern_nat_gc(struct __sk_buff *skb)
 {
 	return nat_gc_arm();
+}
+
+/* remote_out is remote_forward in a frame of its own: its FIB and tunnel
+ * structures would otherwise sit in tern_from_pod's frame, and the
+ * verifier bounds a frame plus its deepest callee (the load balancer's) to
+ * 512 bytes. */
+static __noinline int remote_out(struct __sk_buff *skb, const struct remote_node *rn,
+				 const struct ip4 *ip)
+{
+	return remote_forward(skb, rn, ip->saddr, ip->daddr, ip->tos, ip->proto, ip->ttl);
 }
 
 SEC("tc")
@@ -461,7 +495,7 @@ int tern_from_pod(struct __sk_buff *skb)
 			count(METRIC_PASS_STACK_REPLY, skb->len);
 			return TERN_PASS;
 		}
-		return remote_forward(skb, rn, ip.saddr, ip.daddr, ip.tos, ip.proto, ip.ttl);
+		return remote_out(skb, rn, &ip);
 	}
 
 	/* Masquerade what leaves the cluster, when this pod's network asks

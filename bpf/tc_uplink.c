@@ -195,6 +195,17 @@ static __always_inline int rev_snat(struct __sk_buff *skb, __be32 saddr, __u8 tt
 	return deliver_to_endpoint(skb, ep, ttl, METRIC_REV_SNAT);
 }
 
+/* remote_deliver_pkt is remote_deliver (lib/remote.h) in a frame of its
+ * own: its policy decision would otherwise sit in tern_from_uplink's frame,
+ * and the verifier bounds a frame plus its deepest chain of callees (the
+ * load balancer's) to 512 bytes. */
+static __noinline int remote_deliver_pkt(struct __sk_buff *skb, const struct endpoint *ep,
+					 const struct lb_pkt *p)
+{
+	return remote_deliver(skb, ep, p->saddr, p->daddr, p->proto, p->ihl, p->frag_off, p->id,
+			      p->ttl);
+}
+
 SEC("tc")
 int tern_from_uplink(struct __sk_buff *skb)
 {
@@ -254,6 +265,12 @@ int tern_from_uplink(struct __sk_buff *skb)
 				     .id = id, .proto = proto, .ihl = ihl, .ttl = ttl };
 
 		ret = lb_from_uplink(skb, ep, &lp);
+		if (ret == LB_UPLINK_REPLY) {
+			ret = lb_reply(skb, ep, &lp);
+			if (ret != LB_CONTINUE)
+				return ret;
+			return deliver_to_endpoint(skb, ep, lp.ttl, METRIC_REDIRECT_PEER);
+		}
 		if (ret != LB_CONTINUE)
 			return ret;
 	}
@@ -264,7 +281,10 @@ int tern_from_uplink(struct __sk_buff *skb)
 				count(METRIC_DROP_TUNNEL_FORGED, skb->len);
 				return TC_ACT_SHOT;
 			}
-			return remote_deliver(skb, ep, saddr, daddr, proto, ihl, frag_off, id, ttl);
+			struct lb_pkt rp = { .saddr = saddr, .daddr = daddr, .frag_off = frag_off,
+					     .id = id, .proto = proto, .ihl = ihl, .ttl = ttl };
+
+			return remote_deliver_pkt(skb, ep, &rp);
 		}
 	}
 

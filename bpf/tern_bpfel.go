@@ -418,6 +418,7 @@ const (
 	TernVarTernBtfEventDropMask = "tern_btf_event_drop_mask"
 	TernVarTernBtfEventFlags    = "tern_btf_event_flags"
 	TernVarTernBtfEventKind     = "tern_btf_event_kind"
+	TernVarTernBtfEventLayout   = "tern_btf_event_layout"
 	TernVarTernBtfEventVerdict  = "tern_btf_event_verdict"
 	TernVarTernBtfLbCtFlags     = "tern_btf_lb_ct_flags"
 	TernVarTernBtfLbSvcFlags    = "tern_btf_lb_svc_flags"
@@ -524,6 +525,7 @@ type TernVariableSpecs struct {
 	TernBtfEventDropMask *ebpf.VariableSpec `ebpf:"tern_btf_event_drop_mask"`
 	TernBtfEventFlags    *ebpf.VariableSpec `ebpf:"tern_btf_event_flags"`
 	TernBtfEventKind     *ebpf.VariableSpec `ebpf:"tern_btf_event_kind"`
+	TernBtfEventLayout   *ebpf.VariableSpec `ebpf:"tern_btf_event_layout"`
 	TernBtfEventVerdict  *ebpf.VariableSpec `ebpf:"tern_btf_event_verdict"`
 	TernBtfLbCtFlags     *ebpf.VariableSpec `ebpf:"tern_btf_lb_ct_flags"`
 	TernBtfLbSvcFlags    *ebpf.VariableSpec `ebpf:"tern_btf_lb_svc_flags"`
@@ -629,6 +631,7 @@ type TernVariables struct {
 	TernBtfEventDropMask *ebpf.Variable `ebpf:"tern_btf_event_drop_mask"`
 	TernBtfEventFlags    *ebpf.Variable `ebpf:"tern_btf_event_flags"`
 	TernBtfEventKind     *ebpf.Variable `ebpf:"tern_btf_event_kind"`
+	TernBtfEventLayout   *ebpf.Variable `ebpf:"tern_btf_event_layout"`
 	TernBtfEventVerdict  *ebpf.Variable `ebpf:"tern_btf_event_verdict"`
 	TernBtfLbCtFlags     *ebpf.Variable `ebpf:"tern_btf_lb_ct_flags"`
 	TernBtfLbSvcFlags    *ebpf.Variable `ebpf:"tern_btf_lb_svc_flags"`

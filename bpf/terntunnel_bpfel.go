@@ -54,6 +54,7 @@ const (
 	TernTunnelVarTernBtfEventDropMask = "tern_btf_event_drop_mask"
 	TernTunnelVarTernBtfEventFlags    = "tern_btf_event_flags"
 	TernTunnelVarTernBtfEventKind     = "tern_btf_event_kind"
+	TernTunnelVarTernBtfEventLayout   = "tern_btf_event_layout"
 	TernTunnelVarTernBtfEventVerdict  = "tern_btf_event_verdict"
 	TernTunnelVarTernBtfLbCtFlags     = "tern_btf_lb_ct_flags"
 	TernTunnelVarTernBtfLbSvcFlags    = "tern_btf_lb_svc_flags"
@@ -156,6 +157,7 @@ type TernTunnelVariableSpecs struct {
 	TernBtfEventDropMask *ebpf.VariableSpec `ebpf:"tern_btf_event_drop_mask"`
 	TernBtfEventFlags    *ebpf.VariableSpec `ebpf:"tern_btf_event_flags"`
 	TernBtfEventKind     *ebpf.VariableSpec `ebpf:"tern_btf_event_kind"`
+	TernBtfEventLayout   *ebpf.VariableSpec `ebpf:"tern_btf_event_layout"`
 	TernBtfEventVerdict  *ebpf.VariableSpec `ebpf:"tern_btf_event_verdict"`
 	TernBtfLbCtFlags     *ebpf.VariableSpec `ebpf:"tern_btf_lb_ct_flags"`
 	TernBtfLbSvcFlags    *ebpf.VariableSpec `ebpf:"tern_btf_lb_svc_flags"`
@@ -258,6 +260,7 @@ type TernTunnelVariables struct {
 	TernBtfEventDropMask *ebpf.Variable `ebpf:"tern_btf_event_drop_mask"`
 	TernBtfEventFlags    *ebpf.Variable `ebpf:"tern_btf_event_flags"`
 	TernBtfEventKind     *ebpf.Variable `ebpf:"tern_btf_event_kind"`
+	TernBtfEventLayout   *ebpf.Variable `ebpf:"tern_btf_event_layout"`
 	TernBtfEventVerdict  *ebpf.Variable `ebpf:"tern_btf_event_verdict"`
 	TernBtfLbCtFlags     *ebpf.Variable `ebpf:"tern_btf_lb_ct_flags"`
 	TernBtfLbSvcFlags    *ebpf.Variable `ebpf:"tern_btf_lb_svc_flags"`

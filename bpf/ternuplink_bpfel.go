@@ -57,6 +57,7 @@ const (
 	TernUplinkVarTernBtfEventDropMask = "tern_btf_event_drop_mask"
 	TernUplinkVarTernBtfEventFlags    = "tern_btf_event_flags"
 	TernUplinkVarTernBtfEventKind     = "tern_btf_event_kind"
+	TernUplinkVarTernBtfEventLayout   = "tern_btf_event_layout"
 	TernUplinkVarTernBtfEventVerdict  = "tern_btf_event_verdict"
 	TernUplinkVarTernBtfLbCtFlags     = "tern_btf_lb_ct_flags"
 	TernUplinkVarTernBtfLbSvcFlags    = "tern_btf_lb_svc_flags"
@@ -162,6 +163,7 @@ type TernUplinkVariableSpecs struct {
 	TernBtfEventDropMask *ebpf.VariableSpec `ebpf:"tern_btf_event_drop_mask"`
 	TernBtfEventFlags    *ebpf.VariableSpec `ebpf:"tern_btf_event_flags"`
 	TernBtfEventKind     *ebpf.VariableSpec `ebpf:"tern_btf_event_kind"`
+	TernBtfEventLayout   *ebpf.VariableSpec `ebpf:"tern_btf_event_layout"`
 	TernBtfEventVerdict  *ebpf.VariableSpec `ebpf:"tern_btf_event_verdict"`
 	TernBtfLbCtFlags     *ebpf.VariableSpec `ebpf:"tern_btf_lb_ct_flags"`
 	TernBtfLbSvcFlags    *ebpf.VariableSpec `ebpf:"tern_btf_lb_svc_flags"`
@@ -267,6 +269,7 @@ type TernUplinkVariables struct {
 	TernBtfEventDropMask *ebpf.Variable `ebpf:"tern_btf_event_drop_mask"`
 	TernBtfEventFlags    *ebpf.Variable `ebpf:"tern_btf_event_flags"`
 	TernBtfEventKind     *ebpf.Variable `ebpf:"tern_btf_event_kind"`
+	TernBtfEventLayout   *ebpf.Variable `ebpf:"tern_btf_event_layout"`
 	TernBtfEventVerdict  *ebpf.Variable `ebpf:"tern_btf_event_verdict"`
 	TernBtfLbCtFlags     *ebpf.Variable `ebpf:"tern_btf_lb_ct_flags"`
 	TernBtfLbSvcFlags    *ebpf.Variable `ebpf:"tern_btf_lb_svc_flags"`

@@ -53,6 +53,10 @@
 
 /* lb_from_pod's "go on": not a tc verdict (those are >= -1). */
 #define LB_CONTINUE -2
+/* lb_from_uplink's "a remote backend's answer, allowed: translate it back
+ * (lb_reply) and deliver it". The caller makes that call, not
+ * lb_from_uplink: the verifier bounds a chain of frames to 512 bytes. */
+#define LB_UPLINK_REPLY -3
 
 /* The service-loopback address a pod reaching itself through its Service
  * sees as the client (network order; set before load from the network
@@ -388,7 +392,7 @@ drop:
  * coming in from a pod. */
 __noinline int lb_reply(struct __sk_buff *skb, const struct endpoint *src, struct lb_pkt *p)
 {
-	struct nat_tuple rk = {};
+	struct nat_tuple *rk;
 	struct lb_ct_entry *e;
 	struct lb_backend *fe;
 	struct l4 l4 = {};
@@ -408,12 +412,19 @@ __noinline int lb_reply(struct __sk_buff *skb, const struct endpoint *src, struc
 		return LB_CONTINUE;
 	if (parse_l4(skb, proto, p->ihl, p->frag_off, &l4) != L4_OK || l4.nonfirst)
 		return LB_CONTINUE;
-	rk.saddr = p->saddr;
-	rk.daddr = p->daddr;
-	rk.sport = l4.sport;
-	rk.dport = l4.dport;
-	rk.proto = proto;
-	e = bpf_map_lookup_elem(&tern_lb_ct, &rk);
+	/* The key in the scratch map, not on the stack: this function's frame
+	 * adds to tern_from_pod's, and the verifier bounds the sum. */
+	s = lb_scratch();
+	if (!s)
+		return LB_CONTINUE;
+	rk = &s->rk;
+	__builtin_memset(rk, 0, sizeof(*rk));
+	rk->saddr = p->saddr;
+	rk->daddr = p->daddr;
+	rk->sport = l4.sport;
+	rk->dport = l4.dport;
+	rk->proto = proto;
+	e = bpf_map_lookup_elem(&tern_lb_ct, rk);
 	if (!e || !(e->flags & LB_CT_F_REPLY) || (e->flags & LB_CT_F_HAIRPIN))
 		return LB_CONTINUE;
 	fe = bpf_map_lookup_elem(&tern_lb_rev, &e->rev_id);
@@ -448,14 +459,14 @@ drop:
 /* lb_from_uplink: a remote backend's answer to a local client pod, as it
  * arrives on the uplink: decided by policy on the backend's address (its
  * flow was decided so at the client's egress, and is tracked), then
- * translated back to the frontend and delivered into the client.
- * LB_CONTINUE: not such an answer. */
+ * translated back to the frontend (lb_reply) and delivered into the
+ * client by the caller: LB_UPLINK_REPLY. LB_CONTINUE: not such an
+ * answer. */
 __noinline int lb_from_uplink(struct __sk_buff *skb, const struct endpoint *ep, struct lb_pkt *p)
 {
 	struct nat_tuple rk = {};
 	struct lb_ct_entry *e;
 	struct l4 l4 = {};
-	int r;
 
 	__u8 proto;
 
@@ -476,10 +487,7 @@ __noinline int lb_from_uplink(struct __sk_buff *skb, const struct endpoint *ep, 
 		return LB_CONTINUE;
 	if (!policy_pass(skb, p->saddr, p->daddr, proto, p->ihl, p->frag_off, p->id))
 		return TC_ACT_SHOT;
-	r = lb_reply(skb, ep, p);
-	if (r != LB_CONTINUE)
-		return r;
-	return deliver_to_endpoint(skb, ep, p->ttl, METRIC_REDIRECT_PEER);
+	return LB_UPLINK_REPLY;
 }
 
 /* lb_uplink_frontend: a client outside the node reaches a frontend on the

@@ -113,8 +113,8 @@ static __always_inline void policy_event(struct __sk_buff *skb, __u8 dir, __u8 v
 	const struct event_config *cfg = event_config();
 	__be32 local = dir == POLICY_DIR_EGRESS ? saddr : daddr;
 	__be32 remote = dir == POLICY_DIR_EGRESS ? daddr : saddr;
-	struct event ev = {};
 	struct ep_policy *ep;
+	__u32 local_id = 0;
 
 	if (!cfg)
 		return;
@@ -123,14 +123,11 @@ static __always_inline void policy_event(struct __sk_buff *skb, __u8 dir, __u8 v
 		return;
 	if (!event_take_token())
 		return; /* over the rate: spare the lookups (a flood of denials) */
-	ev.type = EVENT_POLICY;
-	ev.dir = dir;
-	ev.verdict = verdict;
 	ep = bpf_map_lookup_elem(&tern_ep_policy, &local);
 	if (ep)
-		ev.local_id = ep->local_id;
-	ev.remote_class = policy_class_of(remote);
-	event_write(skb, &ev);
+		local_id = ep->local_id;
+	event_write(skb, EVENT_HEAD(EVENT_POLICY, dir, verdict), 0, local_id,
+		    policy_class_of(remote));
 }
 
 /* policy_ct_key_of fills the flow key of a packet from saddr:sport to
