@@ -88,18 +88,30 @@ func cmdAdd(args *skel.CmdArgs) (err error) {
 	}
 	defer closeDatapath(dp)
 
-	// The pod's own plumbing first, outside the records lock, which
-	// serialises every ADD and DEL of the network: the veth pair, the
-	// pod's addresses and routes and the node's route to it concern this
-	// pod only, and nothing forwards for it before AddEndpoint (eBPF) or
-	// before its veth joins the bridge (iptables). With ten ADDs in flight
-	// the lock hold is what the last one waits for (docs/cni-add-profile.md).
-	if o, ok := dp.(opener); ok {
-		// Opening the pinned objects needs no records lock either.
-		if err := o.Open(); err != nil {
-			return fmt.Errorf("prepare node datapath: %w", err)
-		}
+	recs := newRecords(conf.StateDir, conf.Name)
+	lock, err := loader.Lock(recs.lockPath())
+	if err != nil {
+		return err
 	}
+	defer lock.Unlock()
+
+	if err := dp.EnsureNode(); err != nil {
+		return fmt.Errorf("prepare node datapath: %w", err)
+	}
+	existing, err := recs.list()
+	if err != nil {
+		return err
+	}
+	others := make([]*datapath.Endpoint, 0, len(existing)+1)
+	for _, r := range existing {
+		others = append(others, r.endpoint())
+	}
+	others = withoutAttachment(others, args.ContainerID, args.IfName)
+	// The node may have lost the other pods' datapath state (pins).
+	if err := conf.restoreEndpoints(dp, others); err != nil {
+		return err
+	}
+
 	hostName := hostVethName(args.ContainerID, args.IfName)
 	alias := fmt.Sprintf("tern:%s:%s:%s", conf.Name, args.ContainerID, args.IfName)
 	pl, err := createVeth(podNS, hostName, args.IfName, conf.MTU, truncate(alias, 127))
@@ -132,30 +144,6 @@ func cmdAdd(args *skel.CmdArgs) (err error) {
 		if err := routeToPod(ep); err != nil {
 			return err
 		}
-	}
-
-	recs := newRecords(conf.StateDir, conf.Name)
-	lock, err := loader.Lock(recs.lockPath())
-	if err != nil {
-		return err
-	}
-	defer lock.Unlock()
-
-	if err := dp.EnsureNode(); err != nil {
-		return fmt.Errorf("prepare node datapath: %w", err)
-	}
-	existing, err := recs.list()
-	if err != nil {
-		return err
-	}
-	others := make([]*datapath.Endpoint, 0, len(existing)+1)
-	for _, r := range existing {
-		others = append(others, r.endpoint())
-	}
-	others = withoutAttachment(others, args.ContainerID, args.IfName)
-	// The node may have lost the other pods' datapath state (pins).
-	if err := conf.restoreEndpoints(dp, others); err != nil {
-		return err
 	}
 
 	// NetworkPolicy before forwarding: the rule set in force, with this
@@ -214,10 +202,6 @@ func cmdAdd(args *skel.CmdArgs) (err error) {
 	}
 	return types.PrintResult(result, conf.CNIVersion)
 }
-
-// opener is a datapath whose node objects can be opened before the
-// records lock is taken (the eBPF datapath's pinned programs and maps).
-type opener interface{ Open() error }
 
 // openPodNS opens CNI_NETNS and makes sure it is a network namespace that
 // can be entered: ns.GetNS accepts any file on procfs or nsfs, such as
