@@ -48,22 +48,6 @@ func (h Hook) program() string {
 	return ""
 }
 
-// auto resolves ModeAuto for the hook. A pod's veth gets clsact: a TCX
-// attach or detach waits for an RCU grace period with the RTNL held (the
-// kernel swaps the hook's program array), about 10 ms each on this kind of
-// node, twice per pod on ADD and again on DEL, and every other netlink
-// user on the node queues behind it (docs/cni-add-profile.md). A cls_bpf
-// filter on a fresh clsact qdisc takes tens of microseconds, runs at the
-// same place for Tern's purpose (first, priority 1, checked by CHECK), and
-// is upgraded as atomically (filter replace). The uplink, attached once
-// per node, keeps TCX.
-func (h Hook) auto() Mode {
-	if h == HookPodIngress || h == HookPodEgress {
-		return ModeLegacy
-	}
-	return ModeAuto
-}
-
 func (h Hook) egress() bool { return h == HookPodEgress || h == HookUplinkEgress }
 
 func (h Hook) tcxAttach() ebpf.AttachType {
@@ -84,9 +68,7 @@ func (h Hook) clsactParent() uint32 {
 type Mode string
 
 const (
-	// ModeAuto is clsact on pods' veths and TCX (else clsact) on the
-	// uplink: see Hook.auto.
-	ModeAuto   Mode = ""
+	ModeAuto   Mode = ""       // TCX when the kernel has it, else legacy
 	ModeTCX    Mode = "tcx"    // bpf_link on the TCX hook, pinned
 	ModeLegacy Mode = "legacy" // clsact qdisc with a cls_bpf filter
 )
@@ -125,9 +107,6 @@ func (l *Loader) Attach(objs *Objects, ifname string, ifindex int, hook Hook, mo
 	prog, err := objs.Program(hook.program())
 	if err != nil {
 		return "", err
-	}
-	if mode == ModeAuto {
-		mode = hook.auto()
 	}
 	var used Mode
 	err = l.Held(func() error {

@@ -18,7 +18,7 @@ import (
 // pod programs in the kernel (a pinned link of a deleted device would
 // otherwise live on, detached, for as long as its pin).
 func TestDelLeavesNoAttachment(t *testing.T) {
-	for _, mode := range []string{"tcx", "auto"} {
+	for _, mode := range []string{"tcx", "legacy"} {
 		t.Run(mode, func(t *testing.T) {
 			testutil.RequirePrivileged(t)
 			t.Parallel()

@@ -174,7 +174,7 @@ func resultIP(t testing.TB, res types.Result) string {
 func TestCheck(t *testing.T) {
 	for _, tc := range []struct{ name, dp, attach string }{
 		{"ebpf", "ebpf", "tcx"},
-		{"ebpf-clsact", "ebpf", "auto"}, // auto: clsact on pod veths
+		{"ebpf-clsact", "ebpf", "legacy"},
 		{"iptables", "iptables", ""},
 	} {
 		dp := tc.dp
@@ -207,7 +207,7 @@ func TestCheck(t *testing.T) {
 			if err := n.Check(t.Context(), conf, p.ID, p.Path, "eth0", k8sArgs); err != nil {
 				t.Fatalf("CHECK after restoring the route: %v", err)
 			}
-			if tc.attach == "auto" {
+			if tc.attach == "legacy" {
 				// clsact: removing the qdisc takes both filters off the
 				// host veth, and CHECK must see it.
 				veth := hostVethFor(p.ID, "eth0")
@@ -215,7 +215,7 @@ func TestCheck(t *testing.T) {
 					t.Fatal(err)
 				}
 				if pins, _ := filepath.Glob(filepath.Join(n.BPFFSDir, "links", "*")); len(pins) != 0 {
-					t.Errorf("auto mode pinned TCX links on a pod veth: %v", pins)
+					t.Errorf("clsact mode pinned TCX links on a pod veth: %v", pins)
 				}
 				err = n.Check(t.Context(), conf, p.ID, p.Path, "eth0", k8sArgs)
 				if err == nil || !strings.Contains(err.Error(), "not attached") {
