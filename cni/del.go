@@ -54,6 +54,19 @@ func (c *NetConf) teardown(containerID, ifname string) error {
 	}
 
 	var errs []error
+	// The veth goes first: deleting a device takes its programs off with
+	// it (TCX links are severed, the clsact qdisc and its filters go), so
+	// DelEndpoint need not detach them one by one first, each detach of a
+	// TCX link waiting for an RCU grace period with the RTNL held
+	// (docs/cni-add-profile.md); and from here on nothing the pod sends
+	// reaches the node, so the map and NAT state DelEndpoint removes next
+	// cannot be recreated by the pod's traffic. A chained attachment's veth
+	// belongs to the plugin that made it: its programs are detached.
+	if rec == nil || !rec.Chained {
+		if err := deleteHostVeth(ep.HostVeth); err != nil {
+			errs = append(errs, err)
+		}
+	}
 	dp, err := c.newDatapath(subnetOf(ep), ep.Gateway)
 	if err != nil {
 		dp = nil // not a typed nil pointer: no datapath
@@ -65,11 +78,6 @@ func (c *NetConf) teardown(containerID, ifname string) error {
 		defer closeDatapath(dp)
 		if err := dp.DelEndpoint(ep); err != nil {
 			errs = append(errs, fmt.Errorf("remove endpoint from datapath: %w", err))
-		}
-	}
-	if rec == nil || !rec.Chained {
-		if err := deleteHostVeth(ep.HostVeth); err != nil {
-			errs = append(errs, err)
 		}
 	}
 	if len(errs) > 0 {

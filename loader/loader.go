@@ -142,14 +142,29 @@ func (l *Loader) loadLocked() (*Objects, error) {
 	if err := l.refuseDowngrade(); err != nil {
 		return nil, err
 	}
+	progDir := filepath.Join(l.BPFFSDir, progsDir, l.Version)
+	_, statErr := os.Stat(progDir)
+	// This version is pinned and its names are on record: open the pins
+	// without parsing the objects, the bulk of a CNI command's CPU time
+	// (docs/cni-add-profile.md). Anything amiss falls through to the specs.
+	if names, ok := l.readNames(); statErr == nil && ok {
+		if objs, err := l.openPinned(names, progDir); err == nil {
+			if err := l.finishUpgrade(objs); err != nil {
+				objs.Close()
+				return nil, err
+			}
+			return objs, nil
+		}
+	}
 	specs, err := l.specs()
 	if err != nil {
 		return nil, fmt.Errorf("load object spec: %w", err)
 	}
-	progDir := filepath.Join(l.BPFFSDir, progsDir, l.Version)
-	if _, err := os.Stat(progDir); err == nil {
-		objs, err := l.openPinned(specs, progDir)
+	names := namesOf(l.Version, specs)
+	if statErr == nil {
+		objs, err := l.openPinned(names, progDir)
 		if err == nil {
+			l.writeNames(names)
 			// Older versions still pinned: a previous load of this version
 			// published its programs but did not finish the upgrade.
 			if err := l.finishUpgrade(objs); err != nil {
@@ -163,31 +178,30 @@ func (l *Loader) loadLocked() (*Objects, error) {
 			return nil, fmt.Errorf("remove incomplete pins %s: %w", progDir, err)
 		}
 	}
-	return l.loadNew(specs, progDir)
+	objs, err := l.loadNew(specs, progDir)
+	if err == nil {
+		l.writeNames(names)
+	}
+	return objs, err
 }
 
-func (l *Loader) openPinned(specs []*ebpf.CollectionSpec, progDir string) (*Objects, error) {
+func (l *Loader) openPinned(names *objectNames, progDir string) (*Objects, error) {
 	objs := &Objects{Version: l.Version, Maps: map[string]*ebpf.Map{}, Programs: map[string]*ebpf.Program{}}
-	for _, spec := range specs {
-		for name, ms := range spec.Maps {
-			if _, ok := objs.Maps[name]; ok || ms.Pinning != ebpf.PinByName {
-				continue // shared with an earlier object, or not pinned
-			}
-			m, err := ebpf.LoadPinnedMap(filepath.Join(l.BPFFSDir, mapsDir, name), nil)
-			if err != nil {
-				objs.Close()
-				return nil, fmt.Errorf("open pinned map %s: %w", name, err)
-			}
-			objs.Maps[name] = m
+	for _, name := range names.Maps {
+		m, err := ebpf.LoadPinnedMap(filepath.Join(l.BPFFSDir, mapsDir, name), nil)
+		if err != nil {
+			objs.Close()
+			return nil, fmt.Errorf("open pinned map %s: %w", name, err)
 		}
-		for name := range spec.Programs {
-			p, err := ebpf.LoadPinnedProgram(filepath.Join(progDir, name), nil)
-			if err != nil {
-				objs.Close()
-				return nil, fmt.Errorf("open pinned program %s: %w", name, err)
-			}
-			objs.Programs[name] = p
+		objs.Maps[name] = m
+	}
+	for _, name := range names.Programs {
+		p, err := ebpf.LoadPinnedProgram(filepath.Join(progDir, name), nil)
+		if err != nil {
+			objs.Close()
+			return nil, fmt.Errorf("open pinned program %s: %w", name, err)
 		}
+		objs.Programs[name] = p
 	}
 	return objs, nil
 }

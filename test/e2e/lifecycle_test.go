@@ -172,12 +172,21 @@ func resultIP(t testing.TB, res types.Result) string {
 // TestCheck verifies CHECK passes on a healthy pod and names the missing
 // piece when a route is deleted or the program detached.
 func TestCheck(t *testing.T) {
-	for _, dp := range datapaths {
-		t.Run(dp, func(t *testing.T) {
+	for _, tc := range []struct{ name, dp, attach string }{
+		{"ebpf", "ebpf", "tcx"},
+		{"ebpf-clsact", "ebpf", "legacy"},
+		{"iptables", "iptables", ""},
+	} {
+		dp := tc.dp
+		t.Run(tc.name, func(t *testing.T) {
 			testutil.RequirePrivileged(t)
 			t.Parallel()
 			n := testutil.NewNode(t)
-			conf := conflist(t, n, testutil.UniqueName("net"), netConf{Datapath: dp, Subnet: "10.77.4.0/24"})
+			extra := map[string]any{}
+			if tc.attach != "" {
+				extra["tcAttach"] = tc.attach
+			}
+			conf := conflist(t, n, testutil.UniqueName("net"), netConf{Datapath: dp, Subnet: "10.77.4.0/24", Extra: extra})
 			p := addPod(t, n, conf, "k")
 			if err := n.Check(t.Context(), conf, p.ID, p.Path, "eth0", k8sArgs); err != nil {
 				t.Fatalf("CHECK on a healthy pod: %v", err)
@@ -197,6 +206,22 @@ func TestCheck(t *testing.T) {
 			}
 			if err := n.Check(t.Context(), conf, p.ID, p.Path, "eth0", k8sArgs); err != nil {
 				t.Fatalf("CHECK after restoring the route: %v", err)
+			}
+			if tc.attach == "legacy" {
+				// clsact: removing the qdisc takes both filters off the
+				// host veth, and CHECK must see it.
+				veth := hostVethFor(p.ID, "eth0")
+				if _, err := n.Exec(t, "tc", "qdisc", "del", "dev", veth, "clsact"); err != nil {
+					t.Fatal(err)
+				}
+				if pins, _ := filepath.Glob(filepath.Join(n.BPFFSDir, "links", "*")); len(pins) != 0 {
+					t.Errorf("clsact mode pinned TCX links on a pod veth: %v", pins)
+				}
+				err = n.Check(t.Context(), conf, p.ID, p.Path, "eth0", k8sArgs)
+				if err == nil || !strings.Contains(err.Error(), "not attached") {
+					t.Fatalf("CHECK after deleting the clsact qdisc: %v", err)
+				}
+				return
 			}
 			// Detach: the pinned TCX links are what keep the programs on
 			// (tc ingress and egress of the host veth).

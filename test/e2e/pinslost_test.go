@@ -28,7 +28,7 @@ func TestPinsLostRestored(t *testing.T) {
 		name  string
 		extra map[string]any
 	}{
-		{"tcx", nil},
+		{"tcx", map[string]any{"tcAttach": "tcx"}},
 		{"clsact", map[string]any{"tcAttach": "legacy"}},
 	} {
 		t.Run(v.name, func(t *testing.T) {

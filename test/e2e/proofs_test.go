@@ -21,7 +21,8 @@ func TestDelFreesIPWhenDatapathFails(t *testing.T) {
 	t.Parallel()
 	n := testutil.NewNode(t)
 	network := testutil.UniqueName("net")
-	conf := conflist(t, n, network, netConf{Datapath: "ebpf", Subnet: "10.77.213.0/24", Extra: map[string]any{"ipMasq": false}})
+	conf := conflist(t, n, network, netConf{Datapath: "ebpf", Subnet: "10.77.213.0/24",
+		Extra: map[string]any{"ipMasq": false, "tcAttach": "tcx"}})
 	p := addPod(t, n, conf, "d")
 	pin := filepath.Join(n.BPFFSDir, "links", hostVethFor(p.ID, "eth0")+"@ingress")
 	if err := os.Remove(pin); err != nil {

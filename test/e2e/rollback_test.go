@@ -84,7 +84,11 @@ func TestAddRollback(t *testing.T) {
 			t.Parallel()
 			n := testutil.NewNode(t)
 			network := testutil.UniqueName("net")
-			conf := conflist(t, n, network, netConf{Datapath: tc.datapath, Subnet: "10.77.212.0/24", Extra: map[string]any{"ipMasq": false}})
+			extra := map[string]any{"ipMasq": false}
+			if strings.HasPrefix(tc.name, "attach ") {
+				extra["tcAttach"] = "tcx" // the obstacle is a link pin
+			}
+			conf := conflist(t, n, network, netConf{Datapath: tc.datapath, Subnet: "10.77.212.0/24", Extra: extra})
 			// A first pod loads the programs and maps and keeps the
 			// node state: the rollback must not touch it.
 			warm := addPod(t, n, conf, "w")
