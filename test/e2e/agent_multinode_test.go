@@ -27,16 +27,19 @@ import (
 // between the nodes' pod CIDRs are the agents' business.
 func linkNodes(t *testing.T, a, b *agentWorld) {
 	t.Helper()
-	an, bn := testutil.UniqueName("la"), testutil.UniqueName("lb")
+	// Both ends are named agentUplink in their node (the peer is renamed
+	// once it is there), so the agents share their --uplink.
+	peer := testutil.UniqueName("lb")
 	steps := []struct {
 		w    *agentWorld
 		args []string
 	}{
-		{a, []string{"link", "add", an, "type", "veth", "peer", "name", bn, "netns", b.node.Name}},
-		{a, []string{"addr", "add", "192.0.2.1/30", "dev", an}},
-		{b, []string{"addr", "add", "192.0.2.2/30", "dev", bn}},
-		{a, []string{"link", "set", an, "up"}},
-		{b, []string{"link", "set", bn, "up"}},
+		{a, []string{"link", "add", agentUplink, "type", "veth", "peer", "name", peer, "netns", b.node.Name}},
+		{b, []string{"link", "set", peer, "name", agentUplink}},
+		{a, []string{"addr", "add", "192.0.2.1/30", "dev", agentUplink}},
+		{b, []string{"addr", "add", "192.0.2.2/30", "dev", agentUplink}},
+		{a, []string{"link", "set", agentUplink, "up"}},
+		{b, []string{"link", "set", agentUplink, "up"}},
 	}
 	for _, s := range steps {
 		if _, err := s.w.node.Exec(t, "ip", s.args...); err != nil {
@@ -47,6 +50,9 @@ func linkNodes(t *testing.T, a, b *agentWorld) {
 	a.setInternalIP("192.0.2.1")
 	b.setInternalIP("192.0.2.2")
 }
+
+// agentUplink is the simulated nodes' link to each other.
+const agentUplink = "tern-up0"
 
 // setInternalIP writes the node's InternalIP into its Node object's
 // status.
@@ -72,9 +78,10 @@ func (w *agentWorld) agentRoutes() []string {
 	}
 	var rs []string
 	for _, l := range strings.Split(strings.TrimSpace(out), "\n") {
+		// VXLAN routes carry their encapsulation before the gateway.
 		f := strings.Fields(l)
-		if len(f) >= 3 && f[1] == "via" {
-			rs = append(rs, f[0]+" via "+f[2])
+		if i := slices.Index(f, "via"); i > 0 && i+1 < len(f) {
+			rs = append(rs, f[0]+" via "+f[i+1])
 		}
 	}
 	slices.Sort(rs)
@@ -113,22 +120,37 @@ func (w *agentWorld) waitRoutes(step string, since time.Time, want ...string) ti
 // remote pod CIDRs from the same node list).
 func TestAgentTwoNodes(t *testing.T) {
 	testutil.RequirePrivileged(t)
-	for _, dp := range []string{"iptables", "ebpf"} {
-		t.Run(dp, func(t *testing.T) { testAgentTwoNodes(t, dp) })
+	for _, mode := range []string{routing.ModeNative, routing.ModeVXLAN} {
+		for _, dp := range []string{"iptables", "ebpf"} {
+			t.Run(mode+"/"+dp, func(t *testing.T) { testAgentTwoNodes(t, mode, dp) })
+		}
 	}
 }
 
-func testAgentTwoNodes(t *testing.T, dp string) {
+func testAgentTwoNodes(t *testing.T, mode, dp string) {
 	cp := testutil.StartControlPlane(t)
 	client := cp.Client(t)
 	createNamespaces(t, client, "alpha")
-	w1 := newAgentNode(t, cp, client, "10.77.152.0/24", "--routing", "native", "--datapath", dp)
-	w2 := newAgentNode(t, cp, client, "10.77.153.0/24", "--routing", "native", "--datapath", dp)
-	if len(w1.agentRoutes())+len(w2.agentRoutes()) != 0 {
-		t.Fatalf("routes before the nodes have InternalIPs: %q %q", w1.agentRoutes(), w2.agentRoutes())
-	}
+	args := []string{"--routing", mode, "--datapath", dp, "--uplink", agentUplink}
+	w1 := prepareAgentNode(t, cp, client, "10.77.152.0/24", args...)
+	w2 := prepareAgentNode(t, cp, client, "10.77.153.0/24", args...)
 	start := time.Now()
-	linkNodes(t, w1, w2)
+	if mode == routing.ModeNative {
+		// Agents first, InternalIPs later: the routes follow the Node
+		// objects' updates.
+		w1.start()
+		w2.start()
+		if len(w1.agentRoutes())+len(w2.agentRoutes()) != 0 {
+			t.Fatalf("routes before the nodes have InternalIPs: %q %q", w1.agentRoutes(), w2.agentRoutes())
+		}
+		start = time.Now()
+		linkNodes(t, w1, w2)
+	} else {
+		// VXLAN sizes its device from the uplink: it is there first.
+		linkNodes(t, w1, w2)
+		w1.start()
+		w2.start()
+	}
 	w1.waitRoutes("InternalIPs published", start, "10.77.153.0/24 via 192.0.2.2")
 	w2.waitRoutes("InternalIPs published", start, "10.77.152.0/24 via 192.0.2.1")
 
@@ -176,6 +198,9 @@ func testAgentTwoNodes(t *testing.T, dp string) {
 	}
 	if rs := w2.agentRoutes(); len(rs) != 0 {
 		t.Fatalf("routes left after ternd --uninstall: %q", rs)
+	}
+	if out, err := w2.node.Exec(t, "ip", "-o", "link", "show"); err != nil || strings.Contains(out, routing.DefaultDevice) {
+		t.Fatalf("VXLAN device left after ternd --uninstall (%v): %s", err, out)
 	}
 }
 

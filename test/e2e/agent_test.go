@@ -449,6 +449,21 @@ func createNamespaces(t *testing.T, client kubernetes.Interface, names ...string
 // ternd against the control plane, and waits until the agent is ready.
 func newAgentNode(t *testing.T, cp *testutil.ControlPlane, client kubernetes.Interface, podCIDR string, extraArgs ...string) *agentWorld {
 	t.Helper()
+	w := prepareAgentNode(t, cp, client, podCIDR, extraArgs...)
+	w.start()
+	return w
+}
+
+// start starts the node's ternd and waits until it is ready.
+func (w *agentWorld) start() {
+	w.t.Helper()
+	w.agent = startTernd(w.t, w.node, w.args)
+	w.t.Logf("agent on %s ready %v after start", w.nodeName, w.waitReady(60*time.Second).Round(time.Millisecond))
+}
+
+// prepareAgentNode is newAgentNode without starting ternd.
+func prepareAgentNode(t *testing.T, cp *testutil.ControlPlane, client kubernetes.Interface, podCIDR string, extraArgs ...string) *agentWorld {
+	t.Helper()
 	w := &agentWorld{t: t, cp: cp, client: client, node: testutil.NewNode(t), confDir: t.TempDir()}
 	w.nodeName = "node-" + strings.ToLower(testutil.UniqueName("n"))
 	w.http = &http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{
@@ -479,8 +494,6 @@ func newAgentNode(t *testing.T, cp *testutil.ControlPlane, client kubernetes.Int
 		"--log-level", "debug",
 	}
 	w.args = append(w.args, extraArgs...)
-	w.agent = startTernd(t, w.node, w.args)
-	t.Logf("agent on %s ready %v after start", w.nodeName, w.waitReady(60*time.Second).Round(time.Millisecond))
 	return w
 }
 
