@@ -52,11 +52,11 @@ type controller struct {
 	balance bool
 	// router keeps the routes to the other nodes' pod CIDRs; nil until
 	// the network is known. Set before the first sync, read by syncs only.
-	router *nodeRouter
-	synced   []cache.InformerSynced
-	runner   *runner
-	metrics  *metrics
-	target   atomic.Pointer[Target] // nil until the network is known
+	router  *nodeRouter
+	synced  []cache.InformerSynced
+	runner  *runner
+	metrics *metrics
+	target  atomic.Pointer[Target] // nil until the network is known
 	// syncs counts the Target.Replace calls (tests).
 	syncs atomic.Int64
 }
