@@ -54,12 +54,17 @@ func Main(ctx context.Context, args []string, stderr io.Writer) int {
 		return 0
 	}
 	if cfg.Uninstall {
-		if err := teardownRouting(cfg.CNIConfDir); err != nil {
-			log.Error("uninstall: remove the routes to other nodes", "err", err)
-			return 1
+		// The routes go first, but a failure there does not keep the
+		// conflist: kubelet must stop wiring pods with it either way.
+		rerr := teardownRouting(cfg.CNIConfDir)
+		if rerr != nil {
+			log.Error("uninstall: remove the routes to other nodes", "err", rerr)
 		}
 		if err := RemoveConfList(cfg.CNIConfDir); err != nil {
 			log.Error("uninstall", "err", err)
+			return 1
+		}
+		if rerr != nil {
 			return 1
 		}
 		log.Info("removed the CNI configuration", "file", filepath.Join(cfg.CNIConfDir, ConfFileName))
@@ -378,11 +383,22 @@ func teardownRouting(dir string) error {
 		return fmt.Errorf("%s: %w", ConfFileName, err)
 	}
 	r, err := newNodeRouter(conf, nil)
-	if err != nil {
+	if err == nil {
+		err = r.r.Teardown()
+		r.release()
+	}
+	if err == nil || conf.Datapath != cni.DatapathEBPF {
 		return err
 	}
-	defer r.release()
-	return r.r.Teardown()
+	// The datapath's table could not be opened or cleared: the kernel
+	// routes (and the VXLAN device) go all the same.
+	conf.Datapath = cni.DatapathIPTables
+	r, rerr := newNodeRouter(conf, nil)
+	if rerr == nil {
+		rerr = r.r.Teardown()
+		r.release()
+	}
+	return errors.Join(err, rerr)
 }
 
 // RemoveConfList removes the conflist ternd installed (uninstall); a
