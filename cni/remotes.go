@@ -1,6 +1,10 @@
 package cni
 
-import "github.com/ternlabs/tern/datapath"
+import (
+	"net"
+
+	"github.com/ternlabs/tern/datapath"
+)
 
 // RemoteTable returns the network's table of other nodes' pod CIDRs (the
 // eBPF datapath's, built as CNI commands build it, so the node agent's
@@ -11,7 +15,11 @@ func (c *NetConf) RemoteTable() (datapath.RemoteTable, func(), error) {
 	if c.Datapath != DatapathEBPF {
 		return nil, func() {}, nil
 	}
-	dp, err := c.newDatapath(nil, nil)
+	var subnet *net.IPNet
+	if c.pool != nil {
+		subnet = &c.pool.Subnet
+	}
+	dp, err := c.newDatapath(subnet, nil)
 	if err != nil {
 		return nil, nil, err
 	}
