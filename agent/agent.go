@@ -54,8 +54,17 @@ func Main(ctx context.Context, args []string, stderr io.Writer) int {
 		return 0
 	}
 	if cfg.Uninstall {
+		// The routes go first, but a failure there does not keep the
+		// conflist: kubelet must stop wiring pods with it either way.
+		rerr := teardownRouting(cfg.CNIConfDir)
+		if rerr != nil {
+			log.Error("uninstall: remove the routes to other nodes", "err", rerr)
+		}
 		if err := RemoveConfList(cfg.CNIConfDir); err != nil {
 			log.Error("uninstall", "err", err)
+			return 1
+		}
+		if rerr != nil {
 			return 1
 		}
 		log.Info("removed the CNI configuration", "file", filepath.Join(cfg.CNIConfDir, ConfFileName))
@@ -95,7 +104,7 @@ func Run(ctx context.Context, cfg *Config, log *slog.Logger) error {
 	if err != nil {
 		return err
 	}
-	a.ctrl = newController(client, cfg.NodeName, cfg.ResyncPeriod, cfg.MinSync, cfg.MaxSync, a.metrics, log)
+	a.ctrl = newController(client, cfg.NodeName, cfg.Services == cni.ServicesEBPF, cfg.ResyncPeriod, cfg.MinSync, cfg.MaxSync, a.metrics, log)
 	if err := a.ctrl.start(ctx); err != nil {
 		return err
 	}
@@ -110,8 +119,16 @@ func Run(ctx context.Context, cfg *Config, log *slog.Logger) error {
 	if err != nil {
 		return err
 	}
+	nw := conf.Network()
+	nw.NodeName = cfg.NodeName // EndpointSlices' nodeName: traffic policy Local
+	router, err := newNodeRouter(conf, a.ctrl.localIP())
+	if err != nil {
+		return err
+	}
+	defer router.release()
+	a.ctrl.router = router
 	target := &netTarget{
-		replace: conf.Network().Replace,
+		replace: nw.Replace,
 		collect: func(gone func(*datapath.Endpoint, time.Duration) bool) (int, error) {
 			removed, err := conf.Collect(pluginConf(conflist), gone)
 			return len(removed), err
@@ -239,6 +256,12 @@ func ConfList(cfg *Config, podCIDR string) ([]byte, error) {
 	if cfg.Uplink != "" {
 		plugin["uplink"] = cfg.Uplink
 	}
+	if cfg.Routing != "" {
+		plugin["routing"] = cfg.Routing
+	}
+	if cfg.Services != "" {
+		plugin["services"] = cfg.Services
+	}
 	return json.MarshalIndent(map[string]any{
 		"cniVersion": "1.1.0",
 		"name":       cfg.Network,
@@ -342,6 +365,40 @@ func InstallPlugin(src, binDir string) (err error) {
 		return err
 	}
 	return os.Rename(f.Name(), filepath.Join(binDir, "tern"))
+}
+
+// teardownRouting removes the routes to other nodes (and the VXLAN device,
+// and the datapath's table entries) that the installed conflist's routing
+// made; nothing to do without a conflist.
+func teardownRouting(dir string) error {
+	conflist, err := os.ReadFile(filepath.Join(dir, ConfFileName))
+	if errors.Is(err, os.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	conf, err := cni.ParseConfig(pluginConf(conflist))
+	if err != nil {
+		return fmt.Errorf("%s: %w", ConfFileName, err)
+	}
+	r, err := newNodeRouter(conf, nil)
+	if err == nil {
+		err = r.r.Teardown()
+		r.release()
+	}
+	if err == nil || conf.Datapath != cni.DatapathEBPF {
+		return err
+	}
+	// The datapath's table could not be opened or cleared: the kernel
+	// routes (and the VXLAN device) go all the same.
+	conf.Datapath = cni.DatapathIPTables
+	r, rerr := newNodeRouter(conf, nil)
+	if rerr == nil {
+		rerr = r.r.Teardown()
+		r.release()
+	}
+	return errors.Join(err, rerr)
 }
 
 // RemoveConfList removes the conflist ternd installed (uninstall); a

@@ -28,6 +28,8 @@ type Config struct {
 	Network      string
 	MTU          int
 	Uplink       string
+	Routing      string
+	Services     string
 	MetricsAddr  string
 	HealthAddr   string
 	Offline      bool
@@ -64,6 +66,8 @@ var Flags = []flagSpec{
 	{"network-name", "TERN_NETWORK", "tern", "CNI network name"},
 	{"mtu", "TERN_MTU", "0", "MTU of the pod veths (0: kernel default)"},
 	{"uplink", "TERN_UPLINK", "", "the node's interface toward the outside (default: that of the default route)"},
+	{"routing", "TERN_ROUTING", "native", `how pods reach other nodes' pods: "native" (a route per remote pod CIDR via that node's InternalIP) or "vxlan" (an overlay)`},
+	{"services", "TERN_SERVICES", "kube-proxy", `who translates Services: "kube-proxy" or "ebpf" (Tern's own load balancer, fed from the API's Services and EndpointSlices)`},
 	{"metrics-addr", "TERN_METRICS_ADDR", ":9962", "address of the Prometheus /metrics endpoint (empty: off)"},
 	{"health-addr", "TERN_HEALTH_ADDR", ":9963", "address of /healthz and /readyz (empty: off)"},
 	{"offline", "TERN_OFFLINE", "false", "file-based mode: no API server; policy comes from ternctl apply"},
@@ -131,6 +135,8 @@ func ParseFlags(args []string, getenv func(string) string, stderr io.Writer) (*C
 		PodCIDR:     get("pod-cidr"),
 		Network:     get("network-name"),
 		Uplink:      get("uplink"),
+		Routing:     get("routing"),
+		Services:    get("services"),
 		MetricsAddr: get("metrics-addr"),
 		HealthAddr:  get("health-addr"),
 		LogLevel:    get("log-level"),
@@ -176,6 +182,12 @@ func ParseFlags(args []string, getenv func(string) string, stderr io.Writer) (*C
 		if _, n, err := net.ParseCIDR(v); err != nil || n.IP.To4() == nil {
 			errs = append(errs, fmt.Errorf("--%s: %q is not an IPv4 CIDR", name, v))
 		}
+	}
+	if c.Routing != "native" && c.Routing != "vxlan" {
+		errs = append(errs, fmt.Errorf("--routing: %q is not native or vxlan", c.Routing))
+	}
+	if c.Services != "kube-proxy" && c.Services != "ebpf" {
+		errs = append(errs, fmt.Errorf("--services: %q is not kube-proxy or ebpf", c.Services))
 	}
 	if c.Offline && c.PodCIDR == "" && !c.Uninstall {
 		errs = append(errs, errors.New("--offline needs --pod-cidr"))

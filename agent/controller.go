@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"log/slog"
+	"net"
 	"reflect"
 	"sync/atomic"
 	"time"
@@ -13,9 +14,9 @@ import (
 	"k8s.io/apimachinery/pkg/labels"
 	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/client-go/informers"
-	coreinformers "k8s.io/client-go/informers/core/v1"
 	"k8s.io/client-go/kubernetes"
 	corelisters "k8s.io/client-go/listers/core/v1"
+	discoverylisters "k8s.io/client-go/listers/discovery/v1"
 	networkinglisters "k8s.io/client-go/listers/networking/v1"
 	"k8s.io/client-go/tools/cache"
 
@@ -44,27 +45,35 @@ type controller struct {
 	pods     corelisters.PodLister
 	ns       corelisters.NamespaceLister
 	policies networkinglisters.NetworkPolicyLister
-	synced   []cache.InformerSynced
-	runner   *runner
-	metrics  *metrics
-	target   atomic.Pointer[Target] // nil until the network is known
+	services corelisters.ServiceLister
+	slices   discoverylisters.EndpointSliceLister
+	// balance says the network balances Services itself (services
+	// "ebpf"): Services and EndpointSlices go into the desired state.
+	balance bool
+	// router keeps the routes to the other nodes' pod CIDRs; nil until
+	// the network is known. Set before the first sync, read by syncs only.
+	router  *nodeRouter
+	synced  []cache.InformerSynced
+	runner  *runner
+	metrics *metrics
+	target  atomic.Pointer[Target] // nil until the network is known
 	// syncs counts the Target.Replace calls (tests).
 	syncs atomic.Int64
 }
 
-func newController(client kubernetes.Interface, nodeName string, resync, minSync, maxSync time.Duration, m *metrics, log *slog.Logger) *controller {
-	c := &controller{log: log, nodeName: nodeName, metrics: m}
+func newController(client kubernetes.Interface, nodeName string, balance bool, resync, minSync, maxSync time.Duration, m *metrics, log *slog.Logger) *controller {
+	c := &controller{log: log, nodeName: nodeName, balance: balance, metrics: m}
 	c.runner = newRunner(c.sync, minSync, maxSync)
 	f := informers.NewSharedInformerFactory(client, resync)
 	c.factory = f
 
-	// This node only: its pod CIDR. A per-informer field selector
-	// through the same factory.
-	nodeInf := f.InformerFor(&corev1.Node{}, func(cl kubernetes.Interface, resync time.Duration) cache.SharedIndexInformer {
-		return coreinformers.NewFilteredNodeInformer(cl, resync, cache.Indexers{}, func(o *metav1.ListOptions) {
-			o.FieldSelector = "metadata.name=" + nodeName
-		})
-	})
+	// Every node: this one's pod CIDR, the others' pod CIDRs and
+	// InternalIPs for the routes to their pods. Only those are kept in
+	// the cache (status heartbeats change nothing routing reads).
+	nodeInf := f.Core().V1().Nodes().Informer()
+	if err := nodeInf.SetTransform(slimNode); err != nil {
+		panic(err)
+	}
 	// Every pod: local ones carry the labels of this node's endpoints,
 	// remote ones the identities of their IPs. Only what policy reads is
 	// kept in the cache.
@@ -74,22 +83,25 @@ func newController(client kubernetes.Interface, nodeName string, resync, minSync
 	}
 	nsInf := f.Core().V1().Namespaces().Informer()
 	npInf := f.Networking().V1().NetworkPolicies().Informer()
-	// Services and EndpointSlices are only cached for now: the Services
-	// datapath will read them.
+	// Services and EndpointSlices: the load balancer's (services
+	// "ebpf"); cached but not synced on otherwise.
 	svcInf := f.Core().V1().Services().Informer()
 	epsInf := f.Discovery().V1().EndpointSlices().Informer()
 
-	c.handle(nodeInf, "nodes", nil)
+	c.handle(nodeInf, "nodes", nodeChanged)
 	c.handle(podInf, "pods", podChanged)
 	c.handle(nsInf, "namespaces", labelsChanged)
 	c.handle(npInf, "networkpolicies", nil)
-	c.handle(svcInf, "services", func(any, any) bool { return false })
-	c.handle(epsInf, "endpointslices", func(any, any) bool { return false })
+	lbChanged := func(any, any) bool { return balance }
+	c.handle(svcInf, "services", lbChanged)
+	c.handle(epsInf, "endpointslices", lbChanged)
 
 	c.nodes = f.Core().V1().Nodes().Lister()
 	c.pods = f.Core().V1().Pods().Lister()
 	c.ns = f.Core().V1().Namespaces().Lister()
 	c.policies = f.Networking().V1().NetworkPolicies().Lister()
+	c.services = f.Core().V1().Services().Lister()
+	c.slices = f.Discovery().V1().EndpointSlices().Lister()
 	for _, inf := range []cache.SharedIndexInformer{nodeInf, podInf, nsInf, npInf, svcInf, epsInf} {
 		c.synced = append(c.synced, inf.HasSynced)
 	}
@@ -155,6 +167,16 @@ func (c *controller) sync(ctx context.Context) error {
 		return nil
 	}
 	t := *tp
+	if c.router != nil {
+		nodes, _ := c.nodes.List(labels.Everything())
+		rn := routingNodes(nodes, c.nodeName)
+		if err := c.router.r.Sync(rn); err != nil {
+			c.metrics.syncs.WithLabelValues("error").Inc()
+			c.log.Error("routing sync failed", "err", err)
+			return err
+		}
+		c.log.Debug("routes synced", "nodes", len(rn))
+	}
 	st, skipped := c.desiredState()
 	for _, err := range skipped {
 		c.log.Warn("object left out of the policy state", "err", err)
@@ -222,7 +244,35 @@ func (c *controller) desiredState() (*manifest.State, []error) {
 		}
 		st.Policies[types.NamespacedName{Namespace: np.Namespace, Name: np.Name}] = np
 	}
+	if !c.balance {
+		return st, skipped
+	}
+	svcs, _ := c.services.List(labels.Everything())
+	for _, svc := range svcs {
+		if err := manifest.Validate(svc); err != nil {
+			skipped = append(skipped, err)
+			continue
+		}
+		st.Services[types.NamespacedName{Namespace: svc.Namespace, Name: svc.Name}] = svc
+	}
+	eps, _ := c.slices.List(labels.Everything())
+	for _, es := range eps {
+		if err := manifest.Validate(es); err != nil {
+			skipped = append(skipped, err)
+			continue
+		}
+		st.EndpointSlices[types.NamespacedName{Namespace: es.Namespace, Name: es.Name}] = es
+	}
 	return st, skipped
+}
+
+// localIP is this node's InternalIP, nil when its Node object has none.
+func (c *controller) localIP() net.IP {
+	node, err := c.nodes.Get(c.nodeName)
+	if err != nil {
+		return nil
+	}
+	return internalIP(node)
 }
 
 // podCIDR returns the node's first IPv4 pod CIDR, "" when the controller
@@ -242,6 +292,36 @@ func (c *controller) podCIDR() (string, error) {
 		}
 	}
 	return "", nil
+}
+
+// slimNode keeps what the agent reads of a node: name, pod CIDRs and
+// InternalIPs.
+func slimNode(obj any) (any, error) {
+	n, ok := obj.(*corev1.Node)
+	if !ok {
+		return obj, nil // a tombstone
+	}
+	out := &corev1.Node{
+		ObjectMeta: metav1.ObjectMeta{Name: n.Name, UID: n.UID, ResourceVersion: n.ResourceVersion},
+		Spec:       corev1.NodeSpec{PodCIDR: n.Spec.PodCIDR, PodCIDRs: n.Spec.PodCIDRs},
+	}
+	for _, a := range n.Status.Addresses {
+		if a.Type == corev1.NodeInternalIP {
+			out.Status.Addresses = append(out.Status.Addresses, a)
+		}
+	}
+	return out, nil
+}
+
+// nodeChanged reports whether an update changed a pod CIDR or an
+// InternalIP (what the slim node keeps).
+func nodeChanged(old, new any) bool {
+	o, ok1 := old.(*corev1.Node)
+	n, ok2 := new.(*corev1.Node)
+	if !ok1 || !ok2 {
+		return true
+	}
+	return !reflect.DeepEqual(o.Spec, n.Spec) || !reflect.DeepEqual(o.Status.Addresses, n.Status.Addresses)
 }
 
 // slimPod keeps what policy reads of a pod: identity, labels, node,

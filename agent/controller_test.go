@@ -59,7 +59,7 @@ func TestCoalescing(t *testing.T) {
 	log := slog.New(slog.NewTextHandler(io.Discard, nil))
 	m := newMetrics("", log)
 	const minSync = time.Second
-	c := newController(client, "n1", 0, minSync, 0, m, log)
+	c := newController(client, "n1", false, 0, minSync, 0, m, log)
 	ctx, cancel := context.WithCancel(t.Context())
 	defer cancel()
 	if err := c.start(ctx); err != nil {

@@ -447,7 +447,22 @@ func createNamespaces(t *testing.T, client kubernetes.Interface, names ...string
 // newAgentNode creates a Node object with podCIDR and a simulated node
 // (network namespace, state and bpffs directories, CNI conf dir) running
 // ternd against the control plane, and waits until the agent is ready.
-func newAgentNode(t *testing.T, cp *testutil.ControlPlane, client kubernetes.Interface, podCIDR string) *agentWorld {
+func newAgentNode(t *testing.T, cp *testutil.ControlPlane, client kubernetes.Interface, podCIDR string, extraArgs ...string) *agentWorld {
+	t.Helper()
+	w := prepareAgentNode(t, cp, client, podCIDR, extraArgs...)
+	w.start()
+	return w
+}
+
+// start starts the node's ternd and waits until it is ready.
+func (w *agentWorld) start() {
+	w.t.Helper()
+	w.agent = startTernd(w.t, w.node, w.args)
+	w.t.Logf("agent on %s ready %v after start", w.nodeName, w.waitReady(60*time.Second).Round(time.Millisecond))
+}
+
+// prepareAgentNode is newAgentNode without starting ternd.
+func prepareAgentNode(t *testing.T, cp *testutil.ControlPlane, client kubernetes.Interface, podCIDR string, extraArgs ...string) *agentWorld {
 	t.Helper()
 	w := &agentWorld{t: t, cp: cp, client: client, node: testutil.NewNode(t), confDir: t.TempDir()}
 	w.nodeName = "node-" + strings.ToLower(testutil.UniqueName("n"))
@@ -478,8 +493,7 @@ func newAgentNode(t *testing.T, cp *testutil.ControlPlane, client kubernetes.Int
 		"--gc-grace", "1s",
 		"--log-level", "debug",
 	}
-	w.agent = startTernd(t, w.node, w.args)
-	t.Logf("agent on %s ready %v after start", w.nodeName, w.waitReady(60*time.Second).Round(time.Millisecond))
+	w.args = append(w.args, extraArgs...)
 	return w
 }
 
@@ -608,75 +622,14 @@ func TestAgent(t *testing.T) {
 
 	// Uninstall removes the conflist.
 	agent.stop()
-	if b, err := exec.Command(terndBinary(t), "--uninstall", "--cni-conf-dir", w.confDir).CombinedOutput(); err != nil {
+	// In the node's namespace: uninstall also removes the routes to the
+	// other nodes that the installed configuration's routing made.
+	if b, err := w.node.Exec(t, terndBinary(t), "--uninstall", "--cni-conf-dir", w.confDir); err != nil {
 		t.Fatalf("ternd --uninstall: %v\n%s", err, b)
 	}
 	if _, err := os.Stat(filepath.Join(w.confDir, "10-tern.conflist")); !os.IsNotExist(err) {
 		t.Fatalf("conflist still there after --uninstall: %v", err)
 	}
-}
-
-// linkNodes connects two simulated nodes with a veth pair and routes each
-// node's pod CIDR to the other over it, as a flat L3 network between
-// nodes would.
-func linkNodes(t *testing.T, a, b *agentWorld, aCIDR, bCIDR string) {
-	t.Helper()
-	an, bn := testutil.UniqueName("la"), testutil.UniqueName("lb")
-	steps := []struct {
-		w    *agentWorld
-		args []string
-	}{
-		{a, []string{"link", "add", an, "type", "veth", "peer", "name", bn, "netns", b.node.Name}},
-		{a, []string{"addr", "add", "192.0.2.1/30", "dev", an}},
-		{b, []string{"addr", "add", "192.0.2.2/30", "dev", bn}},
-		{a, []string{"link", "set", an, "up"}},
-		{b, []string{"link", "set", bn, "up"}},
-		{a, []string{"route", "add", bCIDR, "via", "192.0.2.2"}},
-		{b, []string{"route", "add", aCIDR, "via", "192.0.2.1"}},
-	}
-	for _, s := range steps {
-		if _, err := s.w.node.Exec(t, "ip", s.args...); err != nil {
-			t.Fatal(err)
-		}
-	}
-	// The links go with the node namespaces.
-}
-
-// TestAgentTwoNodes: two simulated nodes, each with its own ternd, pods on
-// both. Policy on one node selects peers on the other by labels that only
-// the API server knows (the remote pods' labels and status.podIPs), and a
-// label change on a remote pod reaches the other node's datapath.
-func TestAgentTwoNodes(t *testing.T) {
-	testutil.RequirePrivileged(t)
-	cp := testutil.StartControlPlane(t)
-	client := cp.Client(t)
-	createNamespaces(t, client, "alpha")
-	w1 := newAgentNode(t, cp, client, "10.77.152.0/24")
-	w2 := newAgentNode(t, cp, client, "10.77.153.0/24")
-	linkNodes(t, w1, w2, "10.77.152.0/24", "10.77.153.0/24")
-
-	srv := w1.addPod("alpha", "srv", map[string]string{"app": "srv"})
-	friend := w2.addPod("alpha", "friend", map[string]string{"app": "friend"})
-	stranger := w2.addPod("alpha", "stranger", map[string]string{"app": "stranger"})
-	expect(t, "no policy, across nodes", tcp(friend, srv, 80, true), tcp(stranger, srv, 80, true))
-
-	np := &networkingv1.NetworkPolicy{
-		ObjectMeta: metav1.ObjectMeta{Namespace: "alpha", Name: "srv-from-friends"},
-		Spec: networkingv1.NetworkPolicySpec{
-			PodSelector: metav1.LabelSelector{MatchLabels: map[string]string{"app": "srv"}},
-			Ingress: []networkingv1.NetworkPolicyIngressRule{{From: []networkingv1.NetworkPolicyPeer{
-				{PodSelector: &metav1.LabelSelector{MatchLabels: map[string]string{"app": "friend"}}},
-			}}},
-		},
-	}
-	start := time.Now()
-	if _, err := client.NetworkingV1().NetworkPolicies("alpha").Create(t.Context(), np, metav1.CreateOptions{}); err != nil {
-		t.Fatal(err)
-	}
-	w1.enforced("policy selecting remote pods", start, enforceBound, tcp(friend, srv, 80, true), tcp(stranger, srv, 80, false))
-	start = time.Now()
-	w1.labelPod("alpha", "stranger", map[string]string{"app": "friend"})
-	w1.enforced("label of a remote pod", start, enforceBound, tcp(stranger, srv, 80, true))
 }
 
 // TestAgentOffline: without an API server, ternd --offline installs the
