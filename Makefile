@@ -9,7 +9,7 @@ CNI_CONF  ?= /etc/cni/net.d
 PREFIX    ?= /usr/local
 GOTEST_FLAGS ?= -count=1 -timeout 40m
 
-.PHONY: all build generate test install lint bench clean demo
+.PHONY: all build generate test install lint bench clean demo e2e-k8s
 
 all: build
 
@@ -37,6 +37,13 @@ generate:
 # tests at the binaries just built.
 test: build
 	TERN_CNI_PATH=$(CURDIR)/$(BIN) $(GO) test $(GOTEST_FLAGS) ./...
+
+# The upstream Kubernetes e2e (NetworkPolicy, sig-network conformance) on a
+# real single-node cluster with Tern as CNI, per datapath (root; builds the
+# Kubernetes binaries once into ~/.cache/tern/k8s): see test/k8s/e2e-k8s.sh.
+E2E_K8S_SUITES ?= netpol conformance
+e2e-k8s:
+	test/k8s/e2e-k8s.sh $(E2E_K8S_SUITES)
 
 install: build
 	install -d $(DESTDIR)$(CNI_BIN) $(DESTDIR)$(CNI_CONF)
