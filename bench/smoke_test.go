@@ -173,8 +173,8 @@ func TestInterruptCleansUp(t *testing.T) {
 // checkSmokeSweep checks the policy sweep of the smoke run on one path:
 // not applicable to the limit and the reference plugins; on Tern's paths
 // 100 rules compiled to 101 entries, in force, and the three traffic
-// figures taken (or, on ebpf, unavailable because the datapath does not
-// enforce NetworkPolicy yet).
+// figures taken (both datapaths enforce NetworkPolicy: unavailable on
+// either is a failure).
 func checkSmokeSweep(t *testing.T, res *Results, path string) {
 	t.Helper()
 	wl := res.Workload(policySweepName)
@@ -187,10 +187,6 @@ func checkSmokeSweep(t *testing.T, res *Results, path string) {
 		if !strings.HasPrefix(reason, "n/a: ") {
 			t.Errorf("policy sweep on %s: %q, want n/a", path, reason)
 		}
-		return
-	}
-	if path == PathEBPF && strings.Contains(reason, "does not enforce NetworkPolicy yet") {
-		t.Logf("policy sweep on ebpf unavailable: %s", reason)
 		return
 	}
 	if reason != "" {

@@ -11,14 +11,18 @@
  * netfilter); masquerade packets leaving the cluster through the uplink to
  * the node IP and send them out with bpf_redirect_neigh (replies come back
  * through tc_uplink.c); hand everything else on (TERN_PASS: to programs
- * attached after this one, then the host stack).
+ * attached after this one, then the host stack), which also gets,
+ * untouched, traffic to a Service CIDR and the pod's answers to flows the
+ * stack delivered into it (kube-proxy's DNAT, lib/stack.h).
  * NetworkPolicy (lib/policy.h), after anti-spoofing: the sender's egress
  * rules, and the receiver's ingress rules when it is a pod of this node
  * (bpf_redirect_peer skips that pod's veth egress, where tern_to_pod runs).
  *
  * tern_to_pod, in this file as the other direction of the same veth, runs at
  * its tc egress: it applies the pod's ingress rules to what the host stack
- * delivers (the node itself, other nodes, the outside). */
+ * delivers (the node itself, other nodes, the outside, Services after
+ * kube-proxy's DNAT), reading the stack's conntrack entry for the client
+ * and the flow a reply answers. */
 
 #include <linux/bpf.h>
 #include <linux/pkt_cls.h>
@@ -40,6 +44,7 @@
 #include "lib/forward.h"
 #include "lib/policy.h"
 #include "lib/arp.h"
+#include "lib/stack.h"
 
 char __license[] SEC("license") = "Dual BSD/GPL";
 
@@ -387,21 +392,43 @@ int tern_from_pod(struct __sk_buff *skb)
 	ip.tos = iph->tos;
 	ip_id = iph->id;
 
+	/* A Service address (never a pod's): kube-proxy's DNAT in the host
+	 * stack decides where it goes, and policy is decided on the
+	 * translated packet (tern_to_pod, lib/stack.h). */
+	dst = bpf_map_lookup_elem(&tern_endpoints, &ip.daddr);
+	if (!dst && to_service_cidr(ip.daddr)) {
+		count(METRIC_PASS_SERVICE, skb->len);
+		return TERN_PASS;
+	}
+
 	/* NetworkPolicy, once the source is known to be this pod's own (a
 	 * forged source would be policed as the pod it claims to be). */
 	if (!policy_pass(skb, ip.saddr, ip.daddr, ip.proto, ip.ihl, ip.frag_off, ip_id))
 		return TC_ACT_SHOT;
 
-	dst = bpf_map_lookup_elem(&tern_endpoints, &ip.daddr);
-	if (dst)
+	if (dst) {
+		/* An answer to a flow the stack delivered (e.g. DNATed from a
+		 * ClusterIP): only the stack can translate it back. */
+		if (stack_owned(skb, ip.saddr, ip.daddr, ip.proto, ip.ihl, ip.frag_off)) {
+			count(METRIC_PASS_STACK_REPLY, skb->len);
+			return TERN_PASS;
+		}
 		return deliver_to_endpoint(skb, dst, ip.ttl, METRIC_REDIRECT_PEER);
+	}
 
 	/* Masquerade what leaves the cluster, when this pod's network asks
-	 * for it and the node has an uplink with an address. */
+	 * for it and the node has an uplink with an address; but not the
+	 * answers of flows the stack delivered (NodePort, hostPort): the
+	 * stack translates them back to the address the client used. */
 	cfg = node_config();
 	if (cfg && cfg->node_ip && cfg->uplink_ifindex && (src->flags & ENDPOINT_F_MASQ) &&
-	    !multicast_or_broadcast(ip.daddr) && !nomasq(ip.daddr))
+	    !multicast_or_broadcast(ip.daddr) && !nomasq(ip.daddr)) {
+		if (stack_owned(skb, ip.saddr, ip.daddr, ip.proto, ip.ihl, ip.frag_off)) {
+			count(METRIC_PASS_STACK_REPLY, skb->len);
+			return TERN_PASS;
+		}
 		return snat_out(skb, &ip, cfg);
+	}
 
 	/* The node itself, other nodes' pods, and unmasqueraded traffic: the
 	 * host stack routes it (and kube-proxy's rules see it). */
@@ -424,7 +451,8 @@ int tern_to_pod(struct __sk_buff *skb)
 {
 	struct ethhdr *eth;
 	struct iphdr *iph;
-	__be32 saddr, daddr;
+	__be32 saddr, daddr, peer;
+	struct stack_ct ct = {};
 	__be16 frag_off, id;
 	__u8 proto, ihl;
 
@@ -456,8 +484,21 @@ int tern_to_pod(struct __sk_buff *skb)
 	proto = iph->protocol;
 	ihl = iph->ihl;
 
-	if (!policy_pass(skb, saddr, daddr, proto, ihl, frag_off, id))
+	/* The host stack's conntrack entry (lib/stack.h): a reply it
+	 * reverse-translated passes on the flow it answers; a flow it
+	 * delivered is decided on its original client (before the stack's
+	 * SNAT, e.g. kube-proxy's masquerade) and the translated destination
+	 * (after DNAT: the backend pod). */
+	stack_ct_of(skb, &ct);
+	if (ct.tracked && ct.reply && ct.rsrc != saddr && stack_reply_tracked(&ct)) {
+		count(METRIC_PASS_TO_POD, skb->len);
+		return TERN_PASS;
+	}
+	peer = ct.tracked && !ct.reply ? ct.orig_src : saddr;
+	if (!policy_pass_as(skb, saddr, daddr, peer, proto, ihl, frag_off, id))
 		return TC_ACT_SHOT;
+	if (ct.tracked && !ct.reply)
+		stack_note_delivered(skb, saddr, daddr, proto, ihl, frag_off);
 	count(METRIC_PASS_TO_POD, skb->len);
 	return TERN_PASS;
 }

@@ -10,7 +10,12 @@
  * translated back to the pod's address and delivered into the pod with
  * bpf_redirect_peer. Traffic routed straight to a pod's own address is
  * remembered so the pod's answers are not masqueraded, and goes on through
- * the host stack. Everything else (the node's own traffic) passes untouched. */
+ * the host stack. Everything else (the node's own traffic) passes untouched.
+ *
+ * tern_to_uplink, at tc egress of the same interface, decides the egress
+ * policy of a local pod whose packet the host stack DNATed to an address
+ * off the node (kube-proxy: a Service whose backend runs elsewhere):
+ * tern_from_pod left it undecided, as it still carried the ClusterIP. */
 
 #include <linux/bpf.h>
 #include <linux/pkt_cls.h>
@@ -29,6 +34,8 @@
 #include "lib/conntrack.h"
 #include "lib/nat.h"
 #include "lib/forward.h"
+#include "lib/policy.h"
+#include "lib/stack.h"
 
 char __license[] SEC("license") = "Dual BSD/GPL";
 
@@ -239,5 +246,41 @@ int tern_from_uplink(struct __sk_buff *skb)
 
 pass:
 	count(METRIC_PASS_UPLINK, skb->len);
+	return TERN_PASS;
+}
+
+SEC("tc")
+int tern_to_uplink(struct __sk_buff *skb)
+{
+	struct ethhdr *eth;
+	struct iphdr *iph;
+	__be32 saddr, daddr, client;
+	__be16 frag_off, id;
+	__u8 proto, ihl;
+
+	/* Not IPv4, or not a translated flow of a local pod: not ours. */
+	if (parse_ipv4(skb, &eth, &iph) != PARSE_IPV4)
+		return TERN_PASS;
+	saddr = iph->saddr;
+	daddr = iph->daddr;
+	frag_off = iph->frag_off;
+	id = iph->id;
+	proto = iph->protocol;
+	ihl = iph->ihl;
+	/* A pod's packet still addressed to a ClusterIP: kube-proxy had no
+	 * rule for it (no such Service or port, ICMP). Routed on, it would
+	 * leave with the pod's address (the stack does not masquerade pods
+	 * on this datapath); nothing out there answers a ClusterIP. */
+	if (bpf_map_lookup_elem(&tern_endpoints, &saddr) && to_service_cidr(daddr)) {
+		count(METRIC_DROP_SVC_NO_DNAT, skb->len);
+		return TC_ACT_SHOT;
+	}
+	if (!stack_dnat_of(skb, &client) || !bpf_map_lookup_elem(&tern_endpoints, &client))
+		return TERN_PASS;
+	/* Decided (and tracked) on the packet as it leaves, with the client
+	 * pod's egress rules: the backend's answer, reverse-translated by the
+	 * stack, then passes tern_to_pod on this flow (lib/stack.h). */
+	if (!policy_pass_as(skb, saddr, daddr, client, proto, ihl, frag_off, id))
+		return TC_ACT_SHOT;
 	return TERN_PASS;
 }

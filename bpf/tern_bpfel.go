@@ -76,7 +76,10 @@ const (
 	TernMetricMETRIC_DROP_NAT_ICMP        TernMetric = 22
 	TernMetricMETRIC_NAT_REV_LOST         TernMetric = 23
 	TernMetricMETRIC_NAT_GC               TernMetric = 24
-	TernMetricMETRIC_MAX                  TernMetric = 25
+	TernMetricMETRIC_PASS_SERVICE         TernMetric = 25
+	TernMetricMETRIC_PASS_STACK_REPLY     TernMetric = 26
+	TernMetricMETRIC_DROP_SVC_NO_DNAT     TernMetric = 27
+	TernMetricMETRIC_MAX                  TernMetric = 28
 )
 
 type TernMetricValue struct {
@@ -229,6 +232,8 @@ const (
 	TernMapTernPolicy           = "tern_policy"
 	TernMapTernPolicyCt         = "tern_policy_ct"
 	TernMapTernPolicyFrag       = "tern_policy_frag"
+	TernMapTernServiceCidrs     = "tern_service_cidrs"
+	TernMapTernStackCt          = "tern_stack_ct"
 	TernProgTernFromPod         = "tern_from_pod"
 	TernProgTernNatGc           = "tern_nat_gc"
 	TernProgTernToPod           = "tern_to_pod"
@@ -300,19 +305,21 @@ type TernProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type TernMapSpecs struct {
-	TernConfig     *ebpf.MapSpec `ebpf:"tern_config"`
-	TernEndpoints  *ebpf.MapSpec `ebpf:"tern_endpoints"`
-	TernEpPolicy   *ebpf.MapSpec `ebpf:"tern_ep_policy"`
-	TernIpcache    *ebpf.MapSpec `ebpf:"tern_ipcache"`
-	TernMetrics    *ebpf.MapSpec `ebpf:"tern_metrics"`
-	TernNat        *ebpf.MapSpec `ebpf:"tern_nat"`
-	TernNatGcTimer *ebpf.MapSpec `ebpf:"tern_nat_gc_timer"`
-	TernNatKey     *ebpf.MapSpec `ebpf:"tern_nat_key"`
-	TernNatRev     *ebpf.MapSpec `ebpf:"tern_nat_rev"`
-	TernNomasq     *ebpf.MapSpec `ebpf:"tern_nomasq"`
-	TernPolicy     *ebpf.MapSpec `ebpf:"tern_policy"`
-	TernPolicyCt   *ebpf.MapSpec `ebpf:"tern_policy_ct"`
-	TernPolicyFrag *ebpf.MapSpec `ebpf:"tern_policy_frag"`
+	TernConfig       *ebpf.MapSpec `ebpf:"tern_config"`
+	TernEndpoints    *ebpf.MapSpec `ebpf:"tern_endpoints"`
+	TernEpPolicy     *ebpf.MapSpec `ebpf:"tern_ep_policy"`
+	TernIpcache      *ebpf.MapSpec `ebpf:"tern_ipcache"`
+	TernMetrics      *ebpf.MapSpec `ebpf:"tern_metrics"`
+	TernNat          *ebpf.MapSpec `ebpf:"tern_nat"`
+	TernNatGcTimer   *ebpf.MapSpec `ebpf:"tern_nat_gc_timer"`
+	TernNatKey       *ebpf.MapSpec `ebpf:"tern_nat_key"`
+	TernNatRev       *ebpf.MapSpec `ebpf:"tern_nat_rev"`
+	TernNomasq       *ebpf.MapSpec `ebpf:"tern_nomasq"`
+	TernPolicy       *ebpf.MapSpec `ebpf:"tern_policy"`
+	TernPolicyCt     *ebpf.MapSpec `ebpf:"tern_policy_ct"`
+	TernPolicyFrag   *ebpf.MapSpec `ebpf:"tern_policy_frag"`
+	TernServiceCidrs *ebpf.MapSpec `ebpf:"tern_service_cidrs"`
+	TernStackCt      *ebpf.MapSpec `ebpf:"tern_stack_ct"`
 }
 
 // TernVariableSpecs contains global variables before they are loaded into the kernel.
@@ -356,19 +363,21 @@ func (o *TernObjects) Close() error {
 //
 // It can be passed to LoadTernObjects or ebpf.CollectionSpec.LoadAndAssign.
 type TernMaps struct {
-	TernConfig     *ebpf.Map `ebpf:"tern_config"`
-	TernEndpoints  *ebpf.Map `ebpf:"tern_endpoints"`
-	TernEpPolicy   *ebpf.Map `ebpf:"tern_ep_policy"`
-	TernIpcache    *ebpf.Map `ebpf:"tern_ipcache"`
-	TernMetrics    *ebpf.Map `ebpf:"tern_metrics"`
-	TernNat        *ebpf.Map `ebpf:"tern_nat"`
-	TernNatGcTimer *ebpf.Map `ebpf:"tern_nat_gc_timer"`
-	TernNatKey     *ebpf.Map `ebpf:"tern_nat_key"`
-	TernNatRev     *ebpf.Map `ebpf:"tern_nat_rev"`
-	TernNomasq     *ebpf.Map `ebpf:"tern_nomasq"`
-	TernPolicy     *ebpf.Map `ebpf:"tern_policy"`
-	TernPolicyCt   *ebpf.Map `ebpf:"tern_policy_ct"`
-	TernPolicyFrag *ebpf.Map `ebpf:"tern_policy_frag"`
+	TernConfig       *ebpf.Map `ebpf:"tern_config"`
+	TernEndpoints    *ebpf.Map `ebpf:"tern_endpoints"`
+	TernEpPolicy     *ebpf.Map `ebpf:"tern_ep_policy"`
+	TernIpcache      *ebpf.Map `ebpf:"tern_ipcache"`
+	TernMetrics      *ebpf.Map `ebpf:"tern_metrics"`
+	TernNat          *ebpf.Map `ebpf:"tern_nat"`
+	TernNatGcTimer   *ebpf.Map `ebpf:"tern_nat_gc_timer"`
+	TernNatKey       *ebpf.Map `ebpf:"tern_nat_key"`
+	TernNatRev       *ebpf.Map `ebpf:"tern_nat_rev"`
+	TernNomasq       *ebpf.Map `ebpf:"tern_nomasq"`
+	TernPolicy       *ebpf.Map `ebpf:"tern_policy"`
+	TernPolicyCt     *ebpf.Map `ebpf:"tern_policy_ct"`
+	TernPolicyFrag   *ebpf.Map `ebpf:"tern_policy_frag"`
+	TernServiceCidrs *ebpf.Map `ebpf:"tern_service_cidrs"`
+	TernStackCt      *ebpf.Map `ebpf:"tern_stack_ct"`
 }
 
 func (m *TernMaps) Close() error {
@@ -386,6 +395,8 @@ func (m *TernMaps) Close() error {
 		m.TernPolicy,
 		m.TernPolicyCt,
 		m.TernPolicyFrag,
+		m.TernServiceCidrs,
+		m.TernStackCt,
 	)
 }
 

@@ -29,7 +29,10 @@ const (
 	TernUplinkMapTernPolicy           = "tern_policy"
 	TernUplinkMapTernPolicyCt         = "tern_policy_ct"
 	TernUplinkMapTernPolicyFrag       = "tern_policy_frag"
+	TernUplinkMapTernServiceCidrs     = "tern_service_cidrs"
+	TernUplinkMapTernStackCt          = "tern_stack_ct"
 	TernUplinkProgTernFromUplink      = "tern_from_uplink"
+	TernUplinkProgTernToUplink        = "tern_to_uplink"
 	TernUplinkVarCtTimeoutIcmp        = "ct_timeout_icmp"
 	TernUplinkVarCtTimeoutTcp         = "ct_timeout_tcp"
 	TernUplinkVarCtTimeoutTcpClose    = "ct_timeout_tcp_close"
@@ -90,25 +93,28 @@ type TernUplinkSpecs struct {
 // It can be passed ebpf.CollectionSpec.Assign.
 type TernUplinkProgramSpecs struct {
 	TernFromUplink *ebpf.ProgramSpec `ebpf:"tern_from_uplink"`
+	TernToUplink   *ebpf.ProgramSpec `ebpf:"tern_to_uplink"`
 }
 
 // TernUplinkMapSpecs contains maps before they are loaded into the kernel.
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type TernUplinkMapSpecs struct {
-	TernConfig     *ebpf.MapSpec `ebpf:"tern_config"`
-	TernEndpoints  *ebpf.MapSpec `ebpf:"tern_endpoints"`
-	TernEpPolicy   *ebpf.MapSpec `ebpf:"tern_ep_policy"`
-	TernIpcache    *ebpf.MapSpec `ebpf:"tern_ipcache"`
-	TernMetrics    *ebpf.MapSpec `ebpf:"tern_metrics"`
-	TernNat        *ebpf.MapSpec `ebpf:"tern_nat"`
-	TernNatGcTimer *ebpf.MapSpec `ebpf:"tern_nat_gc_timer"`
-	TernNatKey     *ebpf.MapSpec `ebpf:"tern_nat_key"`
-	TernNatRev     *ebpf.MapSpec `ebpf:"tern_nat_rev"`
-	TernNomasq     *ebpf.MapSpec `ebpf:"tern_nomasq"`
-	TernPolicy     *ebpf.MapSpec `ebpf:"tern_policy"`
-	TernPolicyCt   *ebpf.MapSpec `ebpf:"tern_policy_ct"`
-	TernPolicyFrag *ebpf.MapSpec `ebpf:"tern_policy_frag"`
+	TernConfig       *ebpf.MapSpec `ebpf:"tern_config"`
+	TernEndpoints    *ebpf.MapSpec `ebpf:"tern_endpoints"`
+	TernEpPolicy     *ebpf.MapSpec `ebpf:"tern_ep_policy"`
+	TernIpcache      *ebpf.MapSpec `ebpf:"tern_ipcache"`
+	TernMetrics      *ebpf.MapSpec `ebpf:"tern_metrics"`
+	TernNat          *ebpf.MapSpec `ebpf:"tern_nat"`
+	TernNatGcTimer   *ebpf.MapSpec `ebpf:"tern_nat_gc_timer"`
+	TernNatKey       *ebpf.MapSpec `ebpf:"tern_nat_key"`
+	TernNatRev       *ebpf.MapSpec `ebpf:"tern_nat_rev"`
+	TernNomasq       *ebpf.MapSpec `ebpf:"tern_nomasq"`
+	TernPolicy       *ebpf.MapSpec `ebpf:"tern_policy"`
+	TernPolicyCt     *ebpf.MapSpec `ebpf:"tern_policy_ct"`
+	TernPolicyFrag   *ebpf.MapSpec `ebpf:"tern_policy_frag"`
+	TernServiceCidrs *ebpf.MapSpec `ebpf:"tern_service_cidrs"`
+	TernStackCt      *ebpf.MapSpec `ebpf:"tern_stack_ct"`
 }
 
 // TernUplinkVariableSpecs contains global variables before they are loaded into the kernel.
@@ -152,19 +158,21 @@ func (o *TernUplinkObjects) Close() error {
 //
 // It can be passed to LoadTernUplinkObjects or ebpf.CollectionSpec.LoadAndAssign.
 type TernUplinkMaps struct {
-	TernConfig     *ebpf.Map `ebpf:"tern_config"`
-	TernEndpoints  *ebpf.Map `ebpf:"tern_endpoints"`
-	TernEpPolicy   *ebpf.Map `ebpf:"tern_ep_policy"`
-	TernIpcache    *ebpf.Map `ebpf:"tern_ipcache"`
-	TernMetrics    *ebpf.Map `ebpf:"tern_metrics"`
-	TernNat        *ebpf.Map `ebpf:"tern_nat"`
-	TernNatGcTimer *ebpf.Map `ebpf:"tern_nat_gc_timer"`
-	TernNatKey     *ebpf.Map `ebpf:"tern_nat_key"`
-	TernNatRev     *ebpf.Map `ebpf:"tern_nat_rev"`
-	TernNomasq     *ebpf.Map `ebpf:"tern_nomasq"`
-	TernPolicy     *ebpf.Map `ebpf:"tern_policy"`
-	TernPolicyCt   *ebpf.Map `ebpf:"tern_policy_ct"`
-	TernPolicyFrag *ebpf.Map `ebpf:"tern_policy_frag"`
+	TernConfig       *ebpf.Map `ebpf:"tern_config"`
+	TernEndpoints    *ebpf.Map `ebpf:"tern_endpoints"`
+	TernEpPolicy     *ebpf.Map `ebpf:"tern_ep_policy"`
+	TernIpcache      *ebpf.Map `ebpf:"tern_ipcache"`
+	TernMetrics      *ebpf.Map `ebpf:"tern_metrics"`
+	TernNat          *ebpf.Map `ebpf:"tern_nat"`
+	TernNatGcTimer   *ebpf.Map `ebpf:"tern_nat_gc_timer"`
+	TernNatKey       *ebpf.Map `ebpf:"tern_nat_key"`
+	TernNatRev       *ebpf.Map `ebpf:"tern_nat_rev"`
+	TernNomasq       *ebpf.Map `ebpf:"tern_nomasq"`
+	TernPolicy       *ebpf.Map `ebpf:"tern_policy"`
+	TernPolicyCt     *ebpf.Map `ebpf:"tern_policy_ct"`
+	TernPolicyFrag   *ebpf.Map `ebpf:"tern_policy_frag"`
+	TernServiceCidrs *ebpf.Map `ebpf:"tern_service_cidrs"`
+	TernStackCt      *ebpf.Map `ebpf:"tern_stack_ct"`
 }
 
 func (m *TernUplinkMaps) Close() error {
@@ -182,6 +190,8 @@ func (m *TernUplinkMaps) Close() error {
 		m.TernPolicy,
 		m.TernPolicyCt,
 		m.TernPolicyFrag,
+		m.TernServiceCidrs,
+		m.TernStackCt,
 	)
 }
 
@@ -211,11 +221,13 @@ type TernUplinkVariables struct {
 // It can be passed to LoadTernUplinkObjects or ebpf.CollectionSpec.LoadAndAssign.
 type TernUplinkPrograms struct {
 	TernFromUplink *ebpf.Program `ebpf:"tern_from_uplink"`
+	TernToUplink   *ebpf.Program `ebpf:"tern_to_uplink"`
 }
 
 func (p *TernUplinkPrograms) Close() error {
 	return _TernUplinkClose(
 		p.TernFromUplink,
+		p.TernToUplink,
 	)
 }
 

@@ -98,6 +98,19 @@ func cmdAdd(args *skel.CmdArgs) (err error) {
 	if err := dp.EnsureNode(); err != nil {
 		return fmt.Errorf("prepare node datapath: %w", err)
 	}
+	existing, err := recs.list()
+	if err != nil {
+		return err
+	}
+	others := make([]*datapath.Endpoint, 0, len(existing)+1)
+	for _, r := range existing {
+		others = append(others, r.endpoint())
+	}
+	others = withoutAttachment(others, args.ContainerID, args.IfName)
+	// The node may have lost the other pods' datapath state (pins).
+	if err := conf.restoreEndpoints(dp, others); err != nil {
+		return err
+	}
 
 	hostName := hostVethName(args.ContainerID, args.IfName)
 	alias := fmt.Sprintf("tern:%s:%s:%s", conf.Name, args.ContainerID, args.IfName)
@@ -136,24 +149,18 @@ func cmdAdd(args *skel.CmdArgs) (err error) {
 	// NetworkPolicy before forwarding: the rule set in force, with this
 	// pod in it, is applied before AddEndpoint lets its first packet
 	// through, so a pod that policy isolates is never open.
-	existing, err := recs.list()
-	if err != nil {
-		return err
-	}
-	others := make([]*datapath.Endpoint, 0, len(existing)+1)
-	for _, r := range existing {
-		others = append(others, r.endpoint())
-	}
-	others = withoutAttachment(others, args.ContainerID, args.IfName)
 	if err := conf.syncPolicy(dp, append(others, ep)); err != nil {
 		return err
 	}
 	undo = append(undo, func() error { return conf.syncPolicy(dp, others) })
 
+	// Undo registered first: AddEndpoint can fail half way (map entry
+	// written, one hook attached), and DelEndpoint removes whatever part
+	// of the endpoint exists.
+	undo = append(undo, func() error { return dp.DelEndpoint(ep) })
 	if err := dp.AddEndpoint(ep); err != nil {
 		return fmt.Errorf("add endpoint to datapath: %w", err)
 	}
-	undo = append(undo, func() error { return dp.DelEndpoint(ep) })
 
 	rec := &record{
 		ContainerID:  args.ContainerID,

@@ -23,6 +23,17 @@ const (
 	DatapathIPTables = "iptables"
 )
 
+// Service modes accepted in the "services" field.
+const (
+	// ServicesKubeProxy: kube-proxy (or another netfilter-based Service
+	// proxy) translates Services; Tern hands Service traffic and the
+	// replies of flows the host stack translated to the host stack.
+	ServicesKubeProxy = "kube-proxy"
+	// ServicesEBPF: Tern's own eBPF Service load balancer. Not available
+	// yet: rejected with code 7.
+	ServicesEBPF = "ebpf"
+)
+
 // Defaults for optional fields.
 const (
 	DefaultStateDir = "/var/lib/tern"
@@ -47,6 +58,13 @@ type NetConf struct {
 	// translated back at its tc ingress (eBPF datapath). Default: the
 	// interface of the node's IPv4 default route.
 	Uplink string `json:"uplink,omitempty"`
+	// Services says who translates Kubernetes Services: "kube-proxy"
+	// (default). "ebpf" is reserved for Tern's own load balancer.
+	Services string `json:"services,omitempty"`
+	// ServiceCIDR lists the ranges kube-proxy's ClusterIPs come from. The
+	// eBPF datapath hands pod traffic to them to the host stack (where
+	// kube-proxy's DNAT is) instead of masquerading or redirecting it.
+	ServiceCIDR []string `json:"serviceCIDR,omitempty"`
 	// TCAttach forces how programs attach: "auto" (default: TCX, else
 	// clsact), "tcx" or "legacy". For kernels and tests that need one.
 	TCAttach string `json:"tcAttach,omitempty"`
@@ -66,6 +84,7 @@ type NetConf struct {
 	// Parsed forms, filled by ParseConfig.
 	clusterCIDR *net.IPNet
 	nonMasq     []net.IPNet
+	serviceCIDR []net.IPNet
 	attachMode  loader.Mode
 	natPortMin  uint16
 	natPortMax  uint16
@@ -143,6 +162,22 @@ func ParseConfig(stdin []byte) (*NetConf, error) {
 			return nil, fieldErr(fmt.Sprintf("nonMasqueradeCIDRs[%d]", i), "%q is not an IPv4 CIDR", s)
 		}
 		conf.nonMasq = append(conf.nonMasq, *n)
+	}
+	switch conf.Services {
+	case "":
+		conf.Services = ServicesKubeProxy
+	case ServicesKubeProxy:
+	case ServicesEBPF:
+		return nil, fieldErr("services", "%q (Tern's own eBPF Service load balancer) is not available yet; use %q with kube-proxy", ServicesEBPF, ServicesKubeProxy)
+	default:
+		return nil, fieldErr("services", "%q is not one of %q, %q", conf.Services, ServicesKubeProxy, ServicesEBPF)
+	}
+	for i, s := range conf.ServiceCIDR {
+		_, n, err := net.ParseCIDR(s)
+		if err != nil || n.IP.To4() == nil {
+			return nil, fieldErr(fmt.Sprintf("serviceCIDR[%d]", i), "%q is not an IPv4 CIDR", s)
+		}
+		conf.serviceCIDR = append(conf.serviceCIDR, *n)
 	}
 	if conf.StateDir == "" {
 		conf.StateDir = DefaultStateDir

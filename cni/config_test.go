@@ -69,6 +69,8 @@ func TestParseConfigDefaults(t *testing.T) {
 		{"built-in IPAM", conf.builtinIPAM(), true},
 		{"clusterCIDR", conf.clusterCIDR == nil, true},
 		{"nonMasqueradeCIDRs", len(conf.nonMasq), 0},
+		{"services", conf.Services, ServicesKubeProxy},
+		{"serviceCIDR", len(conf.serviceCIDR), 0},
 	}
 	for _, c := range checks {
 		if !reflect.DeepEqual(c.got, c.want) {
@@ -96,6 +98,8 @@ func TestParseConfigExplicit(t *testing.T) {
 		"tcAttach":           "legacy",
 		"natPortRange":       "50000-60999",
 		"natMemoryMiB":       48,
+		"services":           "kube-proxy",
+		"serviceCIDR":        []string{"10.96.0.0/12", "172.30.0.0/16"},
 	}, nil))
 	if err != nil {
 		t.Fatalf("ParseConfig: %v", err)
@@ -115,6 +119,8 @@ func TestParseConfigExplicit(t *testing.T) {
 		{"attach mode", conf.attachMode, loader.ModeLegacy},
 		{"natPortRange", [2]uint16{conf.natPortMin, conf.natPortMax}, [2]uint16{50000, 60999}},
 		{"natMemoryMiB", conf.NATMemoryMiB, 48},
+		{"services", conf.Services, ServicesKubeProxy},
+		{"serviceCIDR", fmt.Sprint(conf.serviceCIDR), "[{10.96.0.0 fff00000} {172.30.0.0 ffff0000}]"},
 	}
 	for _, c := range checks {
 		if !reflect.DeepEqual(c.got, c.want) {
@@ -185,6 +191,10 @@ func TestParseConfigFieldErrors(t *testing.T) {
 		{"nonMasqueradeCIDRs[0] bad", map[string]any{"nonMasqueradeCIDRs": []string{"bad"}}, nil, "nonMasqueradeCIDRs[0]"},
 		{"nonMasqueradeCIDRs[2] bad", map[string]any{"nonMasqueradeCIDRs": []string{"10.0.0.0/8", "172.16.0.0/12", "192.168.1.1"}}, nil, "nonMasqueradeCIDRs[2]"},
 		{"nonMasqueradeCIDRs[1] IPv6", map[string]any{"nonMasqueradeCIDRs": []string{"10.0.0.0/8", "fd00::/8"}}, nil, "nonMasqueradeCIDRs[1]"},
+		{"services ebpf not available yet", map[string]any{"services": "ebpf"}, nil, "services"},
+		{"unknown services", map[string]any{"services": "ipvs"}, nil, "services"},
+		{"serviceCIDR[0] bad", map[string]any{"serviceCIDR": []string{"10.96.0.10"}}, nil, "serviceCIDR[0]"},
+		{"serviceCIDR[1] IPv6", map[string]any{"serviceCIDR": []string{"10.96.0.0/12", "fd00::/108"}}, nil, "serviceCIDR[1]"},
 		{"relative stateDir", map[string]any{"stateDir": "var/lib/tern"}, nil, "stateDir"},
 		{"dot stateDir", map[string]any{"stateDir": "./state"}, nil, "stateDir"},
 		{"relative bpffsDir", map[string]any{"bpffsDir": "sys/fs/bpf/tern"}, nil, "bpffsDir"},
@@ -561,5 +571,19 @@ func TestSafeName(t *testing.T) {
 	})
 	if err != nil {
 		t.Fatal(err)
+	}
+}
+
+// services "ebpf" is the coming eBPF load balancer: a config asking for it
+// must fail clearly (code 7, saying it is not available yet) rather than
+// run without Service translation.
+func TestParseConfigServicesEBPFNotYet(t *testing.T) {
+	_, err := ParseConfig(confJSON(t, map[string]any{"services": "ebpf"}, nil))
+	te, ok := cniError(err).(*types.Error)
+	if !ok || te.Code != types.ErrInvalidNetworkConfig {
+		t.Fatalf("services ebpf: %v, want CNI error code %d", err, types.ErrInvalidNetworkConfig)
+	}
+	if !strings.Contains(te.Msg, "not available yet") || !strings.Contains(te.Msg, "kube-proxy") {
+		t.Errorf("message %q does not say the eBPF load balancer is not available yet", te.Msg)
 	}
 }

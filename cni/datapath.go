@@ -26,6 +26,7 @@ func (c *NetConf) newDatapath(subnet *net.IPNet, gateway net.IP) (datapath.Datap
 			IPMasq:             c.masquerade(),
 			ClusterCIDR:        c.clusterCIDR,
 			NonMasqueradeCIDRs: c.nonMasq,
+			ServiceCIDRs:       c.serviceCIDR,
 			PodSubnet:          subnet,
 			NAT: ebpfdp.NAT{
 				PortMin:   c.natPortMin,

@@ -11,6 +11,7 @@ import (
 	"github.com/containernetworking/plugins/pkg/netlinksafe"
 
 	"github.com/ternlabs/tern/datapath"
+	"github.com/ternlabs/tern/datapath/iptables"
 	"github.com/ternlabs/tern/loader"
 )
 
@@ -93,6 +94,27 @@ func removeStrayVeths(network string, valid map[attachmentKey]bool) error {
 
 // sweepDatapath removes datapath entries no kept attachment owns.
 func (c *NetConf) sweepDatapath(kept []*datapath.Endpoint) error {
+	if c.Datapath == DatapathIPTables {
+		// Every attachment on record under the records lock, not only
+		// the kept ones: an ADD running meanwhile has its chain in place
+		// before its record, and sweeping that chain would let its pod's
+		// frames pass unchecked.
+		recs := newRecords(c.StateDir, c.Name)
+		lock, err := loader.Lock(recs.lockPath())
+		if err != nil {
+			return err
+		}
+		defer lock.Unlock()
+		all, err := recs.list()
+		if err != nil {
+			return err
+		}
+		veths := make([]string, 0, len(all))
+		for _, r := range all {
+			veths = append(veths, r.HostVeth)
+		}
+		return iptables.SweepAntispoof(c.Name, veths)
+	}
 	if c.Datapath != DatapathEBPF {
 		return nil
 	}

@@ -62,6 +62,9 @@ var metricDescriptions = map[string]string{
 	"drop_nat_icmp":        "dropped: ICMP from a pod that masquerade cannot translate",
 	"nat_rev_lost":         "a flow's reverse NAT entry was gone or another flow's: re-allocated (should stay 0)",
 	"nat_gc":               "expired NAT entries removed by the garbage collector (packets = entries)",
+	"pass_service":         "to a Service CIDR: left to the host stack (kube-proxy) undecided",
+	"pass_stack_reply":     "answer of a flow the host stack delivered into a pod: back through the stack",
+	"drop_svc_no_dnat":     "dropped: uplink egress, a pod's packet to a Service CIDR nothing translated",
 }
 
 // readCounters reads the network's datapath counters: the eBPF metrics map

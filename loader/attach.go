@@ -28,6 +28,10 @@ const (
 	// HookPodEgress is tc egress of a pod's host-side veth: what the host
 	// stack delivers to the pod (NetworkPolicy ingress).
 	HookPodEgress Hook = "egress"
+	// HookUplinkEgress is tc egress of the node's uplink: pod traffic the
+	// host stack translated (a Service DNATed to a backend off the node)
+	// meets the sender's egress policy there. One attachment per node.
+	HookUplinkEgress Hook = "uplink-egress"
 )
 
 func (h Hook) program() string {
@@ -38,19 +42,23 @@ func (h Hook) program() string {
 		return "tern_from_uplink"
 	case HookPodEgress:
 		return "tern_to_pod"
+	case HookUplinkEgress:
+		return "tern_to_uplink"
 	}
 	return ""
 }
 
+func (h Hook) egress() bool { return h == HookPodEgress || h == HookUplinkEgress }
+
 func (h Hook) tcxAttach() ebpf.AttachType {
-	if h == HookPodEgress {
+	if h.egress() {
 		return ebpf.AttachTCXEgress
 	}
 	return ebpf.AttachTCXIngress
 }
 
 func (h Hook) clsactParent() uint32 {
-	if h == HookPodEgress {
+	if h.egress() {
 		return netlink.HANDLE_MIN_EGRESS
 	}
 	return netlink.HANDLE_MIN_INGRESS
@@ -102,6 +110,9 @@ func (l *Loader) Attach(objs *Objects, ifname string, ifindex int, hook Hook, mo
 	}
 	var used Mode
 	err = l.Held(func() error {
+		if err := l.current(objs); err != nil {
+			return err
+		}
 		if mode == ModeAuto || mode == ModeTCX {
 			err := l.attachTCX(prog, ifname, ifindex, hook)
 			if err == nil {

@@ -48,7 +48,7 @@ func New(bpffsDir, stateDir string) *Loader {
 		BPFFSDir: bpffsDir,
 		StateDir: stateDir,
 		Specs:    ternbpf.LoadSpecs,
-		Version:  ternbpf.ObjectVersion(),
+		Version:  versionName(ternbpf.ObjectVersion()),
 	}
 }
 
@@ -73,6 +73,11 @@ type Objects struct {
 	Version  string
 	Maps     map[string]*ebpf.Map
 	Programs map[string]*ebpf.Program
+	// Created names the pinned maps this load had to create because no pin
+	// existed: new and empty. With endpoints already wired, it means the
+	// node lost its pins (bpffs unmounted or remounted, pins removed) and
+	// the maps' contents must be restored (see datapath/ebpf's Restore).
+	Created map[string]bool
 }
 
 // Close releases the handles (not the pinned objects).
@@ -132,6 +137,9 @@ func (l *Loader) Held(fn func() error) error {
 
 func (l *Loader) loadLocked() (*Objects, error) {
 	if err := EnsureBPFFS(l.BPFFSDir); err != nil {
+		return nil, err
+	}
+	if err := l.refuseDowngrade(); err != nil {
 		return nil, err
 	}
 	specs, err := l.specs()
@@ -198,8 +206,16 @@ func loadObjects(specs []*ebpf.CollectionSpec, mapPins string, version string) (
 			seen[name] = true
 		}
 	}
-	objs := &Objects{Version: version, Maps: map[string]*ebpf.Map{}, Programs: map[string]*ebpf.Program{}}
+	objs := &Objects{Version: version, Maps: map[string]*ebpf.Map{}, Programs: map[string]*ebpf.Program{}, Created: map[string]bool{}}
 	for _, spec := range specs {
+		for name, ms := range spec.Maps {
+			if ms.Pinning != ebpf.PinByName {
+				continue
+			}
+			if _, err := os.Stat(filepath.Join(mapPins, name)); errors.Is(err, os.ErrNotExist) {
+				objs.Created[name] = true
+			}
+		}
 		coll, err := ebpf.NewCollectionWithOptions(spec, ebpf.CollectionOptions{
 			Maps: ebpf.MapOptions{PinPath: mapPins},
 		})
@@ -210,7 +226,8 @@ func loadObjects(specs []*ebpf.CollectionSpec, mapPins string, version string) (
 				return nil, fmt.Errorf("load BPF object: %+v", verr)
 			}
 			if errors.Is(err, ebpf.ErrMapIncompatible) {
-				return nil, fmt.Errorf("load BPF object: pinned maps under %s are from an incompatible version (remove them to reset the node): %w", mapPins, err)
+				// migrateMaps ran first: a map changed under it.
+				return nil, fmt.Errorf("load BPF object: pinned maps under %s changed during the load: %w", mapPins, err)
 			}
 			return nil, fmt.Errorf("load BPF object: %w", err)
 		}
@@ -233,9 +250,16 @@ func (l *Loader) loadNew(specs []*ebpf.CollectionSpec, progDir string) (*Objects
 	if err := os.MkdirAll(mapPins, 0o700); err != nil {
 		return nil, fmt.Errorf("create %s: %w", mapPins, err)
 	}
+	migrated, err := migrateMaps(specs, mapPins)
+	if err != nil {
+		return nil, err
+	}
 	objs, err := loadObjects(specs, mapPins, l.Version)
 	if err != nil {
 		return nil, err
+	}
+	for name := range migrated {
+		objs.Created[name] = true
 	}
 
 	// Pin into a temporary directory and rename it into place, so a version

@@ -23,8 +23,13 @@
 //     requires: ingress from a host IP and egress to a host IP pass whatever
 //     the pod's policies say. (ipBlocks still match host IPs by IP, which
 //     only matters for policies of pods on other nodes.)
-//   - A pod's traffic to its own IP is treated like traffic to any other
-//     pod: both its egress and its ingress policy apply.
+//   - A pod's traffic to its own IP (which reaches the node only through
+//     its own Service: the node hairpins it back after the DNAT) is always
+//     allowed: Kubernetes says a pod cannot block access to itself.
+//   - With Services translated by the host stack (kube-proxy), policy is
+//     decided on the translated packet: egress sees the backend pod, and
+//     ingress the client's address from before any masquerade the stack
+//     did (a NodePort client, not the node). See docs/services.md.
 //   - ipBlock matches by IP, pod IPs included (Kubernetes leaves this to the
 //     implementation).
 //   - Named ports are looked up in spec.containers[*].ports of the

@@ -111,6 +111,9 @@ enum metric {
 	METRIC_DROP_NAT_ICMP,       /* ICMP from a pod that masquerade cannot translate (error about no masqueraded flow, other types) */
 	METRIC_NAT_REV_LOST,        /* a flow's reverse NAT entry was gone or another flow's: re-allocated (should stay 0) */
 	METRIC_NAT_GC,              /* expired NAT entries removed by the garbage collector (packets = entries) */
+	METRIC_PASS_SERVICE,        /* to a Service CIDR: left to the host stack (kube-proxy) undecided */
+	METRIC_PASS_STACK_REPLY,    /* answer of a flow the host stack delivered: back through the stack */
+	METRIC_DROP_SVC_NO_DNAT, /* uplink egress: a pod's packet to a Service CIDR nothing translated */
 	METRIC_MAX,
 };
 

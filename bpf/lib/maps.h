@@ -27,6 +27,12 @@
  * next packet is simply checked again. */
 #define TERN_MAX_POLICY_CT 131072
 #define TERN_MAX_POLICY_FRAG 8192
+/* kube-proxy coexistence (stack.h): Service CIDRs, and flows the host stack
+ * delivered into a pod whose replies must go back through it. LRU: an
+ * evicted flow's replies take the fast path again, so it is sized like the
+ * policy conntrack. */
+#define TERN_MAX_SERVICE_CIDRS 64
+#define TERN_MAX_STACK_CT 131072
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
@@ -168,6 +174,29 @@ struct {
 	__type(value, struct policy_frag_ports);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } tern_policy_frag SEC(".maps");
+
+/* tern_service_cidrs: destinations kube-proxy translates (serviceCIDR):
+ * pods' traffic to them goes to the host stack untouched. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(max_entries, TERN_MAX_SERVICE_CIDRS);
+	__uint(map_flags, BPF_F_NO_PREALLOC); /* required for LPM tries */
+	__type(key, struct lpm_v4_key);
+	__type(value, __u8);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} tern_service_cidrs SEC(".maps");
+
+/* tern_stack_ct: flows the host stack delivered into a pod (DNATed by
+ * kube-proxy or a hostPort rule, or from a local pod), keyed like
+ * tern_policy_ct: the pod's answers go back through the stack, whose
+ * conntrack translates them back. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, TERN_MAX_STACK_CT);
+	__type(key, struct policy_ct_key);
+	__type(value, struct policy_ct_entry);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} tern_stack_ct SEC(".maps");
 
 /* The flag enums only ever travel in integer fields, so nothing would put
  * them in BTF, where bpf2go -type looks for them: these constants do.

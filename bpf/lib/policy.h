@@ -226,6 +226,10 @@ static __always_inline enum policy_result policy_decide(const struct ep_policy *
 							__be32 saddr, __be32 daddr, __u8 proto,
 							__be16 dport)
 {
+	/* A pod reaching itself (through its own Service: the host stack
+	 * hairpins it back) cannot be blocked by its own policy. */
+	if (saddr == daddr)
+		return POLICY_PASS;
 	if ((src->flags & EP_POLICY_F_EGRESS) &&
 	    !policy_allows(POLICY_DIR_EGRESS, src->local_id, daddr, proto, dport))
 		return POLICY_DROP_EGRESS;
@@ -236,10 +240,13 @@ static __always_inline enum policy_result policy_decide(const struct ep_policy *
 }
 
 /* policy_check decides an IPv4 packet from saddr to daddr whose header the
- * caller has parsed (ihl, frag_off and id as in the header). */
+ * caller has parsed (ihl, frag_off and id as in the header). peer is the
+ * address that stands for the sender in the decision: saddr, except for a
+ * packet the host stack source-NATed (lib/stack.h), where it is the
+ * original client's. The flow is tracked under the packet's own tuple. */
 static __always_inline enum policy_result policy_check(struct __sk_buff *skb, __be32 saddr,
-						       __be32 daddr, __u8 proto, __u8 ihl,
-						       __be16 frag_off, __be16 id)
+						       __be32 daddr, __be32 peer, __u8 proto,
+						       __u8 ihl, __be16 frag_off, __be16 id)
 {
 	struct ep_policy src = {}, dst = {};
 	struct policy_frag_key fkey = {};
@@ -253,7 +260,7 @@ static __always_inline enum policy_result policy_check(struct __sk_buff *skb, __
 	__u64 now;
 
 	/* Copies: the maps may change under us, a decision needs one view. */
-	ep = bpf_map_lookup_elem(&tern_ep_policy, &saddr);
+	ep = bpf_map_lookup_elem(&tern_ep_policy, &peer);
 	if (ep)
 		src = *ep;
 	ep = bpf_map_lookup_elem(&tern_ep_policy, &daddr);
@@ -327,7 +334,7 @@ static __always_inline enum policy_result policy_check(struct __sk_buff *skb, __
 	if (proto == IPPROTO_ICMP && policy_icmp_related(skb, &l4, daddr, now))
 		goto pass; /* tracked as part of its flow: no entry of its own */
 
-	r = policy_decide(&src, &dst, saddr, daddr, proto, pport);
+	r = policy_decide(&src, &dst, peer, daddr, proto, pport);
 	if (r != POLICY_PASS)
 		return r;
 
@@ -356,12 +363,14 @@ pass:
 	return POLICY_PASS;
 }
 
-/* policy_pass enforces policy on a packet: it returns 1 when the packet
- * may go on, 0 when it must be dropped (counted by reason). */
-static __always_inline int policy_pass(struct __sk_buff *skb, __be32 saddr, __be32 daddr, __u8 proto,
-				       __u8 ihl, __be16 frag_off, __be16 id)
+/* policy_pass_as enforces policy on a packet, peer standing for the sender
+ * (see policy_check): it returns 1 when the packet may go on, 0 when it
+ * must be dropped (counted by reason). */
+static __always_inline int policy_pass_as(struct __sk_buff *skb, __be32 saddr, __be32 daddr,
+					  __be32 peer, __u8 proto, __u8 ihl, __be16 frag_off,
+					  __be16 id)
 {
-	switch (policy_check(skb, saddr, daddr, proto, ihl, frag_off, id)) {
+	switch (policy_check(skb, saddr, daddr, peer, proto, ihl, frag_off, id)) {
 	case POLICY_PASS:
 		return 1;
 	case POLICY_DROP_EGRESS:
@@ -374,6 +383,13 @@ static __always_inline int policy_pass(struct __sk_buff *skb, __be32 saddr, __be
 		count(METRIC_DROP_TRUNCATED, skb->len);
 		return 0;
 	}
+}
+
+/* policy_pass enforces policy on a packet as its sender sent it. */
+static __always_inline int policy_pass(struct __sk_buff *skb, __be32 saddr, __be32 daddr, __u8 proto,
+				       __u8 ihl, __be16 frag_off, __be16 id)
+{
+	return policy_pass_as(skb, saddr, daddr, saddr, proto, ihl, frag_off, id);
 }
 
 #endif /* TERN_POLICY_H */

@@ -44,6 +44,9 @@ type Config struct {
 	IPMasq             bool
 	ClusterCIDR        *net.IPNet
 	NonMasqueradeCIDRs []net.IPNet
+	// ServiceCIDRs are the ranges kube-proxy's ClusterIPs come from
+	// (services.go): pod traffic to them goes to the host stack.
+	ServiceCIDRs []net.IPNet
 	// PodSubnet stands in for ClusterCIDR when that is unset (as in the
 	// iptables datapath). Nil when unknown (DEL without a record).
 	PodSubnet *net.IPNet
@@ -116,6 +119,9 @@ func (d *Datapath) EnsureNode() error {
 		return d.cfg.UplinkErr
 	}
 	if err := d.open(); err != nil {
+		return err
+	}
+	if err := d.syncServiceCIDRs(); err != nil {
 		return err
 	}
 	return d.snatHeld(d.ensureSNAT)
@@ -225,6 +231,9 @@ func (d *Datapath) DelEndpoint(ep *datapath.Endpoint) error {
 			if err := d.forgetPolicyEndpoints(func(ip net.IP) bool { return ip.Equal(ep.IP.IP) }); err != nil {
 				errs = append(errs, err)
 			}
+			if err := d.forgetStackFlows(func(ip net.IP) bool { return ip.Equal(ep.IP.IP) }); err != nil {
+				errs = append(errs, err)
+			}
 		}
 	}
 	return errors.Join(errs...)
@@ -291,8 +300,10 @@ func (d *Datapath) CheckEndpoint(ep *datapath.Endpoint) error {
 		return err
 	}
 	if up := d.cfg.Uplink; up.Ifindex != 0 && up.IP != nil {
-		if err := d.loader.CheckAttached(d.objs, up.Name, up.Ifindex, loader.HookUplinkIngress); err != nil {
-			return fmt.Errorf("uplink: %w", err)
+		for _, hook := range uplinkHooks {
+			if err := d.loader.CheckAttached(d.objs, up.Name, up.Ifindex, hook); err != nil {
+				return fmt.Errorf("uplink: %w", err)
+			}
 		}
 	}
 	return nil
@@ -380,6 +391,13 @@ func (d *Datapath) Sweep(keep []*datapath.Endpoint) error {
 		errs = append(errs, err)
 	}
 	err = d.forgetPolicyEndpoints(func(ip net.IP) bool {
+		k, err := EndpointKey(ip)
+		return err == nil && !valid[k]
+	})
+	if err != nil {
+		errs = append(errs, err)
+	}
+	err = d.forgetStackFlows(func(ip net.IP) bool {
 		k, err := EndpointKey(ip)
 		return err == nil && !valid[k]
 	})

@@ -36,6 +36,9 @@ var metricNames = [...]string{
 	ternbpf.TernMetricMETRIC_DROP_NAT_ICMP:        "drop_nat_icmp",
 	ternbpf.TernMetricMETRIC_NAT_REV_LOST:         "nat_rev_lost",
 	ternbpf.TernMetricMETRIC_NAT_GC:               "nat_gc",
+	ternbpf.TernMetricMETRIC_PASS_SERVICE:         "pass_service",
+	ternbpf.TernMetricMETRIC_PASS_STACK_REPLY:     "pass_stack_reply",
+	ternbpf.TernMetricMETRIC_DROP_SVC_NO_DNAT:     "drop_svc_no_dnat",
 }
 
 // MetricName is the name of a metric (e.g. "redirect_peer").

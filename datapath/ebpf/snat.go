@@ -245,6 +245,11 @@ func (d *Datapath) snatHeld(fn func() error) error {
 	return fn()
 }
 
+// uplinkHooks are the uplink's attachments: replies of masqueraded flows
+// at its ingress, and the egress policy of pod traffic the host stack
+// translated toward another node (Services, see services.go) at its egress.
+var uplinkHooks = []loader.Hook{loader.HookUplinkIngress, loader.HookUplinkEgress}
+
 // ensureSNAT brings the node's SNAT state in line with the config, in an
 // order that never lets a packet be masqueraded without a way back: the
 // uplink program first, the node config (which turns SNAT on) last.
@@ -259,20 +264,22 @@ func (d *Datapath) ensureSNAT() error {
 	if err := d.loader.Held(func() error { return d.ensureSysctls() }); err != nil {
 		return err
 	}
-	if err := d.loader.CheckAttached(d.objs, up.Name, up.Ifindex, loader.HookUplinkIngress); err != nil {
-		if _, err := d.loader.Attach(d.objs, up.Name, up.Ifindex, loader.HookUplinkIngress, d.cfg.Attach); err != nil {
-			return fmt.Errorf("attach to uplink: %w", err)
+	for _, hook := range uplinkHooks {
+		if err := d.loader.CheckAttached(d.objs, up.Name, up.Ifindex, hook); err != nil {
+			if _, err := d.loader.Attach(d.objs, up.Name, up.Ifindex, hook, d.cfg.Attach); err != nil {
+				return fmt.Errorf("attach to uplink: %w", err)
+			}
 		}
-	}
-	// The uplink changed: replies no longer arrive on the old one.
-	others, err := d.loader.Attachments(loader.HookUplinkIngress)
-	if err != nil {
-		return err
-	}
-	for _, ifname := range others {
-		if ifname != up.Name {
-			if err := d.loader.Detach(ifname, loader.HookUplinkIngress); err != nil {
-				return fmt.Errorf("detach from old uplink: %w", err)
+		// The uplink changed: replies no longer arrive on the old one.
+		others, err := d.loader.Attachments(hook)
+		if err != nil {
+			return err
+		}
+		for _, ifname := range others {
+			if ifname != up.Name {
+				if err := d.loader.Detach(ifname, hook); err != nil {
+					return fmt.Errorf("detach from old uplink: %w", err)
+				}
 			}
 		}
 	}
@@ -303,13 +310,15 @@ func (d *Datapath) releaseSNAT() error {
 	if err := d.writeNodeConfig(ternbpf.TernNodeConfig{}); err != nil {
 		errs = append(errs, err)
 	}
-	uplinks, err := d.loader.Attachments(loader.HookUplinkIngress)
-	if err != nil {
-		errs = append(errs, err)
-	}
-	for _, ifname := range uplinks {
-		if err := d.loader.Detach(ifname, loader.HookUplinkIngress); err != nil {
+	for _, hook := range uplinkHooks {
+		uplinks, err := d.loader.Attachments(hook)
+		if err != nil {
 			errs = append(errs, err)
+		}
+		for _, ifname := range uplinks {
+			if err := d.loader.Detach(ifname, hook); err != nil {
+				errs = append(errs, err)
+			}
 		}
 	}
 	if err := removeGatewayAddrs(); err != nil {

@@ -150,8 +150,20 @@ func newPod(t *testing.T, node ns.NetNS, hostVeth string, addr *net.IPNet, gw ne
 	t.Helper()
 	podNS := newNS(t)
 	host := addVeth(t, node, podNS, hostVeth, "eth0")
-	do(t, podNS, func() error { return configureIface("eth0", addr, gw) })
+	var podMAC net.HardwareAddr
+	do(t, podNS, func() error {
+		if err := configureIface("eth0", addr, gw); err != nil {
+			return err
+		}
+		l, err := netlink.LinkByName("eth0")
+		if err != nil {
+			return err
+		}
+		podMAC = l.Attrs().HardwareAddr
+		return nil
+	})
 	return &fakePod{ns: podNS, ep: &datapath.Endpoint{
+		PodMAC:      podMAC,
 		ContainerID: "c-" + hostVeth,
 		IfName:      "eth0",
 		HostVeth:    hostVeth,

@@ -19,6 +19,8 @@
 //     accepting what enters or leaves the bridge;
 //   - with NetworkPolicy in force, ipsets TERN-C-<hash>-* and chains
 //     TERN-<hash>-* (policy.go);
+//   - nftables table bridge tern_<hash>: per host veth, anti-spoofing of
+//     IPv4 and ARP and a drop of every other ethertype (antispoof.go);
 //   - with IPMasq, nat chain TERN-NAT-<hash>, jumped to from POSTROUTING for
 //     sources in Subnet, returning for cluster and non-masquerade
 //     destinations and masquerading the rest (multicast excepted).
@@ -62,6 +64,7 @@ type Datapath struct {
 	fwdChain string
 	natChain string
 	comment  string
+	nftTable string // bridge-family table: anti-spoofing and L2 isolation (antispoof.go)
 	pol      *Policy
 }
 
@@ -120,7 +123,7 @@ func New(cfg Config) (*Datapath, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &Datapath{cfg: cfg, fwdChain: fwd, natChain: nat, comment: comment, pol: pol}, nil
+	return &Datapath{cfg: cfg, fwdChain: fwd, natChain: nat, comment: comment, nftTable: nftTable(cfg.Network), pol: pol}, nil
 }
 
 // ipv4Net returns n masked to its prefix, or an error if it is not IPv4.
@@ -250,6 +253,18 @@ func (d *Datapath) AddEndpoint(ep *datapath.Endpoint) (err error) {
 	if err != nil {
 		return fmt.Errorf("add endpoint: look up host veth %s: %w", ep.HostVeth, err)
 	}
+	// Anti-spoofing first: no frame of the pod is bridged unchecked.
+	if err := d.addAntispoof(ep); err != nil {
+		return fmt.Errorf("add endpoint %s: %w", ep.HostVeth, err)
+	}
+	defer func() {
+		if err == nil {
+			return
+		}
+		if uerr := d.delAntispoof(ep.HostVeth); uerr != nil {
+			err = errors.Join(err, fmt.Errorf("undo: %w", uerr))
+		}
+	}()
 	if err := netlink.LinkSetMaster(veth, br); err != nil {
 		return fmt.Errorf("attach host veth %s to bridge %s: %w", ep.HostVeth, d.cfg.Bridge, err)
 	}
@@ -280,6 +295,9 @@ func (d *Datapath) AddEndpoint(ep *datapath.Endpoint) (err error) {
 func (d *Datapath) DelEndpoint(ep *datapath.Endpoint) error {
 	if ep.HostVeth == "" {
 		return nil
+	}
+	if err := d.delAntispoof(ep.HostVeth); err != nil {
+		return fmt.Errorf("del endpoint %s: %w", ep.HostVeth, err)
 	}
 	veth, err := netlinksafe.LinkByName(ep.HostVeth)
 	if err != nil {
@@ -350,6 +368,9 @@ func (d *Datapath) CheckEndpoint(ep *datapath.Endpoint) error {
 	if !pi.Hairpin {
 		return fmt.Errorf("hairpin mode is off on host veth %s", ep.HostVeth)
 	}
+	if err := d.checkAntispoof(ep.HostVeth); err != nil {
+		return err
+	}
 	return d.checkRules()
 }
 
@@ -387,10 +408,10 @@ func (d *Datapath) ReleaseNode(remaining int) error {
 	return nil
 }
 
-// Status reports whether the iptables tools are installed and the nat table
+// Status reports whether the iptables tools and nft are installed and the nat table
 // can be used in this namespace.
 func (d *Datapath) Status() error {
-	for _, bin := range []string{iptablesBin, iptablesRestoreBin} {
+	for _, bin := range []string{iptablesBin, iptablesRestoreBin, nftBin} {
 		if _, err := exec.LookPath(bin); err != nil {
 			return fmt.Errorf("iptables datapath: %s not found: %w", bin, err)
 		}

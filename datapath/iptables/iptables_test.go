@@ -409,6 +409,10 @@ func TestCheckEndpoint(t *testing.T) {
 		{"down", withLink("vethc", netlink.LinkSetDown), "host veth vethc is down"},
 		{"fwd-jump", iptablesCmd("-D", "FORWARD", "-m", "comment", "--comment", "tern:"+cfg.Network, "-j", fwd), "jump rule from FORWARD to " + fwd},
 		{"nat-jump", iptablesCmd("-t", "nat", "-D", "POSTROUTING", "-s", "10.99.1.0/24", "-m", "comment", "--comment", "tern:"+cfg.Network, "-j", nat), "jump rule from POSTROUTING to " + nat},
+		{"antispoof-chain", nftCmd("delete element bridge "+nftTable(cfg.Network)+` ports { "vethc" }`,
+			"delete chain bridge "+nftTable(cfg.Network)+" port_vethc"), "anti-spoofing chain port_vethc of host veth vethc is missing"},
+		{"antispoof-element", nftCmd("delete element bridge " + nftTable(cfg.Network) + ` ports { "vethc" }`),
+			"host veth vethc has no element in map ports"},
 		{"gateway", withLink("tern0", func(l netlink.Link) error {
 			return netlink.AddrDel(l, &netlink.Addr{IPNet: cidr(t, "10.99.1.1/24")})
 		}), "bridge tern0 does not have gateway address 10.99.1.1/24"},
@@ -435,6 +439,19 @@ func TestCheckEndpoint(t *testing.T) {
 	replaced.HostIfindex = pod.ep.HostIfindex + 1000
 	if err := doErr(node, func() error { return d.CheckEndpoint(&replaced) }); err == nil || !strings.Contains(err.Error(), "ifindex") {
 		t.Errorf("replaced veth: CheckEndpoint = %v", err)
+	}
+}
+
+// nftCmd returns a function applying an nft script, one command a line, in
+// the current namespace.
+func nftCmd(lines ...string) func() error {
+	return func() error {
+		cmd := exec.Command("nft", "-f", "-")
+		cmd.Stdin = strings.NewReader(strings.Join(lines, "\n") + "\n")
+		if out, err := cmd.CombinedOutput(); err != nil {
+			return fmt.Errorf("nft %q: %w: %s", lines, err, out)
+		}
+		return nil
 	}
 }
 
@@ -478,6 +495,9 @@ func TestReleaseNode(t *testing.T) {
 
 	// DEL: detach, again, then again once the CNI layer deleted the veth.
 	do(t, node, func() error { return a.DelEndpoint(pod.ep) })
+	if out := mustRun(t, node, "nft", "list", "table", "bridge", nftTable(cfgA.Network)); strings.Contains(out, "vethr") {
+		t.Errorf("anti-spoofing state of vethr left after DelEndpoint:\n%s", out)
+	}
 	do(t, node, func() error {
 		l, err := netlink.LinkByName("vethr")
 		if err != nil {
@@ -516,9 +536,15 @@ func TestReleaseNode(t *testing.T) {
 		return nil
 	})
 
+	if tables := mustRun(t, node, "nft", "list", "tables"); strings.Contains(tables, nftTable(cfgA.Network)) {
+		t.Errorf("anti-spoofing table left after ReleaseNode(0):\n%s", tables)
+	}
 	do(t, node, func() error { return b.ReleaseNode(0) })
 	if save := mustRun(t, node, "iptables-save"); strings.Contains(save, "TERN-") || strings.Contains(save, "tern:") {
 		t.Errorf("rules left after releasing both networks:\n%s", save)
+	}
+	if tables := mustRun(t, node, "nft", "list", "tables"); strings.Contains(tables, "bridge tern_") {
+		t.Errorf("anti-spoofing tables left after releasing both networks:\n%s", tables)
 	}
 }
 

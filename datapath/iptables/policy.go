@@ -24,7 +24,9 @@ package iptables
 //   - chain TERN-POL-<hash>, the dispatch chain, jumped to from the
 //     network's forward chain right after its conntrack ESTABLISHED,RELATED
 //     accept and before its bridge accepts: per isolated endpoint
-//     "-s podIP -j <egress chain>" and "-d podIP -j <ingress chain>".
+//     "-s podIP -d podIP -j RETURN" (a pod reaching itself through its
+//     Service is never policed), "-s podIP -j <egress chain>" and
+//     "-d podIP -j <ingress chain>".
 //
 // Allowed packets RETURN rather than ACCEPT so that a packet between two
 // local pods meets the source's egress chain and then the destination's
@@ -262,6 +264,12 @@ func renderPolicy(rs *compile.RuleSet, names policyNames, gen byte) (*policyRule
 		ep := rs.Endpoints[ip]
 		if ep.LocalID == compile.NoIdentity && (ep.EgressIsolated || ep.IngressIsolated) {
 			return nil, fmt.Errorf("endpoint %s: isolated without an identity", ip)
+		}
+		if ep.EgressIsolated || ep.IngressIsolated {
+			// A pod reaching itself (through its own Service: the
+			// bridge hairpins it back after the DNAT) cannot be
+			// blocked by its policy.
+			r.dispatch = append(r.dispatch, []string{"-s", a.String() + "/32", "-d", a.String() + "/32", "-j", "RETURN"})
 		}
 		if ep.EgressIsolated {
 			need[chainKey{compile.Egress, ep.LocalID}] = true

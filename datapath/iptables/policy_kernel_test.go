@@ -235,7 +235,7 @@ func TestPolicyKernel(t *testing.T) {
 		errs := make([]error, len(batch))
 		for i, p := range batch {
 			wg.Go(func() {
-				got, err := p.run()
+				got, err := testutil.Probe(p.want, p.run)
 				switch {
 				case err != nil:
 					errs[i] = fmt.Errorf("%v: %w", p, err)

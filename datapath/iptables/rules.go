@@ -203,8 +203,8 @@ func (d *Datapath) checkRules() error {
 	return nil
 }
 
-// removeRules deletes every jump to our chains, the chains themselves and
-// the network's policy chains and sets.
+// removeRules deletes every jump to our chains, the chains themselves, the
+// anti-spoofing table and the network's policy chains and sets.
 func (d *Datapath) removeRules() error {
 	unlock, err := lockIptables()
 	if err != nil {
@@ -215,6 +215,9 @@ func (d *Datapath) removeRules() error {
 		if err := removeChain(j); err != nil {
 			return err
 		}
+	}
+	if err := d.removeAntispoofTable(); err != nil {
+		return err
 	}
 	return d.pol.release()
 }

@@ -243,6 +243,19 @@ func nsInode(t *testing.T, path string) string {
 	return fmt.Sprintf("net:[%d]", st.Ino)
 }
 
+// testNetNS is the network namespace the test process started in, read
+// during package initialisation (on the main thread, before any test ran).
+// /proc/self/ns/net is the main thread's, which a locked goroutine that
+// unshared and exited may have left elsewhere: the Go runtime parks such a
+// main thread rather than ending it.
+var testNetNS = func() string {
+	var st unix.Stat_t
+	if err := unix.Stat("/proc/thread-self/ns/net", &st); err != nil {
+		return ""
+	}
+	return fmt.Sprintf("net:[%d]", st.Ino)
+}()
+
 func TestNodeExec(t *testing.T) {
 	RequirePrivileged(t)
 	hostForward, err := os.ReadFile("/proc/sys/net/ipv4/ip_forward")
@@ -271,7 +284,7 @@ func TestNodeExec(t *testing.T) {
 		if got := strings.TrimSpace(out); got != want {
 			t.Errorf("command ran in netns %s, node is %s", got, want)
 		}
-		if want == nsInode(t, "/proc/self/ns/net") {
+		if want == testNetNS {
 			t.Errorf("node netns is the test's own netns")
 		}
 

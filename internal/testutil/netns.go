@@ -130,6 +130,13 @@ func NewNetNS(t testing.TB, prefix string) ns.NetNS {
 		if err := netlink.LinkSetUp(lo); err != nil {
 			return fmt.Errorf("set lo up: %w", err)
 		}
+		// A new namespace inherits IPv4 settings from the host's (see
+		// net.core.devconf_inherit_init_net): start from a known state,
+		// not from whatever the machine's ip_forward is. Namespaces
+		// that route (Tern's datapaths, routers in tests) turn it on.
+		if err := os.WriteFile("/proc/sys/net/ipv4/ip_forward", []byte("0"), 0o644); err != nil {
+			return fmt.Errorf("ip_forward off: %w", err)
+		}
 		return nil
 	})
 	if err != nil {

@@ -39,6 +39,9 @@
 // any of these four lookups (full 96-bit data, prefix length 96) hits:
 // (d, proto, L, R, port), (d, proto, L, ClassAny, port), (d, 0, L, R, any),
 // (d, 0, L, ClassAny, any). The packet passes if both directions allow it.
+// A packet whose source and destination are the same address passes before
+// any lookup: a pod reaching itself (through its own Service, which the
+// node hairpins back) cannot be blocked by its policy.
 //
 // # Host traffic
 //

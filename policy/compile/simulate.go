@@ -114,6 +114,9 @@ func (s *Simulator) Decide(pkt policy.Packet) (bool, Stats) {
 	if dstOK {
 		dstEP, dstLocal = s.endpoint(dst, &st)
 	}
+	if srcOK && dstOK && src == dst {
+		return true, st // a pod reaching itself (through its Service) is never denied
+	}
 	if srcLocal && srcEP.EgressIsolated {
 		r := s.class(dst, dstOK, &st)
 		if !s.policyAllows(Egress, srcEP.LocalID, r, pkt, &st) {

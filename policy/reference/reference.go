@@ -29,7 +29,8 @@ import (
 // source (if it is a local endpoint) and the ingress policy of the
 // destination (if it is a local endpoint) must both allow it. Traffic from a
 // host address to a local pod is always allowed in ingress, and traffic from
-// a local pod to a host address always in egress.
+// a local pod to a host address always in egress. A local pod reaching
+// itself is always allowed.
 func Allowed(st *manifest.State, topo *policy.Topology, pkt policy.Packet) bool {
 	return Decide(st, topo, pkt).Allowed
 }
@@ -45,6 +46,12 @@ type Decision struct {
 func Decide(st *manifest.State, topo *policy.Topology, pkt policy.Packet) Decision {
 	src := lookupPeer(st, topo, pkt.SrcIP)
 	dst := lookupPeer(st, topo, pkt.DstIP)
+	if src.pod != nil && src.local && src.ip == dst.ip {
+		// Kubernetes: a pod cannot block access to itself (the upstream
+		// NetworkPolicy e2e allows a pod reaching itself, also through
+		// its own Service, in every case).
+		return Decision{true, "a pod reaching itself: " + src.String()}
+	}
 	var reasons []string
 	if src.pod != nil && src.local {
 		if isHost(topo, dst.ip) {

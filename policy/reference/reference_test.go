@@ -257,8 +257,11 @@ var rows = []row{
 	{"remote-node source egress not enforced here", np("prod", "p", "podSelector: {}\npolicyTypes: [Egress]"), "prod/far", "dev/client", tcp, 1, true},
 	// Pods on other nodes still are pods for selectors.
 	{"remote-node pod matches selectors", np("dev", "p", "podSelector: {}\ningress: [{from: [{namespaceSelector: {matchLabels: {env: prod}}, podSelector: {matchLabels: {app: web}}}]}]"), "prod/far", "dev/client", tcp, 1, true},
-	// A pod's traffic to itself is policed like any other.
-	{"self is a peer like any other", np("prod", "p", "podSelector: {}"), "prod/web", "prod/web", tcp, 8080, false},
+	// A pod cannot block access to itself (Kubernetes; the upstream netpol
+	// e2e allows it in every case): traffic to itself, also through its
+	// own Service, passes whatever its policy.
+	{"self under deny-all ingress", np("prod", "p", "podSelector: {}"), "prod/web", "prod/web", tcp, 8080, true},
+	{"self under deny-all both ways", np("prod", "p", "podSelector: {}\npolicyTypes: [Ingress, Egress]"), "prod/web", "prod/web", udp, 53, true},
 	{"self allowed by selector", np("prod", "p", "podSelector: {}\ningress: [{from: [{podSelector: {matchLabels: {app: web}}}]}]"), "prod/web", "prod/web", tcp, 8080, true},
 	// Traffic between two non-endpoints is none of our business.
 	{"external to external", np("prod", "p", "podSelector: {}"), "ext", "ext2", tcp, 1, true},

@@ -84,6 +84,10 @@ type Node struct {
 	Enforcer datapath.PolicyEnforcer
 	// Datapath names the datapath in errors ("ebpf").
 	Datapath string
+	// Reapply says the datapath lost its policy state (the eBPF maps were
+	// recreated after the node's pins were lost): Sync applies the whole
+	// rule set, not the difference from the one on record.
+	Reapply bool
 }
 
 func (s *Store) statePath() string { return filepath.Join(s.dir, "state.json") }
@@ -211,7 +215,11 @@ func (s *Store) enforce(n Node, st *manifest.State, prev *compile.RuleSet) (undo
 	if err != nil {
 		return nil, fmt.Errorf("policy: %w", err)
 	}
-	if err := n.Enforcer.ApplyPolicy(prev, next); err != nil {
+	applyFrom := prev
+	if n.Reapply {
+		applyFrom = nil
+	}
+	if err := n.Enforcer.ApplyPolicy(applyFrom, next); err != nil {
 		return nil, fmt.Errorf("policy: apply to network %s: %w", n.Network, err)
 	}
 	back := prev

@@ -216,18 +216,18 @@ func udpEchoVia(n ns.NetNS, addr string) error {
 // reachable from an external namespace and from another pod, replies
 // included, TCP and UDP; gone after DEL.
 func TestChainPortmap(t *testing.T) {
-	t.Run("iptables", func(t *testing.T) {
-		testutil.RequirePrivileged(t)
-		t.Parallel()
-		testChainPortmap(t, "iptables")
-	})
+	for _, dp := range []string{"iptables", "ebpf"} {
+		t.Run(dp, func(t *testing.T) {
+			testutil.RequirePrivileged(t)
+			t.Parallel()
+			testChainPortmap(t, dp)
+		})
+	}
 }
 
-// testChainPortmap is run by TestChainPortmap for the datapaths where it
-// passes. On the eBPF datapath the replies of hostPort connections must go
-// back through the host stack (which reverses portmap's DNAT); that needs
-// the datapath to hand stack-owned replies to the stack (bpf/tc_pod.c), so
-// "ebpf" joins TestChainPortmap once that is in.
+// testChainPortmap: hostPort through portmap's DNAT. On the eBPF datapath
+// the replies go back through the host stack, which reverses the DNAT
+// (bpf/lib/stack.h: answers of stack-delivered flows).
 func testChainPortmap(t *testing.T, dp string) {
 	w := newSNATWorld(t)
 	extra := map[string]any{}

@@ -60,20 +60,6 @@ func linkMAC(t *testing.T, n ns.NetNS, ifname string) net.HardwareAddr {
 	return mac
 }
 
-// readSysctl reads /proc/sys/<name> inside n.
-func readSysctl(t *testing.T, n ns.NetNS, name string) string {
-	t.Helper()
-	var v string
-	if err := n.Do(func(ns.NetNS) error {
-		b, err := os.ReadFile(filepath.Join("/proc/sys", name))
-		v = strings.TrimSpace(string(b))
-		return err
-	}); err != nil {
-		t.Fatal(err)
-	}
-	return v
-}
-
 func writeSysctl(t *testing.T, n ns.NetNS, name, value string) {
 	t.Helper()
 	if err := n.Do(func(ns.NetNS) error {

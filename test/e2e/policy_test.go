@@ -23,7 +23,8 @@ import (
 )
 
 // policyProbeTimeout is how long a probe waits before it calls the
-// connection blocked.
+// connection blocked (a probe expected to connect retries for
+// testutil.AllowedProbeWindow).
 const policyProbeTimeout = 1500 * time.Millisecond
 
 // Ports every policy test pod serves.
@@ -181,7 +182,7 @@ func expect(t *testing.T, step string, rs ...reach) {
 	var wg sync.WaitGroup
 	for i, r := range rs {
 		wg.Go(func() {
-			got, err := r.connects()
+			got, err := testutil.Probe(r.want, r.connects)
 			switch {
 			case err != nil:
 				errs[i] = fmt.Errorf("%v: %w", r, err)

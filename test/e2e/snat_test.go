@@ -377,8 +377,8 @@ func snatMetrics(t *testing.T, n *testutil.Node) map[string]uint64 {
 // TestSNAT wires three pods on a node with an uplink to ext and checks every
 // path out of a pod: to ext (TCP with several parallel connections, UDP,
 // ping) with ext seeing the node IP; two pods with the same source port to
-// the same server; node <-> pod, pod -> node IP and gateway; hairpin; pod
-// to pod unmasqueraded. Then DEL leaves no NAT state behind.
+// the same server; node <-> pod, pod -> node IP and gateway; pod to pod
+// unmasqueraded (hairpin: TestHairpin). Then DEL leaves no NAT state behind.
 func TestSNAT(t *testing.T) {
 	variants := []struct {
 		name, dp string
@@ -499,14 +499,6 @@ func TestSNAT(t *testing.T) {
 					if err := udpEchoAt(a.NS, w.node.NS, ip); err != nil {
 						t.Error(err)
 					}
-				}
-			})
-			t.Run("hairpin: pod to its own address", func(t *testing.T) {
-				if err := testutil.Ping(c.NS, c.IP, 2); err != nil {
-					t.Error(err)
-				}
-				if err := testutil.TCPTransfer(c.NS, c.NS, c.IP, 1<<20); err != nil {
-					t.Error(err)
 				}
 			})
 			t.Run("pod to pod keeps the pod address", func(t *testing.T) {
