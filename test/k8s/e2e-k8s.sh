@@ -3,7 +3,7 @@
 # against a real single-node cluster with Tern as its CNI plugin
 # (test/k8s/node.sh), once per datapath.
 #
-#   test/k8s/e2e-k8s.sh [SUITE...]      default: netpol conformance
+#   test/k8s/e2e-k8s.sh [SUITE...]      default: cri netpol conformance
 #
 # Environment:
 #   TERN_E2E_DATAPATHS   datapaths to run, in order (default "iptables ebpf")
@@ -18,6 +18,8 @@
 #   conformance  `[sig-network]` Services, Networking and HostPort specs
 #                tagged [Conformance] that run on one node with agnhost and
 #                kube-proxy (the skipped ones and why: README, Real-node e2e)
+#   cri          not e2e.test: test/k8s/cri-checks.sh (CNI_ARGS, hostPort
+#                through runtimeConfig, a sandbox killed hard)
 #
 # Exit status: 0 when every spec of every suite passed on every datapath.
 set -euo pipefail
@@ -28,7 +30,7 @@ ARTIFACTS=${TERN_K8S_ARTIFACTS:-/tmp/tern-k8s-artifacts}
 DATAPATHS=${TERN_E2E_DATAPATHS:-iptables ebpf}
 GINKGO_TIMEOUT=${TERN_E2E_TIMEOUT:-90m}
 SUITES=("$@")
-[ ${#SUITES[@]} -gt 0 ] || SUITES=(netpol conformance)
+[ ${#SUITES[@]} -gt 0 ] || SUITES=(cri netpol conformance)
 export TERN_K8S_ARTIFACTS=$ARTIFACTS
 
 log() { echo "[$(date -u +%H:%M:%S)] e2e-k8s: $*" >&2; }
@@ -44,12 +46,13 @@ focus_of() {
     smoke) echo "\[sig-network\] (Netpol NetworkPolicy between server and client should (support a 'default-deny-ingress' policy|support allow-all policy|enforce policy based on Ports|allow ingress access on one named port)|Networking Granular Checks: Pods should function for (intra|node)-pod communication: (http|udp)|Services should serve endpoints on same port and different protocols|Services should serve a basic endpoint from pods)" ;;
     netpol) echo '\[sig-network\] Netpol' ;;
     conformance) echo '\[sig-network\] (Services|Networking|HostPort) .*\[Conformance\]' ;;
+    cri) echo - ;;
     *) return 1 ;;
   esac
 }
 
 for s in "${SUITES[@]}"; do
-  focus_of "$s" >/dev/null || { echo "unknown suite $s (smoke, netpol, conformance)" >&2; exit 2; }
+  focus_of "$s" >/dev/null || { echo "unknown suite $s (smoke, netpol, conformance, cri)" >&2; exit 2; }
 done
 
 mkdir -p "$ARTIFACTS"
@@ -72,6 +75,16 @@ for dp in $DATAPATHS; do
     log "$dp: suite $s"
     t1=$SECONDS
     set +e
+    if [ "$s" = cri ]; then
+      timeout -k 10 600 "$ROOT/test/k8s/cri-checks.sh" > "$out/checks.log" 2>&1
+      rc=$?
+      sed -n "s/^\(pass\|FAIL\) \(.*\)/| $dp | cri | \1 | - | \2 |/p" "$out/checks.log" >> "$summary.rows"
+      set -e
+      [ $rc -eq 0 ] || status=1
+      log "$dp: suite cri done in $((SECONDS - t1))s (rc $rc)"
+      echo "$dp $s $((SECONDS - t1))s rc=$rc" >> "$ARTIFACTS/timings"
+      continue
+    fi
     timeout -k 60 "$(( ${GINKGO_TIMEOUT%m} + 5 ))m" "$BIN_DIR/e2e.test" \
       --provider=local --kubeconfig=/var/lib/tern-k8s/admin.kubeconfig --kubectl-path="$BIN_DIR/kubectl" \
       --ginkgo.focus="$(focus_of "$s")" --ginkgo.skip="$(skip_re)" \

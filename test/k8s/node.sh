@@ -298,6 +298,23 @@ EOF
   mv "$CNI_CONF/.10-tern.conflist" "$CNI_CONF/10-tern.conflist"
 }
 
+# Tern's installation, the one step `kubectl apply -f deploy/` (the agent's
+# DaemonSet: plugin, conflist from the podCIDR, policy from the API) takes
+# over once it is on main: build the image (make image), import it next to
+# the others, apply deploy/ with the harness's paths and datapath, wait for
+# the rollout, and drop tern_conflist and policy-sync from here.
+install_tern() {
+  wait_for "podCIDR of $NODE" 120 sh -c "[ -n \"\$('$BIN_DIR/kubectl' --kubeconfig '$KUBECONFIG_ADMIN' get node $NODE -o jsonpath='{.spec.podCIDR}')\" ]"
+  local cidr
+  cidr=$(kubectl get node "$NODE" -o jsonpath='{.spec.podCIDR}')
+  tern_conflist "$cidr"
+  log "Tern ($DATAPATH datapath, services: $SERVICES) for podCIDR $cidr"
+  # NetworkPolicy: Namespaces, Pods and NetworkPolicies fed to Tern's policy
+  # store.
+  start policy-sync python3 "$ROOT/test/k8s/policy-sync.py" "$BIN_DIR/kubectl" "$KUBECONFIG_ADMIN" \
+    "$BASE/ternctl" "$CNI_CONF/10-tern.conflist"
+}
+
 etcd_start() {
   start etcd etcd --name tern-k8s --data-dir "$BASE/etcd" \
     --listen-client-urls "http://127.0.0.1:$ETCD_PORT" --advertise-client-urls "http://127.0.0.1:$ETCD_PORT" \
@@ -460,15 +477,7 @@ up() {
   images
   kubelet_start
   kube_proxy_start
-  wait_for "podCIDR of $NODE" 120 sh -c "[ -n \"\$('$BIN_DIR/kubectl' --kubeconfig '$KUBECONFIG_ADMIN' get node $NODE -o jsonpath='{.spec.podCIDR}')\" ]"
-  local cidr
-  cidr=$(kubectl get node "$NODE" -o jsonpath='{.spec.podCIDR}')
-  tern_conflist "$cidr"
-  log "Tern ($DATAPATH datapath, services: $SERVICES) for podCIDR $cidr"
-  # NetworkPolicy: Namespaces, Pods and NetworkPolicies fed to Tern's policy
-  # store (the agent's job once deploy/ lands).
-  start policy-sync python3 "$ROOT/test/k8s/policy-sync.py" "$BIN_DIR/kubectl" "$KUBECONFIG_ADMIN" \
-    "$BASE/ternctl" "$CNI_CONF/10-tern.conflist"
+  install_tern
   wait_for "node $NODE Ready" 120 sh -c "'$BIN_DIR/kubectl' --kubeconfig '$KUBECONFIG_ADMIN' get node $NODE -o jsonpath='{.status.conditions[?(@.type==\"Ready\")].status}' | grep -qx True"
   wait_for "default service account" 60 kubectl -n default get serviceaccount default
   kubectl apply -f "$ROOT/test/k8s/coredns.yaml" >/dev/null
