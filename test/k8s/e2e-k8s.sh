@@ -15,7 +15,7 @@
 #                and ClusterIP specs (minutes, not tens of minutes)
 #   netpol       every `[sig-network] Netpol` spec but SCTP (this kernel has
 #                no SCTP sockets)
-#   conformance  `[sig-network]` Services, Networking and HostPort specs
+#   conformance  `[sig-network]` Services, Networking, HostPort and Proxy specs
 #                tagged [Conformance] that run on one node with agnhost and
 #                kube-proxy (the skipped ones and why: README, Real-node e2e)
 #   cri          not e2e.test: test/k8s/cri-checks.sh (CNI_ARGS, hostPort
@@ -45,7 +45,7 @@ focus_of() {
   case $1 in
     smoke) echo "\[sig-network\] (Netpol NetworkPolicy between server and client should (support a 'default-deny-ingress' policy|support allow-all policy|enforce policy based on Ports|allow ingress access on one named port)|Networking Granular Checks: Pods should function for (intra|node)-pod communication: (http|udp)|Services should serve endpoints on same port and different protocols|Services should serve a basic endpoint from pods)" ;;
     netpol) echo '\[sig-network\] Netpol' ;;
-    conformance) echo '\[sig-network\] (Services|Networking|HostPort) .*\[Conformance\]' ;;
+    conformance) echo '\[sig-network\] (Services|Networking|HostPort|Proxy) .*\[Conformance\]' ;;
     cri) echo - ;;
     *) return 1 ;;
   esac

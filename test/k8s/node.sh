@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # A real single-node Kubernetes cluster on this machine, with Tern as its CNI
 # plugin: etcd, kube-apiserver, kube-controller-manager, kube-scheduler,
-# containerd + runc, kubelet and kube-proxy (iptables mode).
+# containerd + runc, kubelet and kube-proxy (iptables mode, or nftables with
+# TERN_KUBE_PROXY_MODE=nftables).
 #
 #   test/k8s/node.sh up      # build/reuse binaries, start everything, wait for Ready
 #   test/k8s/node.sh down    # stop everything, remove its state, restore the host
@@ -30,6 +31,7 @@ BASE=${TERN_K8S_DIR:-/var/lib/tern-k8s}
 ARTIFACTS=${TERN_K8S_ARTIFACTS:-/tmp/tern-k8s-artifacts}
 DATAPATH=${TERN_DATAPATH:-iptables}
 SERVICES=${TERN_SERVICES:-kube-proxy}
+KUBE_PROXY_MODE=${TERN_KUBE_PROXY_MODE:-iptables}   # or nftables
 # Every daemon dies after this long even if `down` never runs.
 DAEMON_TIMEOUT=${TERN_K8S_TIMEOUT:-4h}
 
@@ -308,7 +310,7 @@ install_tern() {
   local cidr
   cidr=$(kubectl get node "$NODE" -o jsonpath='{.spec.podCIDR}')
   tern_conflist "$cidr"
-  log "Tern ($DATAPATH datapath, services: $SERVICES) for podCIDR $cidr"
+  log "Tern ($DATAPATH datapath, services: $SERVICES, kube-proxy $KUBE_PROXY_MODE) for podCIDR $cidr"
   # NetworkPolicy: Namespaces, Pods and NetworkPolicies fed to Tern's policy
   # store.
   start policy-sync python3 "$ROOT/test/k8s/policy-sync.py" "$BIN_DIR/kubectl" "$KUBECONFIG_ADMIN" \
@@ -424,7 +426,7 @@ kube_proxy_start() {
 apiVersion: kubeproxy.config.k8s.io/v1alpha1
 kind: KubeProxyConfiguration
 clientConnection: {kubeconfig: $BASE/kube-proxy.kubeconfig}
-mode: iptables
+mode: $KUBE_PROXY_MODE
 hostnameOverride: $NODE
 clusterCIDR: $CLUSTER_CIDR
 healthzBindAddress: 127.0.0.1:$KP_HEALTH_PORT
@@ -570,6 +572,7 @@ down() {
     drop_chains "$ipt" "KUBE-[A-Z0-9-]*|TERN-[A-Z]+-$h|TERN-$h-[A-Za-z0-9]*"
   done
   for s in $(ipset list -n 2>/dev/null | grep -E "^TERN-C-$h-"); do ipset destroy "$s" 2>/dev/null; done
+  for fam in ip ip6; do nft delete table "$fam" kube-proxy 2>/dev/null; done
   ip link del "$BRIDGE" 2>/dev/null
   ip link del "$HOST_IF" 2>/dev/null
   ip netns del "$EXT_NS" 2>/dev/null
