@@ -195,7 +195,7 @@ node_network() {
 # busybox 1.37.0-2 and 1.36.1-1 (same rootfs, CMD sh).
 images() {
   # bump the revision when the recipe changes
-  local dir=$BIN_DIR/images/r3
+  local dir=$BIN_DIR/images/r4
   mkdir -p "$dir"
   if [ ! -f "$dir/pause.tar" ] || [ ! -f "$dir/agnhost.tar" ] || [ ! -f "$dir/coredns.tar" ]; then
     for b in busybox curl nc dash bash; do
@@ -244,6 +244,12 @@ images() {
     printf 'root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/false\nuser-defined-in-image:x:1000:1000::/:/bin/sh\n' > "$r/etc/passwd"
     printf 'root:x:0:\nnogroup:x:65534:\ngroup-defined-in-image:x:50000:user-defined-in-image\n' > "$r/etc/group"
     printf 'hosts: files dns\n' > "$r/etc/nsswitch.conf"
+    # agnhost porter serves its TLS ports with /localhost.crt and .key, as
+    # in the upstream image (SAN 127.0.0.1 and ::1)
+    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 3650 \
+      -subj /CN=localhost -addext "subjectAltName=IP:127.0.0.1,IP:::1,DNS:localhost" \
+      -keyout "$r/localhost.key" -out "$r/localhost.crt" 2>/dev/null
+    chmod 644 "$r/localhost.key"
     "$work/imgtar" -rootfs "$r" -o "$dir/agnhost.tar.tmp" -entrypoint '["/agnhost"]' -cmd '["pause"]' \
       -tag registry.k8s.io/e2e-test-images/agnhost:2.66.1
     "$work/imgtar" -rootfs "$r" -o "$dir/busybox.tar.tmp" -cmd '["sh"]' \
