@@ -9,7 +9,7 @@ CNI_CONF  ?= /etc/cni/net.d
 PREFIX    ?= /usr/local
 GOTEST_FLAGS ?= -count=1 -timeout 40m
 
-.PHONY: all build generate test install lint bench clean demo image
+.PHONY: all build generate test install lint bench clean demo image e2e-k8s
 
 all: build
 
@@ -52,6 +52,13 @@ test: build
 	assets="$${KUBEBUILDER_ASSETS:-$$(./scripts/kube-testenv.sh | tail -n1)}" && \
 	KUBEBUILDER_ASSETS="$$assets" TERN_CNI_PATH=$(CURDIR)/$(BIN) $(GO) test $(GOTEST_FLAGS) $$($(GO) list ./... | grep -v -x -F "$$($(GO) list $(RACE_PKGS))") && \
 	KUBEBUILDER_ASSETS="$$assets" TERN_CNI_PATH=$(CURDIR)/$(BIN) $(GO) test -race $(GOTEST_FLAGS) $(RACE_PKGS)
+
+# The upstream Kubernetes e2e (NetworkPolicy, sig-network conformance) on a
+# real single-node cluster with Tern as CNI, per datapath (root; builds the
+# Kubernetes binaries once into ~/.cache/tern/k8s): see test/k8s/e2e-k8s.sh.
+E2E_K8S_SUITES ?= cri netpol conformance
+e2e-k8s:
+	test/k8s/e2e-k8s.sh $(E2E_K8S_SUITES)
 
 install: build
 	install -d $(DESTDIR)$(CNI_BIN) $(DESTDIR)$(CNI_CONF)
