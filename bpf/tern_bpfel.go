@@ -140,7 +140,8 @@ const (
 	TernMetricMETRIC_PASS_SERVICE         TernMetric = 25
 	TernMetricMETRIC_PASS_STACK_REPLY     TernMetric = 26
 	TernMetricMETRIC_DROP_SVC_NO_DNAT     TernMetric = 27
-	TernMetricMETRIC_MAX                  TernMetric = 28
+	TernMetricMETRIC_DROP_POLICY_RST      TernMetric = 28
+	TernMetricMETRIC_MAX                  TernMetric = 29
 )
 
 type TernMetricValue struct {
@@ -209,7 +210,8 @@ type TernPolicyCtEntry struct {
 	_        structs.HostLayout
 	LastSeen uint64
 	Flags    uint16
-	Pad      [6]uint8
+	SeqHi    [2]uint16
+	Pad      [2]uint8
 }
 
 type TernPolicyCtFlags uint32
@@ -220,6 +222,8 @@ const (
 	TernPolicyCtFlagsPOLICY_CT_F_FIN_ORIG   TernPolicyCtFlags = 4
 	TernPolicyCtFlagsPOLICY_CT_F_FIN_REPLY  TernPolicyCtFlags = 8
 	TernPolicyCtFlagsPOLICY_CT_F_RST        TernPolicyCtFlags = 16
+	TernPolicyCtFlagsPOLICY_CT_F_SEQ_ORIG   TernPolicyCtFlags = 32
+	TernPolicyCtFlagsPOLICY_CT_F_SEQ_REPLY  TernPolicyCtFlags = 64
 )
 
 type TernPolicyCtKey struct {
@@ -295,6 +299,7 @@ const (
 	TernMapTernNomasq           = "tern_nomasq"
 	TernMapTernPolicy           = "tern_policy"
 	TernMapTernPolicyCt         = "tern_policy_ct"
+	TernMapTernPolicyCtOther    = "tern_policy_ct_other"
 	TernMapTernPolicyFrag       = "tern_policy_frag"
 	TernMapTernServiceCidrs     = "tern_service_cidrs"
 	TernMapTernStackCt          = "tern_stack_ct"
@@ -373,24 +378,25 @@ type TernProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type TernMapSpecs struct {
-	TernConfig       *ebpf.MapSpec `ebpf:"tern_config"`
-	TernEndpoints    *ebpf.MapSpec `ebpf:"tern_endpoints"`
-	TernEpPolicy     *ebpf.MapSpec `ebpf:"tern_ep_policy"`
-	TernEventConfig  *ebpf.MapSpec `ebpf:"tern_event_config"`
-	TernEventLimiter *ebpf.MapSpec `ebpf:"tern_event_limiter"`
-	TernEvents       *ebpf.MapSpec `ebpf:"tern_events"`
-	TernIpcache      *ebpf.MapSpec `ebpf:"tern_ipcache"`
-	TernMetrics      *ebpf.MapSpec `ebpf:"tern_metrics"`
-	TernNat          *ebpf.MapSpec `ebpf:"tern_nat"`
-	TernNatGcTimer   *ebpf.MapSpec `ebpf:"tern_nat_gc_timer"`
-	TernNatKey       *ebpf.MapSpec `ebpf:"tern_nat_key"`
-	TernNatRev       *ebpf.MapSpec `ebpf:"tern_nat_rev"`
-	TernNomasq       *ebpf.MapSpec `ebpf:"tern_nomasq"`
-	TernPolicy       *ebpf.MapSpec `ebpf:"tern_policy"`
-	TernPolicyCt     *ebpf.MapSpec `ebpf:"tern_policy_ct"`
-	TernPolicyFrag   *ebpf.MapSpec `ebpf:"tern_policy_frag"`
-	TernServiceCidrs *ebpf.MapSpec `ebpf:"tern_service_cidrs"`
-	TernStackCt      *ebpf.MapSpec `ebpf:"tern_stack_ct"`
+	TernConfig        *ebpf.MapSpec `ebpf:"tern_config"`
+	TernEndpoints     *ebpf.MapSpec `ebpf:"tern_endpoints"`
+	TernEpPolicy      *ebpf.MapSpec `ebpf:"tern_ep_policy"`
+	TernEventConfig   *ebpf.MapSpec `ebpf:"tern_event_config"`
+	TernEventLimiter  *ebpf.MapSpec `ebpf:"tern_event_limiter"`
+	TernEvents        *ebpf.MapSpec `ebpf:"tern_events"`
+	TernIpcache       *ebpf.MapSpec `ebpf:"tern_ipcache"`
+	TernMetrics       *ebpf.MapSpec `ebpf:"tern_metrics"`
+	TernNat           *ebpf.MapSpec `ebpf:"tern_nat"`
+	TernNatGcTimer    *ebpf.MapSpec `ebpf:"tern_nat_gc_timer"`
+	TernNatKey        *ebpf.MapSpec `ebpf:"tern_nat_key"`
+	TernNatRev        *ebpf.MapSpec `ebpf:"tern_nat_rev"`
+	TernNomasq        *ebpf.MapSpec `ebpf:"tern_nomasq"`
+	TernPolicy        *ebpf.MapSpec `ebpf:"tern_policy"`
+	TernPolicyCt      *ebpf.MapSpec `ebpf:"tern_policy_ct"`
+	TernPolicyCtOther *ebpf.MapSpec `ebpf:"tern_policy_ct_other"`
+	TernPolicyFrag    *ebpf.MapSpec `ebpf:"tern_policy_frag"`
+	TernServiceCidrs  *ebpf.MapSpec `ebpf:"tern_service_cidrs"`
+	TernStackCt       *ebpf.MapSpec `ebpf:"tern_stack_ct"`
 }
 
 // TernVariableSpecs contains global variables before they are loaded into the kernel.
@@ -438,24 +444,25 @@ func (o *TernObjects) Close() error {
 //
 // It can be passed to LoadTernObjects or ebpf.CollectionSpec.LoadAndAssign.
 type TernMaps struct {
-	TernConfig       *ebpf.Map `ebpf:"tern_config"`
-	TernEndpoints    *ebpf.Map `ebpf:"tern_endpoints"`
-	TernEpPolicy     *ebpf.Map `ebpf:"tern_ep_policy"`
-	TernEventConfig  *ebpf.Map `ebpf:"tern_event_config"`
-	TernEventLimiter *ebpf.Map `ebpf:"tern_event_limiter"`
-	TernEvents       *ebpf.Map `ebpf:"tern_events"`
-	TernIpcache      *ebpf.Map `ebpf:"tern_ipcache"`
-	TernMetrics      *ebpf.Map `ebpf:"tern_metrics"`
-	TernNat          *ebpf.Map `ebpf:"tern_nat"`
-	TernNatGcTimer   *ebpf.Map `ebpf:"tern_nat_gc_timer"`
-	TernNatKey       *ebpf.Map `ebpf:"tern_nat_key"`
-	TernNatRev       *ebpf.Map `ebpf:"tern_nat_rev"`
-	TernNomasq       *ebpf.Map `ebpf:"tern_nomasq"`
-	TernPolicy       *ebpf.Map `ebpf:"tern_policy"`
-	TernPolicyCt     *ebpf.Map `ebpf:"tern_policy_ct"`
-	TernPolicyFrag   *ebpf.Map `ebpf:"tern_policy_frag"`
-	TernServiceCidrs *ebpf.Map `ebpf:"tern_service_cidrs"`
-	TernStackCt      *ebpf.Map `ebpf:"tern_stack_ct"`
+	TernConfig        *ebpf.Map `ebpf:"tern_config"`
+	TernEndpoints     *ebpf.Map `ebpf:"tern_endpoints"`
+	TernEpPolicy      *ebpf.Map `ebpf:"tern_ep_policy"`
+	TernEventConfig   *ebpf.Map `ebpf:"tern_event_config"`
+	TernEventLimiter  *ebpf.Map `ebpf:"tern_event_limiter"`
+	TernEvents        *ebpf.Map `ebpf:"tern_events"`
+	TernIpcache       *ebpf.Map `ebpf:"tern_ipcache"`
+	TernMetrics       *ebpf.Map `ebpf:"tern_metrics"`
+	TernNat           *ebpf.Map `ebpf:"tern_nat"`
+	TernNatGcTimer    *ebpf.Map `ebpf:"tern_nat_gc_timer"`
+	TernNatKey        *ebpf.Map `ebpf:"tern_nat_key"`
+	TernNatRev        *ebpf.Map `ebpf:"tern_nat_rev"`
+	TernNomasq        *ebpf.Map `ebpf:"tern_nomasq"`
+	TernPolicy        *ebpf.Map `ebpf:"tern_policy"`
+	TernPolicyCt      *ebpf.Map `ebpf:"tern_policy_ct"`
+	TernPolicyCtOther *ebpf.Map `ebpf:"tern_policy_ct_other"`
+	TernPolicyFrag    *ebpf.Map `ebpf:"tern_policy_frag"`
+	TernServiceCidrs  *ebpf.Map `ebpf:"tern_service_cidrs"`
+	TernStackCt       *ebpf.Map `ebpf:"tern_stack_ct"`
 }
 
 func (m *TernMaps) Close() error {
@@ -475,6 +482,7 @@ func (m *TernMaps) Close() error {
 		m.TernNomasq,
 		m.TernPolicy,
 		m.TernPolicyCt,
+		m.TernPolicyCtOther,
 		m.TernPolicyFrag,
 		m.TernServiceCidrs,
 		m.TernStackCt,

@@ -31,6 +31,7 @@ const (
 	TernUplinkMapTernNomasq           = "tern_nomasq"
 	TernUplinkMapTernPolicy           = "tern_policy"
 	TernUplinkMapTernPolicyCt         = "tern_policy_ct"
+	TernUplinkMapTernPolicyCtOther    = "tern_policy_ct_other"
 	TernUplinkMapTernPolicyFrag       = "tern_policy_frag"
 	TernUplinkMapTernServiceCidrs     = "tern_service_cidrs"
 	TernUplinkMapTernStackCt          = "tern_stack_ct"
@@ -107,24 +108,25 @@ type TernUplinkProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type TernUplinkMapSpecs struct {
-	TernConfig       *ebpf.MapSpec `ebpf:"tern_config"`
-	TernEndpoints    *ebpf.MapSpec `ebpf:"tern_endpoints"`
-	TernEpPolicy     *ebpf.MapSpec `ebpf:"tern_ep_policy"`
-	TernEventConfig  *ebpf.MapSpec `ebpf:"tern_event_config"`
-	TernEventLimiter *ebpf.MapSpec `ebpf:"tern_event_limiter"`
-	TernEvents       *ebpf.MapSpec `ebpf:"tern_events"`
-	TernIpcache      *ebpf.MapSpec `ebpf:"tern_ipcache"`
-	TernMetrics      *ebpf.MapSpec `ebpf:"tern_metrics"`
-	TernNat          *ebpf.MapSpec `ebpf:"tern_nat"`
-	TernNatGcTimer   *ebpf.MapSpec `ebpf:"tern_nat_gc_timer"`
-	TernNatKey       *ebpf.MapSpec `ebpf:"tern_nat_key"`
-	TernNatRev       *ebpf.MapSpec `ebpf:"tern_nat_rev"`
-	TernNomasq       *ebpf.MapSpec `ebpf:"tern_nomasq"`
-	TernPolicy       *ebpf.MapSpec `ebpf:"tern_policy"`
-	TernPolicyCt     *ebpf.MapSpec `ebpf:"tern_policy_ct"`
-	TernPolicyFrag   *ebpf.MapSpec `ebpf:"tern_policy_frag"`
-	TernServiceCidrs *ebpf.MapSpec `ebpf:"tern_service_cidrs"`
-	TernStackCt      *ebpf.MapSpec `ebpf:"tern_stack_ct"`
+	TernConfig        *ebpf.MapSpec `ebpf:"tern_config"`
+	TernEndpoints     *ebpf.MapSpec `ebpf:"tern_endpoints"`
+	TernEpPolicy      *ebpf.MapSpec `ebpf:"tern_ep_policy"`
+	TernEventConfig   *ebpf.MapSpec `ebpf:"tern_event_config"`
+	TernEventLimiter  *ebpf.MapSpec `ebpf:"tern_event_limiter"`
+	TernEvents        *ebpf.MapSpec `ebpf:"tern_events"`
+	TernIpcache       *ebpf.MapSpec `ebpf:"tern_ipcache"`
+	TernMetrics       *ebpf.MapSpec `ebpf:"tern_metrics"`
+	TernNat           *ebpf.MapSpec `ebpf:"tern_nat"`
+	TernNatGcTimer    *ebpf.MapSpec `ebpf:"tern_nat_gc_timer"`
+	TernNatKey        *ebpf.MapSpec `ebpf:"tern_nat_key"`
+	TernNatRev        *ebpf.MapSpec `ebpf:"tern_nat_rev"`
+	TernNomasq        *ebpf.MapSpec `ebpf:"tern_nomasq"`
+	TernPolicy        *ebpf.MapSpec `ebpf:"tern_policy"`
+	TernPolicyCt      *ebpf.MapSpec `ebpf:"tern_policy_ct"`
+	TernPolicyCtOther *ebpf.MapSpec `ebpf:"tern_policy_ct_other"`
+	TernPolicyFrag    *ebpf.MapSpec `ebpf:"tern_policy_frag"`
+	TernServiceCidrs  *ebpf.MapSpec `ebpf:"tern_service_cidrs"`
+	TernStackCt       *ebpf.MapSpec `ebpf:"tern_stack_ct"`
 }
 
 // TernUplinkVariableSpecs contains global variables before they are loaded into the kernel.
@@ -172,24 +174,25 @@ func (o *TernUplinkObjects) Close() error {
 //
 // It can be passed to LoadTernUplinkObjects or ebpf.CollectionSpec.LoadAndAssign.
 type TernUplinkMaps struct {
-	TernConfig       *ebpf.Map `ebpf:"tern_config"`
-	TernEndpoints    *ebpf.Map `ebpf:"tern_endpoints"`
-	TernEpPolicy     *ebpf.Map `ebpf:"tern_ep_policy"`
-	TernEventConfig  *ebpf.Map `ebpf:"tern_event_config"`
-	TernEventLimiter *ebpf.Map `ebpf:"tern_event_limiter"`
-	TernEvents       *ebpf.Map `ebpf:"tern_events"`
-	TernIpcache      *ebpf.Map `ebpf:"tern_ipcache"`
-	TernMetrics      *ebpf.Map `ebpf:"tern_metrics"`
-	TernNat          *ebpf.Map `ebpf:"tern_nat"`
-	TernNatGcTimer   *ebpf.Map `ebpf:"tern_nat_gc_timer"`
-	TernNatKey       *ebpf.Map `ebpf:"tern_nat_key"`
-	TernNatRev       *ebpf.Map `ebpf:"tern_nat_rev"`
-	TernNomasq       *ebpf.Map `ebpf:"tern_nomasq"`
-	TernPolicy       *ebpf.Map `ebpf:"tern_policy"`
-	TernPolicyCt     *ebpf.Map `ebpf:"tern_policy_ct"`
-	TernPolicyFrag   *ebpf.Map `ebpf:"tern_policy_frag"`
-	TernServiceCidrs *ebpf.Map `ebpf:"tern_service_cidrs"`
-	TernStackCt      *ebpf.Map `ebpf:"tern_stack_ct"`
+	TernConfig        *ebpf.Map `ebpf:"tern_config"`
+	TernEndpoints     *ebpf.Map `ebpf:"tern_endpoints"`
+	TernEpPolicy      *ebpf.Map `ebpf:"tern_ep_policy"`
+	TernEventConfig   *ebpf.Map `ebpf:"tern_event_config"`
+	TernEventLimiter  *ebpf.Map `ebpf:"tern_event_limiter"`
+	TernEvents        *ebpf.Map `ebpf:"tern_events"`
+	TernIpcache       *ebpf.Map `ebpf:"tern_ipcache"`
+	TernMetrics       *ebpf.Map `ebpf:"tern_metrics"`
+	TernNat           *ebpf.Map `ebpf:"tern_nat"`
+	TernNatGcTimer    *ebpf.Map `ebpf:"tern_nat_gc_timer"`
+	TernNatKey        *ebpf.Map `ebpf:"tern_nat_key"`
+	TernNatRev        *ebpf.Map `ebpf:"tern_nat_rev"`
+	TernNomasq        *ebpf.Map `ebpf:"tern_nomasq"`
+	TernPolicy        *ebpf.Map `ebpf:"tern_policy"`
+	TernPolicyCt      *ebpf.Map `ebpf:"tern_policy_ct"`
+	TernPolicyCtOther *ebpf.Map `ebpf:"tern_policy_ct_other"`
+	TernPolicyFrag    *ebpf.Map `ebpf:"tern_policy_frag"`
+	TernServiceCidrs  *ebpf.Map `ebpf:"tern_service_cidrs"`
+	TernStackCt       *ebpf.Map `ebpf:"tern_stack_ct"`
 }
 
 func (m *TernUplinkMaps) Close() error {
@@ -209,6 +212,7 @@ func (m *TernUplinkMaps) Close() error {
 		m.TernNomasq,
 		m.TernPolicy,
 		m.TernPolicyCt,
+		m.TernPolicyCtOther,
 		m.TernPolicyFrag,
 		m.TernServiceCidrs,
 		m.TernStackCt,

@@ -114,6 +114,7 @@ enum metric {
 	METRIC_PASS_SERVICE,        /* to a Service CIDR: left to the host stack (kube-proxy) undecided */
 	METRIC_PASS_STACK_REPLY,    /* answer of a flow the host stack delivered: back through the stack */
 	METRIC_DROP_SVC_NO_DNAT, /* uplink egress: a pod's packet to a Service CIDR nothing translated */
+	METRIC_DROP_POLICY_RST,  /* TCP RST of a tracked flow whose sequence number is out of window (forged) */
 	METRIC_MAX,
 };
 
@@ -188,11 +189,16 @@ struct policy_ct_key {
 	__u8 pad[3];
 };
 
-/* policy_ct_entry: value of tern_policy_ct. */
+/* policy_ct_entry: value of tern_policy_ct and tern_policy_ct_other. */
 struct policy_ct_entry {
 	__u64 last_seen; /* bpf_ktime_get_ns, refreshed at most once a second */
 	__u16 flags;     /* enum policy_ct_flags */
-	__u8 pad[6];
+	/* TCP: the upper 16 bits of the last sequence number seen from the
+	 * originator ([0]) and the responder ([1]), valid with
+	 * POLICY_CT_F_SEQ_ORIG / _REPLY: enough to tell a plausible RST
+	 * (within POLICY_CT_RST_WINDOW) from a forged one. */
+	__u16 seq_hi[2];
+	__u8 pad[2];
 };
 
 enum policy_ct_flags {
@@ -201,6 +207,8 @@ enum policy_ct_flags {
 	POLICY_CT_F_FIN_ORIG = 1 << 2,   /* TCP FIN from the originator */
 	POLICY_CT_F_FIN_REPLY = 1 << 3,  /* TCP FIN from the responder */
 	POLICY_CT_F_RST = 1 << 4,        /* TCP RST either way */
+	POLICY_CT_F_SEQ_ORIG = 1 << 5,   /* seq_hi[0] holds the originator's sequence */
+	POLICY_CT_F_SEQ_REPLY = 1 << 6,  /* seq_hi[1] holds the responder's sequence */
 };
 
 /* policy_frag_key: key of tern_policy_frag. A non-first IPv4 fragment has

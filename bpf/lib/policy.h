@@ -16,13 +16,16 @@
  * That is at most 2 hash + 2 x (1 + 4) LPM lookups, whatever the number of
  * rules: no loop over rules.
  *
- * Stateful: a flow whose first packet passes gets a tern_policy_ct entry,
- * and every later packet of it, either way, passes on that entry alone. A
- * flow is tracked as soon as either end has policy state (a tern_ep_policy
- * entry), isolated or not, so that a policy isolating a pod later does not
- * cut the connections it already has (as the iptables datapath's
- * ESTABLISHED rule does not). Pods without policy state cost two hash
- * misses per packet and nothing else. */
+ * Stateful: a flow whose first packet passes gets a conntrack entry
+ * (tern_policy_ct for TCP, tern_policy_ct_other for the rest, so that a
+ * spray of UDP flows cannot evict TCP connections), and every later packet
+ * of it, either way, passes on that entry alone. Every flow through
+ * policy_check is tracked, whether its ends have policy state or not: a
+ * policy applied later, even the node's first, does not cut the connections
+ * a pod already has (as the iptables datapath's ESTABLISHED rule does not);
+ * without the entry, a mid-flow packet would be decided as a new flow.
+ * A TCP RST ends an entry only when its sequence number is plausible
+ * (policy_rst_plausible): a forged one is dropped. */
 #ifndef TERN_POLICY_H
 #define TERN_POLICY_H
 
@@ -49,6 +52,7 @@ enum policy_result {
 	POLICY_DROP_EGRESS,
 	POLICY_DROP_INGRESS,
 	POLICY_DROP_TRUNCATED,
+	POLICY_DROP_RST, /* an RST out of its tracked flow's window */
 };
 
 /* policy_class_of returns the remote class of addr: its longest-prefix
@@ -149,6 +153,59 @@ static __always_inline int policy_ct_key_of(struct policy_ct_key *key, __be32 sa
 	return hi;
 }
 
+/* policy_ct_lookup and policy_ct_update pick the map of proto: TCP flows
+ * have their own. (Two calls, not a map pointer chosen at run time, so
+ * that each call site has one map for the verifier.) */
+static __always_inline struct policy_ct_entry *policy_ct_lookup(__u8 proto,
+								const struct policy_ct_key *key)
+{
+	if (proto == IPPROTO_TCP)
+		return bpf_map_lookup_elem(&tern_policy_ct, key);
+	return bpf_map_lookup_elem(&tern_policy_ct_other, key);
+}
+
+static __always_inline long policy_ct_update(__u8 proto, const struct policy_ct_key *key,
+					     const struct policy_ct_entry *e)
+{
+	if (proto == IPPROTO_TCP)
+		return bpf_map_update_elem(&tern_policy_ct, key, e, BPF_ANY);
+	return bpf_map_update_elem(&tern_policy_ct_other, key, e, BPF_ANY);
+}
+
+/* A TCP RST is plausible within this many 64 KiB units (1 MiB) of the last
+ * sequence number seen from its sender, or, with ACK, of its peer's: about
+ * what netfilter's window tracking allows for a connection with an unscaled
+ * window of a few hundred KiB, and a 1 in 2,048 chance for a blind guess. */
+#define POLICY_CT_RST_WINDOW 16
+
+static __always_inline int policy_seq_near(__u32 seq, __u16 seq_hi)
+{
+	__s16 d = (__s16)((__u16)(seq >> 16) - seq_hi);
+
+	return d >= -POLICY_CT_RST_WINDOW && d <= POLICY_CT_RST_WINDOW;
+}
+
+/* policy_rst_plausible reports whether an RST sent in direction reply of
+ * the tracked flow e is within the window of what the flow has shown: its
+ * sequence number near the sender's last one or, from a sender that never
+ * sent anything (the answer to a SYN), its acknowledgment near the peer's
+ * last one. An entry that knows neither (written by an older
+ * version) accepts it, as before. */
+static __always_inline int policy_rst_plausible(const struct policy_ct_entry *e, const struct l4 *l4,
+						int reply)
+{
+	__u16 own = reply ? POLICY_CT_F_SEQ_REPLY : POLICY_CT_F_SEQ_ORIG;
+	__u16 peer = reply ? POLICY_CT_F_SEQ_ORIG : POLICY_CT_F_SEQ_REPLY;
+	__u16 flags = e->flags;
+
+	if (!(flags & (own | peer)))
+		return 1;
+	if (flags & own)
+		return policy_seq_near(l4->tcp_seq, e->seq_hi[reply ? 1 : 0]);
+	return (flags & peer) && (l4->tcp_flags & TCP_FLAG_ACK) &&
+	       policy_seq_near(l4->tcp_ack, e->seq_hi[reply ? 0 : 1]);
+}
+
 /* policy_ct_timeout_ns is how long a flow with flags may stay idle. The
  * timeouts are the NAT's (conntrack.h), set together before load. */
 static __always_inline __u64 policy_ct_timeout_ns(__u8 proto, __u16 flags)
@@ -246,7 +303,7 @@ static __always_inline int policy_icmp_related(struct __sk_buff *skb, const stru
 		return 0;
 	}
 	policy_ct_key_of(&key, inner.saddr, inner.daddr, sport, dport, inner.protocol);
-	e = bpf_map_lookup_elem(&tern_policy_ct, &key);
+	e = policy_ct_lookup(inner.protocol, &key);
 	return e && !policy_ct_expired(e, now, inner.protocol);
 }
 
@@ -297,8 +354,9 @@ static __always_inline enum policy_result policy_check(struct __sk_buff *skb, __
 	ep = bpf_map_lookup_elem(&tern_ep_policy, &daddr);
 	if (ep)
 		dst = *ep;
-	if (!src.local_id && !dst.local_id)
-		return POLICY_PASS; /* neither end has policy state (0 is never an identity) */
+	/* Neither end with policy state (0 is never an identity) still
+	 * goes on: the flow is tracked, so that a policy applied later finds
+	 * it established. */
 
 	if (parse_l4(skb, proto, ihl, frag_off, &l4) != L4_OK)
 		return POLICY_DROP_TRUNCATED;
@@ -339,7 +397,7 @@ static __always_inline enum policy_result policy_check(struct __sk_buff *skb, __
 	 * reads the clock source (~25 ns per tracked packet under KVM). */
 	now = bpf_ktime_get_coarse_ns();
 	hi = policy_ct_key_of(&key, saddr, daddr, sport, dport, proto);
-	e = bpf_map_lookup_elem(&tern_policy_ct, &key);
+	e = policy_ct_lookup(proto, &key);
 	if (e && !policy_ct_expired(e, now, proto)) {
 		__u16 flags = e->flags;
 
@@ -351,6 +409,23 @@ static __always_inline enum policy_result policy_check(struct __sk_buff *skb, __
 		      (flags & (POLICY_CT_F_FIN_ORIG | POLICY_CT_F_FIN_REPLY | POLICY_CT_F_RST)))) {
 			__u16 add = policy_tcp_flags(&l4, reply) | (reply ? POLICY_CT_F_SEEN_REPLY : 0);
 
+			if (proto == IPPROTO_TCP) {
+				__u16 seqf = reply ? POLICY_CT_F_SEQ_REPLY : POLICY_CT_F_SEQ_ORIG;
+				__u16 hi16 = l4.tcp_seq >> 16;
+
+				/* A forged RST would end the entry, and the
+				 * flow's next packets would be decided anew:
+				 * cut by a policy applied since. */
+				if ((l4.tcp_flags & TCP_FLAG_RST) && !policy_rst_plausible(e, &l4, reply))
+					return POLICY_DROP_RST;
+				/* Written when the upper half moves: once
+				 * per 64 KiB sent, not per packet. */
+				if (!(l4.tcp_flags & TCP_FLAG_RST) &&
+				    (!(flags & seqf) || e->seq_hi[reply ? 1 : 0] != hi16)) {
+					e->seq_hi[reply ? 1 : 0] = hi16;
+					add |= seqf;
+				}
+			}
 			/* Plain stores: a lost race costs a second of
 			 * lifetime or a flag the next packet sets again;
 			 * writing only on change keeps the cache line shared. */
@@ -379,10 +454,14 @@ static __always_inline enum policy_result policy_check(struct __sk_buff *skb, __
 			.flags = (hi ? POLICY_CT_F_ORIG_HI : 0) | policy_tcp_flags(&l4, 0),
 		};
 
+		if (proto == IPPROTO_TCP && !(l4.tcp_flags & TCP_FLAG_RST)) {
+			ne.seq_hi[0] = l4.tcp_seq >> 16;
+			ne.flags |= POLICY_CT_F_SEQ_ORIG;
+		}
 		/* BPF_ANY replaces an expired or closed entry of the tuple.
 		 * Failing (no free LRU node) costs only a check of the next
 		 * packet: it passes, it was allowed. */
-		if (bpf_map_update_elem(&tern_policy_ct, &key, &ne, BPF_ANY) < 0)
+		if (policy_ct_update(proto, &key, &ne) < 0)
 			goto pass;
 	}
 
@@ -415,6 +494,9 @@ static __always_inline int policy_pass_as(struct __sk_buff *skb, __be32 saddr, _
 	case POLICY_DROP_INGRESS:
 		count(METRIC_DROP_POLICY_INGRESS, skb->len);
 		policy_event(skb, POLICY_DIR_INGRESS, EVENT_VERDICT_DENY, saddr, daddr);
+		return 0;
+	case POLICY_DROP_RST:
+		count(METRIC_DROP_POLICY_RST, skb->len);
 		return 0;
 	default:
 		count(METRIC_DROP_TRUNCATED, skb->len);

@@ -360,7 +360,7 @@ func (d *Datapath) releasePolicy() error {
 		// Isolation first, then what it referred to: the same order as
 		// an update that removes everything.
 		for _, name := range []string{ternbpf.TernMapTernEpPolicy, ternbpf.TernMapTernIpcache, ternbpf.TernMapTernPolicy,
-			ternbpf.TernMapTernPolicyCt, ternbpf.TernMapTernPolicyFrag} {
+			ternbpf.TernMapTernPolicyCt, ternbpf.TernMapTernPolicyCtOther, ternbpf.TernMapTernPolicyFrag} {
 			m, err := d.objs.Map(name)
 			if err == nil {
 				err = clearMap(m)
@@ -411,9 +411,14 @@ func (d *Datapath) forgetPolicyEndpoints(drop func(ip net.IP) bool) error {
 	if err != nil {
 		return err
 	}
-	ct, err := d.objs.Map(ternbpf.TernMapTernPolicyCt)
-	if err != nil {
-		return err
+	ctNames := []string{ternbpf.TernMapTernPolicyCt, ternbpf.TernMapTernPolicyCtOther}
+	var cts []*cilium.Map
+	for _, name := range ctNames {
+		ct, err := d.objs.Map(name)
+		if err != nil {
+			return err
+		}
+		cts = append(cts, ct)
 	}
 	return d.policyHeld(func() error {
 		var errs []error
@@ -442,25 +447,35 @@ func (d *Datapath) forgetPolicyEndpoints(drop func(ip net.IP) bool) error {
 				}
 			}
 		}
-		var (
-			key   ternbpf.TernPolicyCtKey
-			val   ternbpf.TernPolicyCtEntry
-			stale []ternbpf.TernPolicyCtKey
-		)
-		it := ct.Iterate()
-		for it.Next(&key, &val) {
-			if drop(natIP(key.LoAddr)) || drop(natIP(key.HiAddr)) {
-				stale = append(stale, key)
-			}
-		}
-		if err := it.Err(); err != nil {
-			errs = append(errs, fmt.Errorf("iterate %s: %w", ternbpf.TernMapTernPolicyCt, err))
-		}
-		for _, k := range stale {
-			if err := deleteKey(ct, k); err != nil {
-				errs = append(errs, fmt.Errorf("delete from %s: %w", ternbpf.TernMapTernPolicyCt, err))
-			}
+		for i, ct := range cts {
+			errs = append(errs, forgetFlows(ctNames[i], ct, drop))
 		}
 		return errors.Join(errs...)
 	})
+}
+
+// forgetFlows deletes the entries of a policy conntrack map with an address
+// drop selects at either end.
+func forgetFlows(name string, ct *cilium.Map, drop func(ip net.IP) bool) error {
+	var (
+		key   ternbpf.TernPolicyCtKey
+		val   ternbpf.TernPolicyCtEntry
+		stale []ternbpf.TernPolicyCtKey
+		errs  []error
+	)
+	it := ct.Iterate()
+	for it.Next(&key, &val) {
+		if drop(natIP(key.LoAddr)) || drop(natIP(key.HiAddr)) {
+			stale = append(stale, key)
+		}
+	}
+	if err := it.Err(); err != nil {
+		errs = append(errs, fmt.Errorf("iterate %s: %w", name, err))
+	}
+	for _, k := range stale {
+		if err := deleteKey(ct, k); err != nil {
+			errs = append(errs, fmt.Errorf("delete from %s: %w", name, err))
+		}
+	}
+	return errors.Join(errs...)
 }
