@@ -6,5 +6,5 @@
 // -mcpu=v3 for the atomic compare-and-swap the NAT port allocator uses.
 package bpf
 
-//go:generate go tool bpf2go -cc clang-19 -cflags "-O2 -g -Wall -Werror -mcpu=v3 -I/usr/include/x86_64-linux-gnu" -target bpfel -type endpoint -type metric -type metric_value -type node_config -type lpm_v4_key -type nat_tuple -type nat_entry -type nat_key -type ep_policy -type policy_value -type policy_ct_key -type policy_ct_entry -type policy_frag_key -type policy_frag_ports -type event -type event_config -type event_limiter Tern tc_pod.c
+//go:generate go tool bpf2go -cc clang-19 -cflags "-O2 -g -Wall -Werror -mcpu=v3 -I/usr/include/x86_64-linux-gnu" -target bpfel -type endpoint -type metric -type metric_value -type node_config -type lpm_v4_key -type nat_tuple -type nat_entry -type nat_key -type ep_policy -type policy_value -type policy_ct_key -type policy_ct_entry -type policy_frag_key -type policy_frag_ports -type policy_ct_quota -type event -type event_config -type event_limiter Tern tc_pod.c
 //go:generate go tool bpf2go -cc clang-19 -cflags "-O2 -g -Wall -Werror -mcpu=v3 -I/usr/include/x86_64-linux-gnu" -target bpfel -no-global-types TernUplink tc_uplink.c

@@ -1075,3 +1075,49 @@ func TestPolicyRSTWindow(t *testing.T) {
 		t.Errorf("flags after the RST answering the SYN %#x: RST not set", e.Flags)
 	}
 }
+
+// TestPolicyConntrackPodShare: a local pod opens at most
+// policy_ct_pod_flows new flows of each kind per minute (64 here): beyond,
+// its new flows are dropped and counted, while its tracked flows, its TCP
+// flows (a share of their own) and another pod's flows go on; the next
+// period it may open flows again.
+func TestPolicyConntrackPodShare(t *testing.T) {
+	const limit = 64
+	w := newPolTestWith(t, func(spec *ebpf.CollectionSpec) {
+		if err := spec.Variables["policy_ct_pod_flows"].Set(uint32(limit)); err != nil {
+			t.Fatal(err)
+		}
+	})
+	resetMaps(t, w.objs, w.a, w.b)
+	ok, shot := uint32(tcActOK), uint32(tcActShot)
+	host, quota := TernMetricMETRIC_PASS_HOST, TernMetricMETRIC_DROP_POLICY_CT_QUOTA
+	udpFrom := func(p pod, sport uint16) []byte {
+		return natPkt{src: p.ip, dst: polWorld, srcMAC: p.mac, dstMAC: p.hostMAC, proto: udpP, sport: sport, dport: 53}.frame()
+	}
+	for i := range limit {
+		w.run(t, w.from, w.a.ifindex, udpFrom(w.a, uint16(1024+i)), ok, host)
+	}
+	w.run(t, w.from, w.a.ifindex, udpFrom(w.a, 2000), shot, quota)
+	w.run(t, w.from, w.a.ifindex, udpFrom(w.a, 1024), ok, host) // tracked: not a new flow
+	w.run(t, w.from, w.b.ifindex, udpFrom(w.b, 2000), ok, host) // B's own share
+	syn := w.fromA(natPkt{dst: polWorld, proto: tcp, sport: 3000, dport: 443, tcpFlags: natTCPSyn}).frame()
+	w.run(t, w.from, w.a.ifindex, syn, ok, host) // TCP: a share of its own
+	if n := len(w.ctEntries(t)); n != limit+2 {
+		t.Errorf("conntrack holds %d entries, want %d", n, limit+2)
+	}
+
+	// The next period.
+	var q TernPolicyCtQuota
+	qm := w.objs.maps[TernMapTernPolicyCtQuota]
+	if err := qm.Lookup(endpointKey(w.a.ip), &q); err != nil {
+		t.Fatal(err)
+	}
+	if q.Other != limit || q.Tcp != 1 {
+		t.Errorf("A's quota %+v, want %d other, 1 tcp", q, limit)
+	}
+	q.PeriodStart = natMonoNow(t) - uint64(61*time.Second)
+	if err := qm.Put(endpointKey(w.a.ip), q); err != nil {
+		t.Fatal(err)
+	}
+	w.run(t, w.from, w.a.ifindex, udpFrom(w.a, 2000), ok, host)
+}

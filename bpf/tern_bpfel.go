@@ -141,7 +141,8 @@ const (
 	TernMetricMETRIC_PASS_STACK_REPLY     TernMetric = 26
 	TernMetricMETRIC_DROP_SVC_NO_DNAT     TernMetric = 27
 	TernMetricMETRIC_DROP_POLICY_RST      TernMetric = 28
-	TernMetricMETRIC_MAX                  TernMetric = 29
+	TernMetricMETRIC_DROP_POLICY_CT_QUOTA TernMetric = 29
+	TernMetricMETRIC_MAX                  TernMetric = 30
 )
 
 type TernMetricValue struct {
@@ -236,6 +237,13 @@ type TernPolicyCtKey struct {
 	Pad    [3]uint8
 }
 
+type TernPolicyCtQuota struct {
+	_           structs.HostLayout
+	PeriodStart uint64
+	Tcp         uint32
+	Other       uint32
+}
+
 type TernPolicyDir uint32
 
 const (
@@ -300,6 +308,7 @@ const (
 	TernMapTernPolicy           = "tern_policy"
 	TernMapTernPolicyCt         = "tern_policy_ct"
 	TernMapTernPolicyCtOther    = "tern_policy_ct_other"
+	TernMapTernPolicyCtQuota    = "tern_policy_ct_quota"
 	TernMapTernPolicyFrag       = "tern_policy_frag"
 	TernMapTernServiceCidrs     = "tern_service_cidrs"
 	TernMapTernStackCt          = "tern_stack_ct"
@@ -314,6 +323,7 @@ const (
 	TernVarNatGcInterval        = "nat_gc_interval"
 	TernVarNatPortMax           = "nat_port_max"
 	TernVarNatPortMin           = "nat_port_min"
+	TernVarPolicyCtPodFlows     = "policy_ct_pod_flows"
 	TernVarTernBtfEndpointFlags = "tern_btf_endpoint_flags"
 	TernVarTernBtfEpPolicyFlags = "tern_btf_ep_policy_flags"
 	TernVarTernBtfEventDropMask = "tern_btf_event_drop_mask"
@@ -394,6 +404,7 @@ type TernMapSpecs struct {
 	TernPolicy        *ebpf.MapSpec `ebpf:"tern_policy"`
 	TernPolicyCt      *ebpf.MapSpec `ebpf:"tern_policy_ct"`
 	TernPolicyCtOther *ebpf.MapSpec `ebpf:"tern_policy_ct_other"`
+	TernPolicyCtQuota *ebpf.MapSpec `ebpf:"tern_policy_ct_quota"`
 	TernPolicyFrag    *ebpf.MapSpec `ebpf:"tern_policy_frag"`
 	TernServiceCidrs  *ebpf.MapSpec `ebpf:"tern_service_cidrs"`
 	TernStackCt       *ebpf.MapSpec `ebpf:"tern_stack_ct"`
@@ -411,6 +422,7 @@ type TernVariableSpecs struct {
 	NatGcInterval        *ebpf.VariableSpec `ebpf:"nat_gc_interval"`
 	NatPortMax           *ebpf.VariableSpec `ebpf:"nat_port_max"`
 	NatPortMin           *ebpf.VariableSpec `ebpf:"nat_port_min"`
+	PolicyCtPodFlows     *ebpf.VariableSpec `ebpf:"policy_ct_pod_flows"`
 	TernBtfEndpointFlags *ebpf.VariableSpec `ebpf:"tern_btf_endpoint_flags"`
 	TernBtfEpPolicyFlags *ebpf.VariableSpec `ebpf:"tern_btf_ep_policy_flags"`
 	TernBtfEventDropMask *ebpf.VariableSpec `ebpf:"tern_btf_event_drop_mask"`
@@ -460,6 +472,7 @@ type TernMaps struct {
 	TernPolicy        *ebpf.Map `ebpf:"tern_policy"`
 	TernPolicyCt      *ebpf.Map `ebpf:"tern_policy_ct"`
 	TernPolicyCtOther *ebpf.Map `ebpf:"tern_policy_ct_other"`
+	TernPolicyCtQuota *ebpf.Map `ebpf:"tern_policy_ct_quota"`
 	TernPolicyFrag    *ebpf.Map `ebpf:"tern_policy_frag"`
 	TernServiceCidrs  *ebpf.Map `ebpf:"tern_service_cidrs"`
 	TernStackCt       *ebpf.Map `ebpf:"tern_stack_ct"`
@@ -483,6 +496,7 @@ func (m *TernMaps) Close() error {
 		m.TernPolicy,
 		m.TernPolicyCt,
 		m.TernPolicyCtOther,
+		m.TernPolicyCtQuota,
 		m.TernPolicyFrag,
 		m.TernServiceCidrs,
 		m.TernStackCt,
@@ -501,6 +515,7 @@ type TernVariables struct {
 	NatGcInterval        *ebpf.Variable `ebpf:"nat_gc_interval"`
 	NatPortMax           *ebpf.Variable `ebpf:"nat_port_max"`
 	NatPortMin           *ebpf.Variable `ebpf:"nat_port_min"`
+	PolicyCtPodFlows     *ebpf.Variable `ebpf:"policy_ct_pod_flows"`
 	TernBtfEndpointFlags *ebpf.Variable `ebpf:"tern_btf_endpoint_flags"`
 	TernBtfEpPolicyFlags *ebpf.Variable `ebpf:"tern_btf_ep_policy_flags"`
 	TernBtfEventDropMask *ebpf.Variable `ebpf:"tern_btf_event_drop_mask"`

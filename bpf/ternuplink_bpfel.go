@@ -32,6 +32,7 @@ const (
 	TernUplinkMapTernPolicy           = "tern_policy"
 	TernUplinkMapTernPolicyCt         = "tern_policy_ct"
 	TernUplinkMapTernPolicyCtOther    = "tern_policy_ct_other"
+	TernUplinkMapTernPolicyCtQuota    = "tern_policy_ct_quota"
 	TernUplinkMapTernPolicyFrag       = "tern_policy_frag"
 	TernUplinkMapTernServiceCidrs     = "tern_service_cidrs"
 	TernUplinkMapTernStackCt          = "tern_stack_ct"
@@ -45,6 +46,7 @@ const (
 	TernUplinkVarNatGcInterval        = "nat_gc_interval"
 	TernUplinkVarNatPortMax           = "nat_port_max"
 	TernUplinkVarNatPortMin           = "nat_port_min"
+	TernUplinkVarPolicyCtPodFlows     = "policy_ct_pod_flows"
 	TernUplinkVarTernBtfEndpointFlags = "tern_btf_endpoint_flags"
 	TernUplinkVarTernBtfEpPolicyFlags = "tern_btf_ep_policy_flags"
 	TernUplinkVarTernBtfEventDropMask = "tern_btf_event_drop_mask"
@@ -124,6 +126,7 @@ type TernUplinkMapSpecs struct {
 	TernPolicy        *ebpf.MapSpec `ebpf:"tern_policy"`
 	TernPolicyCt      *ebpf.MapSpec `ebpf:"tern_policy_ct"`
 	TernPolicyCtOther *ebpf.MapSpec `ebpf:"tern_policy_ct_other"`
+	TernPolicyCtQuota *ebpf.MapSpec `ebpf:"tern_policy_ct_quota"`
 	TernPolicyFrag    *ebpf.MapSpec `ebpf:"tern_policy_frag"`
 	TernServiceCidrs  *ebpf.MapSpec `ebpf:"tern_service_cidrs"`
 	TernStackCt       *ebpf.MapSpec `ebpf:"tern_stack_ct"`
@@ -141,6 +144,7 @@ type TernUplinkVariableSpecs struct {
 	NatGcInterval        *ebpf.VariableSpec `ebpf:"nat_gc_interval"`
 	NatPortMax           *ebpf.VariableSpec `ebpf:"nat_port_max"`
 	NatPortMin           *ebpf.VariableSpec `ebpf:"nat_port_min"`
+	PolicyCtPodFlows     *ebpf.VariableSpec `ebpf:"policy_ct_pod_flows"`
 	TernBtfEndpointFlags *ebpf.VariableSpec `ebpf:"tern_btf_endpoint_flags"`
 	TernBtfEpPolicyFlags *ebpf.VariableSpec `ebpf:"tern_btf_ep_policy_flags"`
 	TernBtfEventDropMask *ebpf.VariableSpec `ebpf:"tern_btf_event_drop_mask"`
@@ -190,6 +194,7 @@ type TernUplinkMaps struct {
 	TernPolicy        *ebpf.Map `ebpf:"tern_policy"`
 	TernPolicyCt      *ebpf.Map `ebpf:"tern_policy_ct"`
 	TernPolicyCtOther *ebpf.Map `ebpf:"tern_policy_ct_other"`
+	TernPolicyCtQuota *ebpf.Map `ebpf:"tern_policy_ct_quota"`
 	TernPolicyFrag    *ebpf.Map `ebpf:"tern_policy_frag"`
 	TernServiceCidrs  *ebpf.Map `ebpf:"tern_service_cidrs"`
 	TernStackCt       *ebpf.Map `ebpf:"tern_stack_ct"`
@@ -213,6 +218,7 @@ func (m *TernUplinkMaps) Close() error {
 		m.TernPolicy,
 		m.TernPolicyCt,
 		m.TernPolicyCtOther,
+		m.TernPolicyCtQuota,
 		m.TernPolicyFrag,
 		m.TernServiceCidrs,
 		m.TernStackCt,
@@ -231,6 +237,7 @@ type TernUplinkVariables struct {
 	NatGcInterval        *ebpf.Variable `ebpf:"nat_gc_interval"`
 	NatPortMax           *ebpf.Variable `ebpf:"nat_port_max"`
 	NatPortMin           *ebpf.Variable `ebpf:"nat_port_min"`
+	PolicyCtPodFlows     *ebpf.Variable `ebpf:"policy_ct_pod_flows"`
 	TernBtfEndpointFlags *ebpf.Variable `ebpf:"tern_btf_endpoint_flags"`
 	TernBtfEpPolicyFlags *ebpf.Variable `ebpf:"tern_btf_ep_policy_flags"`
 	TernBtfEventDropMask *ebpf.Variable `ebpf:"tern_btf_event_drop_mask"`

@@ -65,6 +65,7 @@ var metricDescriptions = map[string]string{
 	"pass_service":         "to a Service CIDR: left to the host stack (kube-proxy) undecided",
 	"pass_stack_reply":     "answer of a flow the host stack delivered into a pod: back through the stack",
 	"drop_svc_no_dnat":     "dropped: uplink egress, a pod's packet to a Service CIDR nothing translated",
+	"drop_policy_ct_quota": "dropped: new flow of a pod that opened its share of conntrack entries this minute",
 	"drop_policy_rst":      "dropped: TCP RST of a tracked flow with a sequence number out of window (forged)",
 }
 

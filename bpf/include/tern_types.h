@@ -115,6 +115,7 @@ enum metric {
 	METRIC_PASS_STACK_REPLY,    /* answer of a flow the host stack delivered: back through the stack */
 	METRIC_DROP_SVC_NO_DNAT, /* uplink egress: a pod's packet to a Service CIDR nothing translated */
 	METRIC_DROP_POLICY_RST,  /* TCP RST of a tracked flow whose sequence number is out of window (forged) */
+	METRIC_DROP_POLICY_CT_QUOTA, /* new flow of a pod that opened its share of flows this minute (policy_ct_pod_flows) */
 	METRIC_MAX,
 };
 
@@ -226,6 +227,14 @@ struct policy_frag_key {
 struct policy_frag_ports {
 	__be16 sport;
 	__be16 dport;
+};
+
+/* policy_ct_quota: value of tern_policy_ct_quota, the flows a local pod
+ * opened in the current period, per conntrack map. */
+struct policy_ct_quota {
+	__u64 period_start; /* bpf_ktime_get_coarse_ns */
+	__u32 tcp;          /* new tern_policy_ct entries */
+	__u32 other;        /* new tern_policy_ct_other entries */
 };
 
 /* metric_value: one per-CPU slot of the metrics array. */

@@ -206,6 +206,16 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } tern_policy_ct_other SEC(".maps");
 
+/* tern_policy_ct_quota: local pod IPv4 -> flows it opened this period
+ * (policy.h, policy_ct_charge). */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, TERN_MAX_ENDPOINTS);
+	__type(key, __u32); /* pod IPv4, network byte order */
+	__type(value, struct policy_ct_quota);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} tern_policy_ct_quota SEC(".maps");
+
 /* tern_policy_frag: ports of fragmented datagrams that passed policy. */
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);

@@ -25,7 +25,9 @@
  * a pod already has (as the iptables datapath's ESTABLISHED rule does not);
  * without the entry, a mid-flow packet would be decided as a new flow.
  * A TCP RST ends an entry only when its sequence number is plausible
- * (policy_rst_plausible): a forged one is dropped. */
+ * (policy_rst_plausible): a forged one is dropped. A local pod opens at
+ * most policy_ct_pod_flows new entries per map and minute
+ * (policy_ct_charge): one pod's spray cannot cycle the whole LRU. */
 #ifndef TERN_POLICY_H
 #define TERN_POLICY_H
 
@@ -53,6 +55,7 @@ enum policy_result {
 	POLICY_DROP_INGRESS,
 	POLICY_DROP_TRUNCATED,
 	POLICY_DROP_RST, /* an RST out of its tracked flow's window */
+	POLICY_DROP_CT_QUOTA, /* a new flow beyond its pod's share (policy_ct_charge) */
 };
 
 /* policy_class_of returns the remote class of addr: its longest-prefix
@@ -204,6 +207,62 @@ static __always_inline int policy_rst_plausible(const struct policy_ct_entry *e,
 		return policy_seq_near(l4->tcp_seq, e->seq_hi[reply ? 1 : 0]);
 	return (flags & peer) && (l4->tcp_flags & TCP_FLAG_ACK) &&
 	       policy_seq_near(l4->tcp_ack, e->seq_hi[reply ? 0 : 1]);
+}
+
+/* policy_ct_pod_flows: how many new flows of each kind (TCP; the rest) a
+ * local pod may open per POLICY_CT_QUOTA_PERIOD_NS, set before load; 0:
+ * no limit. Half of each conntrack map: a pod spraying flows recycles at
+ * most half the entries of the others' idle flows per minute, and their
+ * busy ones stay (the LRU evicts what was not used since). */
+volatile const __u32 policy_ct_pod_flows = TERN_MAX_POLICY_CT / 2;
+
+#define POLICY_CT_QUOTA_PERIOD_NS (60 * NSEC_PER_SEC)
+
+/* policy_ct_charge counts a new flow between saddr and daddr against its
+ * local pod's share (the sender's when it is a local pod, else the
+ * receiver's) and reports whether it was within it. Called once per new
+ * flow, never for a tracked one. */
+static __always_inline int policy_ct_charge(__be32 saddr, __be32 daddr, __u8 proto, __u64 now)
+{
+	const __u32 limit = policy_ct_pod_flows;
+	struct policy_ct_quota *q;
+	__u32 pod = saddr;
+
+	if (!limit)
+		return 1;
+	if (!bpf_map_lookup_elem(&tern_endpoints, &pod)) {
+		pod = daddr;
+		if (!bpf_map_lookup_elem(&tern_endpoints, &pod))
+			return 1; /* no local pod: nobody's share */
+	}
+	q = bpf_map_lookup_elem(&tern_policy_ct_quota, &pod);
+	if (!q) {
+		struct policy_ct_quota nq = { .period_start = now };
+
+		if (proto == IPPROTO_TCP)
+			nq.tcp = 1;
+		else
+			nq.other = 1;
+		/* Failing (a race with another CPU's first flow) loses a count. */
+		bpf_map_update_elem(&tern_policy_ct_quota, &pod, &nq, BPF_NOEXIST);
+		return 1;
+	}
+	if (now > q->period_start + POLICY_CT_QUOTA_PERIOD_NS) {
+		/* Plain stores: racing CPUs both start the period. */
+		q->period_start = now;
+		q->tcp = 0;
+		q->other = 0;
+	}
+	if (proto == IPPROTO_TCP) {
+		if (q->tcp >= limit)
+			return 0;
+		__sync_fetch_and_add(&q->tcp, 1);
+	} else {
+		if (q->other >= limit)
+			return 0;
+		__sync_fetch_and_add(&q->other, 1);
+	}
+	return 1;
 }
 
 /* policy_ct_timeout_ns is how long a flow with flags may stay idle. The
@@ -448,6 +507,8 @@ static __always_inline enum policy_result policy_check(struct __sk_buff *skb, __
 	if (dst.flags & EP_POLICY_F_INGRESS)
 		policy_event(skb, POLICY_DIR_INGRESS, EVENT_VERDICT_ALLOW, saddr, daddr);
 
+	if (!policy_ct_charge(saddr, daddr, proto, now))
+		return POLICY_DROP_CT_QUOTA;
 	{
 		struct policy_ct_entry ne = {
 			.last_seen = now,
@@ -497,6 +558,9 @@ static __always_inline int policy_pass_as(struct __sk_buff *skb, __be32 saddr, _
 		return 0;
 	case POLICY_DROP_RST:
 		count(METRIC_DROP_POLICY_RST, skb->len);
+		return 0;
+	case POLICY_DROP_CT_QUOTA:
+		count(METRIC_DROP_POLICY_CT_QUOTA, skb->len);
 		return 0;
 	default:
 		count(METRIC_DROP_TRUNCATED, skb->len);

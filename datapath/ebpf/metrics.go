@@ -40,6 +40,7 @@ var metricNames = [...]string{
 	ternbpf.TernMetricMETRIC_PASS_STACK_REPLY:     "pass_stack_reply",
 	ternbpf.TernMetricMETRIC_DROP_SVC_NO_DNAT:     "drop_svc_no_dnat",
 	ternbpf.TernMetricMETRIC_DROP_POLICY_RST:      "drop_policy_rst",
+	ternbpf.TernMetricMETRIC_DROP_POLICY_CT_QUOTA: "drop_policy_ct_quota",
 }
 
 // MetricName is the name of a metric (e.g. "redirect_peer").
