@@ -176,7 +176,8 @@ static __always_inline long policy_ct_update(__u8 proto, const struct policy_ct_
 }
 
 /* A TCP RST is plausible within this many 64 KiB units (1 MiB) of the last
- * sequence number seen from its sender, or, with ACK, of its peer's: about
+ * sequence number seen from its sender (from a sender that never sent
+ * anything: its ACK, of the peer's last sequence number): about
  * what netfilter's window tracking allows for a connection with an unscaled
  * window of a few hundred KiB, and a 1 in 2,048 chance for a blind guess. */
 #define POLICY_CT_RST_WINDOW 16
