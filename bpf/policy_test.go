@@ -54,8 +54,14 @@ type polTest struct {
 
 func newPolTest(t *testing.T) *polTest {
 	t.Helper()
+	return newPolTestWith(t, nil)
+}
+
+// newPolTestWith is newPolTest with edit applied to the object's spec.
+func newPolTestWith(t *testing.T, edit func(*ebpf.CollectionSpec)) *polTest {
+	t.Helper()
 	testutil.RequirePrivileged(t)
-	objs := loadUnpinned(t)
+	objs := loadUnpinnedWith(t, edit)
 	w := &polTest{from: objs.prog, to: objs.programs[TernProgTernToPod], objs: objs}
 	if w.from == nil || w.to == nil {
 		t.Fatalf("object lacks %s or %s", TernProgTernFromPod, TernProgTernToPod)
@@ -169,28 +175,41 @@ func (w *polTest) run(t *testing.T, prog *ebpf.Program, ifindex int, frame []byt
 	}
 }
 
-// ctEntries returns the policy conntrack.
+// ctEntries returns the policy conntrack, TCP and the rest, with the SEQ
+// flags (which say only that seq_hi is set) masked out.
 func (w *polTest) ctEntries(t *testing.T) map[TernPolicyCtKey]TernPolicyCtEntry {
 	t.Helper()
 	out := map[TernPolicyCtKey]TernPolicyCtEntry{}
-	var (
-		k TernPolicyCtKey
-		v TernPolicyCtEntry
-	)
-	it := w.objs.maps[TernMapTernPolicyCt].Iterate()
-	for it.Next(&k, &v) {
-		out[k] = v
-	}
-	if err := it.Err(); err != nil {
-		t.Fatal(err)
+	seqFlags := uint16(TernPolicyCtFlagsPOLICY_CT_F_SEQ_ORIG | TernPolicyCtFlagsPOLICY_CT_F_SEQ_REPLY)
+	for _, name := range []string{TernMapTernPolicyCt, TernMapTernPolicyCtOther} {
+		var (
+			k TernPolicyCtKey
+			v TernPolicyCtEntry
+		)
+		it := w.objs.maps[name].Iterate()
+		for it.Next(&k, &v) {
+			v.Flags &^= seqFlags
+			out[k] = v
+		}
+		if err := it.Err(); err != nil {
+			t.Fatal(err)
+		}
 	}
 	return out
+}
+
+// ctMap is the policy conntrack map of proto.
+func (w *polTest) ctMap(proto uint8) *ebpf.Map {
+	if proto == tcp {
+		return w.objs.maps[TernMapTernPolicyCt]
+	}
+	return w.objs.maps[TernMapTernPolicyCtOther]
 }
 
 func (w *polTest) clearCT(t *testing.T) {
 	t.Helper()
 	for k := range w.ctEntries(t) {
-		if err := w.objs.maps[TernMapTernPolicyCt].Delete(k); err != nil {
+		if err := w.ctMap(k.Proto).Delete(k); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -360,12 +379,14 @@ func TestPolicyDecisions(t *testing.T) {
 		})
 	}
 
-	t.Run("no policy state at all: nothing is decided or tracked", func(t *testing.T) {
+	// Tracked all the same, so that a policy applied later finds the
+	// flows established (TestPolicyEstablishedBeforePolicy).
+	t.Run("no policy state at all: nothing is decided, the flows are tracked", func(t *testing.T) {
 		resetMaps(t, w.objs, w.a, w.b)
 		w.run(t, w.from, w.a.ifindex, w.fromA(natPkt{dst: w.b.ip, proto: tcp, sport: 1, dport: 2, tcpFlags: natTCPSyn}).frame(), redirect, TernMetricMETRIC_REDIRECT_PEER)
 		w.run(t, w.to, w.b.ifindex, w.into(w.b, natPkt{src: polWorld, proto: udpP, sport: 1, dport: 2}).frame(), ok, TernMetricMETRIC_PASS_TO_POD)
-		if ct := w.ctEntries(t); len(ct) != 0 {
-			t.Errorf("conntrack entries without policy state: %+v", ct)
+		if ct := w.ctEntries(t); len(ct) != 2 {
+			t.Errorf("conntrack without policy state: %+v, want the TCP and the UDP flow", ct)
 		}
 	})
 }
@@ -493,9 +514,12 @@ func TestPolicyConntrack(t *testing.T) {
 	// nothing.
 	age := func(d time.Duration) {
 		t.Helper()
-		e := w.ctEntries(t)[key]
+		var e TernPolicyCtEntry
+		if err := w.ctMap(tcp).Lookup(key, &e); err != nil {
+			t.Fatal(err)
+		}
 		e.LastSeen = natMonoNow(t) - uint64(d)
-		if err := w.objs.maps[TernMapTernPolicyCt].Put(key, e); err != nil {
+		if err := w.ctMap(tcp).Put(key, e); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -914,4 +938,186 @@ func TestPolicySNATReplies(t *testing.T) {
 	if v, _ := w.fromPodRun(t, w.a, natPkt{dst: natServer, proto: unix.IPPROTO_TCP, sport: 40000, dport: 80, tcpFlags: natTCPAck}); v != natActRedirect {
 		t.Errorf("TCP 80 ACK out: verdict %d", v)
 	}
+}
+
+// TestPolicyEstablishedBeforePolicy: a TCP connection and a UDP flow set up
+// while neither pod had policy state go on, both ways, once a policy that
+// denies new such flows isolates both pods (the node's first policy); a new
+// flow is denied. Without tracking before any policy, B's next segment
+// would be decided as a new flow and dropped.
+func TestPolicyEstablishedBeforePolicy(t *testing.T) {
+	w := newPolTest(t)
+	resetMaps(t, w.objs, w.a, w.b) // endpoints only: no policy state
+	redirect, shot := uint32(tcActRedirect), uint32(tcActShot)
+	peer := TernMetricMETRIC_REDIRECT_PEER
+	aToB := func(proto, flags uint8) []byte {
+		return w.fromA(natPkt{dst: w.b.ip, proto: proto, sport: 40001, dport: 80, tcpFlags: flags}).frame()
+	}
+	bToA := func(proto, flags uint8) []byte {
+		return w.fromB(natPkt{dst: w.a.ip, proto: proto, sport: 80, dport: 40001, tcpFlags: flags}).frame()
+	}
+	w.run(t, w.from, w.a.ifindex, aToB(tcp, natTCPSyn), redirect, peer)
+	w.run(t, w.from, w.b.ifindex, bToA(tcp, natTCPSyn|natTCPAck), redirect, peer)
+	w.run(t, w.from, w.a.ifindex, aToB(tcp, natTCPAck), redirect, peer)
+	w.run(t, w.from, w.a.ifindex, aToB(udpP, 0), redirect, peer)
+
+	// The first policy: both pods isolated both ways, nothing allowed.
+	rs := polRuleSet(true, true)
+	rs.Endpoints["10.244.1.2"] = compile.EndpointPolicy{LocalID: polIDA, IngressIsolated: true, EgressIsolated: true}
+	rs.Endpoints["10.244.1.3"] = compile.EndpointPolicy{LocalID: polIDB, IngressIsolated: true, EgressIsolated: true}
+	writeRuleSet(t, w.objs.maps, rs)
+
+	w.run(t, w.from, w.b.ifindex, bToA(tcp, natTCPAck), redirect, peer)
+	w.run(t, w.from, w.a.ifindex, aToB(tcp, natTCPAck), redirect, peer)
+	w.run(t, w.from, w.b.ifindex, bToA(udpP, 0), redirect, peer)
+	w.run(t, w.from, w.a.ifindex, aToB(udpP, 0), redirect, peer)
+	newFlow := w.fromA(natPkt{dst: w.b.ip, proto: tcp, sport: 40002, dport: 80, tcpFlags: natTCPSyn}).frame()
+	w.run(t, w.from, w.a.ifindex, newFlow, shot, TernMetricMETRIC_DROP_POLICY_EGRESS)
+}
+
+// TestPolicyConntrackUDPSpray: TCP flows have their own conntrack map, so
+// a pod opening many more UDP flows than the map holds cannot evict another
+// pod's TCP connection (which an isolating policy would then cut). The
+// maps are shrunk to 256 entries to keep the spray short.
+func TestPolicyConntrackUDPSpray(t *testing.T) {
+	const size = 256
+	w := newPolTestWith(t, func(spec *ebpf.CollectionSpec) {
+		for _, name := range []string{TernMapTernPolicyCt, TernMapTernPolicyCtOther} {
+			if m := spec.Maps[name]; m != nil {
+				m.MaxEntries = size
+			}
+		}
+	})
+	resetMaps(t, w.objs, w.a, w.b)
+	redirect, shot := uint32(tcActRedirect), uint32(tcActShot)
+	peer := TernMetricMETRIC_REDIRECT_PEER
+	// B's connection to A, established.
+	w.run(t, w.from, w.b.ifindex, w.fromB(natPkt{dst: w.a.ip, proto: tcp, sport: 50000, dport: 80, tcpFlags: natTCPSyn}).frame(), redirect, peer)
+	w.run(t, w.from, w.a.ifindex, w.fromA(natPkt{dst: w.b.ip, proto: tcp, sport: 80, dport: 50000, tcpFlags: natTCPSyn | natTCPAck}).frame(), redirect, peer)
+	// A sprays 8 x size UDP flows to the world, two packets each (the
+	// second marks the entry referenced, as the LRU's own flows are).
+	spray := w.fromA(natPkt{dst: polWorld, proto: udpP, sport: 1, dport: 53})
+	for i := range 8 * size {
+		spray.sport = uint16(1024 + i)
+		for range 2 {
+			if _, _, err := runFromPod(w.ns, w.from, w.a.ifindex, spray.frame()); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	if n := len(w.ctEntries(t)); n < size/2 {
+		t.Fatalf("conntrack holds %d entries after the spray: the spray did not fill the UDP map", n)
+	}
+	tcpKey := TernPolicyCtKey{LoAddr: endpointKey(w.a.ip), HiAddr: endpointKey(w.b.ip), LoPort: natPort(80), HiPort: natPort(50000), Proto: tcp}
+	if _, found := w.ctEntries(t)[tcpKey]; !found {
+		t.Errorf("B's TCP connection is no longer tracked after A's UDP spray")
+	}
+	// A policy isolating A for ingress: B's connection goes on.
+	rs := polRuleSet(false, false)
+	rs.Endpoints["10.244.1.2"] = compile.EndpointPolicy{LocalID: polIDA, IngressIsolated: true}
+	writeRuleSet(t, w.objs.maps, rs)
+	w.run(t, w.from, w.b.ifindex, w.fromB(natPkt{dst: w.a.ip, proto: tcp, sport: 50000, dport: 80, tcpFlags: natTCPAck}).frame(), redirect, peer)
+	newFlow := w.fromB(natPkt{dst: w.a.ip, proto: tcp, sport: 50001, dport: 80, tcpFlags: natTCPSyn}).frame()
+	w.run(t, w.from, w.b.ifindex, newFlow, shot, TernMetricMETRIC_DROP_POLICY_INGRESS)
+}
+
+// TestPolicyRSTWindow: an RST ends a tracked TCP flow only when its
+// sequence number is within POLICY_CT_RST_WINDOW (1 MiB) of its sender's
+// last one (a right acknowledgment does not make up for a wrong sequence),
+// or, for an RST answering a SYN, its acknowledgment matches the SYN's: a forged RST is dropped, counted, and leaves the flow established.
+func TestPolicyRSTWindow(t *testing.T) {
+	w := newPolTest(t)
+	ing, egr := compile.Ingress, compile.Egress
+	rs := polRuleSet(true, true, pk(egr, tcp, polIDA, polClassB, 80, 16), pk(ing, tcp, polIDB, polClassA, 80, 16))
+	redirect, shot := uint32(tcActRedirect), uint32(tcActShot)
+	peer, dropRST := TernMetricMETRIC_REDIRECT_PEER, TernMetricMETRIC_DROP_POLICY_RST
+	rstFlag := uint16(TernPolicyCtFlagsPOLICY_CT_F_RST)
+	aToB := func(sport uint16, flags uint8, seq, ack uint32) []byte {
+		return w.fromA(natPkt{dst: w.b.ip, proto: tcp, sport: sport, dport: 80, tcpFlags: flags, tcpSeq: seq, tcpAck: ack}).frame()
+	}
+	bToA := func(dport uint16, flags uint8, seq, ack uint32) []byte {
+		return w.fromB(natPkt{dst: w.a.ip, proto: tcp, sport: 80, dport: dport, tcpFlags: flags, tcpSeq: seq, tcpAck: ack}).frame()
+	}
+	key := func(sport uint16) TernPolicyCtKey {
+		return TernPolicyCtKey{LoAddr: endpointKey(w.a.ip), HiAddr: endpointKey(w.b.ip), LoPort: natPort(sport), HiPort: natPort(80), Proto: tcp}
+	}
+	established := func(sport uint16) {
+		t.Helper()
+		w.run(t, w.from, w.a.ifindex, aToB(sport, natTCPSyn, 0x10000000, 0), redirect, peer)
+		w.run(t, w.from, w.b.ifindex, bToA(sport, natTCPSyn|natTCPAck, 0x80000000, 0x10000001), redirect, peer)
+		w.run(t, w.from, w.a.ifindex, aToB(sport, natTCPAck, 0x10000001, 0x80000001), redirect, peer)
+	}
+	w.install(t, rs)
+
+	// Out of window from either end: dropped, the flow stays open.
+	established(40001)
+	w.run(t, w.from, w.a.ifindex, aToB(40001, natTCPRst, 0x10000001+4<<20, 0), shot, dropRST)
+	w.run(t, w.from, w.b.ifindex, bToA(40001, natTCPRst|natTCPAck, 0x80000001-4<<20, 0x10000001), shot, dropRST)
+	if e := w.ctEntries(t)[key(40001)]; e.Flags&rstFlag != 0 {
+		t.Errorf("flags after forged RSTs %#x: RST set", e.Flags)
+	}
+	w.run(t, w.from, w.b.ifindex, bToA(40001, natTCPAck, 0x80000001, 0x10000001), redirect, peer)
+
+	// In window (a little ahead of the last segment seen): passes, ends
+	// the flow.
+	w.run(t, w.from, w.b.ifindex, bToA(40001, natTCPRst, 0x80000001+300000, 0), redirect, peer)
+	if e := w.ctEntries(t)[key(40001)]; e.Flags&rstFlag == 0 {
+		t.Errorf("flags after an in-window RST %#x: RST not set", e.Flags)
+	}
+
+	// An RST answering a SYN (the responder never sent anything): passes
+	// when it acknowledges the SYN, is dropped when its ACK is elsewhere.
+	w.run(t, w.from, w.a.ifindex, aToB(40002, natTCPSyn, 0x20000000, 0), redirect, peer)
+	w.run(t, w.from, w.b.ifindex, bToA(40002, natTCPRst|natTCPAck, 0, 0x20000000+64<<20), shot, dropRST)
+	w.run(t, w.from, w.b.ifindex, bToA(40002, natTCPRst, 0x20000001, 0), shot, dropRST) // no ACK: nothing to check it by
+	w.run(t, w.from, w.b.ifindex, bToA(40002, natTCPRst|natTCPAck, 0, 0x20000001), redirect, peer)
+	if e := w.ctEntries(t)[key(40002)]; e.Flags&rstFlag == 0 {
+		t.Errorf("flags after the RST answering the SYN %#x: RST not set", e.Flags)
+	}
+}
+
+// TestPolicyConntrackPodShare: a local pod opens at most
+// policy_ct_pod_flows new flows of each kind per minute (64 here): beyond,
+// its new flows are dropped and counted, while its tracked flows, its TCP
+// flows (a share of their own) and another pod's flows go on; the next
+// period it may open flows again.
+func TestPolicyConntrackPodShare(t *testing.T) {
+	const limit = 64
+	w := newPolTestWith(t, func(spec *ebpf.CollectionSpec) {
+		if err := spec.Variables["policy_ct_pod_flows"].Set(uint32(limit)); err != nil {
+			t.Fatal(err)
+		}
+	})
+	resetMaps(t, w.objs, w.a, w.b)
+	ok, shot := uint32(tcActOK), uint32(tcActShot)
+	host, quota := TernMetricMETRIC_PASS_HOST, TernMetricMETRIC_DROP_POLICY_CT_QUOTA
+	udpFrom := func(p pod, sport uint16) []byte {
+		return natPkt{src: p.ip, dst: polWorld, srcMAC: p.mac, dstMAC: p.hostMAC, proto: udpP, sport: sport, dport: 53}.frame()
+	}
+	for i := range limit {
+		w.run(t, w.from, w.a.ifindex, udpFrom(w.a, uint16(1024+i)), ok, host)
+	}
+	w.run(t, w.from, w.a.ifindex, udpFrom(w.a, 2000), shot, quota)
+	w.run(t, w.from, w.a.ifindex, udpFrom(w.a, 1024), ok, host) // tracked: not a new flow
+	w.run(t, w.from, w.b.ifindex, udpFrom(w.b, 2000), ok, host) // B's own share
+	syn := w.fromA(natPkt{dst: polWorld, proto: tcp, sport: 3000, dport: 443, tcpFlags: natTCPSyn}).frame()
+	w.run(t, w.from, w.a.ifindex, syn, ok, host) // TCP: a share of its own
+	if n := len(w.ctEntries(t)); n != limit+2 {
+		t.Errorf("conntrack holds %d entries, want %d", n, limit+2)
+	}
+
+	// The next period.
+	var q TernPolicyCtQuota
+	qm := w.objs.maps[TernMapTernPolicyCtQuota]
+	if err := qm.Lookup(endpointKey(w.a.ip), &q); err != nil {
+		t.Fatal(err)
+	}
+	if q.Other != limit || q.Tcp != 1 {
+		t.Errorf("A's quota %+v, want %d other, 1 tcp", q, limit)
+	}
+	q.PeriodStart = natMonoNow(t) - uint64(61*time.Second)
+	if err := qm.Put(endpointKey(w.a.ip), q); err != nil {
+		t.Fatal(err)
+	}
+	w.run(t, w.from, w.a.ifindex, udpFrom(w.a, 2000), ok, host)
 }

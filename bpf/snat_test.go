@@ -389,6 +389,7 @@ type natPkt struct {
 	noDF           bool   // with frag 0: no flags at all
 	sport, dport   uint16 // TCP, UDP
 	tcpFlags       uint8
+	tcpSeq, tcpAck uint32 // TCP sequence (0 means 1000) and acknowledgment numbers
 	icmpType       uint8
 	icmpID         uint16
 	udpNoCsum      bool   // UDP checksum 0 ("none")
@@ -437,8 +438,12 @@ func (p natPkt) segment() []byte {
 	case unix.IPPROTO_TCP:
 		b = binary.BigEndian.AppendUint16(nil, p.sport)
 		b = binary.BigEndian.AppendUint16(b, p.dport)
-		b = binary.BigEndian.AppendUint32(b, 1000) // seq
-		b = binary.BigEndian.AppendUint32(b, 0)    // ack
+		seq := p.tcpSeq
+		if seq == 0 {
+			seq = 1000
+		}
+		b = binary.BigEndian.AppendUint32(b, seq)
+		b = binary.BigEndian.AppendUint32(b, p.tcpAck)
 		b = append(b, 5<<4, p.tcpFlags)
 		b = binary.BigEndian.AppendUint16(b, 65535) // window
 		b = append(b, 0, 0, 0, 0)                   // checksum, urgent

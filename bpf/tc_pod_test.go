@@ -77,12 +77,22 @@ type testObjs struct {
 // the test needs no bpffs and shares no state with anything else.
 func loadUnpinned(t *testing.T) *testObjs {
 	t.Helper()
+	return loadUnpinnedWith(t, nil)
+}
+
+// loadUnpinnedWith is loadUnpinned with edit applied to the spec first
+// (smaller maps, say).
+func loadUnpinnedWith(t *testing.T, edit func(*ebpf.CollectionSpec)) *testObjs {
+	t.Helper()
 	spec, err := LoadTern()
 	if err != nil {
 		t.Fatal(err)
 	}
 	for _, m := range spec.Maps {
 		m.Pinning = ebpf.PinNone
+	}
+	if edit != nil {
+		edit(spec)
 	}
 	coll, err := ebpf.NewCollection(spec)
 	if err != nil {

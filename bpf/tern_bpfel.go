@@ -230,7 +230,9 @@ const (
 	TernMetricMETRIC_LB_REJECT            TernMetric = 37
 	TernMetricMETRIC_DROP_LB_NO_LOCAL     TernMetric = 38
 	TernMetricMETRIC_DROP_LB              TernMetric = 39
-	TernMetricMETRIC_MAX                  TernMetric = 40
+	TernMetricMETRIC_DROP_POLICY_RST      TernMetric = 40
+	TernMetricMETRIC_DROP_POLICY_CT_QUOTA TernMetric = 41
+	TernMetricMETRIC_MAX                  TernMetric = 42
 )
 
 type TernMetricValue struct {
@@ -299,7 +301,8 @@ type TernPolicyCtEntry struct {
 	_        structs.HostLayout
 	LastSeen uint64
 	Flags    uint16
-	Pad      [6]uint8
+	SeqHi    [2]uint16
+	Pad      [2]uint8
 }
 
 type TernPolicyCtFlags uint32
@@ -310,6 +313,8 @@ const (
 	TernPolicyCtFlagsPOLICY_CT_F_FIN_ORIG   TernPolicyCtFlags = 4
 	TernPolicyCtFlagsPOLICY_CT_F_FIN_REPLY  TernPolicyCtFlags = 8
 	TernPolicyCtFlagsPOLICY_CT_F_RST        TernPolicyCtFlags = 16
+	TernPolicyCtFlagsPOLICY_CT_F_SEQ_ORIG   TernPolicyCtFlags = 32
+	TernPolicyCtFlagsPOLICY_CT_F_SEQ_REPLY  TernPolicyCtFlags = 64
 )
 
 type TernPolicyCtKey struct {
@@ -320,6 +325,13 @@ type TernPolicyCtKey struct {
 	HiPort uint16
 	Proto  uint8
 	Pad    [3]uint8
+}
+
+type TernPolicyCtQuota struct {
+	_           structs.HostLayout
+	PeriodStart uint64
+	Tcp         uint32
+	Other       uint32
 }
 
 type TernPolicyDir uint32
@@ -397,6 +409,8 @@ const (
 	TernMapTernNomasq           = "tern_nomasq"
 	TernMapTernPolicy           = "tern_policy"
 	TernMapTernPolicyCt         = "tern_policy_ct"
+	TernMapTernPolicyCtOther    = "tern_policy_ct_other"
+	TernMapTernPolicyCtQuota    = "tern_policy_ct_quota"
 	TernMapTernPolicyFrag       = "tern_policy_frag"
 	TernMapTernRemote           = "tern_remote"
 	TernMapTernServiceCidrs     = "tern_service_cidrs"
@@ -413,6 +427,7 @@ const (
 	TernVarNatGcInterval        = "nat_gc_interval"
 	TernVarNatPortMax           = "nat_port_max"
 	TernVarNatPortMin           = "nat_port_min"
+	TernVarPolicyCtPodFlows     = "policy_ct_pod_flows"
 	TernVarTernBtfEndpointFlags = "tern_btf_endpoint_flags"
 	TernVarTernBtfEpPolicyFlags = "tern_btf_ep_policy_flags"
 	TernVarTernBtfEventDropMask = "tern_btf_event_drop_mask"
@@ -480,31 +495,33 @@ type TernProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type TernMapSpecs struct {
-	TernConfig       *ebpf.MapSpec `ebpf:"tern_config"`
-	TernEndpoints    *ebpf.MapSpec `ebpf:"tern_endpoints"`
-	TernEpPolicy     *ebpf.MapSpec `ebpf:"tern_ep_policy"`
-	TernEventConfig  *ebpf.MapSpec `ebpf:"tern_event_config"`
-	TernEventLimiter *ebpf.MapSpec `ebpf:"tern_event_limiter"`
-	TernEvents       *ebpf.MapSpec `ebpf:"tern_events"`
-	TernIpcache      *ebpf.MapSpec `ebpf:"tern_ipcache"`
-	TernLbAffinity   *ebpf.MapSpec `ebpf:"tern_lb_affinity"`
-	TernLbBackends   *ebpf.MapSpec `ebpf:"tern_lb_backends"`
-	TernLbCt         *ebpf.MapSpec `ebpf:"tern_lb_ct"`
-	TernLbRev        *ebpf.MapSpec `ebpf:"tern_lb_rev"`
-	TernLbScratch    *ebpf.MapSpec `ebpf:"tern_lb_scratch"`
-	TernLbSvc        *ebpf.MapSpec `ebpf:"tern_lb_svc"`
-	TernMetrics      *ebpf.MapSpec `ebpf:"tern_metrics"`
-	TernNat          *ebpf.MapSpec `ebpf:"tern_nat"`
-	TernNatGcTimer   *ebpf.MapSpec `ebpf:"tern_nat_gc_timer"`
-	TernNatKey       *ebpf.MapSpec `ebpf:"tern_nat_key"`
-	TernNatRev       *ebpf.MapSpec `ebpf:"tern_nat_rev"`
-	TernNomasq       *ebpf.MapSpec `ebpf:"tern_nomasq"`
-	TernPolicy       *ebpf.MapSpec `ebpf:"tern_policy"`
-	TernPolicyCt     *ebpf.MapSpec `ebpf:"tern_policy_ct"`
-	TernPolicyFrag   *ebpf.MapSpec `ebpf:"tern_policy_frag"`
-	TernRemote       *ebpf.MapSpec `ebpf:"tern_remote"`
-	TernServiceCidrs *ebpf.MapSpec `ebpf:"tern_service_cidrs"`
-	TernStackCt      *ebpf.MapSpec `ebpf:"tern_stack_ct"`
+	TernConfig        *ebpf.MapSpec `ebpf:"tern_config"`
+	TernEndpoints     *ebpf.MapSpec `ebpf:"tern_endpoints"`
+	TernEpPolicy      *ebpf.MapSpec `ebpf:"tern_ep_policy"`
+	TernEventConfig   *ebpf.MapSpec `ebpf:"tern_event_config"`
+	TernEventLimiter  *ebpf.MapSpec `ebpf:"tern_event_limiter"`
+	TernEvents        *ebpf.MapSpec `ebpf:"tern_events"`
+	TernIpcache       *ebpf.MapSpec `ebpf:"tern_ipcache"`
+	TernLbAffinity    *ebpf.MapSpec `ebpf:"tern_lb_affinity"`
+	TernLbBackends    *ebpf.MapSpec `ebpf:"tern_lb_backends"`
+	TernLbCt          *ebpf.MapSpec `ebpf:"tern_lb_ct"`
+	TernLbRev         *ebpf.MapSpec `ebpf:"tern_lb_rev"`
+	TernLbScratch     *ebpf.MapSpec `ebpf:"tern_lb_scratch"`
+	TernLbSvc         *ebpf.MapSpec `ebpf:"tern_lb_svc"`
+	TernMetrics       *ebpf.MapSpec `ebpf:"tern_metrics"`
+	TernNat           *ebpf.MapSpec `ebpf:"tern_nat"`
+	TernNatGcTimer    *ebpf.MapSpec `ebpf:"tern_nat_gc_timer"`
+	TernNatKey        *ebpf.MapSpec `ebpf:"tern_nat_key"`
+	TernNatRev        *ebpf.MapSpec `ebpf:"tern_nat_rev"`
+	TernNomasq        *ebpf.MapSpec `ebpf:"tern_nomasq"`
+	TernPolicy        *ebpf.MapSpec `ebpf:"tern_policy"`
+	TernPolicyCt      *ebpf.MapSpec `ebpf:"tern_policy_ct"`
+	TernPolicyCtOther *ebpf.MapSpec `ebpf:"tern_policy_ct_other"`
+	TernPolicyCtQuota *ebpf.MapSpec `ebpf:"tern_policy_ct_quota"`
+	TernPolicyFrag    *ebpf.MapSpec `ebpf:"tern_policy_frag"`
+	TernRemote        *ebpf.MapSpec `ebpf:"tern_remote"`
+	TernServiceCidrs  *ebpf.MapSpec `ebpf:"tern_service_cidrs"`
+	TernStackCt       *ebpf.MapSpec `ebpf:"tern_stack_ct"`
 }
 
 // TernVariableSpecs contains global variables before they are loaded into the kernel.
@@ -520,6 +537,7 @@ type TernVariableSpecs struct {
 	NatGcInterval        *ebpf.VariableSpec `ebpf:"nat_gc_interval"`
 	NatPortMax           *ebpf.VariableSpec `ebpf:"nat_port_max"`
 	NatPortMin           *ebpf.VariableSpec `ebpf:"nat_port_min"`
+	PolicyCtPodFlows     *ebpf.VariableSpec `ebpf:"policy_ct_pod_flows"`
 	TernBtfEndpointFlags *ebpf.VariableSpec `ebpf:"tern_btf_endpoint_flags"`
 	TernBtfEpPolicyFlags *ebpf.VariableSpec `ebpf:"tern_btf_ep_policy_flags"`
 	TernBtfEventDropMask *ebpf.VariableSpec `ebpf:"tern_btf_event_drop_mask"`
@@ -556,31 +574,33 @@ func (o *TernObjects) Close() error {
 //
 // It can be passed to LoadTernObjects or ebpf.CollectionSpec.LoadAndAssign.
 type TernMaps struct {
-	TernConfig       *ebpf.Map `ebpf:"tern_config"`
-	TernEndpoints    *ebpf.Map `ebpf:"tern_endpoints"`
-	TernEpPolicy     *ebpf.Map `ebpf:"tern_ep_policy"`
-	TernEventConfig  *ebpf.Map `ebpf:"tern_event_config"`
-	TernEventLimiter *ebpf.Map `ebpf:"tern_event_limiter"`
-	TernEvents       *ebpf.Map `ebpf:"tern_events"`
-	TernIpcache      *ebpf.Map `ebpf:"tern_ipcache"`
-	TernLbAffinity   *ebpf.Map `ebpf:"tern_lb_affinity"`
-	TernLbBackends   *ebpf.Map `ebpf:"tern_lb_backends"`
-	TernLbCt         *ebpf.Map `ebpf:"tern_lb_ct"`
-	TernLbRev        *ebpf.Map `ebpf:"tern_lb_rev"`
-	TernLbScratch    *ebpf.Map `ebpf:"tern_lb_scratch"`
-	TernLbSvc        *ebpf.Map `ebpf:"tern_lb_svc"`
-	TernMetrics      *ebpf.Map `ebpf:"tern_metrics"`
-	TernNat          *ebpf.Map `ebpf:"tern_nat"`
-	TernNatGcTimer   *ebpf.Map `ebpf:"tern_nat_gc_timer"`
-	TernNatKey       *ebpf.Map `ebpf:"tern_nat_key"`
-	TernNatRev       *ebpf.Map `ebpf:"tern_nat_rev"`
-	TernNomasq       *ebpf.Map `ebpf:"tern_nomasq"`
-	TernPolicy       *ebpf.Map `ebpf:"tern_policy"`
-	TernPolicyCt     *ebpf.Map `ebpf:"tern_policy_ct"`
-	TernPolicyFrag   *ebpf.Map `ebpf:"tern_policy_frag"`
-	TernRemote       *ebpf.Map `ebpf:"tern_remote"`
-	TernServiceCidrs *ebpf.Map `ebpf:"tern_service_cidrs"`
-	TernStackCt      *ebpf.Map `ebpf:"tern_stack_ct"`
+	TernConfig        *ebpf.Map `ebpf:"tern_config"`
+	TernEndpoints     *ebpf.Map `ebpf:"tern_endpoints"`
+	TernEpPolicy      *ebpf.Map `ebpf:"tern_ep_policy"`
+	TernEventConfig   *ebpf.Map `ebpf:"tern_event_config"`
+	TernEventLimiter  *ebpf.Map `ebpf:"tern_event_limiter"`
+	TernEvents        *ebpf.Map `ebpf:"tern_events"`
+	TernIpcache       *ebpf.Map `ebpf:"tern_ipcache"`
+	TernLbAffinity    *ebpf.Map `ebpf:"tern_lb_affinity"`
+	TernLbBackends    *ebpf.Map `ebpf:"tern_lb_backends"`
+	TernLbCt          *ebpf.Map `ebpf:"tern_lb_ct"`
+	TernLbRev         *ebpf.Map `ebpf:"tern_lb_rev"`
+	TernLbScratch     *ebpf.Map `ebpf:"tern_lb_scratch"`
+	TernLbSvc         *ebpf.Map `ebpf:"tern_lb_svc"`
+	TernMetrics       *ebpf.Map `ebpf:"tern_metrics"`
+	TernNat           *ebpf.Map `ebpf:"tern_nat"`
+	TernNatGcTimer    *ebpf.Map `ebpf:"tern_nat_gc_timer"`
+	TernNatKey        *ebpf.Map `ebpf:"tern_nat_key"`
+	TernNatRev        *ebpf.Map `ebpf:"tern_nat_rev"`
+	TernNomasq        *ebpf.Map `ebpf:"tern_nomasq"`
+	TernPolicy        *ebpf.Map `ebpf:"tern_policy"`
+	TernPolicyCt      *ebpf.Map `ebpf:"tern_policy_ct"`
+	TernPolicyCtOther *ebpf.Map `ebpf:"tern_policy_ct_other"`
+	TernPolicyCtQuota *ebpf.Map `ebpf:"tern_policy_ct_quota"`
+	TernPolicyFrag    *ebpf.Map `ebpf:"tern_policy_frag"`
+	TernRemote        *ebpf.Map `ebpf:"tern_remote"`
+	TernServiceCidrs  *ebpf.Map `ebpf:"tern_service_cidrs"`
+	TernStackCt       *ebpf.Map `ebpf:"tern_stack_ct"`
 }
 
 func (m *TernMaps) Close() error {
@@ -606,6 +626,8 @@ func (m *TernMaps) Close() error {
 		m.TernNomasq,
 		m.TernPolicy,
 		m.TernPolicyCt,
+		m.TernPolicyCtOther,
+		m.TernPolicyCtQuota,
 		m.TernPolicyFrag,
 		m.TernRemote,
 		m.TernServiceCidrs,
@@ -626,6 +648,7 @@ type TernVariables struct {
 	NatGcInterval        *ebpf.Variable `ebpf:"nat_gc_interval"`
 	NatPortMax           *ebpf.Variable `ebpf:"nat_port_max"`
 	NatPortMin           *ebpf.Variable `ebpf:"nat_port_min"`
+	PolicyCtPodFlows     *ebpf.Variable `ebpf:"policy_ct_pod_flows"`
 	TernBtfEndpointFlags *ebpf.Variable `ebpf:"tern_btf_endpoint_flags"`
 	TernBtfEpPolicyFlags *ebpf.Variable `ebpf:"tern_btf_ep_policy_flags"`
 	TernBtfEventDropMask *ebpf.Variable `ebpf:"tern_btf_event_drop_mask"`

@@ -36,6 +36,8 @@ const (
 	TernTunnelMapTernNomasq           = "tern_nomasq"
 	TernTunnelMapTernPolicy           = "tern_policy"
 	TernTunnelMapTernPolicyCt         = "tern_policy_ct"
+	TernTunnelMapTernPolicyCtOther    = "tern_policy_ct_other"
+	TernTunnelMapTernPolicyCtQuota    = "tern_policy_ct_quota"
 	TernTunnelMapTernPolicyFrag       = "tern_policy_frag"
 	TernTunnelMapTernRemote           = "tern_remote"
 	TernTunnelMapTernServiceCidrs     = "tern_service_cidrs"
@@ -49,6 +51,7 @@ const (
 	TernTunnelVarNatGcInterval        = "nat_gc_interval"
 	TernTunnelVarNatPortMax           = "nat_port_max"
 	TernTunnelVarNatPortMin           = "nat_port_min"
+	TernTunnelVarPolicyCtPodFlows     = "policy_ct_pod_flows"
 	TernTunnelVarTernBtfEndpointFlags = "tern_btf_endpoint_flags"
 	TernTunnelVarTernBtfEpPolicyFlags = "tern_btf_ep_policy_flags"
 	TernTunnelVarTernBtfEventDropMask = "tern_btf_event_drop_mask"
@@ -114,30 +117,32 @@ type TernTunnelProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type TernTunnelMapSpecs struct {
-	TernConfig       *ebpf.MapSpec `ebpf:"tern_config"`
-	TernEndpoints    *ebpf.MapSpec `ebpf:"tern_endpoints"`
-	TernEpPolicy     *ebpf.MapSpec `ebpf:"tern_ep_policy"`
-	TernEventConfig  *ebpf.MapSpec `ebpf:"tern_event_config"`
-	TernEventLimiter *ebpf.MapSpec `ebpf:"tern_event_limiter"`
-	TernEvents       *ebpf.MapSpec `ebpf:"tern_events"`
-	TernIpcache      *ebpf.MapSpec `ebpf:"tern_ipcache"`
-	TernLbAffinity   *ebpf.MapSpec `ebpf:"tern_lb_affinity"`
-	TernLbBackends   *ebpf.MapSpec `ebpf:"tern_lb_backends"`
-	TernLbCt         *ebpf.MapSpec `ebpf:"tern_lb_ct"`
-	TernLbRev        *ebpf.MapSpec `ebpf:"tern_lb_rev"`
-	TernLbSvc        *ebpf.MapSpec `ebpf:"tern_lb_svc"`
-	TernMetrics      *ebpf.MapSpec `ebpf:"tern_metrics"`
-	TernNat          *ebpf.MapSpec `ebpf:"tern_nat"`
-	TernNatGcTimer   *ebpf.MapSpec `ebpf:"tern_nat_gc_timer"`
-	TernNatKey       *ebpf.MapSpec `ebpf:"tern_nat_key"`
-	TernNatRev       *ebpf.MapSpec `ebpf:"tern_nat_rev"`
-	TernNomasq       *ebpf.MapSpec `ebpf:"tern_nomasq"`
-	TernPolicy       *ebpf.MapSpec `ebpf:"tern_policy"`
-	TernPolicyCt     *ebpf.MapSpec `ebpf:"tern_policy_ct"`
-	TernPolicyFrag   *ebpf.MapSpec `ebpf:"tern_policy_frag"`
-	TernRemote       *ebpf.MapSpec `ebpf:"tern_remote"`
-	TernServiceCidrs *ebpf.MapSpec `ebpf:"tern_service_cidrs"`
-	TernStackCt      *ebpf.MapSpec `ebpf:"tern_stack_ct"`
+	TernConfig        *ebpf.MapSpec `ebpf:"tern_config"`
+	TernEndpoints     *ebpf.MapSpec `ebpf:"tern_endpoints"`
+	TernEpPolicy      *ebpf.MapSpec `ebpf:"tern_ep_policy"`
+	TernEventConfig   *ebpf.MapSpec `ebpf:"tern_event_config"`
+	TernEventLimiter  *ebpf.MapSpec `ebpf:"tern_event_limiter"`
+	TernEvents        *ebpf.MapSpec `ebpf:"tern_events"`
+	TernIpcache       *ebpf.MapSpec `ebpf:"tern_ipcache"`
+	TernLbAffinity    *ebpf.MapSpec `ebpf:"tern_lb_affinity"`
+	TernLbBackends    *ebpf.MapSpec `ebpf:"tern_lb_backends"`
+	TernLbCt          *ebpf.MapSpec `ebpf:"tern_lb_ct"`
+	TernLbRev         *ebpf.MapSpec `ebpf:"tern_lb_rev"`
+	TernLbSvc         *ebpf.MapSpec `ebpf:"tern_lb_svc"`
+	TernMetrics       *ebpf.MapSpec `ebpf:"tern_metrics"`
+	TernNat           *ebpf.MapSpec `ebpf:"tern_nat"`
+	TernNatGcTimer    *ebpf.MapSpec `ebpf:"tern_nat_gc_timer"`
+	TernNatKey        *ebpf.MapSpec `ebpf:"tern_nat_key"`
+	TernNatRev        *ebpf.MapSpec `ebpf:"tern_nat_rev"`
+	TernNomasq        *ebpf.MapSpec `ebpf:"tern_nomasq"`
+	TernPolicy        *ebpf.MapSpec `ebpf:"tern_policy"`
+	TernPolicyCt      *ebpf.MapSpec `ebpf:"tern_policy_ct"`
+	TernPolicyCtOther *ebpf.MapSpec `ebpf:"tern_policy_ct_other"`
+	TernPolicyCtQuota *ebpf.MapSpec `ebpf:"tern_policy_ct_quota"`
+	TernPolicyFrag    *ebpf.MapSpec `ebpf:"tern_policy_frag"`
+	TernRemote        *ebpf.MapSpec `ebpf:"tern_remote"`
+	TernServiceCidrs  *ebpf.MapSpec `ebpf:"tern_service_cidrs"`
+	TernStackCt       *ebpf.MapSpec `ebpf:"tern_stack_ct"`
 }
 
 // TernTunnelVariableSpecs contains global variables before they are loaded into the kernel.
@@ -152,6 +157,7 @@ type TernTunnelVariableSpecs struct {
 	NatGcInterval        *ebpf.VariableSpec `ebpf:"nat_gc_interval"`
 	NatPortMax           *ebpf.VariableSpec `ebpf:"nat_port_max"`
 	NatPortMin           *ebpf.VariableSpec `ebpf:"nat_port_min"`
+	PolicyCtPodFlows     *ebpf.VariableSpec `ebpf:"policy_ct_pod_flows"`
 	TernBtfEndpointFlags *ebpf.VariableSpec `ebpf:"tern_btf_endpoint_flags"`
 	TernBtfEpPolicyFlags *ebpf.VariableSpec `ebpf:"tern_btf_ep_policy_flags"`
 	TernBtfEventDropMask *ebpf.VariableSpec `ebpf:"tern_btf_event_drop_mask"`
@@ -188,30 +194,32 @@ func (o *TernTunnelObjects) Close() error {
 //
 // It can be passed to LoadTernTunnelObjects or ebpf.CollectionSpec.LoadAndAssign.
 type TernTunnelMaps struct {
-	TernConfig       *ebpf.Map `ebpf:"tern_config"`
-	TernEndpoints    *ebpf.Map `ebpf:"tern_endpoints"`
-	TernEpPolicy     *ebpf.Map `ebpf:"tern_ep_policy"`
-	TernEventConfig  *ebpf.Map `ebpf:"tern_event_config"`
-	TernEventLimiter *ebpf.Map `ebpf:"tern_event_limiter"`
-	TernEvents       *ebpf.Map `ebpf:"tern_events"`
-	TernIpcache      *ebpf.Map `ebpf:"tern_ipcache"`
-	TernLbAffinity   *ebpf.Map `ebpf:"tern_lb_affinity"`
-	TernLbBackends   *ebpf.Map `ebpf:"tern_lb_backends"`
-	TernLbCt         *ebpf.Map `ebpf:"tern_lb_ct"`
-	TernLbRev        *ebpf.Map `ebpf:"tern_lb_rev"`
-	TernLbSvc        *ebpf.Map `ebpf:"tern_lb_svc"`
-	TernMetrics      *ebpf.Map `ebpf:"tern_metrics"`
-	TernNat          *ebpf.Map `ebpf:"tern_nat"`
-	TernNatGcTimer   *ebpf.Map `ebpf:"tern_nat_gc_timer"`
-	TernNatKey       *ebpf.Map `ebpf:"tern_nat_key"`
-	TernNatRev       *ebpf.Map `ebpf:"tern_nat_rev"`
-	TernNomasq       *ebpf.Map `ebpf:"tern_nomasq"`
-	TernPolicy       *ebpf.Map `ebpf:"tern_policy"`
-	TernPolicyCt     *ebpf.Map `ebpf:"tern_policy_ct"`
-	TernPolicyFrag   *ebpf.Map `ebpf:"tern_policy_frag"`
-	TernRemote       *ebpf.Map `ebpf:"tern_remote"`
-	TernServiceCidrs *ebpf.Map `ebpf:"tern_service_cidrs"`
-	TernStackCt      *ebpf.Map `ebpf:"tern_stack_ct"`
+	TernConfig        *ebpf.Map `ebpf:"tern_config"`
+	TernEndpoints     *ebpf.Map `ebpf:"tern_endpoints"`
+	TernEpPolicy      *ebpf.Map `ebpf:"tern_ep_policy"`
+	TernEventConfig   *ebpf.Map `ebpf:"tern_event_config"`
+	TernEventLimiter  *ebpf.Map `ebpf:"tern_event_limiter"`
+	TernEvents        *ebpf.Map `ebpf:"tern_events"`
+	TernIpcache       *ebpf.Map `ebpf:"tern_ipcache"`
+	TernLbAffinity    *ebpf.Map `ebpf:"tern_lb_affinity"`
+	TernLbBackends    *ebpf.Map `ebpf:"tern_lb_backends"`
+	TernLbCt          *ebpf.Map `ebpf:"tern_lb_ct"`
+	TernLbRev         *ebpf.Map `ebpf:"tern_lb_rev"`
+	TernLbSvc         *ebpf.Map `ebpf:"tern_lb_svc"`
+	TernMetrics       *ebpf.Map `ebpf:"tern_metrics"`
+	TernNat           *ebpf.Map `ebpf:"tern_nat"`
+	TernNatGcTimer    *ebpf.Map `ebpf:"tern_nat_gc_timer"`
+	TernNatKey        *ebpf.Map `ebpf:"tern_nat_key"`
+	TernNatRev        *ebpf.Map `ebpf:"tern_nat_rev"`
+	TernNomasq        *ebpf.Map `ebpf:"tern_nomasq"`
+	TernPolicy        *ebpf.Map `ebpf:"tern_policy"`
+	TernPolicyCt      *ebpf.Map `ebpf:"tern_policy_ct"`
+	TernPolicyCtOther *ebpf.Map `ebpf:"tern_policy_ct_other"`
+	TernPolicyCtQuota *ebpf.Map `ebpf:"tern_policy_ct_quota"`
+	TernPolicyFrag    *ebpf.Map `ebpf:"tern_policy_frag"`
+	TernRemote        *ebpf.Map `ebpf:"tern_remote"`
+	TernServiceCidrs  *ebpf.Map `ebpf:"tern_service_cidrs"`
+	TernStackCt       *ebpf.Map `ebpf:"tern_stack_ct"`
 }
 
 func (m *TernTunnelMaps) Close() error {
@@ -236,6 +244,8 @@ func (m *TernTunnelMaps) Close() error {
 		m.TernNomasq,
 		m.TernPolicy,
 		m.TernPolicyCt,
+		m.TernPolicyCtOther,
+		m.TernPolicyCtQuota,
 		m.TernPolicyFrag,
 		m.TernRemote,
 		m.TernServiceCidrs,
@@ -255,6 +265,7 @@ type TernTunnelVariables struct {
 	NatGcInterval        *ebpf.Variable `ebpf:"nat_gc_interval"`
 	NatPortMax           *ebpf.Variable `ebpf:"nat_port_max"`
 	NatPortMin           *ebpf.Variable `ebpf:"nat_port_min"`
+	PolicyCtPodFlows     *ebpf.Variable `ebpf:"policy_ct_pod_flows"`
 	TernBtfEndpointFlags *ebpf.Variable `ebpf:"tern_btf_endpoint_flags"`
 	TernBtfEpPolicyFlags *ebpf.Variable `ebpf:"tern_btf_ep_policy_flags"`
 	TernBtfEventDropMask *ebpf.Variable `ebpf:"tern_btf_event_drop_mask"`

@@ -37,6 +37,8 @@ const (
 	TernUplinkMapTernNomasq           = "tern_nomasq"
 	TernUplinkMapTernPolicy           = "tern_policy"
 	TernUplinkMapTernPolicyCt         = "tern_policy_ct"
+	TernUplinkMapTernPolicyCtOther    = "tern_policy_ct_other"
+	TernUplinkMapTernPolicyCtQuota    = "tern_policy_ct_quota"
 	TernUplinkMapTernPolicyFrag       = "tern_policy_frag"
 	TernUplinkMapTernRemote           = "tern_remote"
 	TernUplinkMapTernServiceCidrs     = "tern_service_cidrs"
@@ -52,6 +54,7 @@ const (
 	TernUplinkVarNatGcInterval        = "nat_gc_interval"
 	TernUplinkVarNatPortMax           = "nat_port_max"
 	TernUplinkVarNatPortMin           = "nat_port_min"
+	TernUplinkVarPolicyCtPodFlows     = "policy_ct_pod_flows"
 	TernUplinkVarTernBtfEndpointFlags = "tern_btf_endpoint_flags"
 	TernUplinkVarTernBtfEpPolicyFlags = "tern_btf_ep_policy_flags"
 	TernUplinkVarTernBtfEventDropMask = "tern_btf_event_drop_mask"
@@ -118,31 +121,33 @@ type TernUplinkProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type TernUplinkMapSpecs struct {
-	TernConfig       *ebpf.MapSpec `ebpf:"tern_config"`
-	TernEndpoints    *ebpf.MapSpec `ebpf:"tern_endpoints"`
-	TernEpPolicy     *ebpf.MapSpec `ebpf:"tern_ep_policy"`
-	TernEventConfig  *ebpf.MapSpec `ebpf:"tern_event_config"`
-	TernEventLimiter *ebpf.MapSpec `ebpf:"tern_event_limiter"`
-	TernEvents       *ebpf.MapSpec `ebpf:"tern_events"`
-	TernIpcache      *ebpf.MapSpec `ebpf:"tern_ipcache"`
-	TernLbAffinity   *ebpf.MapSpec `ebpf:"tern_lb_affinity"`
-	TernLbBackends   *ebpf.MapSpec `ebpf:"tern_lb_backends"`
-	TernLbCt         *ebpf.MapSpec `ebpf:"tern_lb_ct"`
-	TernLbRev        *ebpf.MapSpec `ebpf:"tern_lb_rev"`
-	TernLbScratch    *ebpf.MapSpec `ebpf:"tern_lb_scratch"`
-	TernLbSvc        *ebpf.MapSpec `ebpf:"tern_lb_svc"`
-	TernMetrics      *ebpf.MapSpec `ebpf:"tern_metrics"`
-	TernNat          *ebpf.MapSpec `ebpf:"tern_nat"`
-	TernNatGcTimer   *ebpf.MapSpec `ebpf:"tern_nat_gc_timer"`
-	TernNatKey       *ebpf.MapSpec `ebpf:"tern_nat_key"`
-	TernNatRev       *ebpf.MapSpec `ebpf:"tern_nat_rev"`
-	TernNomasq       *ebpf.MapSpec `ebpf:"tern_nomasq"`
-	TernPolicy       *ebpf.MapSpec `ebpf:"tern_policy"`
-	TernPolicyCt     *ebpf.MapSpec `ebpf:"tern_policy_ct"`
-	TernPolicyFrag   *ebpf.MapSpec `ebpf:"tern_policy_frag"`
-	TernRemote       *ebpf.MapSpec `ebpf:"tern_remote"`
-	TernServiceCidrs *ebpf.MapSpec `ebpf:"tern_service_cidrs"`
-	TernStackCt      *ebpf.MapSpec `ebpf:"tern_stack_ct"`
+	TernConfig        *ebpf.MapSpec `ebpf:"tern_config"`
+	TernEndpoints     *ebpf.MapSpec `ebpf:"tern_endpoints"`
+	TernEpPolicy      *ebpf.MapSpec `ebpf:"tern_ep_policy"`
+	TernEventConfig   *ebpf.MapSpec `ebpf:"tern_event_config"`
+	TernEventLimiter  *ebpf.MapSpec `ebpf:"tern_event_limiter"`
+	TernEvents        *ebpf.MapSpec `ebpf:"tern_events"`
+	TernIpcache       *ebpf.MapSpec `ebpf:"tern_ipcache"`
+	TernLbAffinity    *ebpf.MapSpec `ebpf:"tern_lb_affinity"`
+	TernLbBackends    *ebpf.MapSpec `ebpf:"tern_lb_backends"`
+	TernLbCt          *ebpf.MapSpec `ebpf:"tern_lb_ct"`
+	TernLbRev         *ebpf.MapSpec `ebpf:"tern_lb_rev"`
+	TernLbScratch     *ebpf.MapSpec `ebpf:"tern_lb_scratch"`
+	TernLbSvc         *ebpf.MapSpec `ebpf:"tern_lb_svc"`
+	TernMetrics       *ebpf.MapSpec `ebpf:"tern_metrics"`
+	TernNat           *ebpf.MapSpec `ebpf:"tern_nat"`
+	TernNatGcTimer    *ebpf.MapSpec `ebpf:"tern_nat_gc_timer"`
+	TernNatKey        *ebpf.MapSpec `ebpf:"tern_nat_key"`
+	TernNatRev        *ebpf.MapSpec `ebpf:"tern_nat_rev"`
+	TernNomasq        *ebpf.MapSpec `ebpf:"tern_nomasq"`
+	TernPolicy        *ebpf.MapSpec `ebpf:"tern_policy"`
+	TernPolicyCt      *ebpf.MapSpec `ebpf:"tern_policy_ct"`
+	TernPolicyCtOther *ebpf.MapSpec `ebpf:"tern_policy_ct_other"`
+	TernPolicyCtQuota *ebpf.MapSpec `ebpf:"tern_policy_ct_quota"`
+	TernPolicyFrag    *ebpf.MapSpec `ebpf:"tern_policy_frag"`
+	TernRemote        *ebpf.MapSpec `ebpf:"tern_remote"`
+	TernServiceCidrs  *ebpf.MapSpec `ebpf:"tern_service_cidrs"`
+	TernStackCt       *ebpf.MapSpec `ebpf:"tern_stack_ct"`
 }
 
 // TernUplinkVariableSpecs contains global variables before they are loaded into the kernel.
@@ -158,6 +163,7 @@ type TernUplinkVariableSpecs struct {
 	NatGcInterval        *ebpf.VariableSpec `ebpf:"nat_gc_interval"`
 	NatPortMax           *ebpf.VariableSpec `ebpf:"nat_port_max"`
 	NatPortMin           *ebpf.VariableSpec `ebpf:"nat_port_min"`
+	PolicyCtPodFlows     *ebpf.VariableSpec `ebpf:"policy_ct_pod_flows"`
 	TernBtfEndpointFlags *ebpf.VariableSpec `ebpf:"tern_btf_endpoint_flags"`
 	TernBtfEpPolicyFlags *ebpf.VariableSpec `ebpf:"tern_btf_ep_policy_flags"`
 	TernBtfEventDropMask *ebpf.VariableSpec `ebpf:"tern_btf_event_drop_mask"`
@@ -194,31 +200,33 @@ func (o *TernUplinkObjects) Close() error {
 //
 // It can be passed to LoadTernUplinkObjects or ebpf.CollectionSpec.LoadAndAssign.
 type TernUplinkMaps struct {
-	TernConfig       *ebpf.Map `ebpf:"tern_config"`
-	TernEndpoints    *ebpf.Map `ebpf:"tern_endpoints"`
-	TernEpPolicy     *ebpf.Map `ebpf:"tern_ep_policy"`
-	TernEventConfig  *ebpf.Map `ebpf:"tern_event_config"`
-	TernEventLimiter *ebpf.Map `ebpf:"tern_event_limiter"`
-	TernEvents       *ebpf.Map `ebpf:"tern_events"`
-	TernIpcache      *ebpf.Map `ebpf:"tern_ipcache"`
-	TernLbAffinity   *ebpf.Map `ebpf:"tern_lb_affinity"`
-	TernLbBackends   *ebpf.Map `ebpf:"tern_lb_backends"`
-	TernLbCt         *ebpf.Map `ebpf:"tern_lb_ct"`
-	TernLbRev        *ebpf.Map `ebpf:"tern_lb_rev"`
-	TernLbScratch    *ebpf.Map `ebpf:"tern_lb_scratch"`
-	TernLbSvc        *ebpf.Map `ebpf:"tern_lb_svc"`
-	TernMetrics      *ebpf.Map `ebpf:"tern_metrics"`
-	TernNat          *ebpf.Map `ebpf:"tern_nat"`
-	TernNatGcTimer   *ebpf.Map `ebpf:"tern_nat_gc_timer"`
-	TernNatKey       *ebpf.Map `ebpf:"tern_nat_key"`
-	TernNatRev       *ebpf.Map `ebpf:"tern_nat_rev"`
-	TernNomasq       *ebpf.Map `ebpf:"tern_nomasq"`
-	TernPolicy       *ebpf.Map `ebpf:"tern_policy"`
-	TernPolicyCt     *ebpf.Map `ebpf:"tern_policy_ct"`
-	TernPolicyFrag   *ebpf.Map `ebpf:"tern_policy_frag"`
-	TernRemote       *ebpf.Map `ebpf:"tern_remote"`
-	TernServiceCidrs *ebpf.Map `ebpf:"tern_service_cidrs"`
-	TernStackCt      *ebpf.Map `ebpf:"tern_stack_ct"`
+	TernConfig        *ebpf.Map `ebpf:"tern_config"`
+	TernEndpoints     *ebpf.Map `ebpf:"tern_endpoints"`
+	TernEpPolicy      *ebpf.Map `ebpf:"tern_ep_policy"`
+	TernEventConfig   *ebpf.Map `ebpf:"tern_event_config"`
+	TernEventLimiter  *ebpf.Map `ebpf:"tern_event_limiter"`
+	TernEvents        *ebpf.Map `ebpf:"tern_events"`
+	TernIpcache       *ebpf.Map `ebpf:"tern_ipcache"`
+	TernLbAffinity    *ebpf.Map `ebpf:"tern_lb_affinity"`
+	TernLbBackends    *ebpf.Map `ebpf:"tern_lb_backends"`
+	TernLbCt          *ebpf.Map `ebpf:"tern_lb_ct"`
+	TernLbRev         *ebpf.Map `ebpf:"tern_lb_rev"`
+	TernLbScratch     *ebpf.Map `ebpf:"tern_lb_scratch"`
+	TernLbSvc         *ebpf.Map `ebpf:"tern_lb_svc"`
+	TernMetrics       *ebpf.Map `ebpf:"tern_metrics"`
+	TernNat           *ebpf.Map `ebpf:"tern_nat"`
+	TernNatGcTimer    *ebpf.Map `ebpf:"tern_nat_gc_timer"`
+	TernNatKey        *ebpf.Map `ebpf:"tern_nat_key"`
+	TernNatRev        *ebpf.Map `ebpf:"tern_nat_rev"`
+	TernNomasq        *ebpf.Map `ebpf:"tern_nomasq"`
+	TernPolicy        *ebpf.Map `ebpf:"tern_policy"`
+	TernPolicyCt      *ebpf.Map `ebpf:"tern_policy_ct"`
+	TernPolicyCtOther *ebpf.Map `ebpf:"tern_policy_ct_other"`
+	TernPolicyCtQuota *ebpf.Map `ebpf:"tern_policy_ct_quota"`
+	TernPolicyFrag    *ebpf.Map `ebpf:"tern_policy_frag"`
+	TernRemote        *ebpf.Map `ebpf:"tern_remote"`
+	TernServiceCidrs  *ebpf.Map `ebpf:"tern_service_cidrs"`
+	TernStackCt       *ebpf.Map `ebpf:"tern_stack_ct"`
 }
 
 func (m *TernUplinkMaps) Close() error {
@@ -244,6 +252,8 @@ func (m *TernUplinkMaps) Close() error {
 		m.TernNomasq,
 		m.TernPolicy,
 		m.TernPolicyCt,
+		m.TernPolicyCtOther,
+		m.TernPolicyCtQuota,
 		m.TernPolicyFrag,
 		m.TernRemote,
 		m.TernServiceCidrs,
@@ -264,6 +274,7 @@ type TernUplinkVariables struct {
 	NatGcInterval        *ebpf.Variable `ebpf:"nat_gc_interval"`
 	NatPortMax           *ebpf.Variable `ebpf:"nat_port_max"`
 	NatPortMin           *ebpf.Variable `ebpf:"nat_port_min"`
+	PolicyCtPodFlows     *ebpf.Variable `ebpf:"policy_ct_pod_flows"`
 	TernBtfEndpointFlags *ebpf.Variable `ebpf:"tern_btf_endpoint_flags"`
 	TernBtfEpPolicyFlags *ebpf.Variable `ebpf:"tern_btf_ep_policy_flags"`
 	TernBtfEventDropMask *ebpf.Variable `ebpf:"tern_btf_event_drop_mask"`

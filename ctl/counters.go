@@ -77,6 +77,8 @@ var metricDescriptions = map[string]string{
 	"lb_reject":            "services \"ebpf\": a Service without endpoints answered with ICMP port unreachable",
 	"drop_lb_no_local":     "dropped: services \"ebpf\", traffic policy Local and no backend on this node",
 	"drop_lb":              "dropped: services \"ebpf\", translation failed (helper error, map full, unknown hairpin answer)",
+	"drop_policy_ct_quota": "dropped: new flow of a pod that opened its share of conntrack entries this minute",
+	"drop_policy_rst":      "dropped: TCP RST of a tracked flow with a sequence number out of window (forged)",
 }
 
 // readCounters reads the network's datapath counters: the eBPF metrics map

@@ -137,6 +137,8 @@ enum metric {
 	METRIC_LB_REJECT,        /* services "ebpf": a Service without endpoints, answered with ICMP port unreachable */
 	METRIC_DROP_LB_NO_LOCAL, /* services "ebpf": traffic policy Local and no backend on this node */
 	METRIC_DROP_LB,          /* services "ebpf": translation failed (helper error, map full, unknown hairpin answer) */
+	METRIC_DROP_POLICY_RST,  /* TCP RST of a tracked flow whose sequence number is out of window (forged) */
+	METRIC_DROP_POLICY_CT_QUOTA, /* new flow of a pod that opened its share of flows this minute (policy_ct_pod_flows) */
 	METRIC_MAX,
 };
 
@@ -211,11 +213,16 @@ struct policy_ct_key {
 	__u8 pad[3];
 };
 
-/* policy_ct_entry: value of tern_policy_ct. */
+/* policy_ct_entry: value of tern_policy_ct and tern_policy_ct_other. */
 struct policy_ct_entry {
 	__u64 last_seen; /* bpf_ktime_get_ns, refreshed at most once a second */
 	__u16 flags;     /* enum policy_ct_flags */
-	__u8 pad[6];
+	/* TCP: the upper 16 bits of the last sequence number seen from the
+	 * originator ([0]) and the responder ([1]), valid with
+	 * POLICY_CT_F_SEQ_ORIG / _REPLY: enough to tell a plausible RST
+	 * (within POLICY_CT_RST_WINDOW) from a forged one. */
+	__u16 seq_hi[2];
+	__u8 pad[2];
 };
 
 enum policy_ct_flags {
@@ -224,6 +231,8 @@ enum policy_ct_flags {
 	POLICY_CT_F_FIN_ORIG = 1 << 2,   /* TCP FIN from the originator */
 	POLICY_CT_F_FIN_REPLY = 1 << 3,  /* TCP FIN from the responder */
 	POLICY_CT_F_RST = 1 << 4,        /* TCP RST either way */
+	POLICY_CT_F_SEQ_ORIG = 1 << 5,   /* seq_hi[0] holds the originator's sequence */
+	POLICY_CT_F_SEQ_REPLY = 1 << 6,  /* seq_hi[1] holds the responder's sequence */
 };
 
 /* policy_frag_key: key of tern_policy_frag. A non-first IPv4 fragment has
@@ -314,6 +323,14 @@ struct lb_affinity {
 	__be32 addr;
 	__be16 port;
 	__u16 pad;
+};
+
+/* policy_ct_quota: value of tern_policy_ct_quota, the flows a local pod
+ * opened in the current period, per conntrack map. */
+struct policy_ct_quota {
+	__u64 period_start; /* bpf_ktime_get_coarse_ns */
+	__u32 tcp;          /* new tern_policy_ct entries */
+	__u32 other;        /* new tern_policy_ct_other entries */
 };
 
 /* metric_value: one per-CPU slot of the metrics array. */

@@ -46,6 +46,8 @@ struct l4 {
 	__be16 sport;   /* TCP/UDP ports, network order */
 	__be16 dport;
 	__be16 icmp_id; /* ICMP echo identifier */
+	__u32 tcp_seq;  /* TCP sequence and acknowledgment numbers, host order */
+	__u32 tcp_ack;
 };
 
 enum l4_result {
@@ -72,6 +74,8 @@ parse_l4(struct __sk_buff *skb, __u8 proto, __u8 ihl, __be16 frag_off, struct l4
 		if (bpf_skb_load_bytes(skb, l4->off, hdr, 14) < 0)
 			return L4_TRUNCATED;
 		l4->tcp_flags = hdr[13];
+		l4->tcp_seq = ((__u32)hdr[4] << 24) | ((__u32)hdr[5] << 16) | ((__u32)hdr[6] << 8) | hdr[7];
+		l4->tcp_ack = ((__u32)hdr[8] << 24) | ((__u32)hdr[9] << 16) | ((__u32)hdr[10] << 8) | hdr[11];
 		break;
 	case IPPROTO_UDP:
 	case IPPROTO_SCTP: /* ports where UDP has them; policy matches SCTP ports (NAT does not translate SCTP) */

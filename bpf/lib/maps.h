@@ -198,7 +198,9 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } tern_policy SEC(".maps");
 
-/* tern_policy_ct: flows whose first packet passed policy. */
+/* tern_policy_ct: TCP flows of local pods (whose first packet passed
+ * policy). TCP alone: a spray of UDP flows, whose entries nothing closes,
+ * cannot evict them from the LRU. */
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__uint(max_entries, TERN_MAX_POLICY_CT);
@@ -206,6 +208,25 @@ struct {
 	__type(value, struct policy_ct_entry);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } tern_policy_ct SEC(".maps");
+
+/* tern_policy_ct_other: the same for UDP, ICMP, SCTP and the rest. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, TERN_MAX_POLICY_CT);
+	__type(key, struct policy_ct_key);
+	__type(value, struct policy_ct_entry);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} tern_policy_ct_other SEC(".maps");
+
+/* tern_policy_ct_quota: local pod IPv4 -> flows it opened this period
+ * (policy.h, policy_ct_charge). */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, TERN_MAX_ENDPOINTS);
+	__type(key, __u32); /* pod IPv4, network byte order */
+	__type(value, struct policy_ct_quota);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} tern_policy_ct_quota SEC(".maps");
 
 /* tern_policy_frag: ports of fragmented datagrams that passed policy. */
 struct {

@@ -16,13 +16,18 @@
  * That is at most 2 hash + 2 x (1 + 4) LPM lookups, whatever the number of
  * rules: no loop over rules.
  *
- * Stateful: a flow whose first packet passes gets a tern_policy_ct entry,
- * and every later packet of it, either way, passes on that entry alone. A
- * flow is tracked as soon as either end has policy state (a tern_ep_policy
- * entry), isolated or not, so that a policy isolating a pod later does not
- * cut the connections it already has (as the iptables datapath's
- * ESTABLISHED rule does not). Pods without policy state cost two hash
- * misses per packet and nothing else. */
+ * Stateful: a flow whose first packet passes gets a conntrack entry
+ * (tern_policy_ct for TCP, tern_policy_ct_other for the rest, so that a
+ * spray of UDP flows cannot evict TCP connections), and every later packet
+ * of it, either way, passes on that entry alone. Every flow through
+ * policy_check is tracked, whether its ends have policy state or not: a
+ * policy applied later, even the node's first, does not cut the connections
+ * a pod already has (as the iptables datapath's ESTABLISHED rule does not);
+ * without the entry, a mid-flow packet would be decided as a new flow.
+ * A TCP RST ends an entry only when its sequence number is plausible
+ * (policy_rst_plausible): a forged one is dropped. A local pod opens at
+ * most policy_ct_pod_flows new entries per map and minute
+ * (policy_ct_charge): one pod's spray cannot cycle the whole LRU. */
 #ifndef TERN_POLICY_H
 #define TERN_POLICY_H
 
@@ -49,6 +54,8 @@ enum policy_result {
 	POLICY_DROP_EGRESS,
 	POLICY_DROP_INGRESS,
 	POLICY_DROP_TRUNCATED,
+	POLICY_DROP_RST, /* an RST out of its tracked flow's window */
+	POLICY_DROP_CT_QUOTA, /* a new flow beyond its pod's share (policy_ct_charge) */
 };
 
 /* policy_class_of returns the remote class of addr: its longest-prefix
@@ -144,6 +151,116 @@ static __always_inline int policy_ct_key_of(struct policy_ct_key *key, __be32 sa
 	key->proto = proto;
 	key->pad[0] = key->pad[1] = key->pad[2] = 0;
 	return hi;
+}
+
+/* policy_ct_lookup and policy_ct_update pick the map of proto: TCP flows
+ * have their own. (Two calls, not a map pointer chosen at run time, so
+ * that each call site has one map for the verifier.) */
+static __always_inline struct policy_ct_entry *policy_ct_lookup(__u8 proto,
+								const struct policy_ct_key *key)
+{
+	if (proto == IPPROTO_TCP)
+		return bpf_map_lookup_elem(&tern_policy_ct, key);
+	return bpf_map_lookup_elem(&tern_policy_ct_other, key);
+}
+
+static __always_inline long policy_ct_update(__u8 proto, const struct policy_ct_key *key,
+					     const struct policy_ct_entry *e)
+{
+	if (proto == IPPROTO_TCP)
+		return bpf_map_update_elem(&tern_policy_ct, key, e, BPF_ANY);
+	return bpf_map_update_elem(&tern_policy_ct_other, key, e, BPF_ANY);
+}
+
+/* A TCP RST is plausible within this many 64 KiB units (1 MiB) of the last
+ * sequence number seen from its sender (from a sender that never sent
+ * anything: its ACK, of the peer's last sequence number): about
+ * what netfilter's window tracking allows for a connection with an unscaled
+ * window of a few hundred KiB, and a 1 in 2,048 chance for a blind guess. */
+#define POLICY_CT_RST_WINDOW 16
+
+static __always_inline int policy_seq_near(__u32 seq, __u16 seq_hi)
+{
+	__s16 d = (__s16)((__u16)(seq >> 16) - seq_hi);
+
+	return d >= -POLICY_CT_RST_WINDOW && d <= POLICY_CT_RST_WINDOW;
+}
+
+/* policy_rst_plausible reports whether an RST sent in direction reply of
+ * the tracked flow e is within the window of what the flow has shown: its
+ * sequence number near the sender's last one or, from a sender that never
+ * sent anything (the answer to a SYN), its acknowledgment near the peer's
+ * last one. An entry that knows neither (written by an older
+ * version) accepts it, as before. */
+static __always_inline int policy_rst_plausible(const struct policy_ct_entry *e, const struct l4 *l4,
+						int reply)
+{
+	__u16 own = reply ? POLICY_CT_F_SEQ_REPLY : POLICY_CT_F_SEQ_ORIG;
+	__u16 peer = reply ? POLICY_CT_F_SEQ_ORIG : POLICY_CT_F_SEQ_REPLY;
+	__u16 flags = e->flags;
+
+	if (!(flags & (own | peer)))
+		return 1;
+	if (flags & own)
+		return policy_seq_near(l4->tcp_seq, e->seq_hi[reply ? 1 : 0]);
+	return (flags & peer) && (l4->tcp_flags & TCP_FLAG_ACK) &&
+	       policy_seq_near(l4->tcp_ack, e->seq_hi[reply ? 0 : 1]);
+}
+
+/* policy_ct_pod_flows: how many new flows of each kind (TCP; the rest) a
+ * local pod may open per POLICY_CT_QUOTA_PERIOD_NS, set before load; 0:
+ * no limit. Half of each conntrack map: a pod spraying flows recycles at
+ * most half the entries of the others' idle flows per minute, and their
+ * busy ones stay (the LRU evicts what was not used since). */
+volatile const __u32 policy_ct_pod_flows = TERN_MAX_POLICY_CT / 2;
+
+#define POLICY_CT_QUOTA_PERIOD_NS (60 * NSEC_PER_SEC)
+
+/* policy_ct_charge counts a new flow between saddr and daddr against its
+ * local pod's share (the sender's when it is a local pod, else the
+ * receiver's) and reports whether it was within it. Called once per new
+ * flow, never for a tracked one. */
+static __always_inline int policy_ct_charge(__be32 saddr, __be32 daddr, __u8 proto, __u64 now)
+{
+	const __u32 limit = policy_ct_pod_flows;
+	struct policy_ct_quota *q;
+	__u32 pod = saddr;
+
+	if (!limit)
+		return 1;
+	if (!bpf_map_lookup_elem(&tern_endpoints, &pod)) {
+		pod = daddr;
+		if (!bpf_map_lookup_elem(&tern_endpoints, &pod))
+			return 1; /* no local pod: nobody's share */
+	}
+	q = bpf_map_lookup_elem(&tern_policy_ct_quota, &pod);
+	if (!q) {
+		struct policy_ct_quota nq = { .period_start = now };
+
+		if (proto == IPPROTO_TCP)
+			nq.tcp = 1;
+		else
+			nq.other = 1;
+		/* Failing (a race with another CPU's first flow) loses a count. */
+		bpf_map_update_elem(&tern_policy_ct_quota, &pod, &nq, BPF_NOEXIST);
+		return 1;
+	}
+	if (now > q->period_start + POLICY_CT_QUOTA_PERIOD_NS) {
+		/* Plain stores: racing CPUs both start the period. */
+		q->period_start = now;
+		q->tcp = 0;
+		q->other = 0;
+	}
+	if (proto == IPPROTO_TCP) {
+		if (q->tcp >= limit)
+			return 0;
+		__sync_fetch_and_add(&q->tcp, 1);
+	} else {
+		if (q->other >= limit)
+			return 0;
+		__sync_fetch_and_add(&q->other, 1);
+	}
+	return 1;
 }
 
 /* policy_ct_timeout_ns is how long a flow with flags may stay idle. The
@@ -243,7 +360,7 @@ static __always_inline int policy_icmp_related(struct __sk_buff *skb, const stru
 		return 0;
 	}
 	policy_ct_key_of(&key, inner.saddr, inner.daddr, sport, dport, inner.protocol);
-	e = bpf_map_lookup_elem(&tern_policy_ct, &key);
+	e = policy_ct_lookup(inner.protocol, &key);
 	return e && !policy_ct_expired(e, now, inner.protocol);
 }
 
@@ -294,8 +411,9 @@ static __always_inline enum policy_result policy_check(struct __sk_buff *skb, __
 	ep = bpf_map_lookup_elem(&tern_ep_policy, &daddr);
 	if (ep)
 		dst = *ep;
-	if (!src.local_id && !dst.local_id)
-		return POLICY_PASS; /* neither end has policy state (0 is never an identity) */
+	/* Neither end with policy state (0 is never an identity) still
+	 * goes on: the flow is tracked, so that a policy applied later finds
+	 * it established. */
 
 	if (parse_l4(skb, proto, ihl, frag_off, &l4) != L4_OK)
 		return POLICY_DROP_TRUNCATED;
@@ -336,7 +454,7 @@ static __always_inline enum policy_result policy_check(struct __sk_buff *skb, __
 	 * reads the clock source (~25 ns per tracked packet under KVM). */
 	now = bpf_ktime_get_coarse_ns();
 	hi = policy_ct_key_of(&key, saddr, daddr, sport, dport, proto);
-	e = bpf_map_lookup_elem(&tern_policy_ct, &key);
+	e = policy_ct_lookup(proto, &key);
 	if (e && !policy_ct_expired(e, now, proto)) {
 		__u16 flags = e->flags;
 
@@ -348,6 +466,23 @@ static __always_inline enum policy_result policy_check(struct __sk_buff *skb, __
 		      (flags & (POLICY_CT_F_FIN_ORIG | POLICY_CT_F_FIN_REPLY | POLICY_CT_F_RST)))) {
 			__u16 add = policy_tcp_flags(&l4, reply) | (reply ? POLICY_CT_F_SEEN_REPLY : 0);
 
+			if (proto == IPPROTO_TCP) {
+				__u16 seqf = reply ? POLICY_CT_F_SEQ_REPLY : POLICY_CT_F_SEQ_ORIG;
+				__u16 hi16 = l4.tcp_seq >> 16;
+
+				/* A forged RST would end the entry, and the
+				 * flow's next packets would be decided anew:
+				 * cut by a policy applied since. */
+				if ((l4.tcp_flags & TCP_FLAG_RST) && !policy_rst_plausible(e, &l4, reply))
+					return POLICY_DROP_RST;
+				/* Written when the upper half moves: once
+				 * per 64 KiB sent, not per packet. */
+				if (!(l4.tcp_flags & TCP_FLAG_RST) &&
+				    (!(flags & seqf) || e->seq_hi[reply ? 1 : 0] != hi16)) {
+					e->seq_hi[reply ? 1 : 0] = hi16;
+					add |= seqf;
+				}
+			}
 			/* Plain stores: a lost race costs a second of
 			 * lifetime or a flag the next packet sets again;
 			 * writing only on change keeps the cache line shared. */
@@ -370,16 +505,22 @@ static __always_inline enum policy_result policy_check(struct __sk_buff *skb, __
 	if (dst.flags & EP_POLICY_F_INGRESS)
 		policy_event(skb, POLICY_DIR_INGRESS, EVENT_VERDICT_ALLOW, saddr, daddr);
 
+	if (!policy_ct_charge(saddr, daddr, proto, now))
+		return POLICY_DROP_CT_QUOTA;
 	{
 		struct policy_ct_entry ne = {
 			.last_seen = now,
 			.flags = (hi ? POLICY_CT_F_ORIG_HI : 0) | policy_tcp_flags(&l4, 0),
 		};
 
+		if (proto == IPPROTO_TCP && !(l4.tcp_flags & TCP_FLAG_RST)) {
+			ne.seq_hi[0] = l4.tcp_seq >> 16;
+			ne.flags |= POLICY_CT_F_SEQ_ORIG;
+		}
 		/* BPF_ANY replaces an expired or closed entry of the tuple.
 		 * Failing (no free LRU node) costs only a check of the next
 		 * packet: it passes, it was allowed. */
-		if (bpf_map_update_elem(&tern_policy_ct, &key, &ne, BPF_ANY) < 0)
+		if (policy_ct_update(proto, &key, &ne) < 0)
 			goto pass;
 	}
 
@@ -412,6 +553,12 @@ static __always_inline int policy_pass_as(struct __sk_buff *skb, __be32 saddr, _
 	case POLICY_DROP_INGRESS:
 		count(METRIC_DROP_POLICY_INGRESS, skb->len);
 		policy_event(skb, POLICY_DIR_INGRESS, EVENT_VERDICT_DENY, saddr, daddr);
+		return 0;
+	case POLICY_DROP_RST:
+		count(METRIC_DROP_POLICY_RST, skb->len);
+		return 0;
+	case POLICY_DROP_CT_QUOTA:
+		count(METRIC_DROP_POLICY_CT_QUOTA, skb->len);
 		return 0;
 	default:
 		count(METRIC_DROP_TRUNCATED, skb->len);

@@ -336,7 +336,7 @@ static __always_inline int stack_reply_tracked(const struct stack_ct *ct)
 	 * type in the destination; policy.h keys it by the identifier twice. */
 	policy_ct_key_of(&key, ct->rsrc, ct->rdst, ct->rsport,
 			 proto == IPPROTO_ICMP ? ct->rsport : ct->rdport, proto);
-	e = bpf_map_lookup_elem(&tern_policy_ct, &key);
+	e = policy_ct_lookup(proto, &key);
 	if (!e)
 		return 0;
 	now = bpf_ktime_get_coarse_ns();

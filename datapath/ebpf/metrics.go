@@ -51,6 +51,8 @@ var metricNames = [...]string{
 	ternbpf.TernMetricMETRIC_LB_REJECT:            "lb_reject",
 	ternbpf.TernMetricMETRIC_DROP_LB_NO_LOCAL:     "drop_lb_no_local",
 	ternbpf.TernMetricMETRIC_DROP_LB:              "drop_lb",
+	ternbpf.TernMetricMETRIC_DROP_POLICY_RST:      "drop_policy_rst",
+	ternbpf.TernMetricMETRIC_DROP_POLICY_CT_QUOTA: "drop_policy_ct_quota",
 }
 
 // MetricName is the name of a metric (e.g. "redirect_peer").

@@ -363,7 +363,8 @@ func (d *Datapath) releasePolicy() error {
 		// Isolation first, then what it referred to: the same order as
 		// an update that removes everything.
 		for _, name := range []string{ternbpf.TernMapTernEpPolicy, ternbpf.TernMapTernIpcache, ternbpf.TernMapTernPolicy,
-			ternbpf.TernMapTernPolicyCt, ternbpf.TernMapTernPolicyFrag} {
+			ternbpf.TernMapTernPolicyCt, ternbpf.TernMapTernPolicyCtOther, ternbpf.TernMapTernPolicyCtQuota,
+			ternbpf.TernMapTernPolicyFrag} {
 			m, err := d.objs.Map(name)
 			if err == nil {
 				err = clearMap(m)
@@ -403,8 +404,8 @@ func clearMap(m *cilium.Map) error {
 }
 
 // forgetPolicyEndpoints removes the tern_ep_policy entries of the addresses
-// drop selects and the policy conntrack entries with such an address at
-// either end: a reused IP must start with no state of the pod it had. The
+// drop selects, their flow counts (tern_policy_ct_quota) and the policy
+// conntrack entries with such an address at either end: a reused IP must start with no state of the pod it had. The
 // endpoint entries only while this network owns the maps.
 func (d *Datapath) forgetPolicyEndpoints(drop func(ip net.IP) bool) error {
 	if err := d.open(); err != nil {
@@ -414,9 +415,18 @@ func (d *Datapath) forgetPolicyEndpoints(drop func(ip net.IP) bool) error {
 	if err != nil {
 		return err
 	}
-	ct, err := d.objs.Map(ternbpf.TernMapTernPolicyCt)
+	quota, err := d.objs.Map(ternbpf.TernMapTernPolicyCtQuota)
 	if err != nil {
 		return err
+	}
+	ctNames := []string{ternbpf.TernMapTernPolicyCt, ternbpf.TernMapTernPolicyCtOther}
+	var cts []*cilium.Map
+	for _, name := range ctNames {
+		ct, err := d.objs.Map(name)
+		if err != nil {
+			return err
+		}
+		cts = append(cts, ct)
 	}
 	return d.policyHeld(func() error {
 		var errs []error
@@ -445,25 +455,61 @@ func (d *Datapath) forgetPolicyEndpoints(drop func(ip net.IP) bool) error {
 				}
 			}
 		}
-		var (
-			key   ternbpf.TernPolicyCtKey
-			val   ternbpf.TernPolicyCtEntry
-			stale []ternbpf.TernPolicyCtKey
-		)
-		it := ct.Iterate()
-		for it.Next(&key, &val) {
-			if drop(natIP(key.LoAddr)) || drop(natIP(key.HiAddr)) {
-				stale = append(stale, key)
-			}
+		for i, ct := range cts {
+			errs = append(errs, forgetFlows(ctNames[i], ct, drop))
 		}
-		if err := it.Err(); err != nil {
-			errs = append(errs, fmt.Errorf("iterate %s: %w", ternbpf.TernMapTernPolicyCt, err))
-		}
-		for _, k := range stale {
-			if err := deleteKey(ct, k); err != nil {
-				errs = append(errs, fmt.Errorf("delete from %s: %w", ternbpf.TernMapTernPolicyCt, err))
-			}
-		}
+		errs = append(errs, forgetQuotas(quota, drop))
 		return errors.Join(errs...)
 	})
+}
+
+// forgetFlows deletes the entries of a policy conntrack map with an address
+// drop selects at either end.
+func forgetFlows(name string, ct *cilium.Map, drop func(ip net.IP) bool) error {
+	var (
+		key   ternbpf.TernPolicyCtKey
+		val   ternbpf.TernPolicyCtEntry
+		stale []ternbpf.TernPolicyCtKey
+		errs  []error
+	)
+	it := ct.Iterate()
+	for it.Next(&key, &val) {
+		if drop(natIP(key.LoAddr)) || drop(natIP(key.HiAddr)) {
+			stale = append(stale, key)
+		}
+	}
+	if err := it.Err(); err != nil {
+		errs = append(errs, fmt.Errorf("iterate %s: %w", name, err))
+	}
+	for _, k := range stale {
+		if err := deleteKey(ct, k); err != nil {
+			errs = append(errs, fmt.Errorf("delete from %s: %w", name, err))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// forgetQuotas deletes the flow counts of the addresses drop selects.
+func forgetQuotas(quota *cilium.Map, drop func(ip net.IP) bool) error {
+	var (
+		key   uint32
+		val   ternbpf.TernPolicyCtQuota
+		stale []uint32
+		errs  []error
+	)
+	it := quota.Iterate()
+	for it.Next(&key, &val) {
+		if drop(natIP(key)) {
+			stale = append(stale, key)
+		}
+	}
+	if err := it.Err(); err != nil {
+		errs = append(errs, fmt.Errorf("iterate %s: %w", ternbpf.TernMapTernPolicyCtQuota, err))
+	}
+	for _, k := range stale {
+		if err := deleteKey(quota, k); err != nil {
+			errs = append(errs, fmt.Errorf("delete from %s: %w", ternbpf.TernMapTernPolicyCtQuota, err))
+		}
+	}
+	return errors.Join(errs...)
 }

@@ -239,6 +239,7 @@ func TestPolicyDifferential(t *testing.T) {
 			}
 			for _, h := range hooks {
 				w.clear(t, ternbpf.TernMapTernPolicyCt)
+				w.clear(t, ternbpf.TernMapTernPolicyCtOther)
 				var verdict uint32
 				err := w.ns.Do(func(ns.NetNS) error {
 					var err error

@@ -499,7 +499,7 @@ spec:
 			t.Errorf("endpoint map not empty after DEL: %v", keys)
 		}
 		// ReleaseNode took the network's policy state with it.
-		for _, name := range []string{"tern_ep_policy", "tern_ipcache", "tern_policy", "tern_policy_ct"} {
+		for _, name := range []string{"tern_ep_policy", "tern_ipcache", "tern_policy", "tern_policy_ct", "tern_policy_ct_other", "tern_policy_ct_quota"} {
 			if k := mapKeys(t, n, name); k != 0 {
 				t.Errorf("%s holds %d entries after DEL of every pod", name, k)
 			}
