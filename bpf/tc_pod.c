@@ -406,6 +406,13 @@ int tern_from_pod(struct __sk_buff *skb)
 	if (!policy_pass(skb, ip.saddr, ip.daddr, ip.proto, ip.ihl, ip.frag_off, ip_id))
 		return TC_ACT_SHOT;
 
+	/* Bandwidth limits (lib/shaped.h): through the veth's ingress
+	 * filter and the stack; tern_to_uplink masquerades it. */
+	if (endpoint_shaped(src)) {
+		count(METRIC_PASS_SHAPED, skb->len);
+		return TERN_PASS;
+	}
+
 	if (dst) {
 		/* An answer to a flow the stack delivered (e.g. DNATed from a
 		 * ClusterIP): only the stack can translate it back. */

@@ -25,8 +25,9 @@ type TernEndpoint struct {
 type TernEndpointFlags uint32
 
 const (
-	TernEndpointFlagsENDPOINT_F_NONE TernEndpointFlags = 0
-	TernEndpointFlagsENDPOINT_F_MASQ TernEndpointFlags = 1
+	TernEndpointFlagsENDPOINT_F_NONE   TernEndpointFlags = 0
+	TernEndpointFlagsENDPOINT_F_MASQ   TernEndpointFlags = 1
+	TernEndpointFlagsENDPOINT_F_SHAPED TernEndpointFlags = 2
 )
 
 type TernEpPolicy struct {
@@ -140,7 +141,8 @@ const (
 	TernMetricMETRIC_PASS_SERVICE         TernMetric = 25
 	TernMetricMETRIC_PASS_STACK_REPLY     TernMetric = 26
 	TernMetricMETRIC_DROP_SVC_NO_DNAT     TernMetric = 27
-	TernMetricMETRIC_MAX                  TernMetric = 28
+	TernMetricMETRIC_PASS_SHAPED          TernMetric = 28
+	TernMetricMETRIC_MAX                  TernMetric = 29
 )
 
 type TernMetricValue struct {

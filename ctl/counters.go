@@ -65,6 +65,7 @@ var metricDescriptions = map[string]string{
 	"pass_service":         "to a Service CIDR: left to the host stack (kube-proxy) undecided",
 	"pass_stack_reply":     "answer of a flow the host stack delivered into a pod: back through the stack",
 	"drop_svc_no_dnat":     "dropped: uplink egress, a pod's packet to a Service CIDR nothing translated",
+	"pass_shaped":          "to or from a pod with bandwidth limits: through the host stack and its veth's qdiscs",
 }
 
 // readCounters reads the network's datapath counters: the eBPF metrics map

@@ -23,6 +23,10 @@ enum endpoint_flags {
 	 * tern_nomasq is masqueraded to the node IP. Per endpoint, so that
 	 * networks sharing a node can differ. */
 	ENDPOINT_F_MASQ = 1 << 0,
+	/* Shaped: the pod has bandwidth limits (runtimeConfig.bandwidth), its
+	 * traffic goes through the host veth's qdiscs, i.e. the host stack,
+	 * both ways (lib/shaped.h). */
+	ENDPOINT_F_SHAPED = 1 << 1,
 };
 
 /* node_config: the single entry of tern_config, written by the plugin on
@@ -114,6 +118,7 @@ enum metric {
 	METRIC_PASS_SERVICE,        /* to a Service CIDR: left to the host stack (kube-proxy) undecided */
 	METRIC_PASS_STACK_REPLY,    /* answer of a flow the host stack delivered: back through the stack */
 	METRIC_DROP_SVC_NO_DNAT, /* uplink egress: a pod's packet to a Service CIDR nothing translated */
+	METRIC_PASS_SHAPED, /* to or from a pod with bandwidth limits: handed to the host stack, through the host veth's qdiscs */
 	METRIC_MAX,
 };
 

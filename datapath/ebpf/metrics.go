@@ -39,6 +39,7 @@ var metricNames = [...]string{
 	ternbpf.TernMetricMETRIC_PASS_SERVICE:         "pass_service",
 	ternbpf.TernMetricMETRIC_PASS_STACK_REPLY:     "pass_stack_reply",
 	ternbpf.TernMetricMETRIC_DROP_SVC_NO_DNAT:     "drop_svc_no_dnat",
+	ternbpf.TernMetricMETRIC_PASS_SHAPED:          "pass_shaped",
 }
 
 // MetricName is the name of a metric (e.g. "redirect_peer").
