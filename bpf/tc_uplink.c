@@ -274,7 +274,8 @@ int tern_to_uplink(struct __sk_buff *skb)
 	 * rule for it (no such Service or port, ICMP). Routed on, it would
 	 * leave with the pod's address (the stack does not masquerade pods
 	 * on this datapath); nothing out there answers a ClusterIP. */
-	if (bpf_map_lookup_elem(&tern_endpoints, &saddr) && to_service_cidr(daddr)) {
+	ep = bpf_map_lookup_elem(&tern_endpoints, &saddr);
+	if (ep && to_service_cidr(daddr)) {
 		count(METRIC_DROP_SVC_NO_DNAT, skb->len);
 		return TC_ACT_SHOT;
 	}
@@ -288,7 +289,6 @@ int tern_to_uplink(struct __sk_buff *skb)
 	}
 	/* A pod with bandwidth limits: the stack forwarded it with the pod's
 	 * address, masquerade is done here (lib/shaped.h). */
-	ep = bpf_map_lookup_elem(&tern_endpoints, &saddr);
 	if (endpoint_shaped(ep)) {
 		cfg = node_config();
 		if (cfg && cfg->node_ip && skb->ifindex == cfg->uplink_ifindex)
