@@ -366,6 +366,28 @@ func TestChainBandwidth(t *testing.T) {
 			t.Errorf("ifb left after DEL:\n%s", out)
 		}
 	})
+	t.Run("ebpf-clsact", func(t *testing.T) {
+		// Tern's programs in a clsact qdisc (tcAttach legacy): the
+		// bandwidth plugin cannot add its ingress qdisc next to it, and
+		// its ADD fails (the chain fails closed, nothing is bypassed).
+		testutil.RequirePrivileged(t)
+		t.Parallel()
+		n := testutil.NewNode(t)
+		conf := exampleConflist(t, n, "20-tern-bandwidth.conflist", "ebpf", "10.77.64.0/24", map[string]any{"tcAttach": "legacy"})
+		p := n.Pod(t, "bwc")
+		rc := &libcni.RuntimeConf{ContainerID: "c-" + p.Name, NetNS: p.Path, IfName: "eth0", Args: k8sArgs, CapabilityArgs: limits}
+		t.Cleanup(func() { _ = n.DelRuntime(context.Background(), conf, rc) })
+		_, err := n.AddRuntime(t.Context(), conf, rc)
+		if err == nil || !strings.Contains(err.Error(), `type="bandwidth" failed`) {
+			t.Fatalf("ADD with limits, Tern in clsact: %v, want the bandwidth plugin's failure", err)
+		}
+		if err := n.DelRuntime(t.Context(), conf, rc); err != nil {
+			t.Error(err)
+		}
+		if v := hostVeths(t, n); len(v) != 0 {
+			t.Errorf("veths left after DEL: %v", v)
+		}
+	})
 	t.Run("ebpf", func(t *testing.T) {
 		testutil.RequirePrivileged(t)
 		t.Parallel()
