@@ -3,8 +3,11 @@ package bpf
 import (
 	"bytes"
 	"net"
+	"net/netip"
 	"testing"
 
+	"github.com/containernetworking/plugins/pkg/ns"
+	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 )
 
@@ -214,4 +217,58 @@ func natPktRouted(w *natWorld, p natPkt) []byte {
 		p.ttl = 63
 	}
 	return p.frame()
+}
+
+// TestShapedOffUplink: a shaped pod's packet that must be masqueraded but
+// that the node routes out of another interface than the uplink is dropped
+// at tern_from_pod, as snat_out drops the others' (the uplink's egress,
+// where shaped pods are masqueraded, would never see it: it would leave
+// with the pod's address). Without masquerade it passes.
+func TestShapedOffUplink(t *testing.T) {
+	w := newNATWorld(t, natOptions{})
+	elsewhere := netip.MustParseAddr("198.18.0.5")
+	err := w.ns.Do(func(ns.NetNS) error {
+		if err := netlink.LinkAdd(&netlink.Veth{LinkAttrs: netlink.LinkAttrs{Name: "noth"}, PeerName: "nothp"}); err != nil {
+			return err
+		}
+		for _, name := range []string{"noth", "nothp"} {
+			l, err := netlink.LinkByName(name)
+			if err != nil {
+				return err
+			}
+			if err := netlink.LinkSetUp(l); err != nil {
+				return err
+			}
+		}
+		l, err := netlink.LinkByName("noth")
+		if err != nil {
+			return err
+		}
+		_, dst, _ := net.ParseCIDR("198.18.0.0/24")
+		return netlink.RouteAdd(&netlink.Route{Dst: dst, LinkIndex: l.Attrs().Index})
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	pkt := natPkt{dst: elsewhere, proto: unix.IPPROTO_TCP, sport: 40000, dport: 80, tcpFlags: natTCPSyn}
+
+	w.reset(t)
+	if v, _ := w.fromPodRun(t, w.a, pkt); v != natActShot {
+		t.Errorf("unflagged a: verdict %d, want %d", v, natActShot)
+	}
+	w.wantMetrics(t, map[TernMetric]uint64{TernMetricMETRIC_DROP_NAT_NO_ROUTE: 1})
+
+	w.reset(t)
+	w.shape(t, w.a, true)
+	if v, _ := w.fromPodRun(t, w.a, pkt); v != natActShot {
+		t.Errorf("shaped a: verdict %d, want %d (dropped, not left to the stack)", v, natActShot)
+	}
+	w.wantMetrics(t, map[TernMetric]uint64{TernMetricMETRIC_DROP_NAT_NO_ROUTE: 1})
+
+	w.reset(t)
+	w.shape(t, w.c, true)
+	if v, _ := w.fromPodRun(t, w.c, pkt); v != natActOK {
+		t.Errorf("shaped c without ipMasq: verdict %d, want %d", v, natActOK)
+	}
+	w.wantMetrics(t, map[TernMetric]uint64{TernMetricMETRIC_PASS_SHAPED: 1})
 }

@@ -409,6 +409,8 @@ int tern_from_pod(struct __sk_buff *skb)
 	/* Bandwidth limits (lib/shaped.h): through the veth's ingress
 	 * filter and the stack; tern_to_uplink masquerades it. */
 	if (endpoint_shaped(src)) {
+		if (!dst && shaped_off_uplink(skb, src, ip.saddr, ip.daddr, ip.tos, ip.proto, ip.ihl, ip.frag_off))
+			return TC_ACT_SHOT;
 		count(METRIC_PASS_SHAPED, skb->len);
 		return TERN_PASS;
 	}

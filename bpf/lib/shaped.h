@@ -33,12 +33,48 @@
 #include "csum.h"
 #include "conntrack.h"
 #include "nat.h"
+#include "fib.h"
+#include "stack.h"
 
 /* endpoint_shaped reports whether ep's traffic must go through the host
  * veth's qdiscs. */
 static __always_inline int endpoint_shaped(const struct endpoint *ep)
 {
 	return ep && (ep->flags & ENDPOINT_F_SHAPED);
+}
+
+/* shaped_masq_dest reports whether a shaped endpoint's packet to daddr
+ * must be masqueraded (the same test tern_from_pod makes for the others). */
+static __always_inline int shaped_masq_dest(const struct endpoint *ep, __be32 daddr)
+{
+	__u32 a = bpf_ntohl(daddr);
+
+	return (ep->flags & ENDPOINT_F_MASQ) && (a & 0xf0000000) != 0xe0000000 && a != 0xffffffff &&
+	       !nomasq(daddr);
+}
+
+/* shaped_off_uplink reports (and counts) a packet of a shaped source, at
+ * tern_from_pod, that must be masqueraded but that the node routes out of
+ * another interface than the uplink: shaped_snat, at the uplink's egress,
+ * would never see it, and the stack would send it with the pod's address.
+ * snat_out drops the same packets of other pods (METRIC_DROP_NAT_NO_ROUTE).
+ * Anything the FIB does not forward (local, unreachable, too big) is the
+ * stack's to answer, as in snat_out, and so are answers of flows the stack
+ * delivered (NodePort, hostPort: it translates them back). */
+static __always_inline int shaped_off_uplink(struct __sk_buff *skb, const struct endpoint *src,
+					     __be32 saddr, __be32 daddr, __u8 tos, __u8 proto,
+					     __u8 ihl, __be16 frag_off)
+{
+	struct node_config *cfg = node_config();
+	struct bpf_fib_lookup fib;
+
+	if (!cfg || !cfg->node_ip || !cfg->uplink_ifindex || !shaped_masq_dest(src, daddr))
+		return 0;
+	if (fib_lookup_v4(skb, &fib, saddr, daddr, tos, proto, 0, 0) != BPF_FIB_LKUP_RET_SUCCESS ||
+	    fib.ifindex == cfg->uplink_ifindex || stack_owned(skb, saddr, daddr, proto, ihl, frag_off))
+		return 0;
+	count(METRIC_DROP_NAT_NO_ROUTE, skb->len);
+	return 1;
 }
 
 /* shaped_snat masquerades, at the uplink's tc egress, a packet a shaped
@@ -60,10 +96,8 @@ static __always_inline int shaped_snat(struct __sk_buff *skb, const struct endpo
 	struct l4 l4 = {};
 	__be16 nat_port;
 	__u32 port_off;
-	__u32 a = bpf_ntohl(daddr);
 
-	if (!(ep->flags & ENDPOINT_F_MASQ) || (a & 0xf0000000) == 0xe0000000 || a == 0xffffffff ||
-	    nomasq(daddr))
+	if (!shaped_masq_dest(ep, daddr))
 		return TERN_PASS;
 	if (parse_l4(skb, proto, ihl, frag_off, &l4) != L4_OK) {
 		count(METRIC_DROP_TRUNCATED, skb->len);
