@@ -81,6 +81,7 @@ type natWorld struct {
 	uplinkMAC  net.HardwareAddr
 	fromPod    *ebpf.Program
 	fromUplink *ebpf.Program
+	toUplink   *ebpf.Program
 	gc         *ebpf.Program
 	maps       map[string]*ebpf.Map
 }
@@ -221,6 +222,7 @@ func (w *natWorld) load(t testing.TB, opt natOptions) {
 	t.Cleanup(upColl.Close)
 	w.fromPod = podColl.Programs[TernProgTernFromPod]
 	w.fromUplink = upColl.Programs[TernUplinkProgTernFromUplink]
+	w.toUplink = upColl.Programs[TernUplinkProgTernToUplink]
 	w.gc = podColl.Programs[TernProgTernNatGc]
 	w.maps = podColl.Maps
 }

@@ -362,6 +362,15 @@ int tern_nat_gc(struct __sk_buff *skb)
 	return nat_gc_arm();
 }
 
+/* shaped_off_uplink_ip is shaped_off_uplink (lib/shaped.h) in a frame of
+ * its own, for the same reason as remote_out. */
+static __noinline int shaped_off_uplink_ip(struct __sk_buff *skb, const struct endpoint *src,
+					   const struct ip4 *ip)
+{
+	return shaped_off_uplink(skb, src, ip->saddr, ip->daddr, ip->tos, ip->proto, ip->ihl,
+				 ip->frag_off);
+}
+
 /* remote_out is remote_forward in a frame of its own: its FIB and tunnel
  * structures would otherwise sit in tern_from_pod's frame, and the
  * verifier bounds a frame plus its deepest callee (the load balancer's) to
@@ -474,6 +483,14 @@ int tern_from_pod(struct __sk_buff *skb)
 	if (v != LB_CONTINUE)
 		return v;
 	ip.saddr = lp.saddr;
+	/* Bandwidth limits (lib/shaped.h): through the veth's ingress
+	 * filter and the stack; tern_to_uplink masquerades it. */
+	if (endpoint_shaped(src)) {
+		if (!dst && shaped_off_uplink_ip(skb, src, &ip))
+			return TC_ACT_SHOT;
+		count(METRIC_PASS_SHAPED, skb->len);
+		return TERN_PASS;
+	}
 
 	if (dst) {
 		/* An answer to a flow the stack delivered (e.g. DNATed from a

@@ -42,6 +42,7 @@
 #include "lib/stack.h"
 #include "lib/remote.h"
 #include "lib/lb.h"
+#include "lib/shaped.h"
 
 char __license[] SEC("license") = "Dual BSD/GPL";
 
@@ -314,6 +315,8 @@ pass:
 SEC("tc")
 int tern_to_uplink(struct __sk_buff *skb)
 {
+	struct node_config *cfg;
+	struct endpoint *ep;
 	struct ethhdr *eth;
 	struct iphdr *iph;
 	__be32 saddr, daddr, client;
@@ -333,16 +336,25 @@ int tern_to_uplink(struct __sk_buff *skb)
 	 * rule for it (no such Service or port, ICMP). Routed on, it would
 	 * leave with the pod's address (the stack does not masquerade pods
 	 * on this datapath); nothing out there answers a ClusterIP. */
-	if (bpf_map_lookup_elem(&tern_endpoints, &saddr) && to_service_cidr(daddr)) {
+	ep = bpf_map_lookup_elem(&tern_endpoints, &saddr);
+	if (ep && to_service_cidr(daddr)) {
 		count(METRIC_DROP_SVC_NO_DNAT, skb->len);
 		return TC_ACT_SHOT;
 	}
-	if (!stack_dnat_of(skb, &client) || !bpf_map_lookup_elem(&tern_endpoints, &client))
-		return TERN_PASS;
-	/* Decided (and tracked) on the packet as it leaves, with the client
-	 * pod's egress rules: the backend's answer, reverse-translated by the
-	 * stack, then passes tern_to_pod on this flow (lib/stack.h). */
-	if (!policy_pass_as(skb, saddr, daddr, client, proto, ihl, frag_off, id))
-		return TC_ACT_SHOT;
+	if (stack_dnat_of(skb, &client) && bpf_map_lookup_elem(&tern_endpoints, &client)) {
+		/* Decided (and tracked) on the packet as it leaves, with the
+		 * client pod's egress rules: the backend's answer, reverse-
+		 * translated by the stack, then passes tern_to_pod on this
+		 * flow (lib/stack.h). */
+		if (!policy_pass_as(skb, saddr, daddr, client, proto, ihl, frag_off, id))
+			return TC_ACT_SHOT;
+	}
+	/* A pod with bandwidth limits: the stack forwarded it with the pod's
+	 * address, masquerade is done here (lib/shaped.h). */
+	if (endpoint_shaped(ep)) {
+		cfg = node_config();
+		if (cfg && cfg->node_ip && skb->ifindex == cfg->uplink_ifindex)
+			return shaped_snat(skb, ep, saddr, daddr, proto, ihl, frag_off, cfg->node_ip);
+	}
 	return TERN_PASS;
 }

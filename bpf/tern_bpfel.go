@@ -25,9 +25,10 @@ type TernEndpoint struct {
 type TernEndpointFlags uint32
 
 const (
-	TernEndpointFlagsENDPOINT_F_NONE TernEndpointFlags = 0
-	TernEndpointFlagsENDPOINT_F_MASQ TernEndpointFlags = 1
-	TernEndpointFlagsENDPOINT_F_LB   TernEndpointFlags = 2
+	TernEndpointFlagsENDPOINT_F_NONE   TernEndpointFlags = 0
+	TernEndpointFlagsENDPOINT_F_MASQ   TernEndpointFlags = 1
+	TernEndpointFlagsENDPOINT_F_LB     TernEndpointFlags = 2
+	TernEndpointFlagsENDPOINT_F_SHAPED TernEndpointFlags = 4
 )
 
 type TernEpPolicy struct {
@@ -232,7 +233,8 @@ const (
 	TernMetricMETRIC_DROP_LB              TernMetric = 39
 	TernMetricMETRIC_DROP_POLICY_RST      TernMetric = 40
 	TernMetricMETRIC_DROP_POLICY_CT_QUOTA TernMetric = 41
-	TernMetricMETRIC_MAX                  TernMetric = 42
+	TernMetricMETRIC_PASS_SHAPED          TernMetric = 42
+	TernMetricMETRIC_MAX                  TernMetric = 43
 )
 
 type TernMetricValue struct {

@@ -38,9 +38,6 @@ func cmdAdd(args *skel.CmdArgs) (err error) {
 	if err != nil {
 		return err
 	}
-	if err := rc.checkDatapath(conf.Datapath); err != nil {
-		return err
-	}
 	podNS, err := openPodNS(args.Netns)
 	if err != nil {
 		return err
@@ -138,6 +135,7 @@ func cmdAdd(args *skel.CmdArgs) (err error) {
 		Gateway:      gateway,
 		PodNamespace: string(k8s.K8S_POD_NAMESPACE),
 		PodName:      string(k8s.K8S_POD_NAME),
+		Shaped:       rc.shaped(),
 	}
 	addressing := conf.podAddressing(ep, ipamRes.Routes)
 	if err := configurePod(podNS, args.IfName, addressing); err != nil {
@@ -179,6 +177,7 @@ func cmdAdd(args *skel.CmdArgs) (err error) {
 		PodNamespace: ep.PodNamespace,
 		PodName:      ep.PodName,
 		Routes:       ipamRes.Routes,
+		Shaped:       ep.Shaped,
 	}
 	if err := recs.save(rec); err != nil {
 		return err

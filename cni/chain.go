@@ -5,7 +5,6 @@ import (
 	"fmt"
 	"net"
 
-	"github.com/containernetworking/cni/pkg/types"
 	"github.com/containernetworking/plugins/pkg/netlinksafe"
 	"github.com/containernetworking/plugins/pkg/ns"
 	"github.com/vishvananda/netlink"
@@ -25,8 +24,11 @@ import (
 //     bpf_redirect_peer skips the host veth's egress, and the TCX program
 //     at its ingress decides (redirect_peer, redirect_neigh) before the
 //     clsact filter that mirrors to the ifb runs, so the limits would
-//     silently not apply. Until the datapath can send such an endpoint
-//     through the stack, ADD refuses limits on the eBPF datapath.
+//     silently not apply. A pod with limits is therefore recorded as
+//     shaped (datapath.Endpoint.Shaped): the eBPF datapath hands its
+//     traffic to the host stack both ways (bpf/lib/shaped.h). Limits Tern
+//     cannot see (written into the bandwidth plugin's own entry) are
+//     reported by CHECK (checkShaping).
 
 // runtimeConfig is the part of the runtime's capability arguments Tern
 // reads: present only for capabilities declared in Tern's conflist entry.
@@ -70,14 +72,10 @@ func isZeroMAC(m net.HardwareAddr) bool {
 	return true
 }
 
-// checkDatapath refuses what the datapath would silently not honour.
-func (rc *runtimeConfig) checkDatapath(datapath string) error {
-	if datapath == DatapathEBPF && rc.Bandwidth != nil && (rc.Bandwidth.IngressRate != 0 || rc.Bandwidth.EgressRate != 0) {
-		return types.NewError(types.ErrUnsupportedField, "runtimeConfig.bandwidth: the eBPF datapath cannot honour bandwidth limits yet",
-			"pod-to-pod and masqueraded traffic bypass the bandwidth plugin's qdiscs on the host veth (bpf_redirect_peer skips its egress, "+
-				"the TCX program runs before its ingress mirred); use \"datapath\": \"iptables\" for pods with limits (README, Chaining)")
-	}
-	return nil
+// shaped reports whether the runtime asks for bandwidth limits: the
+// bandwidth plugin following Tern will shape the pod on its host veth.
+func (rc *runtimeConfig) shaped() bool {
+	return rc.Bandwidth != nil && (rc.Bandwidth.IngressRate != 0 || rc.Bandwidth.EgressRate != 0)
 }
 
 // setPodMAC gives the pod interface the requested MAC (runtimeConfig.mac)
@@ -103,11 +101,12 @@ func setPodMAC(podNS ns.NetNS, ifname, mac string, current net.HardwareAddr) (ne
 	return hw, nil
 }
 
-// checkShaping reports traffic shaping on a host veth of the eBPF datapath
-// (what the bandwidth plugin sets up: a tbf root qdisc for the pod's
-// ingress, an ingress filter mirroring to an ifb for its egress), which
-// the datapath bypasses: limits Tern did not see at ADD, e.g. rates written
-// into the bandwidth plugin's own conflist entry.
+// checkShaping reports traffic shaping on the host veth of an eBPF
+// endpoint that is not shaped (what the bandwidth plugin sets up: a tbf
+// root qdisc for the pod's ingress, an ingress filter mirroring to an ifb
+// for its egress), which the datapath's fast path bypasses: limits Tern did
+// not see at ADD, e.g. rates written into the bandwidth plugin's own
+// conflist entry rather than passed as runtimeConfig.bandwidth.
 func checkShaping(host netlink.Link) error {
 	name := host.Attrs().Name
 	qdiscs, err := netlinksafe.QdiscList(host)
@@ -116,7 +115,7 @@ func checkShaping(host netlink.Link) error {
 	}
 	for _, q := range qdiscs {
 		if q.Type() == "tbf" {
-			return fmt.Errorf("host veth %s has a tbf qdisc (bandwidth plugin?): the eBPF datapath bypasses it, pod-to-pod traffic is not limited; use the iptables datapath for pods with limits", name)
+			return fmt.Errorf("host veth %s has a tbf qdisc (bandwidth plugin?): the eBPF datapath bypasses it, pod-to-pod traffic is not limited; pass the limits as runtimeConfig.bandwidth (capability \"bandwidth\" in Tern's entry)", name)
 		}
 	}
 	filters, err := netlinksafe.FilterList(host, netlink.HANDLE_MIN_INGRESS)
@@ -130,7 +129,7 @@ func checkShaping(host netlink.Link) error {
 		}
 		for _, a := range u.Actions {
 			if m, ok := a.(*netlink.MirredAction); ok && m.MirredAction == netlink.TCA_EGRESS_REDIR {
-				return fmt.Errorf("host veth %s mirrors its ingress to ifindex %d (bandwidth plugin?): the eBPF datapath redirects before that filter runs, the pod's egress is not limited; use the iptables datapath for pods with limits", name, m.Ifindex)
+				return fmt.Errorf("host veth %s mirrors its ingress to ifindex %d (bandwidth plugin?): the eBPF datapath redirects before that filter runs, the pod's egress is not limited; pass the limits as runtimeConfig.bandwidth (capability \"bandwidth\" in Tern's entry)", name, m.Ifindex)
 			}
 		}
 	}

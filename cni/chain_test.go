@@ -2,10 +2,7 @@ package cni
 
 import (
 	"errors"
-	"strings"
 	"testing"
-
-	"github.com/containernetworking/cni/pkg/types"
 )
 
 func TestRuntimeConfig(t *testing.T) {
@@ -24,17 +21,18 @@ func TestRuntimeConfig(t *testing.T) {
 		}
 	}
 
-	limited := &runtimeConfig{Bandwidth: &bandwidthLimits{EgressRate: 1e6, EgressBurst: 1e5}}
-	err = limited.checkDatapath(DatapathEBPF)
-	var te *types.Error
-	if !errors.As(err, &te) || te.Code != types.ErrUnsupportedField || !strings.Contains(te.Msg, "bandwidth") {
-		t.Errorf("bandwidth on eBPF: %v", err)
-	}
-	if err := limited.checkDatapath(DatapathIPTables); err != nil {
-		t.Errorf("bandwidth on iptables: %v", err)
-	}
-	if err := (&runtimeConfig{Bandwidth: &bandwidthLimits{}}).checkDatapath(DatapathEBPF); err != nil {
-		t.Errorf("zero limits on eBPF: %v", err)
+	for _, c := range []struct {
+		rc   runtimeConfig
+		want bool
+	}{
+		{runtimeConfig{Bandwidth: &bandwidthLimits{EgressRate: 1e6, EgressBurst: 1e5}}, true},
+		{runtimeConfig{Bandwidth: &bandwidthLimits{IngressRate: 1e6}}, true},
+		{runtimeConfig{Bandwidth: &bandwidthLimits{}}, false},
+		{runtimeConfig{}, false},
+	} {
+		if got := c.rc.shaped(); got != c.want {
+			t.Errorf("shaped(%+v) = %v, want %v", c.rc.Bandwidth, got, c.want)
+		}
 	}
 }
 

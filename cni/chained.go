@@ -123,6 +123,12 @@ func cmdAddChained(args *skel.CmdArgs, conf *NetConf) (err error) {
 	if err != nil {
 		return err
 	}
+	// Bandwidth limits for a bandwidth plugin after Tern (README,
+	// Chaining): the pod's traffic must go through its veth's qdiscs.
+	rc, err := parseRuntimeConfig(args.StdinData)
+	if err != nil {
+		return err
+	}
 	podNS, err := openPodNS(args.Netns)
 	if err != nil {
 		return err
@@ -171,6 +177,7 @@ func cmdAddChained(args *skel.CmdArgs, conf *NetConf) (err error) {
 		Gateway:      p.gateway,
 		PodNamespace: string(k8s.K8S_POD_NAMESPACE),
 		PodName:      string(k8s.K8S_POD_NAME),
+		Shaped:       rc.shaped(),
 	}
 	existing, err := recs.list()
 	if err != nil {
@@ -204,6 +211,7 @@ func cmdAddChained(args *skel.CmdArgs, conf *NetConf) (err error) {
 		Gateway:      ep.Gateway.String(),
 		PodNamespace: ep.PodNamespace,
 		PodName:      ep.PodName,
+		Shaped:       ep.Shaped,
 	}
 	if err := recs.save(rec); err != nil {
 		return err

@@ -61,7 +61,7 @@ func cmdCheck(args *skel.CmdArgs) error {
 	if err := checkIPv6Off(ep.HostVeth); err != nil {
 		return err
 	}
-	if conf.IsEBPF() {
+	if conf.IsEBPF() && !ep.Shaped {
 		if err := checkShaping(host); err != nil {
 			return err
 		}

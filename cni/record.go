@@ -34,6 +34,7 @@ type record struct {
 	Routes       []*types.Route `json:"routes,omitempty"` // routes IPAM gave the pod
 	PodNamespace string         `json:"podNamespace,omitempty"`
 	PodName      string         `json:"podName,omitempty"`
+	Shaped       bool           `json:"shaped,omitempty"` // bandwidth limits at ADD (datapath.Endpoint.Shaped)
 }
 
 // endpoint converts a record to the datapath's view. Fields that fail to
@@ -46,6 +47,7 @@ func (r *record) endpoint() *datapath.Endpoint {
 		HostIfindex:  r.HostIfindex,
 		PodNamespace: r.PodNamespace,
 		PodName:      r.PodName,
+		Shaped:       r.Shaped,
 	}
 	ep.HostMAC, _ = net.ParseMAC(r.HostMAC)
 	ep.PodMAC, _ = net.ParseMAC(r.PodMAC)

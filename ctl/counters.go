@@ -79,6 +79,7 @@ var metricDescriptions = map[string]string{
 	"drop_lb":              "dropped: services \"ebpf\", translation failed (helper error, map full, unknown hairpin answer)",
 	"drop_policy_ct_quota": "dropped: new flow of a pod that opened its share of conntrack entries this minute",
 	"drop_policy_rst":      "dropped: TCP RST of a tracked flow with a sequence number out of window (forged)",
+	"pass_shaped":          "to or from a pod with bandwidth limits: through the host stack and its veth's qdiscs",
 }
 
 // readCounters reads the network's datapath counters: the eBPF metrics map

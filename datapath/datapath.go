@@ -25,6 +25,13 @@ type Endpoint struct {
 
 	PodNamespace string // K8S_POD_NAMESPACE, may be empty
 	PodName      string // K8S_POD_NAME, may be empty
+
+	// Shaped: the pod has bandwidth limits (runtimeConfig.bandwidth, the
+	// bandwidth plugin chained after Tern shapes it on the host veth). The
+	// eBPF datapath then sends its traffic through the host stack and that
+	// veth's qdiscs instead of its fast path; the iptables datapath does
+	// anyway.
+	Shaped bool
 }
 
 // Datapath wires the host side of pod interfaces.

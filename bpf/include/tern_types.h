@@ -26,6 +26,10 @@ enum endpoint_flags {
 	/* The pod's network has services: "ebpf": Tern's own Service load
 	 * balancer (lib/lb.h) translates what it sends to a Service. */
 	ENDPOINT_F_LB = 1 << 1,
+	/* Shaped: the pod has bandwidth limits (runtimeConfig.bandwidth), its
+	 * traffic goes through the host veth's qdiscs, i.e. the host stack,
+	 * both ways (lib/shaped.h). */
+	ENDPOINT_F_SHAPED = 1 << 2,
 };
 
 /* node_config: the single entry of tern_config, written by the plugin on
@@ -139,6 +143,7 @@ enum metric {
 	METRIC_DROP_LB,          /* services "ebpf": translation failed (helper error, map full, unknown hairpin answer) */
 	METRIC_DROP_POLICY_RST,  /* TCP RST of a tracked flow whose sequence number is out of window (forged) */
 	METRIC_DROP_POLICY_CT_QUOTA, /* new flow of a pod that opened its share of flows this minute (policy_ct_pod_flows) */
+	METRIC_PASS_SHAPED, /* to or from a pod with bandwidth limits: handed to the host stack, through the host veth's qdiscs */
 	METRIC_MAX,
 };
 

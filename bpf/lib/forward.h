@@ -11,15 +11,22 @@
 #include "csum.h"
 #include "metrics.h"
 #include "verdict.h"
+#include "shaped.h"
 
 /* deliver_to_endpoint routes the packet into dst's namespace: TTL minus one,
  * MACs rewritten as the pod's gateway would send them, bpf_redirect_peer
  * into the pod (no host routing, no netfilter). ttl is the packet's current
  * TTL. A packet whose TTL would expire goes to the host stack instead, which
- * answers with ICMP time exceeded; m is counted on success. */
+ * answers with ICMP time exceeded; m is counted on success. A shaped
+ * endpoint's packet (lib/shaped.h) goes to the host stack too, which
+ * routes it through the pod's veth and its qdiscs. */
 static __always_inline int deliver_to_endpoint(struct __sk_buff *skb, const struct endpoint *dst,
 					       __u8 ttl, enum metric m)
 {
+	if (endpoint_shaped(dst)) {
+		count(METRIC_PASS_SHAPED, skb->len);
+		return TERN_PASS;
+	}
 	if (ttl <= 1) {
 		count(METRIC_PASS_TTL, skb->len);
 		return TERN_PASS;

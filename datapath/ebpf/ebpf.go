@@ -156,6 +156,9 @@ func EndpointValue(ep *datapath.Endpoint) (ternbpf.TernEndpoint, error) {
 	v.Ifindex = uint32(ep.HostIfindex)
 	copy(v.PodMac[:], ep.PodMAC)
 	copy(v.HostMac[:], ep.HostMAC)
+	if ep.Shaped {
+		v.Flags |= uint32(ternbpf.TernEndpointFlagsENDPOINT_F_SHAPED)
+	}
 	return v, nil
 }
 

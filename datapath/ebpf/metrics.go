@@ -53,6 +53,7 @@ var metricNames = [...]string{
 	ternbpf.TernMetricMETRIC_DROP_LB:              "drop_lb",
 	ternbpf.TernMetricMETRIC_DROP_POLICY_RST:      "drop_policy_rst",
 	ternbpf.TernMetricMETRIC_DROP_POLICY_CT_QUOTA: "drop_policy_ct_quota",
+	ternbpf.TernMetricMETRIC_PASS_SHAPED:          "pass_shaped",
 }
 
 // MetricName is the name of a metric (e.g. "redirect_peer").

@@ -366,28 +366,123 @@ func TestChainBandwidth(t *testing.T) {
 			t.Errorf("ifb left after DEL:\n%s", out)
 		}
 	})
-	t.Run("ebpf", func(t *testing.T) {
+	t.Run("ebpf-clsact", func(t *testing.T) {
+		// Tern's programs in a clsact qdisc (tcAttach legacy): the
+		// bandwidth plugin cannot add its ingress qdisc next to it, and
+		// its ADD fails (the chain fails closed, nothing is bypassed).
 		testutil.RequirePrivileged(t)
 		t.Parallel()
 		n := testutil.NewNode(t)
-		conf := exampleConflist(t, n, "20-tern-bandwidth.conflist", "ebpf", "10.77.63.0/24", nil)
-		p := n.Pod(t, "bwe")
+		conf := exampleConflist(t, n, "20-tern-bandwidth.conflist", "ebpf", "10.77.64.0/24", map[string]any{"tcAttach": "legacy"})
+		p := n.Pod(t, "bwc")
 		rc := &libcni.RuntimeConf{ContainerID: "c-" + p.Name, NetNS: p.Path, IfName: "eth0", Args: k8sArgs, CapabilityArgs: limits}
 		t.Cleanup(func() { _ = n.DelRuntime(context.Background(), conf, rc) })
 		_, err := n.AddRuntime(t.Context(), conf, rc)
-		if err == nil || !strings.Contains(err.Error(), "eBPF datapath cannot honour bandwidth limits") {
-			t.Fatalf("ADD with bandwidth limits on eBPF: %v, want Tern's refusal", err)
+		if err == nil || !strings.Contains(err.Error(), `type="bandwidth" failed`) {
+			t.Fatalf("ADD with limits, Tern in clsact: %v, want the bandwidth plugin's failure", err)
 		}
-		if v := hostVeths(t, n); len(v) != 0 {
-			t.Errorf("veths left after the refused ADD: %v", v)
-		}
-		// Without limits the same conflist wires the pod (bandwidth passes
-		// the result through).
-		ok := addChainPod(t, n, conf, "bwn", nil)
-		other := addChainPod(t, n, conf, "bwo", nil)
-		if err := testutil.Ping(ok.NS, other.IP, 1); err != nil {
+		if err := n.DelRuntime(t.Context(), conf, rc); err != nil {
 			t.Error(err)
 		}
+		if v := hostVeths(t, n); len(v) != 0 {
+			t.Errorf("veths left after DEL: %v", v)
+		}
+	})
+	t.Run("ebpf", func(t *testing.T) {
+		testutil.RequirePrivileged(t)
+		t.Parallel()
+		// A node with an uplink to an external namespace: the limited
+		// pod's traffic to it is masqueraded (at the uplink's egress, the
+		// pod being shaped: bpf/lib/shaped.h).
+		w := newSNATWorld(t)
+		n := w.node
+		srv := w.serve(t)
+		conf := exampleConflist(t, n, "20-tern-bandwidth.conflist", "ebpf", "10.77.63.0/24", nil)
+		limited := addChainPod(t, n, conf, "bwe", limits)
+		peer := addChainPod(t, n, conf, "bwq", nil)
+
+		check := func(what string, got, want float64) {
+			t.Logf("%s: %.1f Mbit/s (configured %.1f)", what, got/1e6, want/1e6)
+			if got < want*0.8 || got > want*1.2 {
+				t.Errorf("%s: %.1f Mbit/s, want %.1f ± 20%%", what, got/1e6, want/1e6)
+			}
+		}
+		check("pod to the limited pod (its ingress)", iperf3Rate(t, peer.NS, limited.NS, limited.IP, 5201, false), bwIngressRate)
+		check("limited pod to a pod (its egress)", iperf3Rate(t, peer.NS, limited.NS, limited.IP, 5202, true), bwEgressRate)
+		check("limited pod to ext, masqueraded (its egress)", iperf3Rate(t, limited.NS, w.ext, extIP, 5203, false), bwEgressRate)
+		check("ext to the limited pod, replies of a masqueraded flow (its ingress)", iperf3Rate(t, limited.NS, w.ext, extIP, 5204, true), bwIngressRate)
+		seen, err := tcpSeen(limited.NS, srv.tcpAddr(), 0, []byte("shaped"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		checkMasqueraded(t, "ebpf", "TCP from the limited pod", seen)
+		if err := testutil.Ping(limited.NS, extIP, 2); err != nil {
+			t.Error(err)
+		}
+
+		// NetworkPolicy still holds for the shaped pod: its egress at
+		// tern_from_pod, its ingress at tern_to_pod (through the stack).
+		confFile := filepath.Join(t.TempDir(), "20-tern-bandwidth.conflist")
+		if err := os.WriteFile(confFile, conf, 0o600); err != nil {
+			t.Fatal(err)
+		}
+		pw := &policyWorld{t: t, bin: ternctlBinary(t), node: n, conf: conf, confFile: confFile, dir: t.TempDir()}
+		serve(t, limited.NS)
+		serve(t, peer.NS)
+		lim := &k8sPod{pod: limited.pod, Namespace: "default", Name: limited.Name}
+		other := &k8sPod{pod: peer.pod, Namespace: "default", Name: peer.Name}
+		_, extPort, _ := net.SplitHostPort(srv.tcpAddr())
+		extPortN, _ := strconv.Atoi(extPort)
+		toExt := reach{from: limited.NS, fromS: lim.String(), ip: extIP, toS: "ext", proto: "tcp", port: extPortN}
+		pw.mustTernctl("apply", "-f", pw.write("shaped.yaml", fmt.Sprintf(`
+apiVersion: v1
+kind: Namespace
+metadata: {name: default}
+---
+apiVersion: v1
+kind: Pod
+metadata: {namespace: default, name: %s, labels: {app: limited}}
+spec: {containers: [{name: main}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {namespace: default, name: %s, labels: {app: peer}}
+spec: {containers: [{name: main}]}
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {namespace: default, name: limited}
+spec:
+  podSelector: {matchLabels: {app: limited}}
+  policyTypes: [Ingress, Egress]
+  ingress: [{from: [{podSelector: {matchLabels: {app: peer}}}], ports: [{port: 8080}]}]
+  egress: [{to: [{podSelector: {matchLabels: {app: peer}}}], ports: [{port: 8080}]}]
+`, limited.Name, peer.Name)))
+		toExtDenied := toExt
+		expect(t, "policy on the shaped pod",
+			tcp(other, lim, 8080, true), tcp(other, lim, 80, false),
+			tcp(lim, other, 8080, true), tcp(lim, other, 80, false), toExtDenied)
+		pw.mustTernctl("delete", "-f", pw.write("shaped-policy.yaml", `
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {namespace: default, name: limited}
+`))
+		toExt.want = true
+		expect(t, "policy deleted", tcp(other, lim, 80, true), tcp(lim, other, 80, true), toExt)
+
+		// The shaped pod's traffic went through the stack (counted), and
+		// CHECK accepts the shaping it asked for.
+		var metrics map[string]map[string]uint64
+		if err := json.Unmarshal([]byte(pw.mustTernctl("-o", "json", "get", "metrics")), &metrics); err != nil {
+			t.Fatal(err)
+		}
+		if metrics["pass_shaped"]["packets"] == 0 {
+			t.Errorf("pass_shaped %v after the shaped pod's traffic, want > 0", metrics["pass_shaped"])
+		}
+		if err := n.CheckRuntime(t.Context(), conf, limited.rc); err != nil {
+			t.Errorf("CHECK of the shaped pod: %v", err)
+		}
+		limited.del(t, n, conf)
 
 		// Limits in the bandwidth plugin's own entry: Tern cannot see them
 		// at ADD; its CHECK finds the shaping it would bypass.

@@ -228,3 +228,53 @@ func TestChainedModeSNAT(t *testing.T) {
 		t.Errorf("SNAT counters: %v", got)
 	}
 }
+
+// TestChainedModeBandwidth: ptp, Tern in chained mode, then bandwidth
+// (examples/30-tern-chained-ptp-bandwidth.conflist): Tern takes the
+// bandwidth capability, records the limited pod as shaped, and both of
+// its limits hold pod to pod (measured with iperf3, within 20%).
+func TestChainedModeBandwidth(t *testing.T) {
+	testutil.RequirePrivileged(t)
+	t.Parallel()
+	n := testutil.NewNode(t)
+	b, err := os.ReadFile(filepath.Join("..", "..", "examples", "30-tern-chained-ptp-bandwidth.conflist"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var list map[string]any
+	if err := json.Unmarshal(b, &list); err != nil {
+		t.Fatal(err)
+	}
+	list["name"] = testutil.UniqueName("chb")
+	plugins := list["plugins"].([]any)
+	first, tern := plugins[0].(map[string]any), plugins[1].(map[string]any)
+	if first["type"] != "ptp" || tern["type"] != "tern" || plugins[2].(map[string]any)["type"] != "bandwidth" {
+		t.Fatalf("example: plugins %v", plugins)
+	}
+	ipam := first["ipam"].(map[string]any)
+	ipam["dataDir"] = filepath.Join(n.StateDir, "host-local")
+	ipam["ranges"] = [][]map[string]string{{{"subnet": "10.77.73.0/24"}}}
+	tern["clusterCIDR"] = "10.77.0.0/16"
+	tern["stateDir"] = n.StateDir
+	tern["bpffsDir"] = n.BPFFSDir
+	conf, err := json.Marshal(list)
+	if err != nil {
+		t.Fatal(err)
+	}
+	limits := map[string]any{"bandwidth": map[string]any{
+		"ingressRate": bwIngressRate, "ingressBurst": bwBurst,
+		"egressRate": bwEgressRate, "egressBurst": bwBurst,
+	}}
+	limited := addChainPod(t, n, conf, "cbl", limits)
+	peer := addChainPod(t, n, conf, "cbp", nil)
+	check := func(what string, got, want float64) {
+		t.Logf("%s: %.1f Mbit/s (configured %.1f)", what, got/1e6, want/1e6)
+		if got < want*0.8 || got > want*1.2 {
+			t.Errorf("%s: %.1f Mbit/s, want %.1f ± 20%%", what, got/1e6, want/1e6)
+		}
+	}
+	check("to the limited pod (its ingress)", iperf3Rate(t, peer.NS, limited.NS, limited.IP, 5201, false), bwIngressRate)
+	check("from the limited pod (its egress)", iperf3Rate(t, peer.NS, limited.NS, limited.IP, 5202, true), bwEgressRate)
+	limited.del(t, n, conf)
+	peer.del(t, n, conf)
+}
