@@ -190,7 +190,7 @@ static __always_inline int policy_seq_near(__u32 seq, __u16 seq_hi)
  * the tracked flow e is within the window of what the flow has shown: its
  * sequence number near the sender's last one or, from a sender that never
  * sent anything (the answer to a SYN), its acknowledgment near the peer's
- * last one. An entry that knows neither (written by an older
+ * last one, or no ACK at all (see below). An entry that knows neither (written by an older
  * version) accepts it, as before. */
 static __always_inline int policy_rst_plausible(const struct policy_ct_entry *e, const struct l4 *l4,
 						int reply)
@@ -203,8 +203,15 @@ static __always_inline int policy_rst_plausible(const struct policy_ct_entry *e,
 		return 1;
 	if (flags & own)
 		return policy_seq_near(l4->tcp_seq, e->seq_hi[reply ? 1 : 0]);
-	return (flags & peer) && (l4->tcp_flags & TCP_FLAG_ACK) &&
-	       policy_seq_near(l4->tcp_ack, e->seq_hi[reply ? 0 : 1]);
+	/* The sender never sent anything. An RST without ACK answers a
+	 * segment that carried one (RFC 9293 3.10.7.1: its sequence number
+	 * is that segment's acknowledgment, which the entry does not keep),
+	 * e.g. a Service backend refusing a flow moved to it mid-stream:
+	 * accepted, it ends a flow its sender never took part in. With an
+	 * ACK it must acknowledge near the peer's last sequence number. */
+	if (!(l4->tcp_flags & TCP_FLAG_ACK))
+		return 1;
+	return (flags & peer) && policy_seq_near(l4->tcp_ack, e->seq_hi[reply ? 0 : 1]);
 }
 
 /* policy_ct_pod_flows: how many new flows of each kind (TCP; the rest) a

@@ -47,6 +47,11 @@ func linkNodes(t *testing.T, a, b *agentWorld) {
 		}
 	}
 	// The links go with the node namespaces.
+}
+
+// publishInternalIPs writes the linked nodes' addresses into their Node
+// objects, as kubelet does.
+func publishInternalIPs(a, b *agentWorld) {
 	a.setInternalIP("192.0.2.1")
 	b.setInternalIP("192.0.2.2")
 }
@@ -135,6 +140,9 @@ func testAgentTwoNodes(t *testing.T, mode, dp string) {
 	w1 := prepareAgentNode(t, cp, client, "10.77.152.0/24", args...)
 	w2 := prepareAgentNode(t, cp, client, "10.77.153.0/24", args...)
 	start := time.Now()
+	// The uplink is there before the agents (the eBPF datapath attaches
+	// to it, and VXLAN sizes its device from it).
+	linkNodes(t, w1, w2)
 	if mode == routing.ModeNative {
 		// Agents first, InternalIPs later: the routes follow the Node
 		// objects' updates.
@@ -144,10 +152,9 @@ func testAgentTwoNodes(t *testing.T, mode, dp string) {
 			t.Fatalf("routes before the nodes have InternalIPs: %q %q", w1.agentRoutes(), w2.agentRoutes())
 		}
 		start = time.Now()
-		linkNodes(t, w1, w2)
+		publishInternalIPs(w1, w2)
 	} else {
-		// VXLAN sizes its device from the uplink: it is there first.
-		linkNodes(t, w1, w2)
+		publishInternalIPs(w1, w2)
 		w1.start()
 		w2.start()
 	}
@@ -267,8 +274,8 @@ func TestAgentServices(t *testing.T) {
 	cli := w.addPod("alpha", "cli", map[string]string{"app": "cli"})
 	b1 := w.addPod("alpha", "b1", map[string]string{"app": "web"})
 	b2 := w.addPod("alpha", "b2", map[string]string{"app": "web"})
-	serveNamed(t, b1.NS, 8080, "b1")
-	serveNamed(t, b2.NS, 8080, "b2")
+	serveNamed(t, b1.NS, 9180, "b1")
+	serveNamed(t, b2.NS, 9180, "b2")
 
 	const clusterIP = "10.96.77.10"
 	addr := net.JoinHostPort(clusterIP, "80")
@@ -279,7 +286,7 @@ func TestAgentServices(t *testing.T) {
 		ObjectMeta: metav1.ObjectMeta{Namespace: "alpha", Name: "web"},
 		Spec: corev1.ServiceSpec{
 			ClusterIP: clusterIP,
-			Ports:     []corev1.ServicePort{{Name: "http", Port: 80, TargetPort: intstr.FromInt32(8080), Protocol: corev1.ProtocolTCP}},
+			Ports:     []corev1.ServicePort{{Name: "http", Port: 80, TargetPort: intstr.FromInt32(9180), Protocol: corev1.ProtocolTCP}},
 		},
 	}
 	if _, err := client.CoreV1().Services("alpha").Create(ctx, svc, metav1.CreateOptions{}); err != nil {
@@ -294,7 +301,7 @@ func TestAgentServices(t *testing.T) {
 			TargetRef:  &corev1.ObjectReference{Kind: "Pod", Namespace: p.Namespace, Name: p.Name},
 		}
 	}
-	name, port, proto := "http", int32(8080), corev1.ProtocolTCP
+	name, port, proto := "http", int32(9180), corev1.ProtocolTCP
 	es := &discoveryv1.EndpointSlice{
 		ObjectMeta:  metav1.ObjectMeta{Namespace: "alpha", Name: "web-1", Labels: map[string]string{discoveryv1.LabelServiceName: "web"}},
 		AddressType: discoveryv1.AddressTypeIPv4,
