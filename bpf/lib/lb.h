@@ -442,10 +442,7 @@ __noinline int lb_reply(struct __sk_buff *skb, const struct endpoint *src, struc
 		count(METRIC_PASS_TTL, skb->len);
 		return TERN_PASS;
 	}
-	s = lb_scratch();
-	if (!s)
-		goto drop;
-	fib = (struct bpf_fib_lookup *)s->fib;
+	fib = (struct bpf_fib_lookup *)s->fib; /* s: looked up for the key above */
 	if (fib_lookup_v4(skb, fib, p->saddr, p->daddr, 0, proto, fe->port, l4.dport) !=
 	    BPF_FIB_LKUP_RET_SUCCESS ||
 	    decrement_ttl_at(skb, p->ttl) < 0)
