@@ -6,6 +6,7 @@ import (
 	"log/slog"
 	"net"
 	"reflect"
+	"strconv"
 	"sync/atomic"
 	"time"
 
@@ -59,10 +60,18 @@ type controller struct {
 	target  atomic.Pointer[Target] // nil until the network is known
 	// syncs counts the Target.Replace calls (tests).
 	syncs atomic.Int64
+	// seenRV is, per resource, the highest resourceVersion of an event
+	// the handlers got. A handler runs after the informer's cache holds
+	// the event's object (or no longer holds a deleted one), and a
+	// resource's watch delivers events in resourceVersion order, so a
+	// sync that reads seenRV before it reads the caches applies every
+	// change of that resource up to it: what
+	// tern_agent_applied_resource_version reports.
+	seenRV map[string]*atomic.Int64
 }
 
 func newController(client kubernetes.Interface, nodeName string, balance bool, resync, minSync, maxSync time.Duration, m *metrics, log *slog.Logger) *controller {
-	c := &controller{log: log, nodeName: nodeName, balance: balance, metrics: m}
+	c := &controller{log: log, nodeName: nodeName, balance: balance, metrics: m, seenRV: map[string]*atomic.Int64{}}
 	c.runner = newRunner(c.sync, minSync, maxSync)
 	f := informers.NewSharedInformerFactory(client, resync)
 	c.factory = f
@@ -112,14 +121,18 @@ func newController(client kubernetes.Interface, nodeName string, balance bool, r
 // changed (relevant says which; nil: any change). Resyncs (same
 // resourceVersion) are only counted: the runner's periodic sync covers them.
 func (c *controller) handle(inf cache.SharedIndexInformer, resource string, relevant func(old, new any) bool) {
+	seen := &atomic.Int64{}
+	c.seenRV[resource] = seen
 	_, err := inf.AddEventHandler(cache.ResourceEventHandlerFuncs{
-		AddFunc: func(any) {
+		AddFunc: func(obj any) {
+			noteRV(seen, obj)
 			c.metrics.events.WithLabelValues(resource).Inc()
 			if relevant == nil || relevant(nil, nil) {
 				c.runner.Request()
 			}
 		},
 		UpdateFunc: func(old, new any) {
+			noteRV(seen, new)
 			if o, ok := old.(metav1.Object); ok {
 				if n, ok := new.(metav1.Object); ok && o.GetResourceVersion() != "" && o.GetResourceVersion() == n.GetResourceVersion() {
 					c.metrics.resyncs.WithLabelValues(resource).Inc()
@@ -131,7 +144,11 @@ func (c *controller) handle(inf cache.SharedIndexInformer, resource string, rele
 				c.runner.Request()
 			}
 		},
-		DeleteFunc: func(any) {
+		DeleteFunc: func(obj any) {
+			if d, ok := obj.(cache.DeletedFinalStateUnknown); ok {
+				obj = d.Obj // its last known state; the relist that found it gone is not seen here
+			}
+			noteRV(seen, obj)
 			c.metrics.events.WithLabelValues(resource).Inc()
 			if relevant == nil || relevant(nil, nil) {
 				c.runner.Request()
@@ -140,6 +157,26 @@ func (c *controller) handle(inf cache.SharedIndexInformer, resource string, rele
 	})
 	if err != nil {
 		panic(err) // only fails on a stopped informer
+	}
+}
+
+// noteRV raises seen to obj's resourceVersion. The API server's
+// resourceVersions are etcd revisions (integers, growing across all
+// resources); one that does not parse is left out.
+func noteRV(seen *atomic.Int64, obj any) {
+	o, ok := obj.(metav1.Object)
+	if !ok {
+		return
+	}
+	rv, err := strconv.ParseInt(o.GetResourceVersion(), 10, 64)
+	if err != nil {
+		return
+	}
+	for {
+		cur := seen.Load()
+		if rv <= cur || seen.CompareAndSwap(cur, rv) {
+			return
+		}
 	}
 }
 
@@ -177,6 +214,11 @@ func (c *controller) sync(ctx context.Context) error {
 		}
 		c.log.Debug("routes synced", "nodes", len(rn))
 	}
+	// Before the caches are read: the sync applies at least these.
+	seen := make(map[string]int64, len(c.seenRV))
+	for r, v := range c.seenRV {
+		seen[r] = v.Load()
+	}
 	st, skipped := c.desiredState()
 	for _, err := range skipped {
 		c.log.Warn("object left out of the policy state", "err", err)
@@ -193,6 +235,9 @@ func (c *controller) sync(ctx context.Context) error {
 	c.metrics.applySeconds.Observe(elapsed.Seconds())
 	c.metrics.syncs.WithLabelValues("ok").Inc()
 	c.metrics.endpoints.Set(float64(n))
+	for r, v := range seen {
+		c.metrics.appliedRV.WithLabelValues(r).Set(float64(v))
+	}
 	c.log.Debug("policy synced", "endpoints", n, "pods", len(st.Pods), "policies", len(st.Policies), "duration", elapsed)
 
 	removed, err := t.Collect(func(namespace, name string) bool {

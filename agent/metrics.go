@@ -23,6 +23,7 @@ type metrics struct {
 	resyncs      *prometheus.CounterVec
 	events       *prometheus.CounterVec
 	collected    prometheus.Counter
+	appliedRV    *prometheus.GaugeVec
 }
 
 func newMetrics(bpffsDir string, log *slog.Logger) *metrics {
@@ -53,8 +54,12 @@ func newMetrics(bpffsDir string, log *slog.Logger) *metrics {
 			Name: "tern_agent_endpoints_collected_total",
 			Help: "Endpoints removed because their pod is gone (CNI DEL never came).",
 		}),
+		appliedRV: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Name: "tern_agent_applied_resource_version",
+			Help: "Highest resourceVersion (etcd revision) of the resource's changes that the last successful sync applied to the datapath: every change of that resource up to it is in force.",
+		}, []string{"resource"}),
 	}
-	m.reg.MustRegister(m.applySeconds, m.syncs, m.endpoints, m.resyncs, m.events, m.collected)
+	m.reg.MustRegister(m.applySeconds, m.syncs, m.endpoints, m.resyncs, m.events, m.collected, m.appliedRV)
 	if bpffsDir != "" {
 		m.reg.MustRegister(&datapathCollector{dir: bpffsDir, log: log})
 	}

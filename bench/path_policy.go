@@ -9,6 +9,8 @@ import (
 	"path/filepath"
 	"strings"
 	"time"
+
+	corev1 "k8s.io/api/core/v1"
 )
 
 // ternctlTimeout bounds one `ternctl apply` or `ternctl delete`. Like a CNI
@@ -49,13 +51,25 @@ type ternPolicy struct {
 	datapath string
 	dir      string // manifests written here
 	t        *Topology
+	// node is where ternctl runs: the server pod's node (t.Node on a
+	// single node, the second node on a cross-node path).
+	node *Netns
+	// remoteClient: the client pod is on another node, so its Pod object
+	// carries its IP (status.podIPs), as the API gives remote pods theirs.
+	remoteClient bool
 
 	podsApplied bool
 	applied     string // manifest of the policies in force, "" when none
 }
 
 func (r *runner) newTernPolicy(t *Topology, datapath, stateDir string, conflist map[string]any) (*ternPolicy, error) {
-	dir := filepath.Join(r.tmp, "policy-"+datapath)
+	return r.newTernPolicyOn(t, t.Node, datapath, t.Path, stateDir, conflist)
+}
+
+// newTernPolicyOn is newTernPolicy for the network named after path on
+// node (the server pod's node).
+func (r *runner) newTernPolicyOn(t *Topology, node *Netns, datapath, path, stateDir string, conflist map[string]any) (*ternPolicy, error) {
+	dir := filepath.Join(r.tmp, "policy-"+path)
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, err
 	}
@@ -70,11 +84,12 @@ func (r *runner) newTernPolicy(t *Topology, datapath, stateDir string, conflist 
 	return &ternPolicy{
 		ternctl:  r.ternctl,
 		conf:     conf,
-		network:  r.netName(datapath),
+		network:  r.netName(path),
 		stateDir: stateDir,
 		datapath: datapath,
 		dir:      dir,
 		t:        t,
+		node:     node,
 	}, nil
 }
 
@@ -82,7 +97,7 @@ func (r *runner) newTernPolicy(t *Topology, datapath, stateDir string, conflist 
 func (p *ternPolicy) run(ctx context.Context, verb, file string) error {
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), ternctlTimeout)
 	defer cancel()
-	_, err := p.t.Node.Run(ctx, p.ternctl, "--cni-conf", p.conf, verb, "-f", file)
+	_, err := p.node.Run(ctx, p.ternctl, "--cni-conf", p.conf, verb, "-f", file)
 	if err != nil && strings.Contains(strings.ToLower(err.Error()), "not implemented") {
 		msg := err.Error()
 		if i := strings.LastIndex(msg, "ternctl: "); i >= 0 {
@@ -104,7 +119,15 @@ func (p *ternPolicy) write(name string, data []byte) (string, error) {
 func (p *ternPolicy) ApplyPolicyRules(ctx context.Context, n int) (PolicyApplied, error) {
 	res := PolicyApplied{Entries: -1, ChainRules: -1}
 	if !p.podsApplied {
-		data, err := manifestJSON(SweepPods())
+		pods := SweepPods()
+		if p.remoteClient {
+			// The client pod is no endpoint of the server's node: the
+			// node knows it by the IP its Pod object carries.
+			ip := p.t.Client.IP.String()
+			pods[0].Spec.NodeName = sweepClientNode
+			pods[0].Status = corev1.PodStatus{Phase: corev1.PodRunning, PodIP: ip, PodIPs: []corev1.PodIP{{IP: ip}}}
+		}
+		data, err := manifestJSON(pods)
 		if err != nil {
 			return res, err
 		}
@@ -190,7 +213,7 @@ func (p *ternPolicy) appliedEntries() (int, error) {
 // ingressChainRules counts the rules of the chain Tern's policy dispatch
 // chain (TERN-POL-*) sends new flows to the server pod to.
 func (p *ternPolicy) ingressChainRules(ctx context.Context) (int, error) {
-	out, err := p.t.Node.Run(ctx, "iptables-save", "-t", "filter")
+	out, err := p.node.Run(ctx, "iptables-save", "-t", "filter")
 	if err != nil {
 		return -1, err
 	}

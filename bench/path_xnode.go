@@ -153,8 +153,8 @@ func (r *runner) setupXNode(ctx context.Context, path string) (*Topology, error)
 	if err != nil {
 		return t, err
 	}
-	t.noPolicy = "the policy sweep is not implemented on cross-node paths"
 	if path == PathLimitXNode {
+		t.noPolicy = "no CNI plugin: nothing enforces NetworkPolicy on this path"
 		return t, r.setupLimitXNode(ctx, t, w)
 	}
 	return t, r.setupTernXNode(ctx, t, w)
@@ -229,6 +229,17 @@ func (r *runner) setupTernXNode(ctx context.Context, t *Topology, w *xnodeWorld)
 		var err error
 		if ns[i].cni, err = r.newCNINetwork(nodes[i], conf); err != nil {
 			return err
+		}
+		if i == 1 {
+			// The sweep's rules select the server pod: its node enforces
+			// them (ingress is enforced on the destination node).
+			if r.ternctl == "" {
+				t.noPolicy = r.noTernctl
+			} else if t.policy, err = r.newTernPolicyOn(t, nodes[i], datapath, t.Path, ns[i].stateDir, conf); err != nil {
+				return err
+			} else {
+				t.policy.remoteClient = true
+			}
 		}
 		_, cidr, _ := net.ParseCIDR(subnet)
 		cluster = append(cluster, routing.Node{Name: fmt.Sprintf("node%d", i+1), IP: net.ParseIP(w.ips[i]), PodCIDRs: []net.IPNet{*cidr}})

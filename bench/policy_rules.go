@@ -56,6 +56,7 @@ const (
 	sweepServerLabel    = "ternbench-server"
 	sweepClientLabel    = "ternbench-client"
 	sweepPeerNode       = "ternbench-other-node"
+	sweepClientNode     = "ternbench-client-node" // cross-node paths: the client pod's node
 )
 
 // sweepPeerIP is the pod IP of remote peer k: another node's pod subnet

@@ -21,41 +21,6 @@ import (
 	"github.com/ternlabs/tern/routing"
 )
 
-// linkNodes connects two simulated nodes with a veth pair (a flat L2
-// network between them: 192.0.2.1 and 192.0.2.2) and publishes those
-// addresses as the Node objects' InternalIPs, as kubelet does. The routes
-// between the nodes' pod CIDRs are the agents' business.
-func linkNodes(t *testing.T, a, b *agentWorld) {
-	t.Helper()
-	// Both ends are named agentUplink in their node (the peer is renamed
-	// once it is there), so the agents share their --uplink.
-	peer := testutil.UniqueName("lb")
-	steps := []struct {
-		w    *agentWorld
-		args []string
-	}{
-		{a, []string{"link", "add", agentUplink, "type", "veth", "peer", "name", peer, "netns", b.node.Name}},
-		{b, []string{"link", "set", peer, "name", agentUplink}},
-		{a, []string{"addr", "add", "192.0.2.1/30", "dev", agentUplink}},
-		{b, []string{"addr", "add", "192.0.2.2/30", "dev", agentUplink}},
-		{a, []string{"link", "set", agentUplink, "up"}},
-		{b, []string{"link", "set", agentUplink, "up"}},
-	}
-	for _, s := range steps {
-		if _, err := s.w.node.Exec(t, "ip", s.args...); err != nil {
-			t.Fatal(err)
-		}
-	}
-	// The links go with the node namespaces.
-}
-
-// publishInternalIPs writes the linked nodes' addresses into their Node
-// objects, as kubelet does.
-func publishInternalIPs(a, b *agentWorld) {
-	a.setInternalIP("192.0.2.1")
-	b.setInternalIP("192.0.2.2")
-}
-
 // agentUplink is the simulated nodes' link to each other.
 const agentUplink = "tern-up0"
 
@@ -133,16 +98,12 @@ func TestAgentTwoNodes(t *testing.T) {
 }
 
 func testAgentTwoNodes(t *testing.T, mode, dp string) {
-	cp := testutil.StartControlPlane(t)
-	client := cp.Client(t)
+	c := newAgentCluster(t, mode, dp)
+	client := c.client
 	createNamespaces(t, client, "alpha")
-	args := []string{"--routing", mode, "--datapath", dp, "--uplink", agentUplink}
-	w1 := prepareAgentNode(t, cp, client, "10.77.152.0/24", args...)
-	w2 := prepareAgentNode(t, cp, client, "10.77.153.0/24", args...)
+	w1 := c.addNode("10.77.152.0/24")
+	w2 := c.addNode("10.77.153.0/24")
 	start := time.Now()
-	// The uplink is there before the agents (the eBPF datapath attaches
-	// to it, and VXLAN sizes its device from it).
-	linkNodes(t, w1, w2)
 	if mode == routing.ModeNative {
 		// Agents first, InternalIPs later: the routes follow the Node
 		// objects' updates.
@@ -152,14 +113,15 @@ func testAgentTwoNodes(t *testing.T, mode, dp string) {
 			t.Fatalf("routes before the nodes have InternalIPs: %q %q", w1.agentRoutes(), w2.agentRoutes())
 		}
 		start = time.Now()
-		publishInternalIPs(w1, w2)
+		w1.publish()
+		w2.publish()
 	} else {
-		publishInternalIPs(w1, w2)
+		w1.publish()
+		w2.publish()
 		w1.start()
 		w2.start()
 	}
-	w1.waitRoutes("InternalIPs published", start, "10.77.153.0/24 via 192.0.2.2")
-	w2.waitRoutes("InternalIPs published", start, "10.77.152.0/24 via 192.0.2.1")
+	waitMesh("InternalIPs published", start, w1, w2)
 
 	srv := w1.addPod("alpha", "srv", map[string]string{"app": "srv"})
 	friend := w2.addPod("alpha", "friend", map[string]string{"app": "friend"})

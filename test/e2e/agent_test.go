@@ -165,6 +165,8 @@ type agentWorld struct {
 	client   kubernetes.Interface
 	node     *testutil.Node
 	nodeName string
+	podCIDR  string
+	ip       string // InternalIP, once linked into a fabric (agentCluster)
 	confDir  string
 	args     []string
 	http     *http.Client
@@ -464,7 +466,7 @@ func (w *agentWorld) start() {
 // prepareAgentNode is newAgentNode without starting ternd.
 func prepareAgentNode(t *testing.T, cp *testutil.ControlPlane, client kubernetes.Interface, podCIDR string, extraArgs ...string) *agentWorld {
 	t.Helper()
-	w := &agentWorld{t: t, cp: cp, client: client, node: testutil.NewNode(t), confDir: t.TempDir()}
+	w := &agentWorld{t: t, cp: cp, client: client, node: testutil.NewNode(t), podCIDR: podCIDR, confDir: t.TempDir()}
 	w.nodeName = "node-" + strings.ToLower(testutil.UniqueName("n"))
 	w.http = &http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{
 		DisableKeepAlives: true,
