@@ -183,7 +183,7 @@ func checkSmokeSweep(t *testing.T, res *Results, path string) {
 	}
 	reason := wl.NotApplicable[path]
 	switch path {
-	case PathLimit, PathReference:
+	case PathLimit, PathReference, PathLimitXNode:
 		if !strings.HasPrefix(reason, "n/a: ") {
 			t.Errorf("policy sweep on %s: %q, want n/a", path, reason)
 		}
@@ -209,7 +209,7 @@ func checkSmokeSweep(t *testing.T, res *Results, path string) {
 				t.Errorf("%s = %v", m, s.Metrics[m])
 			}
 		}
-		if path == PathIptables && s.Metrics["chain_rules@100"] < 101 {
+		if strings.HasPrefix(path, PathIptables) && s.Metrics["chain_rules@100"] < 101 {
 			t.Errorf("the server's iptables ingress chain has %v rules", s.Metrics["chain_rules@100"])
 		}
 	}
