@@ -1,6 +1,7 @@
 package bench
 
 import (
+	"errors"
 	"os"
 	"testing"
 )
@@ -133,5 +134,18 @@ func TestProcNetHasPort(t *testing.T) {
 	}
 	if procNetHasPort(tcp, 80, false) {
 		t.Error("port 80 found")
+	}
+}
+
+// A run that kept no observation is told apart (the workload runs the
+// client once more), from the output seen on a loaded machine.
+func TestParseSockperfNoObservations(t *testing.T) {
+	out := []byte("sockperf: Test ended\nsockperf: [Total Run] RunTime=2.179 sec; Warm up time=400 msec; SentMessages=10799; ReceivedMessages=10798\n" +
+		"sockperf: ========= Printing statistics for Server No: 0\nsockperf: No valid observations found. Try tune parameters: --time/--mps/--reply-every\n")
+	if _, err := parseSockperf(out); !errors.Is(err, errNoObservations) {
+		t.Fatalf("err = %v, want errNoObservations", err)
+	}
+	if _, err := parseSockperf([]byte("garbage")); errors.Is(err, errNoObservations) {
+		t.Fatal("output without percentiles taken for a run without observations")
 	}
 }
