@@ -200,6 +200,34 @@ func TestLBRemoteBackend(t *testing.T) {
 	lbRun(t, w, w.fromUplink, w.uplink, other.frame(), natActOK, TernMetricMETRIC_PASS_UPLINK)
 }
 
+// A backend in the host stack of this node (a host-network pod, the API
+// server behind the kubernetes Service): the pod's packet is DNATed to the
+// node's address and handed to the stack; the host's answer, which the
+// stack sends into the pod through the host veth (tern_to_pod), leaves
+// from the frontend the pod addressed.
+func TestLBHostNetworkBackend(t *testing.T) {
+	w := newNATWorld(t, natOptions{})
+	lbReset(t, w)
+	lbService(t, w, lbVIP, 443, unix.IPPROTO_TCP, 11, TernLbSvc{}, lbBackend{natNodeIP, 16443})
+	out := lbRun(t, w, w.fromPod, w.a.ifindex, w.podFrame(w.a, natPkt{dst: lbVIP, proto: unix.IPPROTO_TCP, sport: 42000, dport: 443, tcpFlags: natTCPSyn}),
+		natActOK, TernMetricMETRIC_LB_DNAT, TernMetricMETRIC_PASS_HOST)
+	if p := natParse(t, out); p.dst != natNodeIP || p.dport != 16443 || p.src != w.a.ip {
+		t.Errorf("DNATed to %s:%d from %s", p.dst, p.dport, p.src)
+	}
+	answer := natPkt{src: natNodeIP, dst: w.a.ip, proto: unix.IPPROTO_TCP, sport: 16443, dport: 42000, tcpFlags: natTCPSyn | natTCPAck}
+	answer.srcMAC, answer.dstMAC = w.a.hostMAC, w.a.mac
+	out = lbRun(t, w, w.toPod, w.a.ifindex, answer.frame(), natActOK, TernMetricMETRIC_LB_REV_NAT, TernMetricMETRIC_PASS_TO_POD)
+	if p := natParse(t, out); p.src != lbVIP || p.sport != 443 || p.dst != w.a.ip || p.dport != 42000 {
+		t.Errorf("answer from %s:%d to %s:%d, want from %s:443", p.src, p.sport, p.dst, p.dport, lbVIP)
+	}
+	// Another flow from the host to the pod is not translated.
+	other := answer
+	other.sport = 16444
+	if p := natParse(t, lbRun(t, w, w.toPod, w.a.ifindex, other.frame(), natActOK, TernMetricMETRIC_PASS_TO_POD)); p.src != natNodeIP || p.sport != 16444 {
+		t.Errorf("unrelated host packet rewritten to %s:%d", p.src, p.sport)
+	}
+}
+
 // ClientIP affinity: every flow of a client goes to the backend its first
 // flow got, while the affinity entry is fresh; another client is balanced
 // on its own; an expired entry, or one whose backend left its slot, is

@@ -82,6 +82,7 @@ type natWorld struct {
 	fromPod    *ebpf.Program
 	fromUplink *ebpf.Program
 	toUplink   *ebpf.Program
+	toPod      *ebpf.Program
 	gc         *ebpf.Program
 	maps       map[string]*ebpf.Map
 }
@@ -223,6 +224,7 @@ func (w *natWorld) load(t testing.TB, opt natOptions) {
 	w.fromPod = podColl.Programs[TernProgTernFromPod]
 	w.fromUplink = upColl.Programs[TernUplinkProgTernFromUplink]
 	w.toUplink = upColl.Programs[TernUplinkProgTernToUplink]
+	w.toPod = podColl.Programs[TernProgTernToPod]
 	w.gc = podColl.Programs[TernProgTernNatGc]
 	w.maps = podColl.Maps
 }

@@ -553,7 +553,7 @@ int tern_to_pod(struct __sk_buff *skb)
 	__be32 saddr, daddr, peer;
 	struct stack_ct ct = {};
 	__be16 frag_off, id;
-	__u8 proto, ihl;
+	__u8 proto, ihl, ttl;
 
 	switch (parse_ipv4(skb, &eth, &iph)) {
 	case PARSE_IPV4:
@@ -582,6 +582,7 @@ int tern_to_pod(struct __sk_buff *skb)
 	id = iph->id;
 	proto = iph->protocol;
 	ihl = iph->ihl;
+	ttl = iph->ttl;
 
 	/* The host stack's conntrack entry (lib/stack.h): a reply it
 	 * reverse-translated passes on the flow it answers; a flow it
@@ -598,6 +599,31 @@ int tern_to_pod(struct __sk_buff *skb)
 		return TC_ACT_SHOT;
 	if (ct.tracked && !ct.reply)
 		stack_note_delivered(skb, saddr, daddr, proto, ihl, frag_off);
+	/* services "ebpf": the answer of a backend that lives in the host
+	 * stack (a host-network backend on this node, e.g. the API server
+	 * behind the kubernetes Service, which the pod's packet reached after
+	 * tern_from_pod's DNAT) comes from the backend's address: it goes
+	 * back to the frontend the pod addressed, decided above on the
+	 * backend's own (as its flow was). */
+	if (proto == IPPROTO_TCP || proto == IPPROTO_UDP || proto == IPPROTO_SCTP) {
+		struct endpoint *dst = bpf_map_lookup_elem(&tern_endpoints, &daddr);
+
+		if (dst && (dst->flags & ENDPOINT_F_LB)) {
+			struct lb_pkt lp = {
+				.saddr = saddr,
+				.daddr = daddr,
+				.frag_off = frag_off,
+				.id = id,
+				.proto = proto,
+				.ihl = ihl,
+				.ttl = ttl,
+			};
+			int v = lb_reply(skb, dst, &lp);
+
+			if (v != LB_CONTINUE)
+				return v;
+		}
+	}
 	count(METRIC_PASS_TO_POD, skb->len);
 	return TERN_PASS;
 }

@@ -35,6 +35,8 @@ import (
 //	10.96.1.40 tcp/80, udp/53: no endpoints            (rejected)
 //	10.96.1.50 tcp/7100 -> B:7100, C:7100              (churn: servers that name themselves)
 //	10.96.1.50 udp/53 -> B:53, C:53
+//	10.96.1.60 tcp/443 -> the node's uplink address:16443 (a host-network
+//	           backend on the node, as the API server behind "kubernetes")
 const (
 	lbWeb    = "10.96.1.10"
 	lbWho    = "10.96.1.11"
@@ -42,6 +44,8 @@ const (
 	lbRemote = "10.96.1.30"
 	lbEmpty  = "10.96.1.40"
 	lbChurn  = "10.96.1.50"
+	lbNode   = "10.96.1.60"
+	nodePort = 16443 // the host-network backend's port on the node
 	namedTCP = 7100
 )
 
@@ -64,6 +68,7 @@ func newLBWorld(t *testing.T) *lbWorld {
 	serveWhoami(t, sw.b.NS)
 	serveNamed(t, sw.b.NS, namedTCP, "web")
 	serveNamed(t, sw.c.NS, namedTCP, "db")
+	serveWhoamiOn(t, sw.node.NS, nodePort)
 	srv := sw.snatWorld.serve(t)
 	_, extPort, err := net.SplitHostPort(srv.tcpAddr())
 	if err != nil {
@@ -174,7 +179,20 @@ addressType: IPv4
 ports: [{name: named, port: %[13]d}, {name: dns, port: 53, protocol: UDP}]
 endpoints:
 - {addresses: [%[2]s], conditions: {ready: true}}%[10]s
-`, a, b, c, lbWeb, lbWho, lbSelf, lbRemote, lbEmpty, lbChurn, churnC, w.remotePort, extIP, namedTCP)
+---
+apiVersion: v1
+kind: Service
+metadata: {namespace: default, name: kubernetes}
+spec: {clusterIP: %[14]s, ports: [{name: https, port: 443, targetPort: %[16]d}]}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {namespace: default, name: kubernetes, labels: {kubernetes.io/service-name: kubernetes}}
+addressType: IPv4
+ports: [{name: https, port: %[16]d}]
+endpoints: [{addresses: [%[15]s]}]
+`, a, b, c, lbWeb, lbWho, lbSelf, lbRemote, lbEmpty, lbChurn, churnC, w.remotePort, extIP, namedTCP,
+		lbNode, extNodeIP, nodePort)
 }
 
 // serveNamed runs, in n, a TCP server on port that greets each connection
@@ -242,6 +260,7 @@ func TestServicesEBPF(t *testing.T) {
 	for _, p := range []struct{ what, addr string }{
 		{"ClusterIP, backend on the node", net.JoinHostPort(lbWho, "7000")},
 		{"ClusterIP, backend off the node", net.JoinHostPort(lbRemote, "80")},
+		{"ClusterIP, host-network backend on the node", net.JoinHostPort(lbNode, "443")},
 		{"NodePort on the node's uplink address", net.JoinHostPort(extNodeIP, "30090")},
 		{"external IP", net.JoinHostPort("198.51.100.70", "7000")},
 	} {
