@@ -54,8 +54,8 @@ type ternPolicy struct {
 	applied     string // manifest of the policies in force, "" when none
 }
 
-func (r *runner) newTernPolicy(t *Topology, datapath, stateDir string, conflist map[string]any) (*ternPolicy, error) {
-	dir := filepath.Join(r.tmp, "policy-"+datapath)
+func (r *runner) newTernPolicy(t *Topology, path, datapath, stateDir string, conflist map[string]any) (*ternPolicy, error) {
+	dir := filepath.Join(r.tmp, "policy-"+path)
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, err
 	}
@@ -70,7 +70,7 @@ func (r *runner) newTernPolicy(t *Topology, datapath, stateDir string, conflist 
 	return &ternPolicy{
 		ternctl:  r.ternctl,
 		conf:     conf,
-		network:  r.netName(datapath),
+		network:  r.netName(path),
 		stateDir: stateDir,
 		datapath: datapath,
 		dir:      dir,

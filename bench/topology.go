@@ -29,6 +29,9 @@ type Topology struct {
 	policy *ternPolicy // nil when the path has no NetworkPolicy support
 	// noPolicy says why policy is nil.
 	noPolicy string
+	// services holds the Service paths' Services (and the ebpf path's when
+	// the Service workload runs); nil elsewhere.
+	services serviceSet
 	verifier verifier
 	checks   []string
 	closers  []closer // undone in reverse order by Close

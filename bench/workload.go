@@ -84,6 +84,7 @@ func allWorkloads() []Workload {
 		&sockperfWorkload{udp: true},
 		&connRateWorkload{},
 		&cniWorkload{},
+		&servicesWorkload{},
 		&policySweepWorkload{},
 	}
 }
