@@ -402,6 +402,53 @@ func (s *kubeProxyServices) proofText() string {
 	return "the packet counters of the target Service's KUBE-SEP-* DNAT rules (one per port) grew: kube-proxy's rules translated the traffic"
 }
 
+// kubeProxyRestore is the iptables-restore --noflush input of one sync of
+// kube-proxy for svcs: kubeproxy.Rules, without the jumps from the
+// built-in chains when they are there already (jumps), and with the nat
+// chains of the previous sync (prev) that svcs no longer have declared
+// (flushed) and deleted. It returns the nat chains it writes.
+func kubeProxyRestore(svcs []kubeproxy.Service, prev []string, jumps bool) (string, []string) {
+	rules := strings.Split(strings.TrimSuffix(kubeproxy.Rules(ternClusterCIDR, svcs), "\n"), "\n")
+	var chains []string
+	table := ""
+	for _, line := range rules {
+		if strings.HasPrefix(line, "*") {
+			table = line
+		}
+		if table == "*nat" && strings.HasPrefix(line, ":KUBE-") {
+			chains = append(chains, strings.Fields(line[1:])[0])
+		}
+	}
+	var gone []string
+	for _, c := range prev {
+		if !slices.Contains(chains, c) {
+			gone = append(gone, c)
+		}
+	}
+	var b strings.Builder
+	table = ""
+	for _, line := range rules {
+		if strings.HasPrefix(line, "*") {
+			table = line
+		}
+		if jumps && builtinJump(line) {
+			continue
+		}
+		if line == "COMMIT" && table == "*nat" {
+			for _, c := range gone {
+				fmt.Fprintf(&b, "-X %s\n", c)
+			}
+		}
+		b.WriteString(line + "\n")
+		if line == "*nat" {
+			for _, c := range gone {
+				fmt.Fprintf(&b, ":%s - [0:0]\n", c)
+			}
+		}
+	}
+	return b.String(), chains
+}
+
 // builtinJump reports whether a rule line of kubeproxy.Rules is a jump
 // from a built-in chain into kube-proxy's.
 func builtinJump(line string) bool {
@@ -427,51 +474,15 @@ func (s *kubeProxyServices) restore(ctx context.Context, rules string) error {
 func (s *kubeProxyServices) install(ctx context.Context, n int, ports svcPorts) (serviceInstall, error) {
 	res := serviceInstall{natRules: -1}
 	svcs := svcList(n, s.t.Server.IP, ports)
-	rules := strings.Split(strings.TrimSuffix(kubeproxy.Rules(ternClusterCIDR, svcs), "\n"), "\n")
-	var chains, target []string
-	table := ""
-	for _, line := range rules {
-		if strings.HasPrefix(line, "*") {
-			table = line
-		}
-		if table == "*nat" && strings.HasPrefix(line, ":KUBE-") {
-			chains = append(chains, strings.Fields(line[1:])[0])
-		}
-	}
-	var gone []string // chains of Services that went: flushed, then deleted
-	for _, c := range s.chains {
-		if !slices.Contains(chains, c) {
-			gone = append(gone, c)
-		}
-	}
-	var b strings.Builder
-	table = ""
-	for _, line := range rules {
-		if strings.HasPrefix(line, "*") {
-			table = line
-		}
-		if s.jumps && builtinJump(line) {
-			continue
-		}
-		if line == "COMMIT" && table == "*nat" {
-			for _, c := range gone {
-				fmt.Fprintf(&b, "-X %s\n", c)
-			}
-		}
-		b.WriteString(line + "\n")
-		if line == "*nat" {
-			for _, c := range gone {
-				fmt.Fprintf(&b, ":%s - [0:0]\n", c)
-			}
-		}
-	}
+	text, chains := kubeProxyRestore(svcs, s.chains, s.jumps)
+	var target []string
 	for _, sv := range svcs {
 		if sv.Name == svcTargetName {
 			target = append(target, sv.EndpointChain(sv.Endpoints[0]))
 		}
 	}
 	start := time.Now()
-	if err := s.restore(ctx, b.String()); err != nil {
+	if err := s.restore(ctx, text); err != nil {
 		return res, fmt.Errorf("kube-proxy rules for %d Services: %w", n, err)
 	}
 	res.took = time.Since(start)
