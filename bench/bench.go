@@ -491,15 +491,19 @@ func (r *runner) execute(ctx context.Context) error {
 		for rep := 1; rep <= r.cfg.Reps && len(phase) > 0; rep++ {
 			wc.Rep = rep
 			for _, w := range phase {
-				for _, t := range slices.Clone(r.topos) {
-					if w.Supports(t) != nil || res.Path(t.Path).Status != StatusOK || r.unavailable[[2]string{w.Name(), t.Path}] {
-						continue
+				for step := 0; step < stepsOf(w); step++ {
+					wc.Step = step
+					for _, t := range slices.Clone(r.topos) {
+						if w.Supports(t) != nil || res.Path(t.Path).Status != StatusOK || r.unavailable[[2]string{w.Name(), t.Path}] {
+							continue
+						}
+						if ctx.Err() != nil {
+							return ctx.Err()
+						}
+						r.sample(ctx, wc, w, t)
 					}
-					if ctx.Err() != nil {
-						return ctx.Err()
-					}
-					r.sample(ctx, wc, w, t)
 				}
+				wc.Step = 0
 			}
 		}
 	}
@@ -611,7 +615,7 @@ func headline(w Workload, m map[string]float64) string {
 	case policySweepName:
 		return "done (one line per rule count above)"
 	case servicesName:
-		return "done (one line per Service count above)"
+		return "done (line above)"
 	}
 	var parts []string
 	for _, spec := range w.Metrics() {

@@ -133,8 +133,9 @@ func (r *runner) setupServicePath(ctx context.Context, path string) (*Topology, 
 			return t, fmt.Errorf("ternctl is needed to apply Services: %s", r.noTernctl)
 		}
 		lb := &ebpfServices{p: t.policy, direct: path == PathDirect, t: t}
+		// No removal at teardown: the node's state and bpffs go with the
+		// topology.
 		t.services = lb
-		t.onClose("Services", func(ctx context.Context) error { return lb.remove(ctx) })
 		t.checks = append(t.checks, `network "services": "ebpf": Service and EndpointSlice objects applied with ternctl apply/delete`)
 		if path == PathDirect {
 			t.checks = append(t.checks, "the client dials the server pod's IP, not the ClusterIP")

@@ -57,11 +57,25 @@ func svcChartHeading(base string) string {
 //     traffic (kube-proxy: the target's KUBE-SEP DNAT rules counted
 //     packets; ebpf: no DNAT rule exists in the node).
 //
-// Every Service is removed at the end of a repetition, so the next one
+// Each count is a step (steppedWorkload): every path measures it before
+// the next count, so the paths are interleaved count by count. Every
+// Service is removed after the last count of a repetition, so the next one
 // (and the policy sweep after it) starts from none. Its repetitions run
 // after every other workload's: with Services in its store every CNI ADD
 // of Tern compiles them, which would change the control-plane figures.
+//
+// The eBPF datapath lets a pod open at most 65,536 new TCP flows per
+// minute (its conntrack share, drop_policy_ct_quota); one connection-rate
+// sample opens tens of thousands. So on a path a connection-rate sample
+// starts at least crrSpacing after the previous one started: each sample
+// has a fresh minute of its own (with 4 paths interleaved this costs
+// little waiting).
 type servicesWorkload struct{ counts []int }
+
+// crrSpacing is the least time between the starts of two connection-rate
+// samples of the Service workload on one path: the eBPF datapath's
+// per-pod flow share period and a margin.
+const crrSpacing = 62 * time.Second
 
 func (w *servicesWorkload) serviceCounts() []int {
 	if len(w.counts) > 0 {
@@ -101,25 +115,30 @@ func (*servicesWorkload) Supports(t *Topology) error {
 
 func (*servicesWorkload) Traffic() bool  { return true }
 func (*servicesWorkload) RunsLast() bool { return true }
+func (w *servicesWorkload) Steps() int   { return len(w.serviceCounts()) }
 
+// Run measures the count of step wc.Step; after the last count it
+// removes every Service.
 func (w *servicesWorkload) Run(ctx context.Context, wc *WorkloadContext, t *Topology) (m map[string]float64, err error) {
 	set := t.services
 	if set == nil {
 		return nil, errNoServices
 	}
-	defer func() {
-		if rerr := set.remove(context.WithoutCancel(ctx)); rerr != nil {
-			err = errors.Join(err, rerr)
-		}
-	}()
+	counts := w.serviceCounts()
+	if wc.Step < 0 || wc.Step >= len(counts) {
+		return nil, fmt.Errorf("step %d of %d Service counts", wc.Step, len(counts))
+	}
+	if wc.Step == len(counts)-1 {
+		defer func() {
+			if rerr := set.remove(context.WithoutCancel(ctx)); rerr != nil {
+				err = errors.Join(err, rerr)
+			}
+		}()
+	}
+	n := counts[wc.Step]
 	m = make(map[string]float64)
-	for _, n := range w.serviceCounts() {
-		if err := ctx.Err(); err != nil {
-			return nil, err
-		}
-		if err := w.measure(ctx, wc, t, set, n, m); err != nil {
-			return nil, fmt.Errorf("%s Services: %w", groupThousands(int64(n)), err)
-		}
+	if err := w.measure(ctx, wc, t, set, n, m); err != nil {
+		return nil, fmt.Errorf("%s Services: %w", groupThousands(int64(n)), err)
 	}
 	return m, nil
 }
@@ -136,6 +155,15 @@ func (w *servicesWorkload) measure(ctx context.Context, wc *WorkloadContext, t *
 		m[name("nat_rules")] = float64(inst.natRules)
 	}
 	dst := set.dst()
+	if wait := crrSpacing - time.Since(t.lastCRR); !t.lastCRR.IsZero() && wait > 0 {
+		wc.r.logf("rep %d/%d %s %s: waiting %s for a fresh minute of the client pod's flow share", wc.Rep, wc.r.cfg.Reps, servicesName, t.Path, wait.Round(time.Second))
+		select {
+		case <-time.After(wait):
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
+	t.lastCRR = time.Now()
 	crr, err := measureConnRate(ctx, wc, t, dst, ports.crr)
 	if err != nil {
 		return fmt.Errorf("connection rate to %s:%d: %w", dst, ports.crr, err)
