@@ -24,7 +24,9 @@ import (
 func TestSmokeServices(t *testing.T) {
 	testutil.RequirePrivileged(t)
 	requireTools(t, "sockperf", "iptables", "iptables-save", "iptables-restore", "ipset", "taskset")
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+	// Two counts: the second waits for the eBPF datapath's per-pod flow
+	// share to renew (crrSpacing after the first connection-rate sample).
+	ctx, cancel := context.WithTimeout(context.Background(), 8*time.Minute)
 	defer cancel()
 	paths := []string{PathDirect, PathEBPF, PathKubeProxy, PathIptablesKubeProxy}
 	counts := []int{10, 100}
