@@ -83,7 +83,10 @@ type Config struct {
 	// PolicyRules are the rule counts of the policy sweep; default
 	// PolicyRuleCounts (--quick: QuickPolicyRuleCounts).
 	PolicyRules []int
-	Log         io.Writer
+	// ServiceCounts are the Service counts of the Service workload;
+	// default ServiceCounts (--quick: QuickServiceCounts).
+	ServiceCounts []int
+	Log           io.Writer
 }
 
 // RegisterFlags defines the command-line flags of cfg on fs.
@@ -92,7 +95,7 @@ func (cfg *Config) RegisterFlags(fs *flag.FlagSet) {
 		cfg.Paths = splitList(s)
 		return nil
 	})
-	fs.Func("workloads", "comma-separated workloads (default all: "+strings.Join(workloadNames(), ",")+")", func(s string) error {
+	fs.Func("workloads", "comma-separated workloads (default all but services: "+strings.Join(workloadNames(), ",")+")", func(s string) error {
 		cfg.Workloads = splitList(s)
 		return nil
 	})
@@ -116,6 +119,20 @@ func (cfg *Config) RegisterFlags(fs *flag.FlagSet) {
 		}
 		if len(cfg.PolicyRules) == 0 {
 			return errors.New("no rule count")
+		}
+		return nil
+	})
+	fs.Func("services", fmt.Sprintf("comma-separated Service counts of the services workload (default %s, --quick %s)", intList(ServiceCounts), intList(QuickServiceCounts)), func(s string) error {
+		cfg.ServiceCounts = nil
+		for _, f := range splitList(s) {
+			n, err := strconv.Atoi(strings.ReplaceAll(f, "_", ""))
+			if err != nil {
+				return fmt.Errorf("Service count %q: %w", f, err)
+			}
+			cfg.ServiceCounts = append(cfg.ServiceCounts, n)
+		}
+		if len(cfg.ServiceCounts) == 0 {
+			return errors.New("no Service count")
 		}
 		return nil
 	})
@@ -166,7 +183,13 @@ func (cfg *Config) resolve() error {
 	}
 	known := workloadNames()
 	if len(cfg.Workloads) == 0 {
-		cfg.Workloads = known
+		// The Service workload runs only when named: it changes the ebpf
+		// path's network (Tern's load balancer) and takes minutes.
+		for _, w := range known {
+			if w != servicesName {
+				cfg.Workloads = append(cfg.Workloads, w)
+			}
+		}
 	}
 	for _, w := range cfg.Workloads {
 		if !slices.Contains(known, w) {
@@ -216,6 +239,22 @@ func (cfg *Config) resolve() error {
 		}
 		if i > 0 && cfg.PolicyRules[i-1] == n {
 			return fmt.Errorf("--policy-rules: %d given twice", n)
+		}
+	}
+	if len(cfg.ServiceCounts) == 0 {
+		cfg.ServiceCounts = slices.Clone(ServiceCounts)
+		if cfg.Quick {
+			cfg.ServiceCounts = slices.Clone(QuickServiceCounts)
+		}
+	}
+	cfg.ServiceCounts = slices.Clone(cfg.ServiceCounts)
+	slices.Sort(cfg.ServiceCounts)
+	for i, n := range cfg.ServiceCounts {
+		if n < 1 || n > maxServices {
+			return fmt.Errorf("--services %d: need 1 to %d (the target Service is one of them)", n, maxServices)
+		}
+		if i > 0 && cfg.ServiceCounts[i-1] == n {
+			return fmt.Errorf("--services: %d given twice", n)
 		}
 	}
 	if cfg.Out == "" {
@@ -321,6 +360,9 @@ func Run(ctx context.Context, cfg Config) (res *Results, dir string, err error) 
 	if slices.Contains(cfg.Workloads, policySweepName) {
 		res.Config.PolicyRules = cfg.PolicyRules
 	}
+	if slices.Contains(cfg.Workloads, servicesName) {
+		res.Config.ServiceCounts = cfg.ServiceCounts
+	}
 	r.res = res
 	if dir, err = makeOutDir(cfg.Out, started); err != nil {
 		return nil, "", err
@@ -362,6 +404,11 @@ func (r *runner) execute(ctx context.Context) error {
 		pr := PathResult{Name: name, Description: pathDescriptions[name]}
 		if d, ok := xnodeDescriptions[name]; ok {
 			pr.Description = d
+		}
+		if d, ok := servicePathDescriptions[name]; ok {
+			pr.Description = d
+		} else if name == PathEBPF && r.servicesSelected() {
+			pr.Description = ebpfDescription + `, "services": "ebpf": Tern's own Service load balancer (Services applied with ternctl)`
 		}
 		if reason, ok := unavailable[name]; ok {
 			pr.Status, pr.Reason = StatusUnavailable, reason
@@ -405,6 +452,9 @@ func (r *runner) execute(ctx context.Context) error {
 		if ps, ok := w.(*policySweepWorkload); ok {
 			ps.counts = r.cfg.PolicyRules
 		}
+		if sw, ok := w.(*servicesWorkload); ok {
+			sw.counts = r.cfg.ServiceCounts
+		}
 		wr := WorkloadResult{Name: w.Name(), Title: w.Title(), Short: w.Short(), Metrics: w.Metrics(), Status: StatusOK}
 		if err := w.Available(); err != nil {
 			wr.Status, wr.Reason = StatusUnavailable, err.Error()
@@ -441,15 +491,19 @@ func (r *runner) execute(ctx context.Context) error {
 		for rep := 1; rep <= r.cfg.Reps && len(phase) > 0; rep++ {
 			wc.Rep = rep
 			for _, w := range phase {
-				for _, t := range slices.Clone(r.topos) {
-					if w.Supports(t) != nil || res.Path(t.Path).Status != StatusOK || r.unavailable[[2]string{w.Name(), t.Path}] {
-						continue
+				for step := 0; step < stepsOf(w); step++ {
+					wc.Step = step
+					for _, t := range slices.Clone(r.topos) {
+						if w.Supports(t) != nil || res.Path(t.Path).Status != StatusOK || r.unavailable[[2]string{w.Name(), t.Path}] {
+							continue
+						}
+						if ctx.Err() != nil {
+							return ctx.Err()
+						}
+						r.sample(ctx, wc, w, t)
 					}
-					if ctx.Err() != nil {
-						return ctx.Err()
-					}
-					r.sample(ctx, wc, w, t)
 				}
+				wc.Step = 0
 			}
 		}
 	}
@@ -470,7 +524,16 @@ func (r *runner) setupPath(ctx context.Context, name string) (*Topology, error) 
 	case PathReference:
 		return r.setupReference(ctx)
 	case PathEBPF, PathIptables:
-		return r.setupTern(ctx, name)
+		if name == PathEBPF && r.servicesSelected() {
+			return r.setupServicePath(ctx, name)
+		}
+		t, err := r.setupTern(ctx, name, name, nil)
+		if err != nil {
+			return t, err
+		}
+		return t, r.finish(ctx, t)
+	case PathDirect, PathKubeProxy, PathIptablesKubeProxy:
+		return r.setupServicePath(ctx, name)
 	case PathLimitXNode, PathEBPFNative, PathEBPFVXLAN, PathIptablesNative, PathIptablesVXLAN:
 		return r.setupXNode(ctx, name)
 	}
@@ -548,8 +611,11 @@ func (r *runner) failPath(t *Topology, err error) {
 
 // headline formats the charted metrics of a sample for the log.
 func headline(w Workload, m map[string]float64) string {
-	if w.Name() == policySweepName {
+	switch w.Name() {
+	case policySweepName:
 		return "done (one line per rule count above)"
+	case servicesName:
+		return "done (line above)"
 	}
 	var parts []string
 	for _, spec := range w.Metrics() {
@@ -646,6 +712,10 @@ func PrintCatalog(w io.Writer) {
 	fmt.Fprintln(w, "paths (interleaved in this order by default):")
 	for _, p := range AllPaths {
 		fmt.Fprintf(w, "  %-10s %s\n", p, pathDescriptions[p])
+	}
+	fmt.Fprintln(w, "Service paths (only when named in --paths; with the services workload, ebpf runs Tern's load balancer):")
+	for _, p := range ServicePaths {
+		fmt.Fprintf(w, "  %-19s %s\n", p, servicePathDescriptions[p])
 	}
 	fmt.Fprintln(w, "workloads:")
 	for _, wl := range allWorkloads() {

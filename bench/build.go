@@ -108,7 +108,7 @@ func goRun(ctx context.Context, dir string, env []string, args ...string) error 
 func (r *runner) buildPlugins(ctx context.Context, version string) map[string]string {
 	unavailable := make(map[string]string)
 	needRef := r.selected(PathReference)
-	ternPaths := []string{PathEBPF, PathIptables, PathEBPFNative, PathEBPFVXLAN, PathIptablesNative, PathIptablesVXLAN}
+	ternPaths := append([]string{PathEBPF, PathIptables, PathEBPFNative, PathEBPFVXLAN, PathIptablesNative, PathIptablesVXLAN}, ServicePaths...)
 	needTern := slices.ContainsFunc(ternPaths, r.selected)
 	markTern := func(reason string) {
 		for _, p := range ternPaths {
@@ -208,9 +208,10 @@ func (r *runner) buildTern(ctx context.Context) error {
 	return goRun(ctx, r.cfg.SourceDir, nil, append([]string{"build", "-o", r.binDir + "/"}, pkgs...)...)
 }
 
-// needTernctl reports whether a selected workload applies NetworkPolicy.
+// needTernctl reports whether a selected workload applies NetworkPolicy
+// or Services.
 func (r *runner) needTernctl() bool {
-	return slices.Contains(r.cfg.Workloads, policySweepName)
+	return slices.Contains(r.cfg.Workloads, policySweepName) || slices.Contains(r.cfg.Workloads, servicesName)
 }
 
 func hasGoFiles(dir string) bool {

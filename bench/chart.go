@@ -61,8 +61,12 @@ type bar struct {
 func RenderChart(w io.Writer, r *Results) error {
 	var panels []panel
 	for _, wl := range r.Workloads {
-		if wl.Name == policySweepName {
-			panels = append(panels, r.sweepPanels(wl)...)
+		switch wl.Name {
+		case policySweepName:
+			panels = append(panels, r.sweepPanels(wl, sweepChartHeading)...)
+			continue
+		case servicesName:
+			panels = append(panels, r.sweepPanels(wl, svcChartHeading)...)
 			continue
 		}
 		for _, m := range wl.Metrics {
@@ -130,14 +134,14 @@ func RenderChart(w io.Writer, r *Results) error {
 
 // sweepPanels draws each charted metric of the policy sweep as one panel:
 // a group per rule count, a bar per path.
-func (r *Results) sweepPanels(wl WorkloadResult) []panel {
+func (r *Results) sweepPanels(wl WorkloadResult, heading func(base string) string) []panel {
 	l := r.sweepLayout(wl)
 	var out []panel
 	for _, spec := range l.bases {
 		if !spec.Chart {
 			continue
 		}
-		pn := panel{workload: sweepChartHeading(spec.Name), metric: spec.Title, unit: spec.Unit, better: spec.Better}
+		pn := panel{workload: heading(spec.Name), metric: spec.Title, unit: spec.Unit, better: spec.Better}
 		any := false
 		for _, n := range l.counts {
 			g := barGroup{label: groupThousands(int64(n))}

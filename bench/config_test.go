@@ -18,7 +18,7 @@ func TestConfigDefaults(t *testing.T) {
 		cfg.Pods != DefaultPods || cfg.Parallel != DefaultParallel || cfg.Out != DefaultOut || cfg.Pin != "" {
 		t.Fatalf("defaults: %+v", cfg)
 	}
-	if !slices.Contains(cfg.Workloads, "policy-sweep") || !slices.Contains(cfg.Workloads, "tcp-stream") {
+	if !slices.Contains(cfg.Workloads, "policy-sweep") || !slices.Contains(cfg.Workloads, "tcp-stream") || slices.Contains(cfg.Workloads, servicesName) {
 		t.Errorf("default workloads %v", cfg.Workloads)
 	}
 }

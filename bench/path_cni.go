@@ -181,16 +181,17 @@ func (r *runner) setupReference(ctx context.Context) (*Topology, error) {
 	return t, r.finish(ctx, t)
 }
 
-// setupTern wires the pods with Tern's own plugin in the given datapath
-// mode ("ebpf" or "iptables"), with a state directory and a bpffs of the
-// run's own.
-func (r *runner) setupTern(ctx context.Context, datapath string) (*Topology, error) {
-	t, err := r.newTopology(datapath)
+// setupTern wires the pods of path with Tern's own plugin in the given
+// datapath mode ("ebpf" or "iptables"), with a state directory and a bpffs
+// of the run's own; extra adds fields to the network configuration (the
+// Service paths' "services" and "serviceCIDR").
+func (r *runner) setupTern(ctx context.Context, path, datapath string, extra map[string]any) (*Topology, error) {
+	t, err := r.newTopology(path)
 	if err != nil {
 		return t, err
 	}
-	stateDir := filepath.Join(r.tmp, "state-"+datapath)
-	bpffsDir := filepath.Join(r.tmp, "bpffs-"+datapath)
+	stateDir := filepath.Join(r.tmp, "state-"+path)
+	bpffsDir := filepath.Join(r.tmp, "bpffs-"+path)
 	for _, d := range []string{stateDir, bpffsDir} {
 		if err := os.MkdirAll(d, 0o700); err != nil {
 			return t, err
@@ -206,27 +207,31 @@ func (r *runner) setupTern(ctx context.Context, datapath string) (*Topology, err
 		return nil
 	})
 	bridge := fmt.Sprintf("tb%c%s", datapath[0], r.tag)
+	plugin := map[string]any{
+		"type":        "tern",
+		"datapath":    datapath,
+		"mtu":         1500,
+		"clusterCIDR": ternClusterCIDR,
+		"stateDir":    stateDir,
+		"bpffsDir":    bpffsDir,
+		"bridge":      bridge,
+		"ipMasq":      true,
+		"ipam":        map[string]any{"type": "tern-ipam", "subnet": ternSubnet},
+	}
+	for k, v := range extra {
+		plugin[k] = v
+	}
 	conf := map[string]any{
 		"cniVersion": cniVersion,
-		"name":       r.netName(datapath),
-		"plugins": []any{map[string]any{
-			"type":        "tern",
-			"datapath":    datapath,
-			"mtu":         1500,
-			"clusterCIDR": ternClusterCIDR,
-			"stateDir":    stateDir,
-			"bpffsDir":    bpffsDir,
-			"bridge":      bridge,
-			"ipMasq":      true,
-			"ipam":        map[string]any{"type": "tern-ipam", "subnet": ternSubnet},
-		}},
+		"name":       r.netName(path),
+		"plugins":    []any{plugin},
 	}
 	if t.cni, err = r.newCNINetwork(t.Node, conf); err != nil {
 		return t, err
 	}
 	if r.ternctl == "" {
 		t.noPolicy = r.noTernctl
-	} else if t.policy, err = r.newTernPolicy(t, datapath, stateDir, conf); err != nil {
+	} else if t.policy, err = r.newTernPolicy(t, path, datapath, stateDir, conf); err != nil {
 		return t, err
 	}
 	if err := r.addPods(ctx, t); err != nil {
@@ -238,7 +243,7 @@ func (r *runner) setupTern(ctx context.Context, datapath string) (*Topology, err
 	default:
 		t.verifier = &iptablesVerifier{t: t}
 	}
-	return t, r.finish(ctx, t)
+	return t, nil
 }
 
 // cniExec is libcni's plugin executor with two changes: the plugin runs

@@ -62,8 +62,8 @@ type ternPolicy struct {
 	applied     string // manifest of the policies in force, "" when none
 }
 
-func (r *runner) newTernPolicy(t *Topology, datapath, stateDir string, conflist map[string]any) (*ternPolicy, error) {
-	return r.newTernPolicyOn(t, t.Node, datapath, t.Path, stateDir, conflist)
+func (r *runner) newTernPolicy(t *Topology, path, datapath, stateDir string, conflist map[string]any) (*ternPolicy, error) {
+	return r.newTernPolicyOn(t, t.Node, datapath, path, stateDir, conflist)
 }
 
 // newTernPolicyOn is newTernPolicy for the network named after path on

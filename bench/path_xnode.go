@@ -32,7 +32,7 @@ const (
 var CrossNodePaths = []string{PathLimitXNode, PathEBPFNative, PathEBPFVXLAN, PathIptablesNative, PathIptablesVXLAN}
 
 // KnownPaths are every path --paths accepts.
-var KnownPaths = append(append([]string{}, AllPaths...), CrossNodePaths...)
+var KnownPaths = append(append(append([]string{}, AllPaths...), CrossNodePaths...), ServicePaths...)
 
 // crossNodeBaselines: the paths a cross-node path's "× limit" and
 // "× iptables" ratios compare with.

@@ -63,6 +63,12 @@ func RenderReport(w io.Writer, r *Results) error {
 			}
 			continue
 		}
+		if wl.Name == servicesName {
+			if r.renderServices(&b, wl) {
+				measured = true
+			}
+			continue
+		}
 		rows := r.rowsOf(wl.Name)
 		if len(rows) == 0 {
 			continue

@@ -66,6 +66,8 @@ type RunConfig struct {
 	Pods        int      `json:"pods"`
 	Parallel    int      `json:"parallel"`
 	PolicyRules []int    `json:"policyRules,omitempty"` // rule counts of the policy sweep
+	// ServiceCounts are the Service counts of the services workload.
+	ServiceCounts []int `json:"serviceCounts,omitempty"`
 }
 
 // Env describes the machine and the software under test.
@@ -238,7 +240,11 @@ func (r *Results) Summarize() {
 					Workload: w.Name, Metric: m.Name, Unit: m.Unit, Better: m.Better, Path: p.Name,
 					N: n, Median: Median(vals), Min: lo, Max: hi,
 				}
-				if base, cross := crossNodeBaselines[p.Name]; cross && m.Better != Informational {
+				base, cross := crossNodeBaselines[p.Name]
+				if svcBase, ok := serviceBaselines[p.Name]; ok {
+					base, cross = svcBase, true
+				}
+				if cross && m.Better != Informational {
 					// A cross-node path compares with the cross-node
 					// limit and with iptables in its routing mode.
 					if base[0] != "" && okPaths[base[0]] {

@@ -46,8 +46,14 @@ func (*connRateWorkload) Supports(t *Topology) error { return nil }
 func (*connRateWorkload) Traffic() bool              { return true }
 
 func (*connRateWorkload) Run(ctx context.Context, wc *WorkloadContext, t *Topology) (map[string]float64, error) {
-	addr := net.JoinHostPort(t.Server.IP.String(), strconv.Itoa(wc.Port()))
-	ln, err := t.Server.NS.Listen("tcp4", addr)
+	return measureConnRate(ctx, wc, t, t.Server.IP, wc.Port())
+}
+
+// measureConnRate runs the connection-rate test against dst:port, the
+// server listening on its pod IP and that port (dst is the pod IP, or a
+// Service address translated to it).
+func measureConnRate(ctx context.Context, wc *WorkloadContext, t *Topology, dst net.IP, port int) (map[string]float64, error) {
+	ln, err := t.Server.NS.Listen("tcp4", net.JoinHostPort(t.Server.IP.String(), strconv.Itoa(port)))
 	if err != nil {
 		return nil, fmt.Errorf("listen in server pod: %w", err)
 	}
@@ -75,6 +81,7 @@ func (*connRateWorkload) Run(ctx context.Context, wc *WorkloadContext, t *Topolo
 		}
 	}()
 
+	addr := net.JoinHostPort(dst.String(), strconv.Itoa(port))
 	start := time.Now().Add(wc.Omit)
 	end := start.Add(wc.Duration)
 	type result struct {

@@ -227,7 +227,7 @@ COMMIT
 
 func TestPolicySweepRunsLast(t *testing.T) {
 	for _, w := range allWorkloads() {
-		if got := runsLast(w); got != (w.Name() == policySweepName) {
+		if got := runsLast(w); got != (w.Name() == policySweepName || w.Name() == servicesName) {
 			t.Errorf("%s: runsLast = %v", w.Name(), got)
 		}
 	}

@@ -6,6 +6,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net"
 	"regexp"
 	"strconv"
 	"strings"
@@ -49,13 +50,18 @@ func (w *sockperfWorkload) Supports(t *Topology) error { return nil }
 func (w *sockperfWorkload) Traffic() bool              { return true }
 
 func (w *sockperfWorkload) Run(ctx context.Context, wc *WorkloadContext, t *Topology) (map[string]float64, error) {
-	portN := wc.Port()
+	return w.measure(ctx, wc, t, t.Server.IP, wc.Port())
+}
+
+// measure runs the ping-pong against dst:portN, the server bound to its
+// pod IP and that port (dst is the pod IP, or a Service address
+// translated to it).
+func (w *sockperfWorkload) measure(ctx context.Context, wc *WorkloadContext, t *Topology, dst net.IP, portN int) (map[string]float64, error) {
 	port := strconv.Itoa(portN)
-	ip := t.Server.IP.String()
-	srvArgs := []string{"sockperf", "sr", "-i", ip, "-p", port}
+	srvArgs := []string{"sockperf", "sr", "-i", t.Server.IP.String(), "-p", port}
 	// sockperf's warm-up (0.4 s) and tail are outside its "valid
 	// duration"; -t Duration+Omit leaves about Duration+0.5 s measured.
-	cliArgs := []string{"sockperf", "pp", "-i", ip, "-p", port, "-t", secondsArg(wc.Duration + wc.Omit), "--mps=max"}
+	cliArgs := []string{"sockperf", "pp", "-i", dst.String(), "-p", port, "-t", secondsArg(wc.Duration + wc.Omit), "--mps=max"}
 	if !w.udp {
 		srvArgs = append(srvArgs, "--tcp")
 		cliArgs = append(cliArgs, "--tcp")

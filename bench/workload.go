@@ -44,6 +44,19 @@ func runsLast(w Workload) bool {
 	return ok && l.RunsLast()
 }
 
+// steppedWorkload is implemented by workloads measured in steps (the
+// Service workload: one step per Service count): each step runs on every
+// path before the next starts, so the paths are interleaved step by step,
+// and each step is a sample of its own (WorkloadContext.Step says which).
+type steppedWorkload interface{ Steps() int }
+
+func stepsOf(w Workload) int {
+	if s, ok := w.(steppedWorkload); ok && s.Steps() > 1 {
+		return s.Steps()
+	}
+	return 1
+}
+
 // WorkloadContext carries the run's settings to a workload.
 type WorkloadContext struct {
 	Rep      int           // 1-based repetition
@@ -54,6 +67,8 @@ type WorkloadContext struct {
 	Parallel int           // control plane: concurrent CNI calls
 	// PolicyRules are the rule counts of the policy sweep, ascending.
 	PolicyRules []int
+	// Step is the 0-based step of a steppedWorkload, 0 for the others.
+	Step int
 
 	r *runner
 }
@@ -84,6 +99,7 @@ func allWorkloads() []Workload {
 		&sockperfWorkload{udp: true},
 		&connRateWorkload{},
 		&cniWorkload{},
+		&servicesWorkload{},
 		&policySweepWorkload{},
 	}
 }

@@ -1,16 +1,16 @@
-package testutil
+package kubeproxy
 
 import (
 	"strings"
 	"testing"
 )
 
-// TestKubeProxyChainNames: the chain names are kube-proxy's own, as its
+// TestChainNames: the chain names are kube-proxy's own, as its
 // iptables proxier tests expect them (pkg/proxy/iptables/proxier_test.go):
 // the hash of "namespace/name:port" + protocol, and of that + endpoint.
-func TestKubeProxyChainNames(t *testing.T) {
-	svc := func(ns, name string) KubeService {
-		return KubeService{Namespace: ns, Name: name, PortName: "p80", Protocol: "tcp"}
+func TestChainNames(t *testing.T) {
+	svc := func(ns, name string) Service {
+		return Service{Namespace: ns, Name: name, PortName: "p80", Protocol: "tcp"}
 	}
 	for _, c := range []struct{ got, want string }{
 		{svc("ns2", "svc2").svcChain(), "KUBE-SVC-GNZBNJ2PO5MGZ6GT"},
@@ -19,7 +19,7 @@ func TestKubeProxyChainNames(t *testing.T) {
 		{svc("ns3", "svc3").svcChain(), "KUBE-SVC-X27LE4BHSL4DOUIK"},
 		{svc("ns4", "svc4").svcChain(), "KUBE-SVC-4SW47YFZTEDKD3PK"},
 		{svc("ns5", "svc5").svcChain(), "KUBE-SVC-NUKIZ6OKUXPJNT4C"},
-		{svc("ns2", "svc2").sepChain(KubeEndpoint{IP: "10.180.0.2", Port: 80}), "KUBE-SEP-RS4RBKLTHTF2IUXJ"},
+		{svc("ns2", "svc2").sepChain(Endpoint{IP: "10.180.0.2", Port: 80}), "KUBE-SEP-RS4RBKLTHTF2IUXJ"},
 	} {
 		if c.got != c.want {
 			t.Errorf("chain %s, kube-proxy names it %s", c.got, c.want)
@@ -27,14 +27,14 @@ func TestKubeProxyChainNames(t *testing.T) {
 	}
 }
 
-// TestKubeProxyRulesShape: the rules of a NodePort Service with
+// TestRulesShape: the rules of a NodePort Service with
 // externalTrafficPolicy Local hold kube-proxy's chain layout and hairpin
 // masquerade.
-func TestKubeProxyRulesShape(t *testing.T) {
-	s := KubeService{Namespace: "ns", Name: "web", Protocol: "tcp", ClusterIP: "10.96.0.10", Port: 80,
+func TestRulesShape(t *testing.T) {
+	s := Service{Namespace: "ns", Name: "web", Protocol: "tcp", ClusterIP: "10.96.0.10", Port: 80,
 		NodePort: 30080, ExternalLocal: true,
-		Endpoints: []KubeEndpoint{{IP: "10.244.1.5", Port: 8080, Local: true}, {IP: "10.244.2.5", Port: 8080}}}
-	rules := KubeProxyRules("10.244.0.0/16", []KubeService{s})
+		Endpoints: []Endpoint{{IP: "10.244.1.5", Port: 8080, Local: true}, {IP: "10.244.2.5", Port: 8080}}}
+	rules := Rules("10.244.0.0/16", []Service{s})
 	for _, want := range []string{
 		"-A PREROUTING -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES",
 		"-A KUBE-POSTROUTING -m mark ! --mark 0x4000/0x4000 -j RETURN",
