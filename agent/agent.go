@@ -262,6 +262,9 @@ func ConfList(cfg *Config, podCIDR string) ([]byte, error) {
 	if cfg.Services != "" {
 		plugin["services"] = cfg.Services
 	}
+	if cfg.HostSvcCgrp != "" && cfg.Services == cni.ServicesEBPF {
+		plugin["hostServicesCgroup"] = cfg.HostSvcCgrp
+	}
 	return json.MarshalIndent(map[string]any{
 		"cniVersion": "1.1.0",
 		"name":       cfg.Network,

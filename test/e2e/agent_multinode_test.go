@@ -270,7 +270,8 @@ func TestAgentServices(t *testing.T) {
 	client := cp.Client(t)
 	ctx := t.Context()
 	createNamespaces(t, client, "alpha")
-	w := newAgentNode(t, cp, client, "10.77.156.0/24", "--services", "ebpf")
+	w := newAgentNode(t, cp, client, "10.77.156.0/24", "--services", "ebpf",
+		"--host-services-cgroup", testutil.NewCgroup(t)) // never the machine's root in tests
 	cli := w.addPod("alpha", "cli", map[string]string{"app": "cli"})
 	b1 := w.addPod("alpha", "b1", map[string]string{"app": "web"})
 	b2 := w.addPod("alpha", "b2", map[string]string{"app": "web"})
