@@ -318,6 +318,9 @@ func (d *Datapath) CheckEndpoint(ep *datapath.Endpoint) error {
 	if err := checkGatewayAddr(ep.Gateway); err != nil {
 		return err
 	}
+	if d.cfg.LoadBalancer && d.cfg.HostServicesCgroup != "" && !d.loader.CgroupAttached() {
+		return fmt.Errorf("host services: the socket programs are not attached to %s", d.cfg.HostServicesCgroup)
+	}
 	if up := d.cfg.Uplink; up.Ifindex != 0 && up.IP != nil {
 		for _, hook := range uplinkHooks {
 			if err := d.loader.CheckAttached(d.objs, up.Name, up.Ifindex, hook); err != nil {
