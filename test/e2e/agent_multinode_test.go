@@ -270,8 +270,8 @@ func TestAgentServices(t *testing.T) {
 	client := cp.Client(t)
 	ctx := t.Context()
 	createNamespaces(t, client, "alpha")
-	w := newAgentNode(t, cp, client, "10.77.156.0/24", "--services", "ebpf",
-		"--host-services-cgroup", testutil.NewCgroup(t)) // never the machine's root in tests
+	cgroup := testutil.NewCgroup(t) // never the machine's root in tests
+	w := newAgentNode(t, cp, client, "10.77.156.0/24", "--services", "ebpf", "--host-services-cgroup", cgroup)
 	cli := w.addPod("alpha", "cli", map[string]string{"app": "cli"})
 	b1 := w.addPod("alpha", "b1", map[string]string{"app": "web"})
 	b2 := w.addPod("alpha", "b2", map[string]string{"app": "web"})
@@ -315,6 +315,11 @@ func TestAgentServices(t *testing.T) {
 		t.Fatal(err)
 	}
 	backendsSeen(t, "EndpointSlice created", cli.NS, addr, start, "b1")
+	// The node's own processes too (--host-services-cgroup: the socket
+	// programs attached there).
+	if out, err := testutil.SockClient(w.node.NS, cgroup, "tcp", addr); err != nil || out != addr+" b1" {
+		t.Errorf("host -> %s: %q (%v), want b1's greeting from the ClusterIP", addr, out, err)
+	}
 
 	update := func(step string, eps []discoveryv1.Endpoint, want ...string) {
 		t.Helper()
