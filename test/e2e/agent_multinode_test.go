@@ -354,4 +354,16 @@ func TestAgentServices(t *testing.T) {
 		t.Fatalf("ClusterIP without endpoints: not refused %v after the API write: %v", took, err)
 	}
 	t.Logf("no endpoints: refused %v after the API write", time.Since(start).Round(time.Millisecond))
+
+	// ternd --uninstall takes the socket programs off the cgroup.
+	if out, err := w.node.Exec(t, "bpftool", "cgroup", "show", cgroup); err != nil || !strings.Contains(out, "connect4") {
+		t.Fatalf("bpftool cgroup show %s before --uninstall (%v): %q, want the socket programs", cgroup, err, out)
+	}
+	w.agent.stop()
+	if b, err := w.node.Exec(t, terndBinary(t), "--uninstall", "--cni-conf-dir", w.confDir); err != nil {
+		t.Fatalf("ternd --uninstall: %v\n%s", err, b)
+	}
+	if out, err := w.node.Exec(t, "bpftool", "cgroup", "show", cgroup); err != nil || strings.TrimSpace(out) != "" {
+		t.Errorf("bpftool cgroup show %s after --uninstall (%v): %q, want nothing attached", cgroup, err, out)
+	}
 }
