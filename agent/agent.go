@@ -29,6 +29,7 @@ import (
 
 	"github.com/ternlabs/tern/cni"
 	"github.com/ternlabs/tern/datapath"
+	"github.com/ternlabs/tern/loader"
 )
 
 // Main is ternd's main: it parses args (flags with environment fallbacks),
@@ -59,6 +60,10 @@ func Main(ctx context.Context, args []string, stderr io.Writer) int {
 		rerr := teardownRouting(cfg.CNIConfDir)
 		if rerr != nil {
 			log.Error("uninstall: remove the routes to other nodes", "err", rerr)
+		}
+		if err := teardownHostServices(cfg.CNIConfDir); err != nil {
+			log.Error("uninstall: detach the host services programs", "err", err)
+			rerr = errors.Join(rerr, err)
 		}
 		if err := RemoveConfList(cfg.CNIConfDir); err != nil {
 			log.Error("uninstall", "err", err)
@@ -262,6 +267,9 @@ func ConfList(cfg *Config, podCIDR string) ([]byte, error) {
 	if cfg.Services != "" {
 		plugin["services"] = cfg.Services
 	}
+	if cfg.HostSvcCgrp != "" && cfg.Services == cni.ServicesEBPF {
+		plugin["hostServicesCgroup"] = cfg.HostSvcCgrp
+	}
 	return json.MarshalIndent(map[string]any{
 		"cniVersion": "1.1.0",
 		"name":       cfg.Network,
@@ -370,6 +378,29 @@ func InstallPlugin(src, binDir string) (err error) {
 // teardownRouting removes the routes to other nodes (and the VXLAN device,
 // and the datapath's table entries) that the installed conflist's routing
 // made; nothing to do without a conflist.
+// teardownHostServices detaches the socket programs through which the
+// node's own processes reach Services (services "ebpf", attached at the
+// cgroup2 root by the plugin): uninstalled, Tern no longer keeps their
+// maps, and the node's processes go back to whatever else translates
+// Services.
+func teardownHostServices(dir string) error {
+	conflist, err := os.ReadFile(filepath.Join(dir, ConfFileName))
+	if errors.Is(err, os.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	conf, err := cni.ParseConfig(pluginConf(conflist))
+	if err != nil {
+		return fmt.Errorf("%s: %w", ConfFileName, err)
+	}
+	if conf.Datapath != cni.DatapathEBPF || conf.Services != cni.ServicesEBPF {
+		return nil
+	}
+	return loader.New(conf.BPFFSDir, conf.StateDir).DetachCgroup()
+}
+
 func teardownRouting(dir string) error {
 	conflist, err := os.ReadFile(filepath.Join(dir, ConfFileName))
 	if errors.Is(err, os.ErrNotExist) {

@@ -30,6 +30,7 @@ type Config struct {
 	Uplink       string
 	Routing      string
 	Services     string
+	HostSvcCgrp  string
 	MetricsAddr  string
 	HealthAddr   string
 	Offline      bool
@@ -68,6 +69,7 @@ var Flags = []flagSpec{
 	{"uplink", "TERN_UPLINK", "", "the node's interface toward the outside (default: that of the default route)"},
 	{"routing", "TERN_ROUTING", "native", `how pods reach other nodes' pods: "native" (a route per remote pod CIDR via that node's InternalIP) or "vxlan" (an overlay)`},
 	{"services", "TERN_SERVICES", "kube-proxy", `who translates Services: "kube-proxy" or "ebpf" (Tern's own load balancer, fed from the API's Services and EndpointSlices)`},
+	{"host-services-cgroup", "TERN_HOST_SERVICES_CGROUP", "", `with --services ebpf: the cgroup v2 directory whose processes reach Services through Tern's socket programs (default: the cgroup2 root; "none": not translated)`},
 	{"metrics-addr", "TERN_METRICS_ADDR", ":9962", "address of the Prometheus /metrics endpoint (empty: off)"},
 	{"health-addr", "TERN_HEALTH_ADDR", ":9963", "address of /healthz and /readyz (empty: off)"},
 	{"offline", "TERN_OFFLINE", "false", "file-based mode: no API server; policy comes from ternctl apply"},
@@ -137,6 +139,7 @@ func ParseFlags(args []string, getenv func(string) string, stderr io.Writer) (*C
 		Uplink:      get("uplink"),
 		Routing:     get("routing"),
 		Services:    get("services"),
+		HostSvcCgrp: get("host-services-cgroup"),
 		MetricsAddr: get("metrics-addr"),
 		HealthAddr:  get("health-addr"),
 		LogLevel:    get("log-level"),

@@ -38,6 +38,9 @@ const (
 	// DefaultServiceLoopbackIP is the client address a pod sees when it
 	// reaches itself through its own Service (services "ebpf").
 	DefaultServiceLoopbackIP = "169.254.42.1"
+	// HostServicesNone as hostServicesCgroup leaves the node's own
+	// processes untranslated (services "ebpf").
+	HostServicesNone = "none"
 )
 
 // Routing modes accepted in the "routing" field (package routing).
@@ -77,6 +80,12 @@ type NetConf struct {
 	// on packets it sent itself through its own Service (hairpin).
 	// Default 169.254.42.1; it must be IPv4 and is never a pod's.
 	ServiceLoopbackIP string `json:"serviceLoopbackIP,omitempty"`
+	// HostServicesCgroup (services "ebpf") is the cgroup v2 directory
+	// whose processes reach Services through Tern's socket programs (the
+	// node's own: kubelet probes, hostNetwork pods). Default: the cgroup2
+	// root, found in /proc/self/mountinfo; "none": host processes are not
+	// translated.
+	HostServicesCgroup string `json:"hostServicesCgroup,omitempty"`
 	// ServiceCIDR lists the ranges kube-proxy's ClusterIPs come from. The
 	// eBPF datapath hands pod traffic to them to the host stack (where
 	// kube-proxy's DNAT is) instead of masquerading or redirecting it.
@@ -206,6 +215,14 @@ func ParseConfig(stdin []byte) (*NetConf, error) {
 	}
 	if conf.ServiceLoopbackIP != "" && conf.Services != ServicesEBPF {
 		return nil, fieldErr("serviceLoopbackIP", "only used with services %q", ServicesEBPF)
+	}
+	if conf.HostServicesCgroup != "" {
+		if conf.Services != ServicesEBPF {
+			return nil, fieldErr("hostServicesCgroup", "only used with services %q", ServicesEBPF)
+		}
+		if conf.HostServicesCgroup != HostServicesNone && !strings.HasPrefix(conf.HostServicesCgroup, "/") {
+			return nil, fieldErr("hostServicesCgroup", "%q is not an absolute path or %q", conf.HostServicesCgroup, HostServicesNone)
+		}
 	}
 	if conf.Services == ServicesEBPF {
 		lo := conf.ServiceLoopbackIP

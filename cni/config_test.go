@@ -606,3 +606,36 @@ func TestParseConfigServicesEBPF(t *testing.T) {
 		t.Errorf("message %q does not say services ebpf needs the eBPF datapath", te.Msg)
 	}
 }
+
+// hostServicesCgroup: an absolute path or "none", with services "ebpf"
+// only; unset, the datapath gets the cgroup2 root of this machine.
+func TestParseConfigHostServicesCgroup(t *testing.T) {
+	for _, c := range []struct {
+		extra map[string]any
+		ok    bool
+		want  string // the datapath's cgroup; "*" any non-empty
+	}{
+		{map[string]any{"services": "ebpf"}, true, "*"},
+		{map[string]any{"services": "ebpf", "hostServicesCgroup": "/sys/fs/cgroup/x"}, true, "/sys/fs/cgroup/x"},
+		{map[string]any{"services": "ebpf", "hostServicesCgroup": "none"}, true, ""},
+		{map[string]any{"services": "ebpf", "hostServicesCgroup": "relative/x"}, false, ""},
+		{map[string]any{"hostServicesCgroup": "/sys/fs/cgroup"}, false, ""},
+	} {
+		conf, err := ParseConfig(confJSON(t, c.extra, nil))
+		if (err == nil) != c.ok {
+			t.Errorf("%v: error %v, want ok %v", c.extra, err, c.ok)
+			continue
+		}
+		if err != nil {
+			continue
+		}
+		got := conf.hostServicesCgroup()
+		if c.want == "*" {
+			if root, _ := loader.Cgroup2Root(); got != root {
+				t.Errorf("%v: cgroup %q, want the cgroup2 root %q", c.extra, got, root)
+			}
+		} else if got != c.want {
+			t.Errorf("%v: cgroup %q, want %q", c.extra, got, c.want)
+		}
+	}
+}

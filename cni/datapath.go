@@ -7,6 +7,7 @@ import (
 	"github.com/ternlabs/tern/datapath"
 	ebpfdp "github.com/ternlabs/tern/datapath/ebpf"
 	"github.com/ternlabs/tern/datapath/iptables"
+	"github.com/ternlabs/tern/loader"
 )
 
 // newDatapath builds the configured datapath. The iptables datapath needs
@@ -40,6 +41,9 @@ func (c *NetConf) newDatapath(subnet *net.IPNet, gateway net.IP) (datapath.Datap
 		// the configured uplink is missing: DEL, CHECK and GC must work
 		// on a node that lost it.
 		cfg.Uplink, cfg.UplinkErr = ebpfdp.ResolveUplink(c.Uplink)
+		if c.Services == ServicesEBPF {
+			cfg.HostServicesCgroup = c.hostServicesCgroup()
+		}
 		return ebpfdp.New(cfg), nil
 	case DatapathIPTables:
 		if subnet == nil && c.pool != nil {
@@ -73,4 +77,22 @@ func closeDatapath(dp datapath.Datapath) {
 	if c, ok := dp.(interface{ Close() }); ok {
 		c.Close()
 	}
+}
+
+// hostServicesCgroup is where the socket programs of services "ebpf"
+// attach: the configured directory, else the cgroup2 root. A node without
+// a cgroup v2 hierarchy gets none (its pods' Services still work; its own
+// processes do not reach them).
+func (c *NetConf) hostServicesCgroup() string {
+	switch c.HostServicesCgroup {
+	case HostServicesNone:
+		return ""
+	case "":
+		root, err := loader.Cgroup2Root()
+		if err != nil {
+			return ""
+		}
+		return root
+	}
+	return c.HostServicesCgroup
 }

@@ -50,7 +50,7 @@ func (h Hook) program() string {
 	case HookTunnelIngress:
 		return "tern_from_tunnel"
 	}
-	return ""
+	return cgroupHookProgram(h)
 }
 
 func (h Hook) egress() bool { return h == HookPodEgress || h == HookUplinkEgress }

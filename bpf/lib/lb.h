@@ -46,6 +46,7 @@
 #include "forward.h"
 #include "fib.h"
 #include "policy.h"
+#include "lb_select.h"
 
 #ifndef IPPROTO_SCTP
 #define IPPROTO_SCTP 132
@@ -187,50 +188,12 @@ drop:
 	return TC_ACT_SHOT;
 }
 
-/* lb_pick chooses the backend of a new flow: the client's affinity
- * backend while it is fresh and still in its slot, else the slot of the
- * flow hash. Returns 0 with *b set, -1 when the frontend has no backend. */
+/* lb_pick chooses the backend of a new flow (lib/lb_select.h), hashed on
+ * the flow. */
 static __always_inline int lb_pick(struct __sk_buff *skb, const struct lb_svc *svc, __be32 client,
 				   __u64 now, struct lb_backend *b, struct lb_scratch *s)
 {
-	struct lb_affinity_key ak = { .client = client, .id = svc->id };
-	struct lb_slot_key sk = { .id = svc->id };
-	struct lb_affinity *a = NULL;
-	struct lb_backend *slot;
-
-	if (svc->count == 0)
-		return -1;
-	if (svc->affinity_timeout) {
-		a = bpf_map_lookup_elem(&tern_lb_affinity, &ak);
-		if (a && now - a->last_seen <= (__u64)svc->affinity_timeout * NSEC_PER_SEC) {
-			/* Still a backend of the frontend? Scanning the slots
-			 * would cost a loop; affinity is to the backend, so a
-			 * backend that left is detected by its address not
-			 * being in any slot: we check the slot it was in when
-			 * chosen (kept in pad), a move re-balances. */
-			sk.slot = a->pad;
-			slot = bpf_map_lookup_elem(&tern_lb_backends, &sk);
-			if (sk.slot < svc->count && slot && slot->addr == a->addr && slot->port == a->port) {
-				a->last_seen = now;
-				*b = *slot;
-				return 0;
-			}
-		}
-	}
-	sk.slot = bpf_get_hash_recalc(skb) % svc->count;
-	slot = bpf_map_lookup_elem(&tern_lb_backends, &sk);
-	if (!slot)
-		return -1;
-	*b = *slot;
-	if (svc->affinity_timeout) {
-		__builtin_memset(&s->na, 0, sizeof(s->na));
-		s->na.last_seen = now;
-		s->na.addr = slot->addr;
-		s->na.port = slot->port;
-		s->na.pad = (__u16)sk.slot;
-		bpf_map_update_elem(&tern_lb_affinity, &ak, &s->na, BPF_ANY);
-	}
-	return 0;
+	return lb_select(svc, client, now, bpf_get_hash_recalc(skb), b, &s->na);
 }
 
 /* lb_hairpin_reply: a pod's answer to the service-loopback address is its

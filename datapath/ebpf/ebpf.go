@@ -51,6 +51,10 @@ type Config struct {
 	// load balancer (services "ebpf", lb.go): what they send to a Service
 	// frontend is translated to a backend by tern_from_pod.
 	LoadBalancer bool
+	// HostServicesCgroup (with LoadBalancer) is the cgroup v2 directory
+	// whose processes reach Services through the socket programs
+	// (hostsvc.go): the cgroup2 root in production. Empty: not attached.
+	HostServicesCgroup string
 	// PodSubnet stands in for ClusterCIDR when that is unset (as in the
 	// iptables datapath). Nil when unknown (DEL without a record).
 	PodSubnet *net.IPNet
@@ -128,7 +132,12 @@ func (d *Datapath) EnsureNode() error {
 	if err := d.syncServiceCIDRs(); err != nil {
 		return err
 	}
-	return d.snatHeld(d.ensureSNAT)
+	return d.snatHeld(func() error {
+		if err := d.ensureSNAT(); err != nil {
+			return err
+		}
+		return d.ensureHostServices()
+	})
 }
 
 func (d *Datapath) endpoints() (*cilium.Map, error) {
@@ -309,6 +318,9 @@ func (d *Datapath) CheckEndpoint(ep *datapath.Endpoint) error {
 	if err := checkGatewayAddr(ep.Gateway); err != nil {
 		return err
 	}
+	if d.cfg.LoadBalancer && d.cfg.HostServicesCgroup != "" && !d.loader.CgroupAttached() {
+		return fmt.Errorf("host services: the socket programs are not attached to %s", d.cfg.HostServicesCgroup)
+	}
 	if up := d.cfg.Uplink; up.Ifindex != 0 && up.IP != nil {
 		for _, hook := range uplinkHooks {
 			if err := d.loader.CheckAttached(d.objs, up.Name, up.Ifindex, hook); err != nil {
@@ -347,7 +359,7 @@ func (d *Datapath) ReleaseNode(remaining int) error {
 		if err := it.Err(); err != nil {
 			return fmt.Errorf("iterate endpoints: %w", err)
 		}
-		return d.releaseSNAT()
+		return errors.Join(d.releaseSNAT(), d.releaseHostServices())
 	})
 }
 

@@ -232,7 +232,8 @@ func TestAgentServices(t *testing.T) {
 	client := cp.Client(t)
 	ctx := t.Context()
 	createNamespaces(t, client, "alpha")
-	w := newAgentNode(t, cp, client, "10.77.156.0/24", "--services", "ebpf")
+	cgroup := testutil.NewCgroup(t) // never the machine's root in tests
+	w := newAgentNode(t, cp, client, "10.77.156.0/24", "--services", "ebpf", "--host-services-cgroup", cgroup)
 	cli := w.addPod("alpha", "cli", map[string]string{"app": "cli"})
 	b1 := w.addPod("alpha", "b1", map[string]string{"app": "web"})
 	b2 := w.addPod("alpha", "b2", map[string]string{"app": "web"})
@@ -276,6 +277,11 @@ func TestAgentServices(t *testing.T) {
 		t.Fatal(err)
 	}
 	backendsSeen(t, "EndpointSlice created", cli.NS, addr, start, "b1")
+	// The node's own processes too (--host-services-cgroup: the socket
+	// programs attached there).
+	if out, err := testutil.SockClient(w.node.NS, cgroup, "tcp", addr); err != nil || out != addr+" b1" {
+		t.Errorf("host -> %s: %q (%v), want b1's greeting from the ClusterIP", addr, out, err)
+	}
 
 	update := func(step string, eps []discoveryv1.Endpoint, want ...string) {
 		t.Helper()
@@ -310,4 +316,16 @@ func TestAgentServices(t *testing.T) {
 		t.Fatalf("ClusterIP without endpoints: not refused %v after the API write: %v", took, err)
 	}
 	t.Logf("no endpoints: refused %v after the API write", time.Since(start).Round(time.Millisecond))
+
+	// ternd --uninstall takes the socket programs off the cgroup.
+	if out, err := w.node.Exec(t, "bpftool", "cgroup", "show", cgroup); err != nil || !strings.Contains(out, "connect4") {
+		t.Fatalf("bpftool cgroup show %s before --uninstall (%v): %q, want the socket programs", cgroup, err, out)
+	}
+	w.agent.stop()
+	if b, err := w.node.Exec(t, terndBinary(t), "--uninstall", "--cni-conf-dir", w.confDir); err != nil {
+		t.Fatalf("ternd --uninstall: %v\n%s", err, b)
+	}
+	if out, err := w.node.Exec(t, "bpftool", "cgroup", "show", cgroup); err != nil || strings.TrimSpace(out) != "" {
+		t.Errorf("bpftool cgroup show %s after --uninstall (%v): %q, want nothing attached", cgroup, err, out)
+	}
 }

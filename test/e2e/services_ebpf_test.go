@@ -52,14 +52,19 @@ const (
 type lbWorld struct {
 	*svcWorld
 	remotePort int
+	// cgroup is the test's cgroup the socket programs attach to
+	// (hostServicesCgroup): never the machine's root in tests.
+	cgroup string
 }
 
 func newLBWorld(t *testing.T) *lbWorld {
 	t.Helper()
 	sw := &svcWorld{snatWorld: newSNATWorld(t), t: t, bin: ternctlBinary(t), dir: t.TempDir()}
+	cgroup := testutil.NewCgroup(t)
 	_, sw.conf = sw.snatWorld.conf(t, "ebpf", map[string]any{
 		"services":           "ebpf",
 		"nonMasqueradeCIDRs": []string{extIP + "/32"},
+		"hostServicesCgroup": cgroup,
 	})
 	sw.confFile = writeTemp(t, "10-tern.conflist", sw.conf)
 	sw.a = addK8sPod(t, sw.node, sw.conf, "dev", "client")
@@ -74,7 +79,7 @@ func newLBWorld(t *testing.T) *lbWorld {
 	if err != nil {
 		t.Fatal(err)
 	}
-	w := &lbWorld{svcWorld: sw}
+	w := &lbWorld{svcWorld: sw, cgroup: cgroup}
 	w.remotePort, _ = strconv.Atoi(extPort)
 	// ext is "another node's pod": it answers pods directly.
 	if _, err := testutil.ExecIn(sw.snatWorld.ext, "ip", "route", "add", "10.77.50.0/24", "via", extNodeIP); err != nil {
