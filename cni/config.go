@@ -100,6 +100,11 @@ type NetConf struct {
 	// which sets how many masqueraded flows the node holds. Default 12
 	// (65,536 flows).
 	NATMemoryMiB int `json:"natMemoryMiB,omitempty"`
+	// PolicyFlowsPerPod bounds the new flows of each kind (TCP; UDP and
+	// the rest) one pod may open per minute on the eBPF datapath, so a
+	// pod spraying flows cannot recycle the shared policy conntrack;
+	// default 0: no limit.
+	PolicyFlowsPerPod uint32 `json:"policyFlowsPerPod,omitempty"`
 	// Mode is "standalone" (default: Tern creates the interface and
 	// allocates the address) or "chained" (another plugin before Tern did
 	// both; Tern attaches its datapath to what prevResult names). See

@@ -31,10 +31,11 @@ func (c *NetConf) newDatapath(subnet *net.IPNet, gateway net.IP) (datapath.Datap
 			LoadBalancer:       c.Services == ServicesEBPF,
 			PodSubnet:          subnet,
 			NAT: ebpfdp.NAT{
-				PortMin:    c.natPortMin,
-				PortMax:    c.natPortMax,
-				MemoryMiB:  c.NATMemoryMiB,
-				LBLoopback: c.lbLoopback,
+				PortMin:           c.natPortMin,
+				PortMax:           c.natPortMax,
+				MemoryMiB:         c.NATMemoryMiB,
+				LBLoopback:        c.lbLoopback,
+				PolicyFlowsPerPod: c.PolicyFlowsPerPod,
 			},
 		}
 		// Resolved on every command, but only ADD and STATUS fail when

@@ -215,11 +215,14 @@ static __always_inline int policy_rst_plausible(const struct policy_ct_entry *e,
 }
 
 /* policy_ct_pod_flows: how many new flows of each kind (TCP; the rest) a
- * local pod may open per POLICY_CT_QUOTA_PERIOD_NS, set before load; 0:
- * no limit. Half of each conntrack map: a pod spraying flows recycles at
- * most half the entries of the others' idle flows per minute, and their
- * busy ones stay (the LRU evicts what was not used since). */
-volatile const __u32 policy_ct_pod_flows = TERN_MAX_POLICY_CT / 2;
+ * local pod may open per POLICY_CT_QUOTA_PERIOD_NS, set before load from
+ * the network config's policyFlowsPerPod; 0 (the default): no limit. With
+ * a limit of half a conntrack map, a pod spraying flows recycles at most
+ * half the entries of the others' idle flows per minute (the LRU evicts
+ * what was not used since); but a limit is also a ceiling on a busy pod's
+ * legitimate connection rate (65,536 a minute is 1,092 a second: a load
+ * generator or a proxy exceeds it), so it is the operator's choice. */
+volatile const __u32 policy_ct_pod_flows = 0;
 
 #define POLICY_CT_QUOTA_PERIOD_NS (60 * NSEC_PER_SEC)
 

@@ -125,6 +125,10 @@ type NAT struct {
 	// balancer (lib/lb.h: the client a pod reaching itself through its
 	// Service sees). Zero: 169.254.42.1.
 	LBLoopback netip.Addr
+	// PolicyFlowsPerPod bounds the new flows of each kind (TCP; the rest)
+	// a local pod may open per minute into the policy conntrack
+	// (lib/policy.h policy_ct_pod_flows); 0: no limit.
+	PolicyFlowsPerPod uint32
 }
 
 // DefaultNAT: ports above the kernel's default ephemeral range (32768-60999),
@@ -189,6 +193,7 @@ func (n NAT) vars() map[string]uint32 {
 		ternbpf.TernVarCtTimeoutIcmp:     sec(n.ICMP),
 		ternbpf.TernVarNatGcInterval:     sec(n.GCInterval),
 		ternbpf.TernVarLbLoopbackIp:      lbAddr(n.LBLoopback),
+		ternbpf.TernVarPolicyCtPodFlows:  n.PolicyFlowsPerPod,
 	}
 }
 
