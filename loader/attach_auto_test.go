@@ -152,4 +152,3 @@ func TestAttachKeepsKind(t *testing.T) {
 		})
 	}
 }
-
