@@ -32,7 +32,7 @@ const (
 
 const (
 	referenceDescription = "reference CNI plugins bridge + host-local v1.9.1 (isGateway, ipMasq) through libcni: Linux bridge in the node netns, pods on one /24"
-	ebpfDescription      = "Tern plugin, datapath \"ebpf\": tc (tcx) programs on the host-side veths, pod-to-pod by bpf_redirect_peer, no bridge"
+	ebpfDescription      = "Tern plugin, datapath \"ebpf\": tc programs on the host-side veths (cls_bpf in clsact, or tcx), pod-to-pod by bpf_redirect_peer, no bridge"
 	iptablesDescription  = "Tern plugin, datapath \"iptables\": Linux bridge and Tern's iptables chains (TERN-FWD-*) in the node netns"
 )
 

@@ -76,6 +76,13 @@ const (
 	ModeAuto   Mode = ""       // TCX when the kernel has it, else legacy
 	ModeTCX    Mode = "tcx"    // bpf_link on the TCX hook, pinned
 	ModeLegacy Mode = "legacy" // clsact qdisc with a cls_bpf filter
+	// ModeClsactFirst is auto mode's choice for an unshaped pod's veth
+	// (not a configuration value): a cls_bpf filter, where a TCX attach
+	// would wait for an RCU grace period with the RTNL held
+	// (docs/cni-add-profile.md); TCX when the device refuses a clsact
+	// qdisc (another plugin's ingress qdisc is there) or a foreign filter
+	// holds Tern's priority.
+	ModeClsactFirst Mode = "clsact-first"
 )
 
 // ParseMode validates a mode name from configuration.
@@ -117,6 +124,29 @@ func (l *Loader) Attach(objs *Objects, ifname string, ifindex int, hook Hook, mo
 	err = l.Held(func() error {
 		if err := l.current(objs); err != nil {
 			return err
+		}
+		if mode == ModeAuto || mode == ModeClsactFirst {
+			// Re-attaching (restore, upgrade of an old pod's hooks,
+			// a changed tcAttach): stay with the kind the interface
+			// has, which attaching the other kind would not remove,
+			// and the program would run twice.
+			switch l.attachedKind(ifname, ifindex, hook) {
+			case ModeTCX:
+				mode = ModeTCX
+			case ModeLegacy:
+				mode = ModeLegacy
+			}
+		}
+		if mode == ModeClsactFirst {
+			err := l.attachLegacy(prog, ifname, ifindex, hook)
+			if err == nil {
+				used = ModeLegacy
+				return nil
+			}
+			if !errors.Is(err, errClsactRefused) {
+				return err
+			}
+			mode = ModeTCX
 		}
 		if mode == ModeAuto || mode == ModeTCX {
 			err := l.attachTCX(prog, ifname, ifindex, hook)
@@ -222,10 +252,10 @@ func (l *Loader) attachLegacy(prog *ebpf.Program, ifname string, ifindex int, ho
 		QdiscType: "clsact",
 	}
 	if err := netlink.QdiscReplace(qdisc); err != nil {
-		return fmt.Errorf("add clsact qdisc to %s: %w", ifname, err)
+		return fmt.Errorf("add clsact qdisc to %s: %w (%w)", ifname, err, errClsactRefused)
 	}
 	if err := checkClsBPFSlot(ifindex, hook); err != nil {
-		return fmt.Errorf("attach cls_bpf %s to %s: %w", hook, ifname, err)
+		return fmt.Errorf("attach cls_bpf %s to %s: %w (%w)", hook, ifname, err, errClsactRefused)
 	}
 	if err := replaceClsBPF(ifindex, hook, prog); err != nil {
 		return fmt.Errorf("attach cls_bpf %s to %s: %w", hook, ifname, err)
@@ -238,6 +268,42 @@ func (l *Loader) attachLegacy(prog *ebpf.Program, ifname string, ifindex int, ho
 		return fmt.Errorf("record legacy attachment: %w", err)
 	}
 	return nil
+}
+
+// errClsactRefused marks an attachLegacy failure before Tern's filter is in
+// place: the device has a qdisc that excludes clsact (the ingress qdisc), or
+// a foreign filter holds Tern's priority. Nothing of Tern's is left behind,
+// so ModeClsactFirst can attach with TCX instead.
+var errClsactRefused = errors.New("clsact refused")
+
+// attachedKind says how hook is attached to the interface ifindex
+// (ifname) now, by Tern's records: ModeTCX for a pinned link of that
+// hook and device, ModeLegacy for a clsact record of that device, ""
+// for neither (records of a deleted or recreated device do not count).
+func (l *Loader) attachedKind(ifname string, ifindex int, hook Hook) Mode {
+	if lk, err := link.LoadPinnedLink(l.linkPin(ifname, hook), nil); err == nil {
+		info, err := lk.Info()
+		lk.Close()
+		if err == nil {
+			if tcx := info.TCX(); tcx != nil && int(tcx.Ifindex) == ifindex && ebpf.AttachType(tcx.AttachType) == hook.tcxAttach() {
+				return ModeTCX
+			}
+		}
+	}
+	b, err := os.ReadFile(filepath.Join(l.legacyDir(), attachmentName(ifname, hook)))
+	if err == nil {
+		if idx, err := strconv.Atoi(strings.TrimSpace(string(b))); err == nil && idx == ifindex {
+			return ModeLegacy
+		}
+	}
+	return ""
+}
+
+// AttachedKind is attachedKind for callers outside the package that must
+// attach a device's second hook the way its first one is (ModeTCX,
+// ModeLegacy or "" for none).
+func (l *Loader) AttachedKind(ifname string, ifindex int, hook Hook) Mode {
+	return l.attachedKind(ifname, ifindex, hook)
 }
 
 // Tern's cls_bpf filter: handle, so replace finds it, and priority 1, the

@@ -219,12 +219,37 @@ func (d *Datapath) AddEndpoint(ep *datapath.Endpoint) error {
 	}
 	// The receiving side first: once tern_from_pod lets the pod's first
 	// packet out, what comes back through the host meets its policy.
+	mode := d.podAttachMode(ep.Shaped)
 	for _, hook := range []loader.Hook{loader.HookPodEgress, loader.HookPodIngress} {
-		if _, err := d.loader.Attach(d.objs, ep.HostVeth, ep.HostIfindex, hook, d.cfg.Attach); err != nil {
+		used, err := d.loader.Attach(d.objs, ep.HostVeth, ep.HostIfindex, hook, mode)
+		if err != nil {
 			return err
+		}
+		// Both hooks of a veth the same way: after a refused clsact the
+		// ingress hook goes to TCX too (auto mode still keeps a kind
+		// the hook already has).
+		if mode == loader.ModeClsactFirst && used == loader.ModeTCX {
+			mode = loader.ModeAuto
 		}
 	}
 	return nil
+}
+
+// podAttachMode is how a pod's veth gets its programs. A configured mode
+// holds for every pod. Auto mode picks per pod: TCX for a shaped pod, whose
+// bandwidth plugin adds an ingress qdisc to the same veth after Tern (the
+// clsact and ingress qdiscs exclude each other), and a cls_bpf filter for
+// every other pod: a TCX attach waits for an RCU grace period with the RTNL
+// held, two per pod, which made ADD slower than the reference plugins
+// (docs/cni-add-profile.md). The loader keeps a veth's existing kind.
+func (d *Datapath) podAttachMode(shaped bool) loader.Mode {
+	if d.cfg.Attach != loader.ModeAuto {
+		return d.cfg.Attach
+	}
+	if shaped {
+		return loader.ModeAuto
+	}
+	return loader.ModeClsactFirst
 }
 
 // DelEndpoint detaches the program and removes the map entry, but only an

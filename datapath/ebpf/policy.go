@@ -124,7 +124,15 @@ func (d *Datapath) ensurePodEgress() error {
 		if err != nil {
 			continue // gone without a DEL: GC's business
 		}
-		if _, err := d.loader.Attach(d.objs, ifname, lk.Attrs().Index, loader.HookPodEgress, d.cfg.Attach); err != nil {
+		// The way its ingress hook is (auto mode: per pod, see
+		// podAttachMode); the configured mode when that is unknown.
+		mode := d.cfg.Attach
+		if mode == loader.ModeAuto {
+			if kind := d.loader.AttachedKind(ifname, lk.Attrs().Index, loader.HookPodIngress); kind != "" {
+				mode = kind
+			}
+		}
+		if _, err := d.loader.Attach(d.objs, ifname, lk.Attrs().Index, loader.HookPodEgress, mode); err != nil {
 			return fmt.Errorf("attach the pod egress program to %s: %w", ifname, err)
 		}
 	}

@@ -68,8 +68,9 @@ func TestTernctl(t *testing.T) {
 	if len(eps) != 2 {
 		t.Fatalf("want 2 endpoints, got %s", out)
 	}
+	// Unshaped pods under the default tcAttach (auto): a cls_bpf filter.
 	for _, ep := range eps {
-		if (ep.IP != a.IP && ep.IP != b.IP) || !ep.InMap || !strings.Contains(ep.Program, "tcx/ingress tern_from_pod") || !strings.HasPrefix(ep.Pod, "default/") {
+		if (ep.IP != a.IP && ep.IP != b.IP) || !ep.InMap || !strings.Contains(ep.Program, "tc/ingress tern_from_pod") || !strings.HasPrefix(ep.Pod, "default/") {
 			t.Errorf("unexpected endpoint row %+v", ep)
 		}
 	}

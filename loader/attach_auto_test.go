@@ -1,0 +1,154 @@
+package loader
+
+import (
+	"fmt"
+	"slices"
+	"testing"
+
+	"github.com/containernetworking/plugins/pkg/netlinksafe"
+	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
+
+	"github.com/ternlabs/tern/internal/testutil"
+)
+
+// TestAttachClsactFirst: auto mode's choice for an unshaped pod attaches a
+// cls_bpf filter on a fresh veth, and TCX where the device refuses clsact
+// (an ingress qdisc, as the bandwidth plugin adds) or a foreign filter holds
+// Tern's priority; the foreign qdisc and filter are left as they were.
+func TestAttachClsactFirst(t *testing.T) {
+	testutil.RequirePrivileged(t)
+	n := testutil.NewNetNS(t, "ldr")
+	l := newLoader(t)
+	objs := load(t, l)
+	id := progID(t, objs)
+	attachIn := func(v veth, mode Mode) Mode {
+		t.Helper()
+		var used Mode
+		do(t, n, func() error {
+			var err error
+			used, err = l.Attach(objs, v.name, v.index, HookPodIngress, mode)
+			return err
+		})
+		return used
+	}
+
+	t.Run("fresh veth", func(t *testing.T) {
+		v := addVeth(t, n)
+		if used := attachIn(v, ModeClsactFirst); used != ModeLegacy {
+			t.Fatalf("used %q, want legacy", used)
+		}
+		if f := clsBPFFilters(t, n, v); len(f) != 1 || f[0].Id != int(id) {
+			t.Errorf("cls_bpf filters %+v, want one of program %d", f, id)
+		}
+		if got := tcxPrograms(t, n, v); len(got) != 0 {
+			t.Errorf("tcx programs %v, want none", got)
+		}
+		if err := checkAttached(n, l, objs, v); err != nil {
+			t.Errorf("CheckAttached: %v", err)
+		}
+		detach(t, n, l, v)
+	})
+
+	t.Run("ingress qdisc", func(t *testing.T) {
+		v := addVeth(t, n)
+		do(t, n, func() error {
+			return netlink.QdiscAdd(&netlink.Ingress{QdiscAttrs: netlink.QdiscAttrs{
+				LinkIndex: v.index, Handle: netlink.MakeHandle(0xffff, 0), Parent: netlink.HANDLE_INGRESS}})
+		})
+		if used := attachIn(v, ModeClsactFirst); used != ModeTCX {
+			t.Fatalf("used %q, want tcx", used)
+		}
+		if got := tcxPrograms(t, n, v); len(got) != 1 || got[0] != id {
+			t.Errorf("tcx programs %v, want [%d]", got, id)
+		}
+		var kinds []string
+		do(t, n, func() error {
+			lk, err := netlinksafe.LinkByName(v.name)
+			if err != nil {
+				return err
+			}
+			qs, err := netlinksafe.QdiscList(lk)
+			for _, q := range qs {
+				kinds = append(kinds, q.Type())
+			}
+			return err
+		})
+		if !slices.Contains(kinds, "ingress") || slices.Contains(kinds, "clsact") {
+			t.Errorf("qdiscs %v, want the ingress qdisc kept and no clsact", kinds)
+		}
+		if err := checkAttached(n, l, objs, v); err != nil {
+			t.Errorf("CheckAttached: %v", err)
+		}
+		detach(t, n, l, v)
+	})
+
+	t.Run("foreign filter at Tern's priority", func(t *testing.T) {
+		v := addVeth(t, n)
+		f := newForeignProgs(t)
+		do(t, n, func() error {
+			if err := netlink.QdiscAdd(&netlink.GenericQdisc{QdiscType: "clsact", QdiscAttrs: netlink.QdiscAttrs{
+				LinkIndex: v.index, Handle: netlink.MakeHandle(0xffff, 0), Parent: netlink.HANDLE_CLSACT}}); err != nil {
+				return err
+			}
+			return netlink.FilterAdd(&netlink.BpfFilter{
+				FilterAttrs: netlink.FilterAttrs{LinkIndex: v.index, Parent: netlink.HANDLE_MIN_INGRESS,
+					Handle: 0x99, Protocol: unix.ETH_P_ALL, Priority: clsBPFPriority},
+				Fd: f.passOK.FD(), Name: "foreign", DirectAction: true,
+			})
+		})
+		if used := attachIn(v, ModeClsactFirst); used != ModeTCX {
+			t.Fatalf("used %q, want tcx", used)
+		}
+		if got := tcxPrograms(t, n, v); len(got) != 1 || got[0] != id {
+			t.Errorf("tcx programs %v, want [%d]", got, id)
+		}
+		if fs := clsBPFFilters(t, n, v); len(fs) != 1 || fs[0].Name != "foreign" {
+			t.Errorf("cls_bpf filters %+v, want the foreign one only", fs)
+		}
+		detach(t, n, l, v)
+	})
+}
+
+// TestAttachKeepsKind: re-attaching in auto mode (restore, a pod's second
+// hook, tcAttach changed to auto) stays with the kind the hook has: a TCX
+// link is updated, not joined by a filter, and a clsact filter replaced, not
+// joined by a TCX link; either would run the program twice.
+func TestAttachKeepsKind(t *testing.T) {
+	testutil.RequirePrivileged(t)
+	n := testutil.NewNetNS(t, "ldr")
+	l := newLoader(t)
+	objs := load(t, l)
+	id := progID(t, objs)
+	for _, tc := range []struct {
+		first, again, want Mode
+	}{
+		{ModeTCX, ModeClsactFirst, ModeTCX},
+		{ModeLegacy, ModeAuto, ModeLegacy},
+		{ModeLegacy, ModeClsactFirst, ModeLegacy},
+		{ModeTCX, ModeAuto, ModeTCX},
+	} {
+		t.Run(fmt.Sprintf("%q then %q", tc.first, tc.again), func(t *testing.T) {
+			v := addVeth(t, n)
+			attach(t, n, l, objs, v, tc.first)
+			var used Mode
+			do(t, n, func() error {
+				var err error
+				used, err = l.Attach(objs, v.name, v.index, HookPodIngress, tc.again)
+				return err
+			})
+			if used != tc.want {
+				t.Errorf("used %q, want %q", used, tc.want)
+			}
+			tcx, cls := tcxPrograms(t, n, v), clsBPFFilters(t, n, v)
+			if tc.want == ModeTCX && (len(tcx) != 1 || tcx[0] != id || len(cls) != 0) {
+				t.Errorf("tcx %v, cls_bpf %d filter(s): want tcx [%d] only", tcx, len(cls), id)
+			}
+			if tc.want == ModeLegacy && (len(tcx) != 0 || len(cls) != 1) {
+				t.Errorf("tcx %v, cls_bpf %d filter(s): want one cls_bpf filter only", tcx, len(cls))
+			}
+			detach(t, n, l, v)
+			delLink(t, n, v)
+		})
+	}
+}
