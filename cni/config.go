@@ -77,6 +77,12 @@ type NetConf struct {
 	// on packets it sent itself through its own Service (hairpin).
 	// Default 169.254.42.1; it must be IPv4 and is never a pod's.
 	ServiceLoopbackIP string `json:"serviceLoopbackIP,omitempty"`
+	// NodePortAcceleration (services "ebpf") translates NodePort and
+	// external-IP traffic from outside the node at the uplink's XDP, before
+	// the kernel allocates an skb: "none" (default: tc alone), "xdp"
+	// (required: ADD fails where the uplink's driver has no native XDP) or
+	// "auto" (XDP where the driver has it, tc alone elsewhere).
+	NodePortAcceleration string `json:"nodePortAcceleration,omitempty"`
 	// ServiceCIDR lists the ranges kube-proxy's ClusterIPs come from. The
 	// eBPF datapath hands pod traffic to them to the host stack (where
 	// kube-proxy's DNAT is) instead of masquerading or redirecting it.
@@ -220,6 +226,14 @@ func ParseConfig(stdin []byte) (*NetConf, error) {
 			return nil, fieldErr("serviceLoopbackIP", "%s is inside clusterCIDR %s (it must never be a pod's)", a, conf.clusterCIDR)
 		}
 		conf.lbLoopback = a
+	}
+	switch conf.NodePortAcceleration {
+	case "", "none", "xdp", "auto":
+	default:
+		return nil, fieldErr("nodePortAcceleration", "%q is not one of \"none\", \"xdp\", \"auto\"", conf.NodePortAcceleration)
+	}
+	if conf.NodePortAcceleration != "" && conf.NodePortAcceleration != "none" && conf.Services != ServicesEBPF {
+		return nil, fieldErr("nodePortAcceleration", "%q needs services %q (Tern's own load balancer)", conf.NodePortAcceleration, ServicesEBPF)
 	}
 	for i, s := range conf.ServiceCIDR {
 		_, n, err := net.ParseCIDR(s)

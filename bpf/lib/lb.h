@@ -189,9 +189,10 @@ drop:
 
 /* lb_pick chooses the backend of a new flow: the client's affinity
  * backend while it is fresh and still in its slot, else the slot of the
- * flow hash. Returns 0 with *b set, -1 when the frontend has no backend. */
-static __always_inline int lb_pick(struct __sk_buff *skb, const struct lb_svc *svc, __be32 client,
-				   __u64 now, struct lb_backend *b, struct lb_scratch *s)
+ * flow hash. Returns 0 with *b set, -1 when the frontend has no backend.
+ * lb_pick_hash takes the hash from its caller (XDP has no skb hash). */
+static __always_inline int lb_pick_hash(__u32 hash, const struct lb_svc *svc, __be32 client,
+					__u64 now, struct lb_backend *b, struct lb_scratch *s)
 {
 	struct lb_affinity_key ak = { .client = client, .id = svc->id };
 	struct lb_slot_key sk = { .id = svc->id };
@@ -217,7 +218,7 @@ static __always_inline int lb_pick(struct __sk_buff *skb, const struct lb_svc *s
 			}
 		}
 	}
-	sk.slot = bpf_get_hash_recalc(skb) % svc->count;
+	sk.slot = hash % svc->count;
 	slot = bpf_map_lookup_elem(&tern_lb_backends, &sk);
 	if (!slot)
 		return -1;
@@ -231,6 +232,12 @@ static __always_inline int lb_pick(struct __sk_buff *skb, const struct lb_svc *s
 		bpf_map_update_elem(&tern_lb_affinity, &ak, &s->na, BPF_ANY);
 	}
 	return 0;
+}
+
+static __always_inline int lb_pick(struct __sk_buff *skb, const struct lb_svc *svc, __be32 client,
+				   __u64 now, struct lb_backend *b, struct lb_scratch *s)
+{
+	return lb_pick_hash(bpf_get_hash_recalc(skb), svc, client, now, b, s);
 }
 
 /* lb_hairpin_reply: a pod's answer to the service-loopback address is its

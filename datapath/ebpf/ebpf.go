@@ -51,6 +51,9 @@ type Config struct {
 	// load balancer (services "ebpf", lb.go): what they send to a Service
 	// frontend is translated to a backend by tern_from_pod.
 	LoadBalancer bool
+	// Acceleration (with LoadBalancer) puts NodePort translation at the
+	// uplink's XDP (xdp.go). The zero value means AccelerationNone.
+	Acceleration Acceleration
 	// PodSubnet stands in for ClusterCIDR when that is unset (as in the
 	// iptables datapath). Nil when unknown (DEL without a record).
 	PodSubnet *net.IPNet
@@ -314,6 +317,9 @@ func (d *Datapath) CheckEndpoint(ep *datapath.Endpoint) error {
 			if err := d.loader.CheckAttached(d.objs, up.Name, up.Ifindex, hook); err != nil {
 				return fmt.Errorf("uplink: %w", err)
 			}
+		}
+		if err := d.checkXDP(up); err != nil {
+			return err
 		}
 	}
 	return nil

@@ -293,6 +293,9 @@ func (d *Datapath) ensureSNAT() error {
 			}
 		}
 	}
+	if err := d.ensureXDP(up); err != nil {
+		return err
+	}
 	return d.writeNodeConfig(ternbpf.TernNodeConfig{
 		NodeIp:        binary.NativeEndian.Uint32(up.IP.To4()),
 		UplinkIfindex: uint32(up.Ifindex),
@@ -318,6 +321,9 @@ func (d *Datapath) writeNodeConfig(want ternbpf.TernNodeConfig) error {
 func (d *Datapath) releaseSNAT() error {
 	var errs []error
 	if err := d.writeNodeConfig(ternbpf.TernNodeConfig{}); err != nil {
+		errs = append(errs, err)
+	}
+	if err := d.releaseXDP(); err != nil {
 		errs = append(errs, err)
 	}
 	for _, hook := range uplinkHooks {
