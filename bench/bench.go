@@ -363,6 +363,9 @@ func (r *runner) execute(ctx context.Context) error {
 		if d, ok := xnodeDescriptions[name]; ok {
 			pr.Description = d
 		}
+		if d, ok := nodePortDescriptions[name]; ok {
+			pr.Description = d
+		}
 		if reason, ok := unavailable[name]; ok {
 			pr.Status, pr.Reason = StatusUnavailable, reason
 			r.logf("path %s unavailable: %s", name, reason)
@@ -413,7 +416,7 @@ func (r *runner) execute(ctx context.Context) error {
 			continue
 		}
 		for _, t := range r.topos {
-			if err := w.Supports(t); err != nil {
+			if err := t.supports(w); err != nil {
 				if wr.NotApplicable == nil {
 					wr.NotApplicable = make(map[string]string)
 				}
@@ -442,7 +445,7 @@ func (r *runner) execute(ctx context.Context) error {
 			wc.Rep = rep
 			for _, w := range phase {
 				for _, t := range slices.Clone(r.topos) {
-					if w.Supports(t) != nil || res.Path(t.Path).Status != StatusOK || r.unavailable[[2]string{w.Name(), t.Path}] {
+					if t.supports(w) != nil || res.Path(t.Path).Status != StatusOK || r.unavailable[[2]string{w.Name(), t.Path}] {
 						continue
 					}
 					if ctx.Err() != nil {
@@ -473,6 +476,8 @@ func (r *runner) setupPath(ctx context.Context, name string) (*Topology, error) 
 		return r.setupTern(ctx, name)
 	case PathLimitXNode, PathEBPFNative, PathEBPFVXLAN, PathIptablesNative, PathIptablesVXLAN:
 		return r.setupXNode(ctx, name)
+	case PathNodePortTC, PathNodePortXDP:
+		return r.setupNodePort(ctx, name)
 	}
 	return nil, fmt.Errorf("unknown path %q", name)
 }

@@ -85,6 +85,7 @@ func allWorkloads() []Workload {
 		&connRateWorkload{},
 		&cniWorkload{},
 		&policySweepWorkload{},
+		&nodePortWorkload{},
 	}
 }
 
