@@ -197,6 +197,11 @@ func TestXDPNodePortPassesTheRest(t *testing.T) {
 			if marked || !bytes.Equal(out, frame) {
 				t.Errorf("XDP changed the frame (marked %v)", marked)
 			}
+			// Nothing pinned either: tc decides these flows alone.
+			var k, v []byte
+			if it := w.maps[TernMapTernLbCt].Iterate(); it.Next(&k, &v) {
+				t.Errorf("XDP pinned a flow it left to tc")
+			}
 			lbRun(t, w, w.fromUplink, w.uplink, frame, tc.tcVerdict, tc.tcMetrics...)
 		})
 	}

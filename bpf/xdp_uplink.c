@@ -83,9 +83,11 @@ static __always_inline __u32 xdp_flow_hash(__be32 saddr, __be32 daddr, __be16 sp
 
 /* xdp_lb_flow finds the backend of an outside client's flow to svc (its
  * pinned one, or a new pick pinned now in both directions, as
- * lb_uplink_frontend does). 0: *b set; -1: no backend or no room, left to
- * tc. In a frame of its own: the scratch work does not add to the
- * program's. */
+ * lb_uplink_frontend does). 0: *b set, a backend on this node; -1: no
+ * backend, no room, or a backend elsewhere, left to tc. A new flow to a
+ * backend elsewhere is not pinned here: what tc keeps for it (SNAT state
+ * with externalTrafficPolicy Cluster) is tc's to write. In a frame of its
+ * own: the scratch work does not add to the program's. */
 static __noinline int xdp_lb_flow(const struct lb_svc *svc, const struct l4 *l4, __be32 saddr,
 				  __be32 daddr, struct lb_backend *b)
 {
@@ -110,11 +112,14 @@ static __noinline int xdp_lb_flow(const struct lb_svc *svc, const struct l4 *l4,
 	    !ct_expired(e->last_seen, now, l4->proto, NAT_F_SEEN_REPLY | e->flags)) {
 		b->addr = e->addr;
 		b->port = e->port;
+		if (!bpf_map_lookup_elem(&tern_endpoints, &b->addr))
+			return -1;
 		lb_ct_touch(e, now, tcp_close_flags(l4, NAT_F_FIN_REMOTE));
 		return 0;
 	}
 	if (lb_pick_hash(xdp_flow_hash(saddr, daddr, l4->sport, l4->dport, l4->proto), svc, saddr,
-			 now, b, s) < 0)
+			 now, b, s) < 0 ||
+	    !bpf_map_lookup_elem(&tern_endpoints, &b->addr))
 		return -1;
 	/* The reply entry first: an answer must never find a forward entry
 	 * without its way back. */
@@ -191,8 +196,7 @@ int tern_xdp_uplink(struct xdp_md *ctx)
 	svc = bpf_map_lookup_elem(&tern_lb_svc, &fk);
 	if (!svc || svc->count == 0)
 		return XDP_PASS;
-	if (xdp_lb_flow(svc, &l4, saddr, daddr, &b) < 0 ||
-	    !bpf_map_lookup_elem(&tern_endpoints, &b.addr))
+	if (xdp_lb_flow(svc, &l4, saddr, daddr, &b) < 0)
 		return XDP_PASS; /* no backend, no room, or a backend elsewhere */
 
 	/* The mark first: without room for it, tc would not know the frame
