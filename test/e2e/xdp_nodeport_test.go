@@ -106,6 +106,11 @@ endpoints: [{addresses: [%[1]s], conditions: {ready: true}}]
 	}
 	after := w.lbMetrics()
 	xdp, tc := after["lb_xdp_dnat"]-before["lb_xdp_dnat"], after["lb_dnat"]-before["lb_dnat"]
+	// Delivered by tern_from_uplink's bpf_redirect_peer either way (with
+	// XDP: tc recognised the translated frames), not by the host stack.
+	if peer := after["redirect_peer"] - before["redirect_peer"]; peer < 9 {
+		t.Errorf("redirect_peer +%d, want >= 9 (one per packet from outside)", peer)
+	}
 	switch accel {
 	case "xdp":
 		// Every packet of these flows from outside: at least the 9
