@@ -407,6 +407,8 @@ func (r *runner) execute(ctx context.Context) error {
 		}
 		if d, ok := servicePathDescriptions[name]; ok {
 			pr.Description = d
+		} else if d, ok := nodePortDescriptions[name]; ok {
+			pr.Description = d
 		} else if name == PathEBPF && r.servicesSelected() {
 			pr.Description = ebpfDescription + `, "services": "ebpf": Tern's own Service load balancer (Services applied with ternctl)`
 		}
@@ -463,7 +465,7 @@ func (r *runner) execute(ctx context.Context) error {
 			continue
 		}
 		for _, t := range r.topos {
-			if err := w.Supports(t); err != nil {
+			if err := t.supports(w); err != nil {
 				if wr.NotApplicable == nil {
 					wr.NotApplicable = make(map[string]string)
 				}
@@ -494,7 +496,7 @@ func (r *runner) execute(ctx context.Context) error {
 				for step := 0; step < stepsOf(w); step++ {
 					wc.Step = step
 					for _, t := range slices.Clone(r.topos) {
-						if w.Supports(t) != nil || res.Path(t.Path).Status != StatusOK || r.unavailable[[2]string{w.Name(), t.Path}] {
+						if t.supports(w) != nil || res.Path(t.Path).Status != StatusOK || r.unavailable[[2]string{w.Name(), t.Path}] {
 							continue
 						}
 						if ctx.Err() != nil {
@@ -536,6 +538,8 @@ func (r *runner) setupPath(ctx context.Context, name string) (*Topology, error) 
 		return r.setupServicePath(ctx, name)
 	case PathLimitXNode, PathEBPFNative, PathEBPFVXLAN, PathIptablesNative, PathIptablesVXLAN:
 		return r.setupXNode(ctx, name)
+	case PathNodePortTC, PathNodePortXDP:
+		return r.setupNodePort(ctx, name)
 	}
 	return nil, fmt.Errorf("unknown path %q", name)
 }

@@ -108,7 +108,7 @@ func goRun(ctx context.Context, dir string, env []string, args ...string) error 
 func (r *runner) buildPlugins(ctx context.Context, version string) map[string]string {
 	unavailable := make(map[string]string)
 	needRef := r.selected(PathReference)
-	ternPaths := append([]string{PathEBPF, PathIptables, PathEBPFNative, PathEBPFVXLAN, PathIptablesNative, PathIptablesVXLAN}, ServicePaths...)
+	ternPaths := append([]string{PathEBPF, PathIptables, PathEBPFNative, PathEBPFVXLAN, PathIptablesNative, PathIptablesVXLAN, PathNodePortTC, PathNodePortXDP}, ServicePaths...)
 	needTern := slices.ContainsFunc(ternPaths, r.selected)
 	markTern := func(reason string) {
 		for _, p := range ternPaths {
@@ -211,7 +211,9 @@ func (r *runner) buildTern(ctx context.Context) error {
 // needTernctl reports whether a selected workload applies NetworkPolicy
 // or Services.
 func (r *runner) needTernctl() bool {
-	return slices.Contains(r.cfg.Workloads, policySweepName) || slices.Contains(r.cfg.Workloads, servicesName)
+	// The NodePort paths apply their Service with it.
+	return slices.Contains(r.cfg.Workloads, policySweepName) || slices.Contains(r.cfg.Workloads, servicesName) ||
+		slices.ContainsFunc(NodePortPaths, r.selected)
 }
 
 func hasGoFiles(dir string) bool {

@@ -32,7 +32,7 @@ const (
 var CrossNodePaths = []string{PathLimitXNode, PathEBPFNative, PathEBPFVXLAN, PathIptablesNative, PathIptablesVXLAN}
 
 // KnownPaths are every path --paths accepts.
-var KnownPaths = append(append(append([]string{}, AllPaths...), CrossNodePaths...), ServicePaths...)
+var KnownPaths = append(append(append(append([]string{}, AllPaths...), CrossNodePaths...), ServicePaths...), NodePortPaths...)
 
 // crossNodeBaselines: the paths a cross-node path's "× limit" and
 // "× iptables" ratios compare with.
@@ -42,6 +42,10 @@ var crossNodeBaselines = map[string][2]string{
 	PathIptablesNative: {PathLimitXNode, ""},
 	PathIptablesVXLAN:  {PathLimitXNode, ""},
 	PathLimitXNode:     {"", ""},
+	// NodePort paths compare with each other (docs/services.md), not
+	// with a limit or iptables.
+	PathNodePortTC:  {"", ""},
+	PathNodePortXDP: {"", ""},
 }
 
 const (

@@ -5,6 +5,8 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"slices"
+	"strings"
 	"time"
 )
 
@@ -38,6 +40,18 @@ type Topology struct {
 	verifier verifier
 	checks   []string
 	closers  []closer // undone in reverse order by Close
+	// only, when set, names the only workloads the path runs (the
+	// NodePort paths' client is no pod: the pod-to-pod workloads do not
+	// apply).
+	only []string
+}
+
+// supports is w.Supports(t), after the path's own restriction.
+func (t *Topology) supports(w Workload) error {
+	if t.only != nil && !slices.Contains(t.only, w.Name()) {
+		return fmt.Errorf("path %s runs only %s", t.Path, strings.Join(t.only, ", "))
+	}
+	return w.Supports(t)
 }
 
 // Pod is one pod network namespace of a topology.

@@ -101,6 +101,7 @@ func allWorkloads() []Workload {
 		&cniWorkload{},
 		&servicesWorkload{},
 		&policySweepWorkload{},
+		&nodePortWorkload{},
 	}
 }
 

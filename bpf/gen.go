@@ -1,9 +1,10 @@
 // Package bpf holds Tern's eBPF programs, compiled by bpf2go into the
 // committed *_bpfel.{go,o}, so building Tern needs no clang. One object per
 // attach point: Tern (tc_pod.c, pod veths), TernUplink (tc_uplink.c, the
-// node's uplink) and TernSock (sock_lb.c, the cgroup2 root: host processes'
-// Service traffic). They define the same maps, pinned by name, so they share
-// them once loaded; the shared C types are generated once, from Tern.
+// node's uplink at tc), TernSock (sock_lb.c, the cgroup2 root: host
+// processes' Service traffic) and TernXDP (xdp_uplink.c, the uplink's XDP).
+// They define the same maps, pinned by name, so they share them once loaded;
+// the shared C types are generated once, from Tern.
 // -mcpu=v3 for the atomic compare-and-swap the NAT port allocator uses.
 package bpf
 
@@ -11,3 +12,4 @@ package bpf
 //go:generate go tool bpf2go -cc clang-19 -cflags "-O2 -g -Wall -Werror -mcpu=v3 -I/usr/include/x86_64-linux-gnu" -target bpfel -no-global-types TernUplink tc_uplink.c
 //go:generate go tool bpf2go -cc clang-19 -cflags "-O2 -g -Wall -Werror -mcpu=v3 -I/usr/include/x86_64-linux-gnu" -target bpfel -no-global-types TernTunnel tc_tunnel.c
 //go:generate go tool bpf2go -cc clang-19 -cflags "-O2 -g -Wall -Werror -mcpu=v3 -I/usr/include/x86_64-linux-gnu" -target bpfel -no-global-types -type sock_rev_key -type sock_config TernSock sock_lb.c
+//go:generate go tool bpf2go -cc clang-19 -cflags "-O2 -g -Wall -Werror -mcpu=v3 -I/usr/include/x86_64-linux-gnu" -target bpfel -no-global-types TernXDP xdp_uplink.c

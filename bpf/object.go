@@ -13,7 +13,7 @@ import (
 // build of any object and swaps every program in place.
 func ObjectVersion() string {
 	h := sha256.New()
-	for _, b := range [][]byte{_TernBytes, _TernUplinkBytes, _TernTunnelBytes, _TernSockBytes} {
+	for _, b := range [][]byte{_TernBytes, _TernUplinkBytes, _TernTunnelBytes, _TernSockBytes, _TernXDPBytes} {
 		h.Write(b)
 	}
 	return hex.EncodeToString(h.Sum(nil)[:6])
@@ -24,7 +24,7 @@ func ObjectVersion() string {
 // one pin path they share them.
 func LoadSpecs() ([]*ebpf.CollectionSpec, error) {
 	var specs []*ebpf.CollectionSpec
-	for _, load := range []func() (*ebpf.CollectionSpec, error){LoadTern, LoadTernUplink, LoadTernTunnel, LoadTernSock} {
+	for _, load := range []func() (*ebpf.CollectionSpec, error){LoadTern, LoadTernUplink, LoadTernTunnel, LoadTernSock, LoadTernXDP} {
 		spec, err := load()
 		if err != nil {
 			return nil, fmt.Errorf("load object spec: %w", err)

@@ -42,6 +42,7 @@
 #include "lib/stack.h"
 #include "lib/remote.h"
 #include "lib/lb.h"
+#include "lib/lb_xdp.h"
 #include "lib/shaped.h"
 
 char __license[] SEC("license") = "Dual BSD/GPL";
@@ -250,7 +251,10 @@ int tern_from_uplink(struct __sk_buff *skb)
 		struct lb_pkt lp = { .saddr = saddr, .daddr = daddr, .frag_off = frag_off,
 				     .id = id, .proto = proto, .ihl = ihl, .ttl = ttl };
 
-		ret = lb_uplink_frontend(skb, &lp);
+		/* Translated by the XDP program already (lib/lb_xdp.h)? */
+		ret = lb_xdp_translated(skb, &lp);
+		if (ret == LB_CONTINUE)
+			ret = lb_uplink_frontend(skb, &lp);
 		if (ret != LB_CONTINUE)
 			return ret;
 	}

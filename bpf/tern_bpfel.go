@@ -234,7 +234,8 @@ const (
 	TernMetricMETRIC_DROP_POLICY_RST      TernMetric = 40
 	TernMetricMETRIC_DROP_POLICY_CT_QUOTA TernMetric = 41
 	TernMetricMETRIC_PASS_SHAPED          TernMetric = 42
-	TernMetricMETRIC_MAX                  TernMetric = 43
+	TernMetricMETRIC_LB_XDP_DNAT          TernMetric = 43
+	TernMetricMETRIC_MAX                  TernMetric = 44
 )
 
 type TernMetricValue struct {

@@ -86,6 +86,12 @@ type NetConf struct {
 	// root, found in /proc/self/mountinfo; "none": host processes are not
 	// translated.
 	HostServicesCgroup string `json:"hostServicesCgroup,omitempty"`
+	// NodePortAcceleration (services "ebpf") translates NodePort and
+	// external-IP traffic from outside the node at the uplink's XDP, before
+	// the kernel allocates an skb: "none" (default: tc alone), "xdp"
+	// (required: ADD fails where the uplink's driver has no native XDP) or
+	// "auto" (XDP where the driver has it, tc alone elsewhere).
+	NodePortAcceleration string `json:"nodePortAcceleration,omitempty"`
 	// ServiceCIDR lists the ranges kube-proxy's ClusterIPs come from. The
 	// eBPF datapath hands pod traffic to them to the host stack (where
 	// kube-proxy's DNAT is) instead of masquerading or redirecting it.
@@ -242,6 +248,14 @@ func ParseConfig(stdin []byte) (*NetConf, error) {
 			return nil, fieldErr("serviceLoopbackIP", "%s is inside clusterCIDR %s (it must never be a pod's)", a, conf.clusterCIDR)
 		}
 		conf.lbLoopback = a
+	}
+	switch conf.NodePortAcceleration {
+	case "", "none", "xdp", "auto":
+	default:
+		return nil, fieldErr("nodePortAcceleration", "%q is not one of \"none\", \"xdp\", \"auto\"", conf.NodePortAcceleration)
+	}
+	if conf.NodePortAcceleration != "" && conf.NodePortAcceleration != "none" && conf.Services != ServicesEBPF {
+		return nil, fieldErr("nodePortAcceleration", "%q needs services %q (Tern's own load balancer)", conf.NodePortAcceleration, ServicesEBPF)
 	}
 	for i, s := range conf.ServiceCIDR {
 		_, n, err := net.ParseCIDR(s)

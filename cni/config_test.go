@@ -199,6 +199,8 @@ func TestParseConfigFieldErrors(t *testing.T) {
 		{"serviceLoopbackIP IPv6", map[string]any{"services": "ebpf", "serviceLoopbackIP": "fe80::1"}, nil, "serviceLoopbackIP"},
 		{"serviceLoopbackIP in clusterCIDR", map[string]any{"services": "ebpf", "serviceLoopbackIP": "10.244.9.9", "clusterCIDR": "10.244.0.0/16"}, nil, "serviceLoopbackIP"},
 		{"unknown services", map[string]any{"services": "ipvs"}, nil, "services"},
+		{"nodePortAcceleration unknown", map[string]any{"services": "ebpf", "nodePortAcceleration": "native"}, nil, "nodePortAcceleration"},
+		{"nodePortAcceleration without services ebpf", map[string]any{"nodePortAcceleration": "xdp"}, nil, "nodePortAcceleration"},
 		{"serviceCIDR[0] bad", map[string]any{"serviceCIDR": []string{"10.96.0.10"}}, nil, "serviceCIDR[0]"},
 		{"serviceCIDR[1] IPv6", map[string]any{"serviceCIDR": []string{"10.96.0.0/12", "fd00::/108"}}, nil, "serviceCIDR[1]"},
 		{"relative stateDir", map[string]any{"stateDir": "var/lib/tern"}, nil, "stateDir"},

@@ -29,6 +29,7 @@ func (c *NetConf) newDatapath(subnet *net.IPNet, gateway net.IP) (datapath.Datap
 			NonMasqueradeCIDRs: c.nonMasq,
 			ServiceCIDRs:       c.serviceCIDR,
 			LoadBalancer:       c.Services == ServicesEBPF,
+			Acceleration:       ebpfdp.Acceleration(c.NodePortAcceleration),
 			PodSubnet:          subnet,
 			NAT: ebpfdp.NAT{
 				PortMin:           c.natPortMin,

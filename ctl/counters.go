@@ -80,6 +80,7 @@ var metricDescriptions = map[string]string{
 	"drop_policy_ct_quota": "dropped: new flow of a pod that opened its share of conntrack entries this minute",
 	"drop_policy_rst":      "dropped: TCP RST of a tracked flow with a sequence number out of window (forged)",
 	"pass_shaped":          "to or from a pod with bandwidth limits: through the host stack and its veth's qdiscs",
+	"lb_xdp_dnat":          "services \"ebpf\", nodePortAcceleration: a packet from outside to a NodePort / external IP translated at the uplink's XDP",
 }
 
 // readCounters reads the network's datapath counters: the eBPF metrics map

@@ -35,6 +35,10 @@ const (
 	// HookTunnelIngress is tc ingress of the node's VXLAN device (package
 	// routing, VXLAN mode): decapsulated traffic from other nodes' pods.
 	HookTunnelIngress Hook = "tunnel"
+	// HookUplinkXDP is XDP (native, driver mode) of the node's uplink:
+	// NodePort acceleration (services "ebpf"), before tc ingress. Always
+	// an XDP bpf_link, pinned; there is no legacy mode.
+	HookUplinkXDP Hook = "uplink-xdp"
 )
 
 func (h Hook) program() string {
@@ -49,11 +53,15 @@ func (h Hook) program() string {
 		return "tern_to_uplink"
 	case HookTunnelIngress:
 		return "tern_from_tunnel"
+	case HookUplinkXDP:
+		return "tern_xdp_uplink"
 	}
 	return cgroupHookProgram(h)
 }
 
 func (h Hook) egress() bool { return h == HookPodEgress || h == HookUplinkEgress }
+
+func (h Hook) xdp() bool { return h == HookUplinkXDP }
 
 func (h Hook) tcxAttach() ebpf.AttachType {
 	if h.egress() {
@@ -83,6 +91,10 @@ const (
 	// qdisc (another plugin's ingress qdisc is there) or a foreign filter
 	// holds Tern's priority.
 	ModeClsactFirst Mode = "clsact-first"
+	// ModeXDP is what Attach reports for HookUplinkXDP, whatever mode it
+	// was asked for: an XDP bpf_link in driver mode, pinned. Not a mode
+	// configuration selects.
+	ModeXDP Mode = "xdp"
 )
 
 // ParseMode validates a mode name from configuration.
@@ -124,6 +136,10 @@ func (l *Loader) Attach(objs *Objects, ifname string, ifindex int, hook Hook, mo
 	err = l.Held(func() error {
 		if err := l.current(objs); err != nil {
 			return err
+		}
+		if hook.xdp() {
+			used = ModeXDP
+			return l.attachXDP(prog, ifname, ifindex)
 		}
 		if mode == ModeAuto || mode == ModeClsactFirst {
 			// Re-attaching (restore, upgrade of an old pod's hooks,
@@ -203,6 +219,58 @@ func (l *Loader) attachTCX(prog *ebpf.Program, ifname string, ifindex int, hook 
 		return fmt.Errorf("pin tcx link %s: %w", pin, err)
 	}
 	return nil
+}
+
+// attachXDP attaches prog at XDP of the interface in driver (native) mode,
+// by a pinned bpf_link, or points the pinned link there at prog. Generic
+// (skb) mode is not a fallback: it runs after the skb is allocated, which
+// is what this program exists to avoid; the caller falls back to tc alone.
+// A driver without native XDP fails with ErrNotSupported or EOPNOTSUPP.
+func (l *Loader) attachXDP(prog *ebpf.Program, ifname string, ifindex int) error {
+	pin := l.linkPin(ifname, HookUplinkXDP)
+	if err := os.MkdirAll(filepath.Dir(pin), 0o700); err != nil {
+		return fmt.Errorf("create link pin dir: %w", err)
+	}
+	if updated, err := updatePinnedXDP(pin, ifindex, prog); err != nil || updated {
+		return err
+	}
+	if err := os.Remove(pin); err != nil && !os.IsNotExist(err) {
+		return fmt.Errorf("remove stale link pin %s: %w", pin, err)
+	}
+	lk, err := link.AttachXDP(link.XDPOptions{Program: prog, Interface: ifindex, Flags: link.XDPDriverMode})
+	if err != nil {
+		return fmt.Errorf("attach xdp to %s: %w", ifname, err)
+	}
+	defer lk.Close()
+	if err := lk.Pin(pin); err != nil {
+		return fmt.Errorf("pin xdp link %s: %w", pin, err)
+	}
+	return nil
+}
+
+// updatePinnedXDP points the XDP link pinned at pin to prog, if that link
+// is still attached to ifindex, and reports whether it did.
+func updatePinnedXDP(pin string, ifindex int, prog *ebpf.Program) (bool, error) {
+	lk, err := link.LoadPinnedLink(pin, nil)
+	if err != nil {
+		return false, nil
+	}
+	defer lk.Close()
+	info, err := lk.Info()
+	if err != nil {
+		return false, nil
+	}
+	xdp := info.XDP()
+	if xdp == nil || int(xdp.Ifindex) != ifindex {
+		return false, nil
+	}
+	if err := lk.Update(prog); err != nil {
+		if errors.Is(err, unix.ENOLINK) {
+			return false, nil
+		}
+		return false, fmt.Errorf("update xdp link %s: %w", pin, err)
+	}
+	return true, nil
 }
 
 // updatePinnedTCX points the TCX link pinned at pin to prog, if that link

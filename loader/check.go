@@ -28,6 +28,10 @@ func (l *Loader) CheckAttached(objs *Objects, ifname string, ifindex int, hook H
 		return fmt.Errorf("kernel does not report program IDs")
 	}
 
+	if hook.xdp() {
+		return l.checkXDP(ifname, ifindex, want)
+	}
+
 	// A TCX program stays attached only as long as its pinned link exists;
 	// without the pin the kernel releases it, asynchronously, so a query
 	// alone could still see it for a moment.
@@ -101,4 +105,23 @@ func ProgramID(p *ebpf.Program) (ebpf.ProgramID, error) {
 		return 0, fmt.Errorf("kernel does not report program IDs")
 	}
 	return id, nil
+}
+
+// checkXDP reports an error unless the pinned XDP link of the interface
+// runs the program want. XDP has one program per interface: attached, it
+// is the first.
+func (l *Loader) checkXDP(ifname string, ifindex int, want ebpf.ProgramID) error {
+	lk, err := link.LoadPinnedLink(l.linkPin(ifname, HookUplinkXDP), nil)
+	if err != nil {
+		return fmt.Errorf("program %s is not attached at xdp of %s: no link pin: %w", HookUplinkXDP.program(), ifname, err)
+	}
+	defer lk.Close()
+	info, err := lk.Info()
+	if err != nil {
+		return fmt.Errorf("xdp link of %s: %w", ifname, err)
+	}
+	if xdp := info.XDP(); xdp == nil || int(xdp.Ifindex) != ifindex || info.Program != want {
+		return fmt.Errorf("program %s (id %d) is not attached at xdp of %s (link of program %d)", HookUplinkXDP.program(), want, ifname, info.Program)
+	}
+	return nil
 }

@@ -144,6 +144,7 @@ enum metric {
 	METRIC_DROP_POLICY_RST,  /* TCP RST of a tracked flow whose sequence number is out of window (forged) */
 	METRIC_DROP_POLICY_CT_QUOTA, /* new flow of a pod that opened its share of flows this minute (policy_ct_pod_flows) */
 	METRIC_PASS_SHAPED, /* to or from a pod with bandwidth limits: handed to the host stack, through the host veth's qdiscs */
+	METRIC_LB_XDP_DNAT, /* services "ebpf": a NodePort / external IP packet translated at the uplink's XDP (nodePortAcceleration) */
 	METRIC_MAX,
 };
 

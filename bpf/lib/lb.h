@@ -188,12 +188,19 @@ drop:
 	return TC_ACT_SHOT;
 }
 
-/* lb_pick chooses the backend of a new flow (lib/lb_select.h), hashed on
- * the flow. */
+/* lb_pick_hash chooses the backend of a new flow (lib/lb_select.h) with
+ * the flow hash its caller computed (XDP has no skb hash); lb_pick hashes
+ * the skb's flow. */
+static __always_inline int lb_pick_hash(__u32 hash, const struct lb_svc *svc, __be32 client,
+					__u64 now, struct lb_backend *b, struct lb_scratch *s)
+{
+	return lb_select(svc, client, now, hash, b, &s->na);
+}
+
 static __always_inline int lb_pick(struct __sk_buff *skb, const struct lb_svc *svc, __be32 client,
 				   __u64 now, struct lb_backend *b, struct lb_scratch *s)
 {
-	return lb_select(svc, client, now, bpf_get_hash_recalc(skb), b, &s->na);
+	return lb_pick_hash(bpf_get_hash_recalc(skb), svc, client, now, b, s);
 }
 
 /* lb_hairpin_reply: a pod's answer to the service-loopback address is its

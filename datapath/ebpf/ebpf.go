@@ -55,6 +55,9 @@ type Config struct {
 	// whose processes reach Services through the socket programs
 	// (hostsvc.go): the cgroup2 root in production. Empty: not attached.
 	HostServicesCgroup string
+	// Acceleration (with LoadBalancer) puts NodePort translation at the
+	// uplink's XDP (xdp.go). The zero value means AccelerationNone.
+	Acceleration Acceleration
 	// PodSubnet stands in for ClusterCIDR when that is unset (as in the
 	// iptables datapath). Nil when unknown (DEL without a record).
 	PodSubnet *net.IPNet
@@ -351,6 +354,9 @@ func (d *Datapath) CheckEndpoint(ep *datapath.Endpoint) error {
 			if err := d.loader.CheckAttached(d.objs, up.Name, up.Ifindex, hook); err != nil {
 				return fmt.Errorf("uplink: %w", err)
 			}
+		}
+		if err := d.checkXDP(up); err != nil {
+			return err
 		}
 	}
 	return nil

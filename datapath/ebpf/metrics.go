@@ -54,6 +54,7 @@ var metricNames = [...]string{
 	ternbpf.TernMetricMETRIC_DROP_POLICY_RST:      "drop_policy_rst",
 	ternbpf.TernMetricMETRIC_DROP_POLICY_CT_QUOTA: "drop_policy_ct_quota",
 	ternbpf.TernMetricMETRIC_PASS_SHAPED:          "pass_shaped",
+	ternbpf.TernMetricMETRIC_LB_XDP_DNAT:          "lb_xdp_dnat",
 }
 
 // MetricName is the name of a metric (e.g. "redirect_peer").

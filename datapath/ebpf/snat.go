@@ -298,6 +298,9 @@ func (d *Datapath) ensureSNAT() error {
 			}
 		}
 	}
+	if err := d.ensureXDP(up); err != nil {
+		return err
+	}
 	return d.writeNodeConfig(ternbpf.TernNodeConfig{
 		NodeIp:        binary.NativeEndian.Uint32(up.IP.To4()),
 		UplinkIfindex: uint32(up.Ifindex),
@@ -323,6 +326,9 @@ func (d *Datapath) writeNodeConfig(want ternbpf.TernNodeConfig) error {
 func (d *Datapath) releaseSNAT() error {
 	var errs []error
 	if err := d.writeNodeConfig(ternbpf.TernNodeConfig{}); err != nil {
+		errs = append(errs, err)
+	}
+	if err := d.releaseXDP(); err != nil {
 		errs = append(errs, err)
 	}
 	for _, hook := range uplinkHooks {
