@@ -77,9 +77,9 @@ lint:
 IMAGE ?= ghcr.io/ternlabs/tern:latest
 image:
 	@mkdir -p $(BIN)/image
-	CGO_ENABLED=0 $(GO) build -trimpath -o $(BIN)/image/ternd ./cmd/ternd
-	CGO_ENABLED=0 $(GO) build -trimpath -o $(BIN)/image/tern ./cmd/tern
-	CGO_ENABLED=0 $(GO) build -trimpath -o $(BIN)/image/ternctl ./cmd/ternctl
+	CGO_ENABLED=0 $(GO) build -trimpath -ldflags "$(LDFLAGS)" -o $(BIN)/image/ternd ./cmd/ternd
+	CGO_ENABLED=0 $(GO) build -trimpath -ldflags "$(LDFLAGS)" -o $(BIN)/image/tern ./cmd/tern
+	CGO_ENABLED=0 $(GO) build -trimpath -ldflags "$(LDFLAGS)" -o $(BIN)/image/ternctl ./cmd/ternctl
 	$(GO) run ./cmd/ternimage --out $(BIN)/tern-image.tar --tag $(IMAGE) $(BIN)/image/ternd $(BIN)/image/tern $(BIN)/image/ternctl
 
 bench: build
