@@ -302,7 +302,11 @@ tern_plugins() {
 iptables_image() {
   local r=$BASE/build/rootfs-iptables tool lib
   rm -rf "$r"
-  mkdir -p "$r/usr/local/bin" "$r/usr/sbin" "$r/run" "$r/tmp" "$r/etc"
+  mkdir -p "$r/usr/local/bin" "$r/usr/sbin" "$r/usr/lib" "$r/usr/lib64" "$r/run" "$r/tmp" "$r/etc"
+  # merged /usr as on the host: iptables finds its extensions under
+  # /usr/lib/<triplet>/xtables whichever path ldd names the libraries by
+  ln -s usr/lib "$r/lib"
+  ln -s usr/lib64 "$r/lib64"
   cp "$BASE/build/image/ternd" "$BASE/build/image/tern" "$BASE/build/image/ternctl" "$r/usr/local/bin/"
   for tool in xtables-nft-multi ipset nft; do
     tool=$(readlink -f "$(command -v "$tool")") || die "$tool missing (Debian: iptables ipset nftables)"
@@ -313,8 +317,8 @@ iptables_image() {
     done
   done
   local x
-  x=$(dirname "$(ldd "$(command -v xtables-nft-multi)" | awk '/libxtables/ {print $3}')")/xtables
-  [ -d "$x" ] || x=/usr/lib/x86_64-linux-gnu/xtables
+  x=/usr/lib/$(gcc -dumpmachine 2>/dev/null || echo x86_64-linux-gnu)/xtables
+  [ -d "$x" ] || die "no xtables extensions in $x"
   mkdir -p "$r$x"
   cp -L "$x"/*.so "$r$x/"
   for lib in $(ldd "$x"/*.so 2>/dev/null | awk '/=>/ {print $3}' | sort -u); do
@@ -323,8 +327,7 @@ iptables_image() {
   for tool in iptables iptables-save iptables-restore ip6tables ip6tables-save ip6tables-restore; do
     ln -sf xtables-nft-multi "$r/usr/sbin/$tool"
   done
-  mkdir -p "$r/lib64"
-  cp -L /lib64/ld-linux-x86-64.so.2 "$r/lib64/"
+  cp -L /lib64/ld-linux-x86-64.so.2 "$r/usr/lib64/"
   [ -f /etc/protocols ] && cp /etc/protocols "$r/etc/"
   [ -f /etc/services ] && cp /etc/services "$r/etc/"
   (cd "$ROOT" && go build -o "$BASE/build/imgtar" ./test/k8s/imgtar)
