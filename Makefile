@@ -56,7 +56,7 @@ test: build
 # The upstream Kubernetes e2e (NetworkPolicy, sig-network conformance) on a
 # real single-node cluster with Tern as CNI, per datapath (root; builds the
 # Kubernetes binaries once into ~/.cache/tern/k8s): see test/k8s/e2e-k8s.sh.
-E2E_K8S_SUITES ?= cri netpol conformance
+E2E_K8S_SUITES ?= cri rollout netpol conformance
 e2e-k8s:
 	test/k8s/e2e-k8s.sh $(E2E_K8S_SUITES)
 
