@@ -56,7 +56,7 @@ test: build
 # The upstream Kubernetes e2e (NetworkPolicy, sig-network conformance) on a
 # real single-node cluster with Tern as CNI, per datapath (root; builds the
 # Kubernetes binaries once into ~/.cache/tern/k8s): see test/k8s/e2e-k8s.sh.
-E2E_K8S_SUITES ?= cri netpol conformance
+E2E_K8S_SUITES ?= cri rollout netpol conformance
 e2e-k8s:
 	test/k8s/e2e-k8s.sh $(E2E_K8S_SUITES)
 
@@ -77,9 +77,9 @@ lint:
 IMAGE ?= ghcr.io/ternlabs/tern:latest
 image:
 	@mkdir -p $(BIN)/image
-	CGO_ENABLED=0 $(GO) build -trimpath -o $(BIN)/image/ternd ./cmd/ternd
-	CGO_ENABLED=0 $(GO) build -trimpath -o $(BIN)/image/tern ./cmd/tern
-	CGO_ENABLED=0 $(GO) build -trimpath -o $(BIN)/image/ternctl ./cmd/ternctl
+	CGO_ENABLED=0 $(GO) build -trimpath -ldflags "$(LDFLAGS)" -o $(BIN)/image/ternd ./cmd/ternd
+	CGO_ENABLED=0 $(GO) build -trimpath -ldflags "$(LDFLAGS)" -o $(BIN)/image/tern ./cmd/tern
+	CGO_ENABLED=0 $(GO) build -trimpath -ldflags "$(LDFLAGS)" -o $(BIN)/image/ternctl ./cmd/ternctl
 	$(GO) run ./cmd/ternimage --out $(BIN)/tern-image.tar --tag $(IMAGE) $(BIN)/image/ternd $(BIN)/image/tern $(BIN)/image/ternctl
 
 bench: build

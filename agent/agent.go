@@ -177,9 +177,7 @@ func (a *Agent) install(ctx context.Context, conf *cni.NetConf, conflist []byte)
 	for {
 		err := conf.CheckDatapath()
 		if err == nil {
-			if _, serr := os.Stat(filepath.Join(a.cfg.CNIBinDir, "tern")); serr != nil {
-				err = fmt.Errorf("plugin not installed: %w", serr)
-			}
+			err = a.pluginsInstalled()
 		}
 		if err == nil {
 			break
@@ -196,6 +194,21 @@ func (a *Agent) install(ctx context.Context, conf *cni.NetConf, conflist []byte)
 	}
 	a.ready.Store(true)
 	a.log.Info("ready: CNI configuration written", "file", filepath.Join(a.cfg.CNIConfDir, ConfFileName))
+	return nil
+}
+
+// pluginsInstalled says whether every plugin of the conflist is in the
+// CNI bin dir: tern (the init container's), and portmap with --portmap.
+func (a *Agent) pluginsInstalled() error {
+	plugins := []string{"tern"}
+	if a.cfg.Portmap {
+		plugins = append(plugins, "portmap")
+	}
+	for _, p := range plugins {
+		if _, err := os.Stat(filepath.Join(a.cfg.CNIBinDir, p)); err != nil {
+			return fmt.Errorf("plugin %s not installed: %w", p, err)
+		}
+	}
 	return nil
 }
 
@@ -270,10 +283,21 @@ func ConfList(cfg *Config, podCIDR string) ([]byte, error) {
 	if cfg.HostSvcCgrp != "" && cfg.Services == cni.ServicesEBPF {
 		plugin["hostServicesCgroup"] = cfg.HostSvcCgrp
 	}
+	if cfg.Bridge != "" {
+		plugin["bridge"] = cfg.Bridge
+	}
+	plugins := []any{plugin}
+	if cfg.Portmap {
+		// hostPort: the runtime hands portMappings to portmap, which
+		// DNATs node-IP:hostPort to the pod (README, Chaining).
+		plugins = append(plugins, map[string]any{
+			"type": "portmap", "capabilities": map[string]bool{"portMappings": true}, "snat": true,
+		})
+	}
 	return json.MarshalIndent(map[string]any{
-		"cniVersion": "1.1.0",
+		"cniVersion": cfg.CNIVersion,
 		"name":       cfg.Network,
-		"plugins":    []any{plugin},
+		"plugins":    plugins,
 	}, "", "  ")
 }
 

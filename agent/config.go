@@ -7,6 +7,7 @@ import (
 	"io"
 	"net"
 	"os"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -26,6 +27,9 @@ type Config struct {
 	ServiceCIDR  string
 	PodCIDR      string
 	Network      string
+	CNIVersion   string
+	Bridge       string
+	Portmap      bool
 	MTU          int
 	Uplink       string
 	Routing      string
@@ -42,6 +46,10 @@ type Config struct {
 	GCGrace      time.Duration
 	LogLevel     string
 }
+
+// supportedCNIVersions are the conflist versions ternd writes: those of
+// the tern plugin that libcni's of current runtimes accept.
+var supportedCNIVersions = []string{"0.4.0", "1.0.0", "1.1.0"}
 
 // ConfFileName is the CNI configuration ternd writes into the CNI conf dir.
 const ConfFileName = "10-tern.conflist"
@@ -65,6 +73,9 @@ var Flags = []flagSpec{
 	{"service-cidr", "TERN_SERVICE_CIDR", "", "Service ClusterIP range: kept unmasqueraded (nonMasqueradeCIDRs) while kube-proxy handles Services"},
 	{"pod-cidr", "TERN_POD_CIDR", "", "this node's pod subnet; default: the Node's spec.podCIDRs (required with --offline)"},
 	{"network-name", "TERN_NETWORK", "tern", "CNI network name"},
+	{"cni-version", "TERN_CNI_VERSION", "1.0.0", "cniVersion of the conflist: 1.0.0 works with every runtime (containerd 1.6 and 1.7 know no later version); 1.1.0 adds CNI GC and STATUS (containerd 2)"},
+	{"bridge", "TERN_BRIDGE", "", "name of the node's pod bridge (default: the plugin's, tern0)"},
+	{"portmap", "TERN_PORTMAP", "false", "chain the portmap plugin (hostPort) behind tern in the conflist; ternd then waits for <cni-bin-dir>/portmap as for tern"},
 	{"mtu", "TERN_MTU", "0", "MTU of the pod veths (0: kernel default)"},
 	{"uplink", "TERN_UPLINK", "", "the node's interface toward the outside (default: that of the default route)"},
 	{"routing", "TERN_ROUTING", "native", `how pods reach other nodes' pods: "native" (a route per remote pod CIDR via that node's InternalIP) or "vxlan" (an overlay)`},
@@ -136,6 +147,8 @@ func ParseFlags(args []string, getenv func(string) string, stderr io.Writer) (*C
 		ServiceCIDR: get("service-cidr"),
 		PodCIDR:     get("pod-cidr"),
 		Network:     get("network-name"),
+		CNIVersion:  get("cni-version"),
+		Bridge:      get("bridge"),
 		Uplink:      get("uplink"),
 		Routing:     get("routing"),
 		Services:    get("services"),
@@ -162,6 +175,7 @@ func ParseFlags(args []string, getenv func(string) string, stderr io.Writer) (*C
 	}
 	c.Offline = parseBool("offline")
 	c.Uninstall = parseBool("uninstall")
+	c.Portmap = parseBool("portmap")
 	c.MinSync = parseDur("sync-min-interval")
 	c.MaxSync = parseDur("sync-max-interval")
 	c.ResyncPeriod = parseDur("resync-period")
@@ -188,6 +202,9 @@ func ParseFlags(args []string, getenv func(string) string, stderr io.Writer) (*C
 	}
 	if c.Routing != "native" && c.Routing != "vxlan" {
 		errs = append(errs, fmt.Errorf("--routing: %q is not native or vxlan", c.Routing))
+	}
+	if !slices.Contains(supportedCNIVersions, c.CNIVersion) {
+		errs = append(errs, fmt.Errorf("--cni-version: %q is not one of %s", c.CNIVersion, strings.Join(supportedCNIVersions, ", ")))
 	}
 	if c.Services != "kube-proxy" && c.Services != "ebpf" {
 		errs = append(errs, fmt.Errorf("--services: %q is not kube-proxy or ebpf", c.Services))

@@ -1,12 +1,15 @@
 package agent
 
 import (
+	"encoding/json"
 	"io"
 	"os"
 	"path/filepath"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/ternlabs/tern/cni"
 )
 
 // TestFlagsEnvFallback: a flag given wins over its environment variable,
@@ -81,5 +84,53 @@ func TestFlagsDocumented(t *testing.T) {
 		if !strings.Contains(string(readme), row) {
 			t.Errorf("README.md has no flag table row for --%s (%s)", f.name, row)
 		}
+	}
+}
+
+// TestConfListRuntimeCompat: the default conflist is CNI 1.0.0, the last
+// version containerd 1.6 (and 1.7) load -- with 1.1.0 their libcni fails
+// every pod sandbox ("incompatible CNI versions") and the node stays
+// NotReady; --portmap chains portmap for hostPort, --bridge names the
+// bridge; an unknown --cni-version is refused.
+func TestConfListRuntimeCompat(t *testing.T) {
+	noenv := func(string) string { return "" }
+	cfg, err := ParseFlags(nil, noenv, io.Discard)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, err := ConfList(cfg, "10.244.1.0/24")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var l struct {
+		CNIVersion string           `json:"cniVersion"`
+		Plugins    []map[string]any `json:"plugins"`
+	}
+	if err := json.Unmarshal(b, &l); err != nil {
+		t.Fatal(err)
+	}
+	if l.CNIVersion != "1.0.0" || len(l.Plugins) != 1 || l.Plugins[0]["bridge"] != nil {
+		t.Errorf("default conflist: version %q, %d plugins, bridge %v; want 1.0.0, tern alone, no bridge", l.CNIVersion, len(l.Plugins), l.Plugins[0]["bridge"])
+	}
+	env := map[string]string{"TERN_CNI_VERSION": "1.1.0", "TERN_PORTMAP": "true", "TERN_BRIDGE": "ternk8s0"}
+	cfg, err = ParseFlags(nil, func(k string) string { return env[k] }, io.Discard)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if b, err = ConfList(cfg, "10.244.1.0/24"); err != nil {
+		t.Fatal(err)
+	}
+	if err := json.Unmarshal(b, &l); err != nil {
+		t.Fatal(err)
+	}
+	if l.CNIVersion != "1.1.0" || len(l.Plugins) != 2 || l.Plugins[0]["bridge"] != "ternk8s0" ||
+		l.Plugins[1]["type"] != "portmap" || l.Plugins[1]["capabilities"].(map[string]any)["portMappings"] != true {
+		t.Errorf("conflist from the environment:\n%s", b)
+	}
+	if conf, err := cni.ParseConfig(pluginConf(b)); err != nil || conf.Bridge != "ternk8s0" {
+		t.Errorf("the plugin's view of it: %v", err)
+	}
+	if _, err := ParseFlags([]string{"--cni-version", "2.0.0"}, noenv, io.Discard); err == nil {
+		t.Error("--cni-version 2.0.0 accepted")
 	}
 }

@@ -3,10 +3,15 @@
 # against a real single-node cluster with Tern as its CNI plugin
 # (test/k8s/node.sh), once per datapath.
 #
-#   test/k8s/e2e-k8s.sh [SUITE...]      default: cri netpol conformance
+#   test/k8s/e2e-k8s.sh [SUITE...]      default: cri rollout netpol conformance
 #
 # Environment:
-#   TERN_E2E_DATAPATHS   datapaths to run, in order (default "iptables ebpf")
+#   TERN_E2E_DATAPATHS   configurations to run, in order (default
+#                        "iptables ebpf"): iptables and ebpf are those
+#                        datapaths beside kube-proxy; ebpf-svc is the eBPF
+#                        datapath with services "ebpf" and no kube-proxy
+#                        (opt-in: its e2e.test suites cannot start yet, see
+#                        README, Real-node e2e)
 #   TERN_K8S_ARTIFACTS   logs, JUnit reports, summary.md (default /tmp/tern-k8s-artifacts)
 #   TERN_E2E_TIMEOUT     ginkgo timeout per suite (default 90m)
 #
@@ -20,6 +25,8 @@
 #                kube-proxy (the skipped ones and why: README, Real-node e2e)
 #   cri          not e2e.test: test/k8s/cri-checks.sh (CNI_ARGS, hostPort
 #                through runtimeConfig, a sandbox killed hard)
+#   rollout      not e2e.test: test/k8s/rollout.sh (a rolling update of the
+#                DaemonSet to a new image tag under a probe matrix)
 #
 # Exit status: 0 when every spec of every suite passed on every datapath.
 set -euo pipefail
@@ -30,7 +37,7 @@ ARTIFACTS=${TERN_K8S_ARTIFACTS:-/tmp/tern-k8s-artifacts}
 DATAPATHS=${TERN_E2E_DATAPATHS:-iptables ebpf}
 GINKGO_TIMEOUT=${TERN_E2E_TIMEOUT:-90m}
 SUITES=("$@")
-[ ${#SUITES[@]} -gt 0 ] || SUITES=(cri netpol conformance)
+[ ${#SUITES[@]} -gt 0 ] || SUITES=(cri rollout netpol conformance)
 export TERN_K8S_ARTIFACTS=$ARTIFACTS
 
 log() { echo "[$(date -u +%H:%M:%S)] e2e-k8s: $*" >&2; }
@@ -46,13 +53,13 @@ focus_of() {
     smoke) echo "\[sig-network\] (Netpol NetworkPolicy between server and client should (support a 'default-deny-ingress' policy|support allow-all policy|enforce policy based on Ports|allow ingress access on one named port)|Networking Granular Checks: Pods should function for (intra|node)-pod communication: (http|udp)|Services should serve endpoints on same port and different protocols|Services should serve a basic endpoint from pods)" ;;
     netpol) echo '\[sig-network\] Netpol' ;;
     conformance) echo '\[sig-network\] (Services|Networking|HostPort|Proxy) .*\[Conformance\]' ;;
-    cri) echo - ;;
+    cri | rollout) echo - ;;
     *) return 1 ;;
   esac
 }
 
 for s in "${SUITES[@]}"; do
-  focus_of "$s" >/dev/null || { echo "unknown suite $s (smoke, netpol, conformance, cri)" >&2; exit 2; }
+  focus_of "$s" >/dev/null || { echo "unknown suite $s (smoke, netpol, conformance, cri, rollout)" >&2; exit 2; }
 done
 
 mkdir -p "$ARTIFACTS"
@@ -67,7 +74,12 @@ summary=$ARTIFACTS/summary.md
 status=0
 for dp in $DATAPATHS; do
   t0=$SECONDS
-  TERN_DATAPATH=$dp "$NODE_SH" up
+  case $dp in
+    iptables | ebpf) services=kube-proxy datapath=$dp ;;
+    ebpf-svc) services=ebpf datapath=ebpf ;;
+    *) echo "unknown configuration $dp (iptables, ebpf, ebpf-svc)" >&2; exit 2 ;;
+  esac
+  TERN_DATAPATH=$datapath TERN_SERVICES=$services "$NODE_SH" up
   log "$dp: cluster up in $((SECONDS - t0)) s"
   for s in "${SUITES[@]}"; do
     out=$ARTIFACTS/$dp-$s
@@ -75,13 +87,15 @@ for dp in $DATAPATHS; do
     log "$dp: suite $s"
     t1=$SECONDS
     set +e
-    if [ "$s" = cri ]; then
-      timeout -k 10 600 "$ROOT/test/k8s/cri-checks.sh" > "$out/checks.log" 2>&1
+    if [ "$s" = cri ] || [ "$s" = rollout ]; then
+      script=cri-checks.sh
+      [ "$s" = rollout ] && script=rollout.sh
+      timeout -k 10 600 "$ROOT/test/k8s/$script" > "$out/checks.log" 2>&1
       rc=$?
-      sed -n "s/^\(pass\|FAIL\) \(.*\)/| $dp | cri | \1 | - | \2 |/p" "$out/checks.log" >> "$summary.rows"
+      sed -n "s/^\(pass\|FAIL\) \(.*\)/| $dp | $s | \1 | - | \2 |/p" "$out/checks.log" >> "$summary.rows"
       set -e
       [ $rc -eq 0 ] || status=1
-      log "$dp: suite cri done in $((SECONDS - t1))s (rc $rc)"
+      log "$dp: suite $s done in $((SECONDS - t1))s (rc $rc)"
       echo "$dp $s $((SECONDS - t1))s rc=$rc" >> "$ARTIFACTS/timings"
       continue
     fi

@@ -15,11 +15,15 @@
 # uplink, routes and addresses are never used or changed, Tern's `uplink` is
 # tk8s0, and the API server listens on the node IP only.
 #
-# Tern is installed the way deploy/ will do it with the agent: the plugin
-# binaries into the CNI bin directory, then a conflist written from the
-# node's podCIDR once the controller manager allocated it (node NotReady
-# until then). TERN_DATAPATH=iptables|ebpf (default iptables) picks the
-# datapath; TERN_SERVICES (default kube-proxy) its "services" field.
+# Tern is installed the way users do: its image (make image) imported with
+# ctr, then kubectl apply -f deploy/ (paths and ConfigMap adapted to this
+# node, render_deploy); ternd writes the conflist from the node's podCIDR
+# once the controller manager allocated it (the node is checked NotReady
+# until then). `down` deletes the workloads, then uninstalls Tern (kubectl
+# delete -f deploy/, ternd --uninstall) and fails if that left a conflist,
+# an agent or the DaemonSet. TERN_DATAPATH=iptables|ebpf (default iptables)
+# picks the datapath; TERN_SERVICES=kube-proxy|ebpf (default kube-proxy)
+# its "services": with ebpf no kube-proxy runs.
 #
 # The host state that kubelet and kube-proxy change (sysctls, iptables
 # chains, cgroups, /var/log/containers links) is recorded at `up` and
@@ -46,6 +50,13 @@ SERVICE_CIDR=10.96.0.0/16
 KUBERNETES_SVC_IP=10.96.0.1
 DNS_IP=10.96.0.10   # test/k8s/coredns.yaml
 NETWORK=tern-k8s
+# Tern's image (make image) as deploy/ runs it, and the tag the rolling
+# update moves to; the agent's ports away from the defaults (the agent's
+# own tests use those).
+TERN_IMAGE=ghcr.io/ternlabs/tern:k8s-e2e-1
+TERN_IMAGE_NEXT=ghcr.io/ternlabs/tern:k8s-e2e-2
+TERN_METRICS_PORT=29962
+TERN_HEALTH_PORT=29963
 BRIDGE=ternk8s0
 # Ports away from the defaults, so another control plane on the machine (the
 # agent's tests) does not collide: etcd, API server, controller manager,
@@ -257,70 +268,190 @@ images() {
     for a in pause agnhost busybox coredns; do mv -f "$dir/$a.tar.tmp" "$dir/$a.tar"; done
     rm -rf "$work"
   fi
-  for a in pause agnhost busybox coredns; do
-    timeout 300 ctr -a "$SOCK" -n k8s.io images import "$dir/$a.tar" >/dev/null
+  for a in "$dir/pause.tar" "$dir/agnhost.tar" "$dir/busybox.tar" "$dir/coredns.tar" \
+      "$BASE/build/tern-image.tar" "$BASE/build/tern-image-next.tar"; do
+    timeout 300 ctr -a "$SOCK" -n k8s.io images import "$a" >/dev/null
   done
   log "images: $(timeout 30 ctr -a "$SOCK" -n k8s.io images ls -q | grep -v '^sha256:' | tr '\n' ' ')"
 }
 
 # ------------------------------------------------------------- components
 
+# The node's reference plugins (portmap for hostPort, loopback), which a
+# distribution's kubernetes-cni package would install, ternctl for the
+# checks, and Tern's image (make image) under two tags: the one deploy/
+# runs, and the one the rolling update (test/k8s/rollout.sh) moves to.
 tern_plugins() {
-  mkdir -p "$CNI_BIN" "$CNI_CONF"
+  mkdir -p "$CNI_BIN" "$CNI_CONF" "$BASE/build"
   (cd "$ROOT" &&
-    go build -o "$CNI_BIN/tern" ./cmd/tern &&
     go build -o "$BASE/ternctl" ./cmd/ternctl &&
     go build -o "$CNI_BIN/portmap" github.com/containernetworking/plugins/plugins/meta/portmap &&
-    go build -o "$CNI_BIN/loopback" github.com/containernetworking/plugins/plugins/main/loopback)
+    go build -o "$CNI_BIN/loopback" github.com/containernetworking/plugins/plugins/main/loopback &&
+    make -s image BIN="$BASE/build" IMAGE="$TERN_IMAGE" >/dev/null &&
+    go run ./cmd/ternimage --out "$BASE/build/tern-image-next.tar" --tag "$TERN_IMAGE_NEXT" \
+      "$BASE/build/image/ternd" "$BASE/build/image/tern" "$BASE/build/image/ternctl" >/dev/null)
+  if [ "$DATAPATH" = iptables ]; then
+    iptables_image
+  fi
 }
 
-# The conflist deploy/ will write through the agent: Tern for the node's
-# podCIDR, portmap behind it for hostPort.
-tern_conflist() {
-  local cidr=$1 gw
-  gw=$(echo "$cidr" | awk -F'[./]' '{printf "%d.%d.%d.%d", $1, $2, $3, $4 + 1}')
-  # 1.0.0: containerd 1.6's libcni knows no later version.
-  cat > "$CNI_CONF/.10-tern.conflist" <<EOF
-{
-  "cniVersion": "1.0.0",
-  "name": "$NETWORK",
-  "plugins": [
-    {
-      "type": "tern",
-      "datapath": "$DATAPATH",
-      "services": "$SERVICES",
-      "mtu": 1500,
-      "clusterCIDR": "$CLUSTER_CIDR",
-      "nonMasqueradeCIDRs": ["$SERVICE_CIDR"],
-      "ipMasq": true,
-      "uplink": "$HOST_IF",
-      "bridge": "$BRIDGE",
-      "stateDir": "$BASE/tern",
-      "bpffsDir": "$BASE/bpffs/tern",
-      "ipam": {"type": "tern-ipam", "subnet": "$cidr", "gateway": "$gw"}
-    },
-    {"type": "portmap", "capabilities": {"portMappings": true}, "snat": true}
-  ]
+# iptables_image: the iptables datapath's agent runs iptables-restore,
+# ipset and nft, which `make image` (static Go binaries only) lacks: the
+# same binaries plus the host's iptables (nft backend), ipset and nft with
+# their libraries and xtables extensions, under the same tags.
+iptables_image() {
+  local r=$BASE/build/rootfs-iptables tool lib
+  rm -rf "$r"
+  mkdir -p "$r/usr/local/bin" "$r/usr/sbin" "$r/usr/lib" "$r/usr/lib64" "$r/run" "$r/tmp" "$r/etc"
+  # merged /usr as on the host: iptables finds its extensions under
+  # /usr/lib/<triplet>/xtables whichever path ldd names the libraries by
+  ln -s usr/lib "$r/lib"
+  ln -s usr/lib64 "$r/lib64"
+  cp "$BASE/build/image/ternd" "$BASE/build/image/tern" "$BASE/build/image/ternctl" "$r/usr/local/bin/"
+  for tool in xtables-nft-multi ipset nft; do
+    tool=$(readlink -f "$(command -v "$tool")") || die "$tool missing (Debian: iptables ipset nftables)"
+    cp "$tool" "$r/usr/sbin/"
+    for lib in $(ldd "$tool" | awk '/=>/ {print $3} /^\s*\/lib/ {print $1}'); do
+      mkdir -p "$r$(dirname "$lib")"
+      cp -L "$lib" "$r$lib"
+    done
+  done
+  local x
+  x=/usr/lib/$(gcc -dumpmachine 2>/dev/null || echo x86_64-linux-gnu)/xtables
+  [ -d "$x" ] || die "no xtables extensions in $x"
+  mkdir -p "$r$x"
+  cp -L "$x"/*.so "$r$x/"
+  for lib in $(ldd "$x"/*.so 2>/dev/null | awk '/=>/ {print $3}' | sort -u); do
+    [ -e "$r$lib" ] || { mkdir -p "$r$(dirname "$lib")"; cp -L "$lib" "$r$lib"; }
+  done
+  for tool in iptables iptables-save iptables-restore ip6tables ip6tables-save ip6tables-restore; do
+    ln -sf xtables-nft-multi "$r/usr/sbin/$tool"
+  done
+  cp -L /lib64/ld-linux-x86-64.so.2 "$r/usr/lib64/"
+  [ -f /etc/protocols ] && cp /etc/protocols "$r/etc/"
+  [ -f /etc/services ] && cp /etc/services "$r/etc/"
+  (cd "$ROOT" && go build -o "$BASE/build/imgtar" ./test/k8s/imgtar)
+  "$BASE/build/imgtar" -rootfs "$r" -o "$BASE/build/tern-image.tar" -entrypoint '["/usr/local/bin/ternd"]' \
+    -tag "$TERN_IMAGE"
+  "$BASE/build/imgtar" -rootfs "$r" -o "$BASE/build/tern-image-next.tar" -entrypoint '["/usr/local/bin/ternd"]' \
+    -tag "$TERN_IMAGE_NEXT"
 }
+
+# deploy/ as this node needs it, into $BASE/deploy: the image tag of
+# `make image`, Tern's host paths under $BASE (state, bpffs, CNI
+# directories; state and bpffs at the same path inside the container as
+# outside, because the conflist ternd writes names them for the plugin,
+# which runs on the host), ports away from the defaults, and the
+# ConfigMap for this cluster.
+render_deploy() {
+  local out=$BASE/deploy f
+  mkdir -p "$out"
+  for f in "$ROOT"/deploy/*.yaml; do
+    sed -e "s|ghcr.io/ternlabs/tern:latest|$TERN_IMAGE|" \
+      -e "s|\([pP]ath: \)/sys/fs/bpf\$|\1$BASE/bpffs|" \
+      -e "s|\([pP]ath: \)/var/lib/tern\$|\1$BASE/tern|" \
+      -e "s|\(path: \)/etc/cni/net.d\$|\1$CNI_CONF|" \
+      -e "s|\(path: \)/opt/cni/bin\$|\1$CNI_BIN|" \
+      -e "s|\(Port: \)9962\$|\1$TERN_METRICS_PORT|; s|\(port: \)9962\$|\1$TERN_METRICS_PORT|" \
+      -e "s|\(Port: \)9963\$|\1$TERN_HEALTH_PORT|; s|\(port: \)9963\$|\1$TERN_HEALTH_PORT|" \
+      "$f" > "$out/$(basename "$f")"
+  done
+  grep -q "mountPath: $BASE/bpffs" "$out/03-daemonset.yaml" && grep -q "$TERN_IMAGE" "$out/03-daemonset.yaml" ||
+    die "deploy/03-daemonset.yaml changed: the harness cannot place its paths"
+  local api=""
+  if [ "$SERVICES" = ebpf ]; then
+    # No kube-proxy: the agent reaches the API server directly (it is the
+    # one that programs the kubernetes Service).
+    api="  KUBERNETES_SERVICE_HOST: \"$NODE_IP\"
+  KUBERNETES_SERVICE_PORT: \"$API_PORT\""
+  fi
+  cat > "$out/02-configmap.yaml" <<EOF
+apiVersion: v1
+kind: ConfigMap
+metadata:
+  name: tern-config
+  namespace: tern-system
+data:
+  TERN_DATAPATH: "$DATAPATH"
+  TERN_CLUSTER_CIDR: "$CLUSTER_CIDR"
+  TERN_SERVICE_CIDR: "$SERVICE_CIDR"
+  TERN_ROUTING: "native"
+  TERN_SERVICES: "$SERVICES"
+  TERN_NETWORK: "$NETWORK"
+  TERN_STATE_DIR: "$BASE/tern"
+  TERN_BPFFS_DIR: "$BASE/bpffs/tern"
+  TERN_CNI_CONF_DIR: "/host/etc/cni/net.d"
+  TERN_CNI_BIN_DIR: "/host/opt/cni/bin"
+  TERN_METRICS_ADDR: "$NODE_IP:$TERN_METRICS_PORT"
+  TERN_HEALTH_ADDR: "$NODE_IP:$TERN_HEALTH_PORT"
+  TERN_LOG_LEVEL: "info"
+  TERN_CNI_VERSION: "1.0.0"
+  TERN_PORTMAP: "true"
+  TERN_UPLINK: "$HOST_IF"
+  TERN_BRIDGE: "$BRIDGE"
+  TERN_MTU: "1500"
+$api
 EOF
-  mv "$CNI_CONF/.10-tern.conflist" "$CNI_CONF/10-tern.conflist"
 }
 
-# Tern's installation, the one step `kubectl apply -f deploy/` (the agent's
-# DaemonSet: plugin, conflist from the podCIDR, policy from the API) takes
-# over once it is on main: build the image (make image), import it next to
-# the others, apply deploy/ with the harness's paths and datapath, wait for
-# the rollout, and drop tern_conflist and policy-sync from here.
+node_ready() {
+  [ "$("$BIN_DIR/kubectl" --kubeconfig "$KUBECONFIG_ADMIN" get node "$NODE" \
+    -o jsonpath='{.status.conditions[?(@.type=="Ready")].status}')" = True ]
+}
+
+# Tern's installation as users do it: the image imported (images), then
+# kubectl apply -f deploy/. ternd waits for the node's podCIDR (the
+# controller manager allocates it), applies the API's state and only then
+# writes the conflist: the node must stay NotReady until then.
 install_tern() {
-  wait_for "podCIDR of $NODE" 120 sh -c "[ -n \"\$('$BIN_DIR/kubectl' --kubeconfig '$KUBECONFIG_ADMIN' get node $NODE -o jsonpath='{.spec.podCIDR}')\" ]"
-  local cidr
-  cidr=$(kubectl get node "$NODE" -o jsonpath='{.spec.podCIDR}')
-  tern_conflist "$cidr"
-  log "Tern ($DATAPATH datapath, services: $SERVICES, kube-proxy $KUBE_PROXY_MODE) for podCIDR $cidr"
-  # NetworkPolicy: Namespaces, Pods and NetworkPolicies fed to Tern's policy
-  # store.
-  start policy-sync python3 "$ROOT/test/k8s/policy-sync.py" "$BIN_DIR/kubectl" "$KUBECONFIG_ADMIN" \
-    "$BASE/ternctl" "$CNI_CONF/10-tern.conflist"
+  render_deploy
+  ! node_ready || die "node $NODE Ready before Tern's conflist is there"
+  [ ! -e "$CNI_CONF/10-tern.conflist" ] || die "a conflist before ternd ran"
+  log "Tern ($DATAPATH datapath, services: $SERVICES, kube-proxy: $(cat "$BASE/kube-proxy-mode")): kubectl apply -f deploy/"
+  kubectl apply -f "$BASE/deploy/" >/dev/null
+  if ! kubectl -n tern-system rollout status daemonset/ternd --timeout=90s >&2; then
+    kubectl -n tern-system get pods -o wide >&2
+    kubectl -n tern-system logs daemonset/ternd -c ternd --previous --tail=30 >&2 ||
+      kubectl -n tern-system logs daemonset/ternd -c ternd --tail=30 >&2
+    die "ternd not rolled out"
+  fi
+  wait_for "10-tern.conflist" 60 test -e "$CNI_CONF/10-tern.conflist"
+  log "ternd wrote 10-tern.conflist: $(tr -d ' \n' < "$CNI_CONF/10-tern.conflist" | grep -o '"subnet":"[^"]*"')"
+}
+
+# ternd_pids: the agents of this node (their environment names our state
+# directory).
+ternd_pids() {
+  local p
+  for p in /proc/[0-9]*; do
+    [ "$(readlink "$p/exe" 2>/dev/null)" = /usr/local/bin/ternd ] || continue
+    tr '\0' '\n' < "$p/environ" 2>/dev/null | grep -qx "TERN_STATE_DIR=$BASE/tern" && echo "${p#/proc/}"
+  done
+  return 0
+}
+
+# uninstall_tern: kubectl delete -f deploy/, then ternd --uninstall on the
+# node. Checked: no conflist, no agent, no DaemonSet left.
+uninstall_tern() {
+  [ -d "$BASE/deploy" ] || return 0
+  local bad="" i
+  kubectl delete -f "$BASE/deploy/" --wait=false >/dev/null 2>&1
+  kubectl -n tern-system delete pods --all --grace-period=5 --timeout=60s >/dev/null 2>&1
+  for ((i = 0; i < 60; i++)); do
+    [ -z "$(ternd_pids)" ] && break
+    sleep 1
+  done
+  "$BASE/build/image/ternd" --uninstall --cni-conf-dir "$CNI_CONF" >> "$LOGS/uninstall.log" 2>&1 || bad+=" ternd-uninstall-failed"
+  [ -e "$CNI_CONF/10-tern.conflist" ] && bad+=" conflist-left"
+  [ -n "$(ternd_pids)" ] && bad+=" ternd-running"
+  [ -n "$(kubectl get daemonsets -A -o name 2>/dev/null | grep ternd)" ] && bad+=" daemonset-left"
+  if [ -n "$bad" ]; then
+    echo "uninstall not clean:$bad" >> "$LOGS/uninstall.log"
+    log "ERROR: uninstall not clean:$bad"
+    UNINSTALL_FAILED=1
+  else
+    log "uninstalled: kubectl delete -f deploy/ and ternd --uninstall left no conflist, agent or DaemonSet"
+  fi
 }
 
 etcd_start() {
@@ -471,6 +602,9 @@ up() {
   node_network
   mkdir -p "$BASE/bpffs"
   mount -t bpf bpf "$BASE/bpffs"
+  # shared, as systemd mounts /sys/fs/bpf: the DaemonSet mounts it with
+  # HostToContainer propagation, which kubelet refuses on a private mount
+  mount --make-shared "$BASE/bpffs"
   pki
   kubeconfig admin admin
   kubeconfig controller-manager controller-manager
@@ -484,9 +618,15 @@ up() {
   containerd_start
   images
   kubelet_start
-  kube_proxy_start
+  if [ "$SERVICES" = ebpf ]; then
+    echo none > "$BASE/kube-proxy-mode"   # Tern's load balancer alone
+  else
+    echo "$KUBE_PROXY_MODE" > "$BASE/kube-proxy-mode"
+    kube_proxy_start
+  fi
+  wait_for "podCIDR of $NODE" 120 sh -c "[ -n \"\$('$BIN_DIR/kubectl' --kubeconfig '$KUBECONFIG_ADMIN' get node $NODE -o jsonpath='{.spec.podCIDR}')\" ]"
   install_tern
-  wait_for "node $NODE Ready" 120 sh -c "'$BIN_DIR/kubectl' --kubeconfig '$KUBECONFIG_ADMIN' get node $NODE -o jsonpath='{.status.conditions[?(@.type==\"Ready\")].status}' | grep -qx True"
+  wait_for "node $NODE Ready" 120 node_ready
   wait_for "default service account" 60 kubectl -n default get serviceaccount default
   kubectl apply -f "$ROOT/test/k8s/coredns.yaml" >/dev/null
   if kubectl -n kube-system wait --for=condition=Available deployment/coredns --timeout=90s >/dev/null; then
@@ -516,6 +656,14 @@ drop_chains() {
   done
 }
 
+# workload_tasks: containerd tasks of pods other than Tern's own.
+workload_tasks() {
+  local keep
+  keep=$(timeout 10 ctr -a "$SOCK" -n k8s.io containers ls -q 'labels."io.kubernetes.pod.namespace"==tern-system' 2>/dev/null)
+  timeout 10 ctr -a "$SOCK" -n k8s.io tasks ls -q 2>/dev/null | grep -vxF -- "$keep"
+  return 0
+}
+
 stop_pid() { # NAME: TERM, then KILL after 20 s
   local f=$PIDS/$1 pid i
   [ -f "$f" ] || return 0
@@ -537,13 +685,26 @@ down() {
   # each: stop what recreates them, delete them, wait for the sandboxes.
   if [ -f "$PIDS/kube-apiserver" ] && [ -f "$PIDS/kubelet" ] && [ -x "$BIN_DIR/kubectl" ]; then
     stop_pid kube-controller-manager
-    kubectl delete pods --all --all-namespaces --grace-period=0 --force --wait=false >/dev/null 2>&1
+    # The workloads first: their CNI DEL needs Tern's conflist. A pod's
+    # sandbox task ends after its DEL (containerd tears the network down
+    # before it stops the sandbox).
+    for ns in $(kubectl get namespaces -o jsonpath='{.items[*].metadata.name}' 2>/dev/null); do
+      [ "$ns" = tern-system ] && continue
+      kubectl -n "$ns" delete pods --all --grace-period=0 --force --wait=false >/dev/null 2>&1
+    done
     for ((i = 0; i < 60; i++)); do
+      [ -z "$(workload_tasks)" ] && break
+      sleep 1
+    done
+    # Then Tern, as a user uninstalls it (the agent's log kept first).
+    mkdir -p "$LOGS/ternd"
+    cp -r "$BASE"/pod-logs/tern-system_* "$LOGS/ternd/" 2>/dev/null
+    uninstall_tern
+    for ((i = 0; i < 30; i++)); do
       [ -z "$(timeout 10 ctr -a "$SOCK" -n k8s.io tasks ls -q 2>/dev/null)" ] && break
       sleep 1
     done
   fi
-  stop_pid policy-sync
   stop_pid kube-proxy
   stop_pid kubelet
   # Whatever the CRI did not stop: kill the tasks, remember their netns.
@@ -605,10 +766,12 @@ down() {
   rm -rf "$BASE"
   set -e
   log "down (logs in $ARTIFACTS)"
+  [ "${UNINSTALL_FAILED:-0}" = 0 ]
 }
 
 case ${1:-} in
-  up) trap 'rc=$?; [ $rc -eq 0 ] || { log "up failed: tearing down"; down; }' EXIT; up; trap - EXIT ;;
+  # TERN_K8S_KEEP=1: a failed `up` leaves the cluster for a look (then `down`)
+  up) trap 'rc=$?; [ $rc -eq 0 ] || [ "${TERN_K8S_KEEP:-0}" = 1 ] || { log "up failed: tearing down"; down; }' EXIT; up; trap - EXIT ;;
   down) down ;;
   env) echo "KUBECONFIG=$KUBECONFIG_ADMIN"; echo "BIN_DIR=$(cat "$BASE/bin-dir")" ;;
   *) echo "usage: $0 up|down|env" >&2; exit 2 ;;
