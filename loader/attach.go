@@ -35,6 +35,10 @@ const (
 	// HookTunnelIngress is tc ingress of the node's VXLAN device (package
 	// routing, VXLAN mode): decapsulated traffic from other nodes' pods.
 	HookTunnelIngress Hook = "tunnel"
+	// HookTunnelEgress is tc egress of the node's VXLAN device: what
+	// HookUplinkEgress does at the uplink, for pod traffic the host stack
+	// DNATed to a backend on another node, which leaves through the tunnel.
+	HookTunnelEgress Hook = "tunnel-egress"
 )
 
 func (h Hook) program() string {
@@ -45,7 +49,7 @@ func (h Hook) program() string {
 		return "tern_from_uplink"
 	case HookPodEgress:
 		return "tern_to_pod"
-	case HookUplinkEgress:
+	case HookUplinkEgress, HookTunnelEgress:
 		return "tern_to_uplink"
 	case HookTunnelIngress:
 		return "tern_from_tunnel"
@@ -53,7 +57,9 @@ func (h Hook) program() string {
 	return ""
 }
 
-func (h Hook) egress() bool { return h == HookPodEgress || h == HookUplinkEgress }
+func (h Hook) egress() bool {
+	return h == HookPodEgress || h == HookUplinkEgress || h == HookTunnelEgress
+}
 
 func (h Hook) tcxAttach() ebpf.AttachType {
 	if h.egress() {
