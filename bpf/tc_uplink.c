@@ -254,11 +254,15 @@ int tern_from_uplink(struct __sk_buff *skb)
 		if (ret != LB_CONTINUE)
 			return ret;
 		/* A remote backend's answer to such a frontend's flow,
-		 * SNATed to this node (lib/lb_remote.h). */
+		 * SNATed to this node (lib/lb_remote.h); a VXLAN node's
+		 * pods answer through the tunnel (unencapsulated: forged). */
 		if (daddr == cfg->node_ip) {
-			ret = lb_remote_reply(skb, &lp);
-			if (ret != LB_CONTINUE)
-				return ret;
+			rn = remote_lookup(saddr);
+			if (rn && !rn->tunnel_ifindex) {
+				ret = lb_remote_reply(skb, &lp);
+				if (ret != LB_CONTINUE)
+					return ret;
+			}
 		}
 	}
 	if (daddr == cfg->node_ip)
