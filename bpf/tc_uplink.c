@@ -23,9 +23,9 @@
  * tern_to_uplink, at tc egress of the same interface, decides the egress
  * policy of a local pod whose packet the host stack DNATed to an address
  * off the node (kube-proxy: a Service whose backend runs elsewhere):
- * tern_from_pod left it undecided, as it still carried the ClusterIP. A
- * backend on another node's pod gets the flow recorded in tern_stack_ct, so
- * that its answer goes to the stack (lib/xnode.h). In VXLAN mode the same
+ * tern_from_pod left it undecided, as it still carried the ClusterIP. When
+ * the backend is another node's pod, the flow is recorded in tern_stack_ct
+ * so that its answer goes to the stack (lib/xnode.h). In VXLAN mode the same
  * program runs at tc egress of the VXLAN device. */
 
 #include <linux/bpf.h>
