@@ -395,11 +395,68 @@ func TestLBNodePortFromUplink(t *testing.T) {
 	}
 	in.sport = 45001
 	lbRun(t, w, w.fromUplink, w.uplink, in.frame(), natActShot, TernMetricMETRIC_DROP_POLICY_INGRESS)
-	// A backend on another node: not from the uplink (yet).
+	// A backend on another node Tern does not know (no tern_remote
+	// entry): dropped (TestLBNodePortRemoteBackend has the known ones).
 	lbService(t, w, natNodeIP, 30081, unix.IPPROTO_TCP, 9, TernLbSvc{}, lbBackend{natOtherPod, 8080})
 	in.dport = 30081
 	lbRun(t, w, w.fromUplink, w.uplink, in.frame(), natActShot, TernMetricMETRIC_DROP_LB)
 	// Not a frontend: the stack's, as before.
 	in.dport = 22
 	lbRun(t, w, w.fromUplink, w.uplink, in.frame(), natActOK, TernMetricMETRIC_PASS_UPLINK)
+}
+
+// TestLBNodePortRemoteBackend: a NodePort from outside the node whose
+// backend is a pod of another node (externalTrafficPolicy Cluster,
+// lib/lb_remote.h): DNATed to the backend and SNATed to the node address
+// and a port of the NAT range, one port per flow, kept by the flow; sent
+// on natively (FIB, TTL - 1) or through the tunnel. The backend's answer
+// to that port, on the uplink, goes back out from the NodePort to the
+// client; an answer to a port no flow holds is the stack's.
+func TestLBNodePortRemoteBackend(t *testing.T) {
+	w := newRemoteWorld(t)
+	for _, mode := range []string{"native", "vxlan"} {
+		t.Run(mode, func(t *testing.T) {
+			lbReset(t, w.natWorld)
+			w.clearRemote(t)
+			w.setRemote(t, mode == "vxlan")
+			forwarded := TernMetricMETRIC_REMOTE_NATIVE
+			if mode == "vxlan" {
+				forwarded = TernMetricMETRIC_REMOTE_VXLAN
+			}
+			client := natServer
+			lbService(t, w.natWorld, natNodeIP, 30081, unix.IPPROTO_TCP, 9, TernLbSvc{}, lbBackend{natOtherPod, 8080})
+			send := func(sport uint16, flags uint8) natParsed {
+				t.Helper()
+				in := natPkt{src: client, dst: natNodeIP, proto: unix.IPPROTO_TCP, sport: sport, dport: 30081, tcpFlags: flags}
+				in.srcMAC, in.dstMAC = []byte{2, 0, 0, 0, 0, 2}, w.uplinkMAC
+				out := lbRun(t, w.natWorld, w.fromUplink, w.uplink, in.frame(), natActRedirect,
+					TernMetricMETRIC_LB_DNAT, TernMetricMETRIC_LB_SNAT_REMOTE, forwarded)
+				p := natParse(t, out)
+				if p.src != natNodeIP || p.dst != natOtherPod || p.dport != 8080 || p.sport < 61000 || p.ttl != 63 {
+					t.Errorf("sent on as %s:%d -> %s:%d ttl %d, want %s:61000-65535 -> %s:8080 ttl 63",
+						p.src, p.sport, p.dst, p.dport, p.ttl, natNodeIP, natOtherPod)
+				}
+				return p
+			}
+			first := send(45000, natTCPSyn)
+			if again := send(45000, natTCPAck); again.sport != first.sport {
+				t.Errorf("the flow's next packet left from port %d, its first from %d", again.sport, first.sport)
+			}
+			if other := send(45001, natTCPSyn); other.sport == first.sport {
+				t.Errorf("two flows share SNAT port %d", other.sport)
+			}
+			if mode == "vxlan" {
+				return // answers arrive decapsulated: tern_from_tunnel (e2e TestMultiNodeLBNodePort)
+			}
+			reply := natPkt{src: natOtherPod, dst: natNodeIP, proto: unix.IPPROTO_TCP, sport: 8080, dport: first.sport, tcpFlags: natTCPSyn | natTCPAck}
+			reply.srcMAC, reply.dstMAC = []byte{2, 0, 0, 0, 0, 2}, w.uplinkMAC
+			out := lbRun(t, w.natWorld, w.fromUplink, w.uplink, reply.frame(), natActRedirect, TernMetricMETRIC_LB_REV_NAT)
+			if p := natParse(t, out); p.src != natNodeIP || p.sport != 30081 || p.dst != client || p.dport != 45000 || p.ttl != 63 {
+				t.Errorf("answer out as %s:%d -> %s:%d ttl %d, want %s:30081 -> %s:45000 ttl 63",
+					p.src, p.sport, p.dst, p.dport, p.ttl, natNodeIP, client)
+			}
+			reply.dport = 60000 // below the NAT range: no flow has it
+			lbRun(t, w.natWorld, w.fromUplink, w.uplink, reply.frame(), natActOK, TernMetricMETRIC_PASS_UPLINK)
+		})
+	}
 }

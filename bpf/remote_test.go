@@ -157,6 +157,31 @@ func TestRemote(t *testing.T) {
 			}
 		},
 	}, {
+		// The same packet answering a flow the host stack DNATed to that
+		// remote pod (kube-proxy; tern_to_uplink recorded it in
+		// tern_stack_ct as b:53 -> the remote pod:4000 left): to the
+		// stack, whose conntrack reverses the DNAT, not into b.
+		name: "remote backend's answer to a stack-DNATed flow, native", remote: "native",
+		run: func(t *testing.T) (uint32, []byte) {
+			k, hi := stackKey(w.b.ip, 53, natOtherPod, 4000, unix.IPPROTO_UDP)
+			e := TernPolicyCtEntry{LastSeen: natMonoNow(t)}
+			if hi {
+				e.Flags = uint16(TernPolicyCtFlagsPOLICY_CT_F_ORIG_HI)
+			}
+			m := w.maps[TernMapTernStackCt]
+			if err := m.Put(k, e); err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(func() { _ = m.Delete(k) })
+			return w.fromUplinkRun(t, udpTo(natOtherPod, w.b.ip, 0))
+		},
+		wantVerdict: natActOK, wantMetric: TernMetricMETRIC_REMOTE_STACK_REPLY,
+		check: func(t *testing.T, out []byte) {
+			if out[14+8] != 64 {
+				t.Errorf("TTL %d, want 64 (untouched: the stack forwards it)", out[14+8])
+			}
+		},
+	}, {
 		// A VXLAN node's pod address arriving unencapsulated: forged.
 		name: "vxlan node's pod on the uplink", remote: "vxlan",
 		run: func(t *testing.T) (uint32, []byte) {

@@ -9,11 +9,16 @@
  * Decides: a packet whose outer source is the node owning the inner
  * source (tern_remote: a pod CIDR of that node, or the node's own /32),
  * addressed to a pod of this node, meets that pod's ingress policy and is
- * delivered with bpf_redirect_peer; addressed to this node's own IP, it
- * goes to the host stack. All else is dropped: non-IPv4, no tunnel key or
- * an outer source that is not the owner (a forged VXLAN packet:
- * lib/remote.h), and other destinations (the tunnel must not become a way
- * into the node's other networks). */
+ * delivered with bpf_redirect_peer (a remote Service backend's answer is
+ * first translated back, services "ebpf", lib/lb.h; or handed to the host
+ * stack when its DNAT was the stack's, kube-proxy, lib/xnode.h); addressed
+ * to this node's own IP, it goes to the host stack, unless it is a remote
+ * backend's answer to a flow from outside the node that the load balancer
+ * SNATed to this node (translated back and sent out, lib/lb_remote.h).
+ * All else is dropped: non-IPv4, no tunnel key or an outer source that is
+ * not the owner (a forged VXLAN packet: lib/remote.h), and other
+ * destinations (the tunnel must not become a way into the node's other
+ * networks). */
 
 #include <linux/bpf.h>
 #include <linux/pkt_cls.h>
@@ -28,9 +33,25 @@
 #include "lib/metrics.h"
 #include "lib/verdict.h"
 #include "lib/parse.h"
+#include "lib/csum.h"
+#include "lib/conntrack.h"
+#include "lib/nat.h"
+#include "lib/forward.h"
+#include "lib/policy.h"
+#include "lib/stack.h"
 #include "lib/remote.h"
+#include "lib/lb.h"
+#include "lib/xnode.h"
+#include "lib/lb_remote.h"
 
 char __license[] SEC("license") = "Dual BSD/GPL";
+
+/* tunnel_owner_checked is tunnel_from_owner out of line: its tunnel key
+ * stays out of tern_from_tunnel's frame, under the load balancer's calls. */
+static __noinline int tunnel_owner_checked(struct __sk_buff *skb, __be32 saddr)
+{
+	return tunnel_from_owner(skb, saddr);
+}
 
 SEC("tc")
 int tern_from_tunnel(struct __sk_buff *skb)
@@ -39,9 +60,8 @@ int tern_from_tunnel(struct __sk_buff *skb)
 	struct endpoint *ep;
 	struct ethhdr *eth;
 	struct iphdr *iph;
-	__be32 saddr, daddr;
-	__be16 frag_off, id;
-	__u8 ttl, proto, ihl;
+	struct lb_pkt lp = {};
+	int ret;
 
 	switch (parse_ipv4(skb, &eth, &iph)) {
 	case PARSE_IPV4:
@@ -53,32 +73,54 @@ int tern_from_tunnel(struct __sk_buff *skb)
 		count(METRIC_DROP_TRUNCATED, skb->len);
 		return TC_ACT_SHOT;
 	}
-	saddr = iph->saddr;
-	daddr = iph->daddr;
-	frag_off = iph->frag_off;
-	id = iph->id;
-	ttl = iph->ttl;
-	proto = iph->protocol;
-	ihl = iph->ihl;
+	lp.saddr = iph->saddr;
+	lp.daddr = iph->daddr;
+	lp.frag_off = iph->frag_off;
+	lp.id = iph->id;
+	lp.ttl = iph->ttl;
+	lp.proto = iph->protocol;
+	lp.ihl = iph->ihl;
 
-	if (!tunnel_from_owner(skb, saddr)) {
+	if (!tunnel_owner_checked(skb, lp.saddr)) {
 		count(METRIC_DROP_TUNNEL_FORGED, skb->len);
 		return TC_ACT_SHOT;
 	}
-	ep = bpf_map_lookup_elem(&tern_endpoints, &daddr);
+	ep = bpf_map_lookup_elem(&tern_endpoints, &lp.daddr);
 	if (!ep) {
 		/* A pod of another node answering (or talking to) this node
 		 * itself: the host stack delivers it. The inner frame is
 		 * addressed to the sender's gateway MAC, not this device's,
 		 * which would make the stack drop it as another host's. */
 		cfg = node_config();
-		if (cfg && cfg->node_ip && daddr == cfg->node_ip &&
-		    bpf_skb_change_type(skb, 0 /* PACKET_HOST */) == 0) {
+		if (!cfg || !cfg->node_ip || lp.daddr != cfg->node_ip)
+			goto no_pod;
+		/* A remote backend's answer to a flow from outside the node
+		 * that the load balancer SNATed to this node. */
+		ret = lb_remote_reply(skb, &lp);
+		if (ret != LB_CONTINUE)
+			return ret;
+		if (bpf_skb_change_type(skb, 0 /* PACKET_HOST */) == 0) {
 			count(METRIC_TUNNEL_TO_HOST, skb->len);
 			return TERN_PASS;
 		}
+no_pod:
 		count(METRIC_DROP_TUNNEL_NO_POD, skb->len);
 		return TC_ACT_SHOT;
 	}
-	return remote_deliver(skb, ep, saddr, daddr, proto, ihl, frag_off, id, ttl);
+	/* A remote backend's answer to a Service flow of Tern's load
+	 * balancer: translated back, as tern_from_uplink does. */
+	if (ep->flags & ENDPOINT_F_LB) {
+		ret = lb_from_uplink(skb, ep, &lp);
+		if (ret == LB_UPLINK_REPLY) {
+			ret = lb_reply(skb, ep, &lp);
+			if (ret != LB_CONTINUE)
+				return ret;
+			return deliver_to_endpoint(skb, ep, lp.ttl, METRIC_REDIRECT_PEER);
+		}
+		if (ret != LB_CONTINUE)
+			return ret;
+	}
+	if (xnode_stack_reply(skb, &lp, 1))
+		return TERN_PASS;
+	return xnode_deliver(skb, ep, &lp);
 }

@@ -12,14 +12,21 @@
  * remembered so the pod's answers are not masqueraded, and goes on through
  * the host stack. A packet from a pod of another node (native routing,
  * lib/remote.h) for a pod of this one meets that pod's ingress policy and is
- * delivered with bpf_redirect_peer; one whose source is a pod CIDR of a
- * VXLAN node arrives unencapsulated only if forged, and is dropped.
+ * delivered with bpf_redirect_peer (unless it answers a flow the host stack
+ * DNATed to it: then it goes to the stack, lib/xnode.h); one whose source
+ * is a pod CIDR of a VXLAN node arrives unencapsulated only if forged, and
+ * is dropped. A remote backend's answer to a Service flow from outside the
+ * node that Tern's load balancer SNATed to the node address is translated
+ * back and sent out (lib/lb_remote.h).
  * Everything else (the node's own traffic) passes untouched.
  *
  * tern_to_uplink, at tc egress of the same interface, decides the egress
  * policy of a local pod whose packet the host stack DNATed to an address
  * off the node (kube-proxy: a Service whose backend runs elsewhere):
- * tern_from_pod left it undecided, as it still carried the ClusterIP. */
+ * tern_from_pod left it undecided, as it still carried the ClusterIP. When
+ * the backend is another node's pod, the flow is recorded in tern_stack_ct
+ * so that its answer goes to the stack (lib/xnode.h). In VXLAN mode the same
+ * program runs at tc egress of the VXLAN device. */
 
 #include <linux/bpf.h>
 #include <linux/pkt_cls.h>
@@ -44,6 +51,8 @@
 #include "lib/lb.h"
 #include "lib/lb_xdp.h"
 #include "lib/shaped.h"
+#include "lib/xnode.h"
+#include "lib/lb_remote.h"
 
 char __license[] SEC("license") = "Dual BSD/GPL";
 
@@ -197,17 +206,6 @@ static __always_inline int rev_snat(struct __sk_buff *skb, __be32 saddr, __u8 tt
 	return deliver_to_endpoint(skb, ep, ttl, METRIC_REV_SNAT);
 }
 
-/* remote_deliver_pkt is remote_deliver (lib/remote.h) in a frame of its
- * own: its policy decision would otherwise sit in tern_from_uplink's frame,
- * and the verifier bounds a frame plus its deepest chain of callees (the
- * load balancer's) to 512 bytes. */
-static __noinline int remote_deliver_pkt(struct __sk_buff *skb, const struct endpoint *ep,
-					 const struct lb_pkt *p)
-{
-	return remote_deliver(skb, ep, p->saddr, p->daddr, p->proto, p->ihl, p->frag_off, p->id,
-			      p->ttl);
-}
-
 SEC("tc")
 int tern_from_uplink(struct __sk_buff *skb)
 {
@@ -255,8 +253,21 @@ int tern_from_uplink(struct __sk_buff *skb)
 		ret = lb_xdp_translated(skb, &lp);
 		if (ret == LB_CONTINUE)
 			ret = lb_uplink_frontend(skb, &lp);
+		if (ret == LB_UPLINK_REMOTE)
+			return lb_to_remote(skb, &lp);
 		if (ret != LB_CONTINUE)
 			return ret;
+		/* A remote backend's answer to such a frontend's flow,
+		 * SNATed to this node (lib/lb_remote.h); a VXLAN node's
+		 * pods answer through the tunnel (unencapsulated: forged). */
+		if (daddr == cfg->node_ip) {
+			rn = remote_lookup(saddr);
+			if (rn && !rn->tunnel_ifindex) {
+				ret = lb_remote_reply(skb, &lp);
+				if (ret != LB_CONTINUE)
+					return ret;
+			}
+		}
 	}
 	if (daddr == cfg->node_ip)
 		goto pass;
@@ -289,7 +300,9 @@ int tern_from_uplink(struct __sk_buff *skb)
 			struct lb_pkt rp = { .saddr = saddr, .daddr = daddr, .frag_off = frag_off,
 					     .id = id, .proto = proto, .ihl = ihl, .ttl = ttl };
 
-			return remote_deliver_pkt(skb, ep, &rp);
+			if (xnode_stack_reply(skb, &rp, 0))
+				return TERN_PASS;
+			return xnode_deliver(skb, ep, &rp);
 		}
 	}
 
@@ -352,6 +365,12 @@ int tern_to_uplink(struct __sk_buff *skb)
 		 * flow (lib/stack.h). */
 		if (!policy_pass_as(skb, saddr, daddr, client, proto, ihl, frag_off, id))
 			return TC_ACT_SHOT;
+		/* A backend on another node answers the pod's own address (no
+		 * masquerade), on the fast path (tern_from_uplink,
+		 * tern_from_tunnel): recorded, the answer is handed to the
+		 * stack there, whose conntrack translates it back. */
+		if (saddr == client && remote_lookup(daddr))
+			stack_note_delivered(skb, saddr, daddr, proto, ihl, frag_off);
 	}
 	/* A pod with bandwidth limits: the stack forwarded it with the pod's
 	 * address, masquerade is done here (lib/shaped.h). */

@@ -133,7 +133,8 @@ type TernLbCtEntry struct {
 	Port     uint16
 	Flags    uint16
 	RevId    uint32
-	Pad      uint32
+	SnatPort uint16
+	Pad      uint16
 }
 
 type TernLbCtFlags uint32
@@ -142,6 +143,7 @@ const (
 	TernLbCtFlagsLB_CT_F_REPLY    TernLbCtFlags = 256
 	TernLbCtFlagsLB_CT_F_HAIRPIN  TernLbCtFlags = 512
 	TernLbCtFlagsLB_CT_F_EXTERNAL TernLbCtFlags = 1024
+	TernLbCtFlagsLB_CT_F_SNAT     TernLbCtFlags = 2048
 )
 
 type TernLbScratch struct {
@@ -235,7 +237,9 @@ const (
 	TernMetricMETRIC_DROP_POLICY_CT_QUOTA TernMetric = 41
 	TernMetricMETRIC_PASS_SHAPED          TernMetric = 42
 	TernMetricMETRIC_LB_XDP_DNAT          TernMetric = 43
-	TernMetricMETRIC_MAX                  TernMetric = 44
+	TernMetricMETRIC_REMOTE_STACK_REPLY   TernMetric = 44
+	TernMetricMETRIC_LB_SNAT_REMOTE       TernMetric = 45
+	TernMetricMETRIC_MAX                  TernMetric = 46
 )
 
 type TernMetricValue struct {

@@ -27,6 +27,7 @@ const (
 	TernTunnelMapTernLbBackends       = "tern_lb_backends"
 	TernTunnelMapTernLbCt             = "tern_lb_ct"
 	TernTunnelMapTernLbRev            = "tern_lb_rev"
+	TernTunnelMapTernLbScratch        = "tern_lb_scratch"
 	TernTunnelMapTernLbSvc            = "tern_lb_svc"
 	TernTunnelMapTernMetrics          = "tern_metrics"
 	TernTunnelMapTernNat              = "tern_nat"
@@ -48,6 +49,7 @@ const (
 	TernTunnelVarCtTimeoutTcpClose    = "ct_timeout_tcp_close"
 	TernTunnelVarCtTimeoutTcpSyn      = "ct_timeout_tcp_syn"
 	TernTunnelVarCtTimeoutUdp         = "ct_timeout_udp"
+	TernTunnelVarLbLoopbackIp         = "lb_loopback_ip"
 	TernTunnelVarNatGcInterval        = "nat_gc_interval"
 	TernTunnelVarNatPortMax           = "nat_port_max"
 	TernTunnelVarNatPortMin           = "nat_port_min"
@@ -128,6 +130,7 @@ type TernTunnelMapSpecs struct {
 	TernLbBackends    *ebpf.MapSpec `ebpf:"tern_lb_backends"`
 	TernLbCt          *ebpf.MapSpec `ebpf:"tern_lb_ct"`
 	TernLbRev         *ebpf.MapSpec `ebpf:"tern_lb_rev"`
+	TernLbScratch     *ebpf.MapSpec `ebpf:"tern_lb_scratch"`
 	TernLbSvc         *ebpf.MapSpec `ebpf:"tern_lb_svc"`
 	TernMetrics       *ebpf.MapSpec `ebpf:"tern_metrics"`
 	TernNat           *ebpf.MapSpec `ebpf:"tern_nat"`
@@ -154,6 +157,7 @@ type TernTunnelVariableSpecs struct {
 	CtTimeoutTcpClose    *ebpf.VariableSpec `ebpf:"ct_timeout_tcp_close"`
 	CtTimeoutTcpSyn      *ebpf.VariableSpec `ebpf:"ct_timeout_tcp_syn"`
 	CtTimeoutUdp         *ebpf.VariableSpec `ebpf:"ct_timeout_udp"`
+	LbLoopbackIp         *ebpf.VariableSpec `ebpf:"lb_loopback_ip"`
 	NatGcInterval        *ebpf.VariableSpec `ebpf:"nat_gc_interval"`
 	NatPortMax           *ebpf.VariableSpec `ebpf:"nat_port_max"`
 	NatPortMin           *ebpf.VariableSpec `ebpf:"nat_port_min"`
@@ -205,6 +209,7 @@ type TernTunnelMaps struct {
 	TernLbBackends    *ebpf.Map `ebpf:"tern_lb_backends"`
 	TernLbCt          *ebpf.Map `ebpf:"tern_lb_ct"`
 	TernLbRev         *ebpf.Map `ebpf:"tern_lb_rev"`
+	TernLbScratch     *ebpf.Map `ebpf:"tern_lb_scratch"`
 	TernLbSvc         *ebpf.Map `ebpf:"tern_lb_svc"`
 	TernMetrics       *ebpf.Map `ebpf:"tern_metrics"`
 	TernNat           *ebpf.Map `ebpf:"tern_nat"`
@@ -235,6 +240,7 @@ func (m *TernTunnelMaps) Close() error {
 		m.TernLbBackends,
 		m.TernLbCt,
 		m.TernLbRev,
+		m.TernLbScratch,
 		m.TernLbSvc,
 		m.TernMetrics,
 		m.TernNat,
@@ -262,6 +268,7 @@ type TernTunnelVariables struct {
 	CtTimeoutTcpClose    *ebpf.Variable `ebpf:"ct_timeout_tcp_close"`
 	CtTimeoutTcpSyn      *ebpf.Variable `ebpf:"ct_timeout_tcp_syn"`
 	CtTimeoutUdp         *ebpf.Variable `ebpf:"ct_timeout_udp"`
+	LbLoopbackIp         *ebpf.Variable `ebpf:"lb_loopback_ip"`
 	NatGcInterval        *ebpf.Variable `ebpf:"nat_gc_interval"`
 	NatPortMax           *ebpf.Variable `ebpf:"nat_port_max"`
 	NatPortMin           *ebpf.Variable `ebpf:"nat_port_min"`

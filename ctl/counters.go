@@ -81,6 +81,8 @@ var metricDescriptions = map[string]string{
 	"drop_policy_rst":      "dropped: TCP RST of a tracked flow with a sequence number out of window (forged)",
 	"pass_shaped":          "to or from a pod with bandwidth limits: through the host stack and its veth's qdiscs",
 	"lb_xdp_dnat":          "services \"ebpf\", nodePortAcceleration: a packet from outside to a NodePort / external IP translated at the uplink's XDP",
+	"remote_stack_reply":   "from another node's pod: an answer to a flow the host stack translated (kube-proxy DNAT to a backend off the node), handed to the stack",
+	"lb_snat_remote":       "services \"ebpf\": from outside the node to a backend on another node, SNATed to the node address",
 }
 
 // readCounters reads the network's datapath counters: the eBPF metrics map

@@ -39,6 +39,10 @@ const (
 	// NodePort acceleration (services "ebpf"), before tc ingress. Always
 	// an XDP bpf_link, pinned; there is no legacy mode.
 	HookUplinkXDP Hook = "uplink-xdp"
+	// HookTunnelEgress is tc egress of the node's VXLAN device: what
+	// HookUplinkEgress does at the uplink, for pod traffic the host stack
+	// DNATed to a backend on another node, which leaves through the tunnel.
+	HookTunnelEgress Hook = "tunnel-egress"
 )
 
 func (h Hook) program() string {
@@ -49,7 +53,7 @@ func (h Hook) program() string {
 		return "tern_from_uplink"
 	case HookPodEgress:
 		return "tern_to_pod"
-	case HookUplinkEgress:
+	case HookUplinkEgress, HookTunnelEgress:
 		return "tern_to_uplink"
 	case HookTunnelIngress:
 		return "tern_from_tunnel"
@@ -59,7 +63,9 @@ func (h Hook) program() string {
 	return cgroupHookProgram(h)
 }
 
-func (h Hook) egress() bool { return h == HookPodEgress || h == HookUplinkEgress }
+func (h Hook) egress() bool {
+	return h == HookPodEgress || h == HookUplinkEgress || h == HookTunnelEgress
+}
 
 func (h Hook) xdp() bool { return h == HookUplinkXDP }
 

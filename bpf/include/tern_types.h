@@ -145,6 +145,8 @@ enum metric {
 	METRIC_DROP_POLICY_CT_QUOTA, /* new flow of a pod that opened its share of flows this minute (policy_ct_pod_flows) */
 	METRIC_PASS_SHAPED, /* to or from a pod with bandwidth limits: handed to the host stack, through the host veth's qdiscs */
 	METRIC_LB_XDP_DNAT, /* services "ebpf": a NodePort / external IP packet translated at the uplink's XDP (nodePortAcceleration) */
+	METRIC_REMOTE_STACK_REPLY, /* from another node's pod: an answer to a flow the host stack translated (kube-proxy), handed to the stack */
+	METRIC_LB_SNAT_REMOTE, /* services "ebpf": a client outside the node sent to a backend on another node, SNATed to the node address */
 	METRIC_MAX,
 };
 
@@ -306,7 +308,11 @@ struct lb_ct_entry {
 	__be16 port;
 	__u16 flags;  /* enum lb_ct_flags */
 	__u32 rev_id; /* frontend id */
-	__u32 pad;
+	/* forward entry of a flow from outside the node to a backend on
+	 * another node (lib/lb_remote.h): the node-address source port it is
+	 * SNATed to (network order; 0 until chosen) */
+	__be16 snat_port;
+	__u16 pad;
 };
 
 /* Above the NAT_F_* bits, which lb_ct_entry.flags also carries (FIN, RST:
@@ -315,6 +321,7 @@ enum lb_ct_flags {
 	LB_CT_F_REPLY = 1 << 8,
 	LB_CT_F_HAIRPIN = 1 << 9,
 	LB_CT_F_EXTERNAL = 1 << 10, /* reply entry: the client is outside the node (came in by the uplink) */
+	LB_CT_F_SNAT = 1 << 11,     /* reply entry keyed by the node address and its SNAT port (lib/lb_remote.h) */
 };
 
 /* lb_affinity_key: key of tern_lb_affinity (ClientIP session affinity). */

@@ -58,6 +58,8 @@
  * (lb_reply) and deliver it". The caller makes that call, not
  * lb_from_uplink: the verifier bounds a chain of frames to 512 bytes. */
 #define LB_UPLINK_REPLY -3
+/* lb_uplink_frontend's "the backend is on another node": see lib/lb_remote.h. */
+#define LB_UPLINK_REMOTE -4
 
 /* The service-loopback address a pod reaching itself through its Service
  * sees as the client (network order; set before load from the network
@@ -462,10 +464,11 @@ __noinline int lb_from_uplink(struct __sk_buff *skb, const struct endpoint *ep, 
  * DNAT to a backend on this node, the backend's ingress policy decided on
  * the client's own address (no SNAT: the answer leaves from the backend's
  * tern_from_pod, reverse-translated, by bpf_redirect_neigh), delivered
- * into the backend. LB_CONTINUE: not a frontend. A backend on another node
- * (externalTrafficPolicy: Cluster would SNAT to the node) is not
- * supported yet: dropped and counted drop_lb. No backend: dropped (no
- * ICMP error to the outside). */
+ * into the backend. LB_UPLINK_REMOTE: the flow's backend is on another
+ * node (externalTrafficPolicy: Cluster); the caller hands it to
+ * lb_to_remote (lib/lb_remote.h: SNAT to the node address), out of this
+ * frame for the verifier's 512 bytes. LB_CONTINUE: not a frontend. No
+ * backend: dropped (no ICMP error to the outside). */
 __noinline int lb_uplink_frontend(struct __sk_buff *skb, struct lb_pkt *p)
 {
 	struct lb_svc_key fk = {};
@@ -524,7 +527,10 @@ __noinline int lb_uplink_frontend(struct __sk_buff *skb, struct lb_pkt *p)
 		s->ne.port = l4.sport;
 		s->ne.rev_id = svc->id;
 		s->ne.flags = LB_CT_F_REPLY | LB_CT_F_EXTERNAL;
-		if (bpf_map_update_elem(&tern_lb_ct, &s->rk, &s->ne, BPF_ANY) < 0)
+		/* (a remote backend answers the node address: lb_to_remote
+		 * writes that reply entry) */
+		if (bpf_map_lookup_elem(&tern_endpoints, &b.addr) &&
+		    bpf_map_update_elem(&tern_lb_ct, &s->rk, &s->ne, BPF_ANY) < 0)
 			goto drop;
 		s->ne.addr = b.addr;
 		s->ne.port = b.port;
@@ -534,7 +540,7 @@ __noinline int lb_uplink_frontend(struct __sk_buff *skb, struct lb_pkt *p)
 	}
 	ep = bpf_map_lookup_elem(&tern_endpoints, &b.addr);
 	if (!ep)
-		goto drop; /* a backend on another node: not yet */
+		return LB_UPLINK_REMOTE; /* s->ck: the flow, as lb_to_remote finds it */
 	if (lb_rewrite(skb, proto, l4.off, IP_DADDR_OFF, p->daddr, b.addr, l4.off + 2, l4.dport, b.port) < 0)
 		goto drop;
 	if (!policy_pass(skb, p->saddr, b.addr, proto, p->ihl, p->frag_off, p->id))

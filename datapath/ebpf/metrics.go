@@ -55,6 +55,8 @@ var metricNames = [...]string{
 	ternbpf.TernMetricMETRIC_DROP_POLICY_CT_QUOTA: "drop_policy_ct_quota",
 	ternbpf.TernMetricMETRIC_PASS_SHAPED:          "pass_shaped",
 	ternbpf.TernMetricMETRIC_LB_XDP_DNAT:          "lb_xdp_dnat",
+	ternbpf.TernMetricMETRIC_REMOTE_STACK_REPLY:   "remote_stack_reply",
+	ternbpf.TernMetricMETRIC_LB_SNAT_REMOTE:       "lb_snat_remote",
 }
 
 // MetricName is the name of a metric (e.g. "redirect_peer").

@@ -68,22 +68,33 @@ func (d *Datapath) SyncRemotes(remotes []datapath.Remote) error {
 	return nil
 }
 
-// AttachTunnel implements datapath.RemoteTable: tern_from_tunnel at tc
-// ingress of the VXLAN device.
+// tunnelHooks: tern_from_tunnel at tc ingress of the VXLAN device, and
+// tern_to_uplink at its egress (the host stack's DNAT of a pod's Service
+// packet to a backend on another node leaves through it: the client's
+// egress policy, and the flow recorded so its answers go to the stack).
+var tunnelHooks = []loader.Hook{loader.HookTunnelIngress, loader.HookTunnelEgress}
+
+// AttachTunnel implements datapath.RemoteTable.
 func (d *Datapath) AttachTunnel(ifname string, ifindex int) error {
 	if err := d.open(); err != nil {
 		return err
 	}
-	if err := d.loader.CheckAttached(d.objs, ifname, ifindex, loader.HookTunnelIngress); err == nil {
-		return nil
-	}
-	if _, err := d.loader.Attach(d.objs, ifname, ifindex, loader.HookTunnelIngress, d.cfg.Attach); err != nil {
-		return fmt.Errorf("attach to VXLAN device %s: %w", ifname, err)
+	for _, h := range tunnelHooks {
+		if err := d.loader.CheckAttached(d.objs, ifname, ifindex, h); err == nil {
+			continue
+		}
+		if _, err := d.loader.Attach(d.objs, ifname, ifindex, h, d.cfg.Attach); err != nil {
+			return fmt.Errorf("attach to VXLAN device %s: %w", ifname, err)
+		}
 	}
 	return nil
 }
 
 // DetachTunnel implements datapath.RemoteTable.
 func (d *Datapath) DetachTunnel(ifname string) error {
-	return d.loader.Detach(ifname, loader.HookTunnelIngress)
+	var errs []error
+	for _, h := range tunnelHooks {
+		errs = append(errs, d.loader.Detach(ifname, h))
+	}
+	return errors.Join(errs...)
 }
