@@ -132,6 +132,15 @@ k -n "$NS" wait --for=condition=Ready pod --all --timeout=120s >/dev/null || { e
 a=$(pod_ip srv-a) b=$(pod_ip srv-b)
 svc=$(k -n "$NS" get service srv -o jsonpath='{.spec.clusterIP}')
 targets="http:$a:8080 http:$b:8080 http:$svc:80 udp:$a:8081 udp:$b:8081 udp:$svc:81"
+# The baseline first: the Service answers once kube-proxy (or ternd) has
+# programmed the endpoints of the pods that just turned Ready, which takes
+# a sync period; probes started before that measure the sync, not the
+# update (bounded: 60 tries).
+for ((i = 0; i < 60; i++)); do
+  k -n "$NS" exec allowed -- sh -c "curl -s -m 1 http://$svc:80/hostname >/dev/null && [ -n \"\$(echo hostname | nc -u -w 1 $svc 81)\" ]" && break
+  sleep 0.5
+done
+[ "$i" -lt 60 ] || { echo "FAIL ClusterIP $svc never answered the allowed client before the update"; exit 1; }
 for c in allowed refused; do
   k -n "$NS" exec "$c" -- sh -c "echo '$targets' > /tmp/targets && touch /tmp/go" || exit 1
 done
