@@ -24,8 +24,6 @@ import (
 func TestSmokeServices(t *testing.T) {
 	testutil.RequirePrivileged(t)
 	requireTools(t, "sockperf", "iptables", "iptables-save", "iptables-restore", "ipset", "taskset")
-	// Two counts: the second waits for the eBPF datapath's per-pod flow
-	// share to renew (crrSpacing after the first connection-rate sample).
 	ctx, cancel := context.WithTimeout(context.Background(), 8*time.Minute)
 	defer cancel()
 	paths := []string{PathDirect, PathEBPF, PathKubeProxy, PathIptablesKubeProxy}

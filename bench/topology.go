@@ -34,9 +34,6 @@ type Topology struct {
 	// services holds the Service paths' Services (and the ebpf path's when
 	// the Service workload runs); nil elsewhere.
 	services serviceSet
-	// lastCRR is when the Service workload's last connection-rate sample
-	// on this path started.
-	lastCRR  time.Time
 	verifier verifier
 	checks   []string
 	closers  []closer // undone in reverse order by Close

@@ -63,19 +63,7 @@ func svcChartHeading(base string) string {
 // (and the policy sweep after it) starts from none. Its repetitions run
 // after every other workload's: with Services in its store every CNI ADD
 // of Tern compiles them, which would change the control-plane figures.
-//
-// The eBPF datapath lets a pod open at most 65,536 new TCP flows per
-// minute (its conntrack share, drop_policy_ct_quota); one connection-rate
-// sample opens tens of thousands. So on a path a connection-rate sample
-// starts at least crrSpacing after the previous one started: each sample
-// has a fresh minute of its own (with 4 paths interleaved this costs
-// little waiting).
 type servicesWorkload struct{ counts []int }
-
-// crrSpacing is the least time between the starts of two connection-rate
-// samples of the Service workload on one path: the eBPF datapath's
-// per-pod flow share period and a margin.
-const crrSpacing = 62 * time.Second
 
 func (w *servicesWorkload) serviceCounts() []int {
 	if len(w.counts) > 0 {
@@ -155,15 +143,6 @@ func (w *servicesWorkload) measure(ctx context.Context, wc *WorkloadContext, t *
 		m[name("nat_rules")] = float64(inst.natRules)
 	}
 	dst := set.dst()
-	if wait := crrSpacing - time.Since(t.lastCRR); !t.lastCRR.IsZero() && wait > 0 {
-		wc.r.logf("rep %d/%d %s %s: waiting %s for a fresh minute of the client pod's flow share", wc.Rep, wc.r.cfg.Reps, servicesName, t.Path, wait.Round(time.Second))
-		select {
-		case <-time.After(wait):
-		case <-ctx.Done():
-			return ctx.Err()
-		}
-	}
-	t.lastCRR = time.Now()
 	crr, err := measureConnRate(ctx, wc, t, dst, ports.crr)
 	if err != nil {
 		return fmt.Errorf("connection rate to %s:%d: %w", dst, ports.crr, err)
