@@ -189,6 +189,9 @@ func (a *Agent) install(ctx context.Context, conf *cni.NetConf, conflist []byte)
 		case <-time.After(2 * time.Second):
 		}
 	}
+	if a.cfg.Services == cni.ServicesKubeProxy && a.cfg.Datapath == "ebpf" && a.cfg.ServiceCIDR == "" {
+		a.log.Warn("no --service-cidr beside kube-proxy: egress NetworkPolicy decides traffic to ClusterIPs before kube-proxy's DNAT, as traffic to the outside world")
+	}
 	if err := WriteConfList(a.cfg.CNIConfDir, conflist); err != nil {
 		return err
 	}
@@ -266,7 +269,11 @@ func ConfList(cfg *Config, podCIDR string) ([]byte, error) {
 		plugin["clusterCIDR"] = cfg.ClusterCIDR
 	}
 	if cfg.ServiceCIDR != "" {
-		plugin["nonMasqueradeCIDRs"] = []string{cfg.ServiceCIDR}
+		// serviceCIDR, not nonMasqueradeCIDRs: beside kube-proxy the eBPF
+		// datapath must hand pod traffic to these addresses to the host
+		// stack untouched, so that policy is decided after kube-proxy's
+		// DNAT on the backend, not on the ClusterIP as the outside world.
+		plugin["serviceCIDR"] = []string{cfg.ServiceCIDR}
 	}
 	if cfg.MTU != 0 {
 		plugin["mtu"] = cfg.MTU

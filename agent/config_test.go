@@ -50,7 +50,9 @@ func TestConfListInstall(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	for _, want := range []string{`"subnet": "10.244.7.0/24"`, `"type": "tern-ipam"`, `"clusterCIDR": "10.244.0.0/16"`, `"10.96.0.0/12"`} {
+	for _, want := range []string{`"subnet": "10.244.7.0/24"`, `"type": "tern-ipam"`, `"clusterCIDR": "10.244.0.0/16"`, `"serviceCIDR": [
+        "10.96.0.0/12"
+      ]`} {
 		if !strings.Contains(string(got), want) {
 			t.Errorf("conflist lacks %s:\n%s", want, got)
 		}
