@@ -50,7 +50,7 @@ skip_re() { local IFS='|'; echo "${SKIP_ALWAYS[*]}"; }
 
 focus_of() {
   case $1 in
-    smoke) echo "\[sig-network\] (Netpol NetworkPolicy between server and client should (support a 'default-deny-ingress' policy|support allow-all policy|enforce policy based on Ports|allow ingress access on one named port)|Networking Granular Checks: Pods should function for (intra|node)-pod communication: (http|udp)|Services should serve endpoints on same port and different protocols|Services should serve a basic endpoint from pods)" ;;
+    smoke) echo "\[sig-network\] (Netpol NetworkPolicy between server and client should (support a 'default-deny-ingress' policy|support allow-all policy|enforce policy based on Ports|allow ingress access on one named port|allow egress access on one named port)|Networking Granular Checks: Pods should function for (intra|node)-pod communication: (http|udp)|Services should serve endpoints on same port and different protocols|Services should serve a basic endpoint from pods)" ;;
     netpol) echo '\[sig-network\] Netpol' ;;
     conformance) echo '\[sig-network\] (Services|Networking|HostPort|Proxy) .*\[Conformance\]' ;;
     cri | rollout) echo - ;;
