@@ -23,6 +23,7 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus/promhttp"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/rest"
 	"k8s.io/client-go/tools/clientcmd"
@@ -120,6 +121,9 @@ func Run(ctx context.Context, cfg *Config, log *slog.Logger) error {
 	if err != nil {
 		return err
 	}
+	if cfg.ServiceCIDR == "" {
+		a.discoverServiceCIDR(ctx, client)
+	}
 	conflist, conf, err := a.netConf(podCIDR)
 	if err != nil {
 		return err
@@ -198,6 +202,29 @@ func (a *Agent) install(ctx context.Context, conf *cni.NetConf, conflist []byte)
 	a.ready.Store(true)
 	a.log.Info("ready: CNI configuration written", "file", filepath.Join(a.cfg.CNIConfDir, ConfFileName))
 	return nil
+}
+
+// discoverServiceCIDR fills in --service-cidr, when it was not given, from
+// the cluster's default ServiceCIDR object ("kubernetes", which the API
+// server makes from its --service-cluster-ip-range): its first IPv4 range.
+// Beside kube-proxy the eBPF datapath needs it (ConfList); a cluster
+// without the object or a role without access keeps the flag empty, and
+// install warns.
+func (a *Agent) discoverServiceCIDR(ctx context.Context, client kubernetes.Interface) {
+	obj, err := client.NetworkingV1().ServiceCIDRs().Get(ctx, "kubernetes", metav1.GetOptions{})
+	if err != nil {
+		a.log.Info("no --service-cidr, and the default ServiceCIDR is not readable", "err", err)
+		return
+	}
+	for _, s := range obj.Spec.CIDRs {
+		if ip, _, err := parseCIDR(s); err == nil && ip.To4() != nil {
+			cfg := *a.cfg
+			cfg.ServiceCIDR = s
+			a.cfg = &cfg
+			a.log.Info("service CIDR from the API's default ServiceCIDR", "serviceCIDR", s)
+			return
+		}
+	}
 }
 
 // pluginsInstalled says whether every plugin of the conflist is in the

@@ -70,7 +70,7 @@ var Flags = []flagSpec{
 	{"bpffs-dir", "TERN_BPFFS_DIR", "/sys/fs/bpf/tern", "bpffs directory of the pinned maps and programs"},
 	{"datapath", "TERN_DATAPATH", "ebpf", `"ebpf" or "iptables"`},
 	{"cluster-cidr", "TERN_CLUSTER_CIDR", "", "pod network of the cluster: never masqueraded (the conflist's clusterCIDR)"},
-	{"service-cidr", "TERN_SERVICE_CIDR", "", "Service ClusterIP range: kept unmasqueraded (nonMasqueradeCIDRs) while kube-proxy handles Services"},
+	{"service-cidr", "TERN_SERVICE_CIDR", "", "Service ClusterIP range (the conflist's serviceCIDR: beside kube-proxy, pod traffic to it goes to the host stack untouched); unset: the first IPv4 range of the API's default ServiceCIDR object"},
 	{"pod-cidr", "TERN_POD_CIDR", "", "this node's pod subnet; default: the Node's spec.podCIDRs (required with --offline)"},
 	{"network-name", "TERN_NETWORK", "tern", "CNI network name"},
 	{"cni-version", "TERN_CNI_VERSION", "1.0.0", "cniVersion of the conflist: 1.0.0 works with every runtime (containerd 1.6 and 1.7 know no later version); 1.1.0 adds CNI GC and STATUS (containerd 2)"},

@@ -11,7 +11,7 @@ import (
 	"github.com/ternlabs/tern/internal/testutil"
 )
 
-// TestAgentEgressThroughKubeProxy: ternd with --service-cidr beside
+// TestAgentEgressThroughKubeProxy: ternd with a service CIDR beside
 // kube-proxy (its rules as kube-proxy's iptables mode writes them): an
 // egress policy written through the API that allows a named port is
 // decided on the backend behind a ClusterIP, not on the ClusterIP as the
@@ -20,13 +20,28 @@ import (
 // --service-cidr into the conflist as nonMasqueradeCIDRs, not as
 // serviceCIDR, so tern_from_pod decided pod -> ClusterIP traffic itself,
 // before kube-proxy's DNAT.
+//
+// Twice: with --service-cidr, and without it, the range read from the API
+// server's default ServiceCIDR object.
 func TestAgentEgressThroughKubeProxy(t *testing.T) {
+	for _, c := range []struct {
+		name string
+		args []string
+	}{
+		{"flag", []string{"--service-cidr", svcCIDR}},
+		{"discovered", nil}, // the test API server's --service-cluster-ip-range is svcCIDR
+	} {
+		t.Run(c.name, func(t *testing.T) { egressThroughKubeProxy(t, c.args) })
+	}
+}
+
+func egressThroughKubeProxy(t *testing.T, agentArgs []string) {
 	testutil.RequirePrivileged(t)
 	cp := testutil.StartControlPlane(t)
 	client := cp.Client(t)
 	ctx := t.Context()
 	createNamespaces(t, client, "alpha", "beta")
-	w := newAgentNode(t, cp, client, "10.77.158.0/24", "--service-cidr", svcCIDR)
+	w := newAgentNode(t, cp, client, "10.77.158.0/24", agentArgs...)
 	cli := w.addPod("alpha", "cli", map[string]string{"app": "cli"})
 	srv := w.addPod("beta", "srv", map[string]string{"app": "srv"})
 
