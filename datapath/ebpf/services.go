@@ -20,39 +20,7 @@ func (d *Datapath) syncServiceCIDRs() error {
 	if err != nil {
 		return err
 	}
-	want := map[ternbpf.TernLpmV4Key]bool{}
-	for _, n := range d.cfg.ServiceCIDRs {
-		if k, ok := lpmKey(n); ok {
-			want[k] = true
-		}
-	}
-	var (
-		key   ternbpf.TernLpmV4Key
-		val   uint8
-		stale []ternbpf.TernLpmV4Key
-	)
-	it := m.Iterate()
-	for it.Next(&key, &val) {
-		if want[key] {
-			delete(want, key)
-		} else {
-			stale = append(stale, key)
-		}
-	}
-	if err := it.Err(); err != nil {
-		return fmt.Errorf("iterate service CIDRs: %w", err)
-	}
-	for k := range want {
-		if err := m.Put(k, uint8(1)); err != nil {
-			return fmt.Errorf("add service CIDR: %w", err)
-		}
-	}
-	for _, k := range stale {
-		if err := m.Delete(k); err != nil && !errors.Is(err, cilium.ErrKeyNotExist) {
-			return fmt.Errorf("remove service CIDR: %w", err)
-		}
-	}
-	return nil
+	return syncLPMSet(m, d.cfg.ServiceCIDRs, "service CIDR")
 }
 
 // forgetStackFlows deletes the tern_stack_ct flows with an address drop
