@@ -399,25 +399,32 @@ func InstallPlugin(src, binDir string) (err error) {
 	return os.Rename(f.Name(), filepath.Join(binDir, "tern"))
 }
 
-// teardownRouting removes the routes to other nodes (and the VXLAN device,
-// and the datapath's table entries) that the installed conflist's routing
-// made; nothing to do without a conflist.
+// installedConf is the tern plugin's configuration in the conflist ternd
+// installed in dir; nil, and no error, without a conflist.
+func installedConf(dir string) (*cni.NetConf, error) {
+	conflist, err := os.ReadFile(filepath.Join(dir, ConfFileName))
+	if errors.Is(err, os.ErrNotExist) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, err
+	}
+	conf, err := cni.ParseConfig(pluginConf(conflist))
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", ConfFileName, err)
+	}
+	return conf, nil
+}
+
 // teardownHostServices detaches the socket programs through which the
 // node's own processes reach Services (services "ebpf", attached at the
 // cgroup2 root by the plugin): uninstalled, Tern no longer keeps their
 // maps, and the node's processes go back to whatever else translates
 // Services.
 func teardownHostServices(dir string) error {
-	conflist, err := os.ReadFile(filepath.Join(dir, ConfFileName))
-	if errors.Is(err, os.ErrNotExist) {
-		return nil
-	}
-	if err != nil {
+	conf, err := installedConf(dir)
+	if err != nil || conf == nil {
 		return err
-	}
-	conf, err := cni.ParseConfig(pluginConf(conflist))
-	if err != nil {
-		return fmt.Errorf("%s: %w", ConfFileName, err)
 	}
 	if conf.Datapath != cni.DatapathEBPF || conf.Services != cni.ServicesEBPF {
 		return nil
@@ -425,35 +432,30 @@ func teardownHostServices(dir string) error {
 	return loader.New(conf.BPFFSDir, conf.StateDir).DetachCgroup()
 }
 
+// teardownRouting removes the routes to other nodes (and the VXLAN device,
+// and the datapath's table entries) that the installed conflist's routing
+// made; nothing to do without a conflist.
 func teardownRouting(dir string) error {
-	conflist, err := os.ReadFile(filepath.Join(dir, ConfFileName))
-	if errors.Is(err, os.ErrNotExist) {
-		return nil
-	}
-	if err != nil {
+	conf, err := installedConf(dir)
+	if err != nil || conf == nil {
 		return err
 	}
-	conf, err := cni.ParseConfig(pluginConf(conflist))
-	if err != nil {
-		return fmt.Errorf("%s: %w", ConfFileName, err)
+	teardown := func(conf *cni.NetConf) error {
+		r, err := newNodeRouter(conf, nil)
+		if err != nil {
+			return err
+		}
+		defer r.release()
+		return r.r.Teardown()
 	}
-	r, err := newNodeRouter(conf, nil)
-	if err == nil {
-		err = r.r.Teardown()
-		r.release()
-	}
+	err = teardown(conf)
 	if err == nil || conf.Datapath != cni.DatapathEBPF {
 		return err
 	}
 	// The datapath's table could not be opened or cleared: the kernel
 	// routes (and the VXLAN device) go all the same.
 	conf.Datapath = cni.DatapathIPTables
-	r, rerr := newNodeRouter(conf, nil)
-	if rerr == nil {
-		rerr = r.r.Teardown()
-		r.release()
-	}
-	return errors.Join(err, rerr)
+	return errors.Join(err, teardown(conf))
 }
 
 // RemoveConfList removes the conflist ternd installed (uninstall); a
