@@ -1,11 +1,7 @@
 package ebpf
 
 import (
-	"errors"
-	"fmt"
 	"net"
-
-	cilium "github.com/cilium/ebpf"
 
 	ternbpf "github.com/ternlabs/tern/bpf"
 )
@@ -34,25 +30,5 @@ func (d *Datapath) forgetStackFlows(drop func(ip net.IP) bool) error {
 	if err != nil {
 		return err
 	}
-	var (
-		key   ternbpf.TernPolicyCtKey
-		val   ternbpf.TernPolicyCtEntry
-		stale []ternbpf.TernPolicyCtKey
-	)
-	it := m.Iterate()
-	for it.Next(&key, &val) {
-		if drop(natIP(key.LoAddr)) || drop(natIP(key.HiAddr)) {
-			stale = append(stale, key)
-		}
-	}
-	if err := it.Err(); err != nil {
-		return fmt.Errorf("iterate %s: %w", ternbpf.TernMapTernStackCt, err)
-	}
-	var errs []error
-	for _, k := range stale {
-		if err := m.Delete(k); err != nil && !errors.Is(err, cilium.ErrKeyNotExist) {
-			errs = append(errs, fmt.Errorf("delete from %s: %w", ternbpf.TernMapTernStackCt, err))
-		}
-	}
-	return errors.Join(errs...)
+	return forgetFlows(ternbpf.TernMapTernStackCt, m, drop)
 }
