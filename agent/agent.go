@@ -367,48 +367,37 @@ func (a *Agent) netConf(podCIDR string) ([]byte, *cni.NetConf, error) {
 // WriteConfList installs conflist as <dir>/10-tern.conflist atomically:
 // a temporary file in dir, synced, renamed over the old one. A runtime
 // never reads a partial file.
-func WriteConfList(dir string, conflist []byte) (err error) {
-	if err := os.MkdirAll(dir, 0o755); err != nil {
+func WriteConfList(dir string, conflist []byte) error {
+	return replaceFile(dir, ConfFileName, 0o644, func(w io.Writer) error {
+		_, err := w.Write(append(conflist, '\n'))
 		return err
-	}
-	f, err := os.CreateTemp(dir, "."+ConfFileName+".tmp-*")
-	if err != nil {
-		return err
-	}
-	defer func() {
-		if err != nil {
-			f.Close()
-			os.Remove(f.Name())
-		}
-	}()
-	if _, err = f.Write(append(conflist, '\n')); err != nil {
-		return err
-	}
-	if err = f.Chmod(0o644); err != nil {
-		return err
-	}
-	if err = f.Sync(); err != nil {
-		return err
-	}
-	if err = f.Close(); err != nil {
-		return err
-	}
-	return os.Rename(f.Name(), filepath.Join(dir, ConfFileName))
+	})
 }
 
 // InstallPlugin copies the plugin binary src to <binDir>/tern: a temporary
 // file in binDir renamed over the old binary, so a runtime executing it
 // during an upgrade runs the old or the new one, never a partial file.
-func InstallPlugin(src, binDir string) (err error) {
+func InstallPlugin(src, binDir string) error {
 	in, err := os.Open(src)
 	if err != nil {
 		return err
 	}
 	defer in.Close()
-	if err := os.MkdirAll(binDir, 0o755); err != nil {
+	return replaceFile(binDir, "tern", 0o755, func(w io.Writer) error {
+		_, err := io.Copy(w, in)
+		return err
+	})
+}
+
+// replaceFile makes <dir>/name, with mode, hold what fill writes: a
+// temporary file in dir (created with dir if missing), filled, synced and
+// renamed over name. A reader sees the old file or the new one, never a
+// partial one; on failure the temporary file goes.
+func replaceFile(dir, name string, mode os.FileMode, fill func(io.Writer) error) (err error) {
+	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return err
 	}
-	f, err := os.CreateTemp(binDir, ".tern.tmp-*")
+	f, err := os.CreateTemp(dir, "."+name+".tmp-*")
 	if err != nil {
 		return err
 	}
@@ -418,10 +407,10 @@ func InstallPlugin(src, binDir string) (err error) {
 			os.Remove(f.Name())
 		}
 	}()
-	if _, err = io.Copy(f, in); err != nil {
+	if err = fill(f); err != nil {
 		return err
 	}
-	if err = f.Chmod(0o755); err != nil {
+	if err = f.Chmod(mode); err != nil {
 		return err
 	}
 	if err = f.Sync(); err != nil {
@@ -430,28 +419,35 @@ func InstallPlugin(src, binDir string) (err error) {
 	if err = f.Close(); err != nil {
 		return err
 	}
-	return os.Rename(f.Name(), filepath.Join(binDir, "tern"))
+	return os.Rename(f.Name(), filepath.Join(dir, name))
 }
 
-// teardownRouting removes the routes to other nodes (and the VXLAN device,
-// and the datapath's table entries) that the installed conflist's routing
-// made; nothing to do without a conflist.
+// installedConf is the tern plugin's configuration in the conflist ternd
+// installed in dir; nil, and no error, without a conflist.
+func installedConf(dir string) (*cni.NetConf, error) {
+	conflist, err := os.ReadFile(filepath.Join(dir, ConfFileName))
+	if errors.Is(err, os.ErrNotExist) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, err
+	}
+	conf, err := cni.ParseConfig(pluginConf(conflist))
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", ConfFileName, err)
+	}
+	return conf, nil
+}
+
 // teardownHostServices detaches the socket programs through which the
 // node's own processes reach Services (services "ebpf", attached at the
 // cgroup2 root by the plugin): uninstalled, Tern no longer keeps their
 // maps, and the node's processes go back to whatever else translates
 // Services.
 func teardownHostServices(dir string) error {
-	conflist, err := os.ReadFile(filepath.Join(dir, ConfFileName))
-	if errors.Is(err, os.ErrNotExist) {
-		return nil
-	}
-	if err != nil {
+	conf, err := installedConf(dir)
+	if err != nil || conf == nil {
 		return err
-	}
-	conf, err := cni.ParseConfig(pluginConf(conflist))
-	if err != nil {
-		return fmt.Errorf("%s: %w", ConfFileName, err)
 	}
 	if conf.Datapath != cni.DatapathEBPF || conf.Services != cni.ServicesEBPF {
 		return nil
@@ -459,35 +455,30 @@ func teardownHostServices(dir string) error {
 	return loader.New(conf.BPFFSDir, conf.StateDir).DetachCgroup()
 }
 
+// teardownRouting removes the routes to other nodes (and the VXLAN device,
+// and the datapath's table entries) that the installed conflist's routing
+// made; nothing to do without a conflist.
 func teardownRouting(dir string) error {
-	conflist, err := os.ReadFile(filepath.Join(dir, ConfFileName))
-	if errors.Is(err, os.ErrNotExist) {
-		return nil
-	}
-	if err != nil {
+	conf, err := installedConf(dir)
+	if err != nil || conf == nil {
 		return err
 	}
-	conf, err := cni.ParseConfig(pluginConf(conflist))
-	if err != nil {
-		return fmt.Errorf("%s: %w", ConfFileName, err)
+	teardown := func(conf *cni.NetConf) error {
+		r, err := newNodeRouter(conf, nil)
+		if err != nil {
+			return err
+		}
+		defer r.release()
+		return r.r.Teardown()
 	}
-	r, err := newNodeRouter(conf, nil)
-	if err == nil {
-		err = r.r.Teardown()
-		r.release()
-	}
+	err = teardown(conf)
 	if err == nil || conf.Datapath != cni.DatapathEBPF {
 		return err
 	}
 	// The datapath's table could not be opened or cleared: the kernel
 	// routes (and the VXLAN device) go all the same.
 	conf.Datapath = cni.DatapathIPTables
-	r, rerr := newNodeRouter(conf, nil)
-	if rerr == nil {
-		rerr = r.r.Teardown()
-		r.release()
-	}
-	return errors.Join(err, rerr)
+	return errors.Join(err, teardown(conf))
 }
 
 // RemoveConfList removes the conflist ternd installed (uninstall); a

@@ -136,3 +136,40 @@ func TestConfListRuntimeCompat(t *testing.T) {
 		t.Error("--cni-version 2.0.0 accepted")
 	}
 }
+
+// TestInstallPlugin: the plugin binary lands in the bin dir (made if
+// missing) as an executable "tern" with the source's bytes, replaces an
+// older one, and leaves no temporary file; a missing source changes
+// nothing.
+func TestInstallPlugin(t *testing.T) {
+	src := filepath.Join(t.TempDir(), "tern-new")
+	binDir := filepath.Join(t.TempDir(), "opt", "cni", "bin")
+	for _, content := range []string{"old plugin", "new plugin"} {
+		if err := os.WriteFile(src, []byte(content), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		if err := InstallPlugin(src, binDir); err != nil {
+			t.Fatal(err)
+		}
+		got, err := os.ReadFile(filepath.Join(binDir, "tern"))
+		if err != nil || string(got) != content {
+			t.Fatalf("installed plugin holds %q (%v), want %q", got, err, content)
+		}
+	}
+	fi, err := os.Stat(filepath.Join(binDir, "tern"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if fi.Mode().Perm() != 0o755 {
+		t.Errorf("installed plugin mode %v, want 0755", fi.Mode().Perm())
+	}
+	if entries, _ := os.ReadDir(binDir); len(entries) != 1 {
+		t.Errorf("temporary files left: %v", entries)
+	}
+	if err := InstallPlugin(filepath.Join(t.TempDir(), "missing"), binDir); err == nil {
+		t.Error("InstallPlugin of a missing source succeeded")
+	}
+	if got, _ := os.ReadFile(filepath.Join(binDir, "tern")); string(got) != "new plugin" {
+		t.Errorf("after a failed install the plugin holds %q, want the previous one", got)
+	}
+}

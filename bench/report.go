@@ -455,25 +455,57 @@ func (r *Results) renderSweep(b *strings.Builder, wl WorkloadResult) bool {
 					cells = append(cells, c)
 				}
 			}
-			for _, path := range l.paths {
-				c := "1"
-				if n != first {
-					c = ratioText(r.sweepVsFirst(wl, spec.Name, first, n, path))
-				} else if r.Row(wl.Name, sweepMetricName(spec.Name, n), path) == nil {
-					c = "—"
-				}
-				cells = append(cells, c)
-			}
+			cells = append(cells, r.sweepVsFirstCells(wl, spec.Name, first, n, l.paths)...)
 			p("| %s |\n", strings.Join(cells, " | "))
 		}
 		p("\n")
 	}
-	// The informational figures: one table, a column per metric and path
-	// that has any.
-	head := []string{"Rules"}
-	type col struct {
-		base, unit, path string
+	r.renderSweepInformational(b, wl, l, "Rules")
+	return true
+}
+
+// sweepCell is "median (min–max)" of a sweep metric, "unavailable" on a
+// path the sweep could not run on.
+func (r *Results) sweepCell(wl WorkloadResult, base string, n int, path string) string {
+	row := r.Row(wl.Name, sweepMetricName(base, n), path)
+	if row == nil {
+		if strings.HasPrefix(wl.NotApplicable[path], unavailablePrefix) {
+			return "unavailable"
+		}
+		return "—"
 	}
+	s := FormatValue(row.Median)
+	if row.N > 1 {
+		s += fmt.Sprintf(" (%s–%s)", FormatValue(row.Min), FormatValue(row.Max))
+	}
+	return s
+}
+
+// sweepVsFirstCells are a sweep row's "× first count" cells, a column per
+// path: 1 at the first count itself (— where the path has no figure
+// there), else the paired ratio to the path's own figure at first.
+func (r *Results) sweepVsFirstCells(wl WorkloadResult, base string, first, n int, paths []string) []string {
+	cells := make([]string, 0, len(paths))
+	for _, path := range paths {
+		c := "1"
+		if n != first {
+			c = ratioText(r.sweepVsFirst(wl, base, first, n, path))
+		} else if r.Row(wl.Name, sweepMetricName(base, n), path) == nil {
+			c = "—"
+		}
+		cells = append(cells, c)
+	}
+	return cells
+}
+
+// renderSweepInformational writes a sweep's informational figures (those
+// with no better direction): one table of medians, a row per count (the
+// first column headed countHead) and a column per metric and path that has
+// any. It writes nothing when there are none.
+func (r *Results) renderSweepInformational(b *strings.Builder, wl WorkloadResult, l sweepLayout, countHead string) {
+	p := func(format string, args ...any) { fmt.Fprintf(b, format, args...) }
+	head := []string{countHead}
+	type col struct{ base, unit, path string }
 	var cols []col
 	for _, spec := range l.bases {
 		if spec.Better != Informational {
@@ -493,40 +525,23 @@ func (r *Results) renderSweep(b *strings.Builder, wl WorkloadResult) bool {
 			}
 		}
 	}
-	if len(cols) > 0 {
-		p("Also recorded (medians):\n\n| %s |\n|%s|\n", strings.Join(head, " | "), strings.TrimSuffix(strings.Repeat("--:|", len(head)), "|"))
-		for _, n := range l.counts {
-			cells := []string{groupThousands(int64(n))}
-			for _, c := range cols {
-				v := "—"
-				if row := r.Row(wl.Name, sweepMetricName(c.base, n), c.path); row != nil {
-					v = FormatValue(row.Median)
-					if c.unit == "" && row.Median == math.Trunc(row.Median) && math.Abs(row.Median) < 1e9 {
-						v = groupThousands(int64(row.Median)) // a count
-					}
+	if len(cols) == 0 {
+		return
+	}
+	p("Also recorded (medians):\n\n| %s |\n|%s|\n", strings.Join(head, " | "), strings.TrimSuffix(strings.Repeat("--:|", len(head)), "|"))
+	for _, n := range l.counts {
+		cells := []string{groupThousands(int64(n))}
+		for _, c := range cols {
+			v := "—"
+			if row := r.Row(wl.Name, sweepMetricName(c.base, n), c.path); row != nil {
+				v = FormatValue(row.Median)
+				if c.unit == "" && row.Median == math.Trunc(row.Median) && math.Abs(row.Median) < 1e9 {
+					v = groupThousands(int64(row.Median)) // a count
 				}
-				cells = append(cells, v)
 			}
-			p("| %s |\n", strings.Join(cells, " | "))
+			cells = append(cells, v)
 		}
-		p("\n")
+		p("| %s |\n", strings.Join(cells, " | "))
 	}
-	return true
-}
-
-// sweepCell is "median (min–max)" of a sweep metric, "unavailable" on a
-// path the sweep could not run on.
-func (r *Results) sweepCell(wl WorkloadResult, base string, n int, path string) string {
-	row := r.Row(wl.Name, sweepMetricName(base, n), path)
-	if row == nil {
-		if strings.HasPrefix(wl.NotApplicable[path], unavailablePrefix) {
-			return "unavailable"
-		}
-		return "—"
-	}
-	s := FormatValue(row.Median)
-	if row.N > 1 {
-		s += fmt.Sprintf(" (%s–%s)", FormatValue(row.Min), FormatValue(row.Max))
-	}
-	return s
+	p("\n")
 }

@@ -2,7 +2,6 @@ package bench
 
 import (
 	"fmt"
-	"math"
 	"slices"
 	"strings"
 )
@@ -74,57 +73,11 @@ func (r *Results) renderServices(b *strings.Builder, wl WorkloadResult) bool {
 			for _, o := range ebpfVs {
 				cells = append(cells, ratioText(paired(name, PathEBPF, o)))
 			}
-			for _, path := range l.paths {
-				c := "1"
-				if n != first {
-					c = ratioText(r.sweepVsFirst(wl, spec.Name, first, n, path))
-				} else if r.Row(wl.Name, name, path) == nil {
-					c = "—"
-				}
-				cells = append(cells, c)
-			}
+			cells = append(cells, r.sweepVsFirstCells(wl, spec.Name, first, n, l.paths)...)
 			p("| %s |\n", strings.Join(cells, " | "))
 		}
 		p("\n")
 	}
-	head := []string{"Services"}
-	type col struct{ base, unit, path string }
-	var cols []col
-	for _, spec := range l.bases {
-		if spec.Better != Informational {
-			continue
-		}
-		for _, path := range l.paths {
-			for _, n := range l.counts {
-				if r.Row(wl.Name, sweepMetricName(spec.Name, n), path) != nil {
-					label := spec.Title
-					if spec.Unit != "" {
-						label += " (" + spec.Unit + ")"
-					}
-					head = append(head, cell(label+", "+path))
-					cols = append(cols, col{spec.Name, spec.Unit, path})
-					break
-				}
-			}
-		}
-	}
-	if len(cols) > 0 {
-		p("Also recorded (medians):\n\n| %s |\n|%s|\n", strings.Join(head, " | "), strings.TrimSuffix(strings.Repeat("--:|", len(head)), "|"))
-		for _, n := range l.counts {
-			cells := []string{groupThousands(int64(n))}
-			for _, c := range cols {
-				v := "—"
-				if row := r.Row(wl.Name, sweepMetricName(c.base, n), c.path); row != nil {
-					v = FormatValue(row.Median)
-					if c.unit == "" && row.Median == math.Trunc(row.Median) && math.Abs(row.Median) < 1e9 {
-						v = groupThousands(int64(row.Median))
-					}
-				}
-				cells = append(cells, v)
-			}
-			p("| %s |\n", strings.Join(cells, " | "))
-		}
-		p("\n")
-	}
+	r.renderSweepInformational(b, wl, l, "Services")
 	return true
 }

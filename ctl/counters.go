@@ -33,58 +33,6 @@ type counter struct {
 	BytesPerSecond   *float64 `json:"bytesPerSecond,omitempty"`
 }
 
-// metricDescriptions say what each eBPF metric (bpf/include/tern_types.h,
-// enum metric) counts. A metric added to the enum needs a line here:
-// TestMetricDescriptions fails otherwise.
-var metricDescriptions = map[string]string{
-	"redirect_peer":        "delivered into a pod of this node by bpf_redirect_peer",
-	"pass_host":            "from a pod, handed to the host stack (node, other nodes, not masqueraded)",
-	"pass_non_ipv4":        "ARP from a pod with its own MAC and IP, left to the stack",
-	"pass_ttl":             "TTL would expire: left to the stack to send ICMP",
-	"drop_truncated":       "dropped: frame too short for the headers it claims",
-	"drop_spoofed":         "dropped: source IP or MAC is not the sending pod's",
-	"drop_redirect":        "dropped: a helper on the forwarding path failed",
-	"snat":                 "masqueraded to the node IP and sent out of the uplink",
-	"rev_snat":             "reply of a masqueraded flow, translated back and delivered to the pod",
-	"pass_uplink":          "uplink ingress: not for a pod, left to the host stack",
-	"drop_nat_no_port":     "dropped: masquerade needed, every probed NAT port was taken",
-	"drop_nat_map_full":    "dropped: masquerade needed, a NAT map refused the entry",
-	"drop_nat_unsupported": "dropped: masquerade needed for a protocol or fragment NAT cannot handle",
-	"drop_policy_ingress":  "dropped: NetworkPolicy, the destination pod's ingress rules deny the flow",
-	"drop_policy_egress":   "dropped: NetworkPolicy, the source pod's egress rules deny the flow",
-	"pass_to_pod":          "host veth egress: delivered to the pod by the host stack, policy passed",
-	"drop_non_ipv4":        "dropped: neither IPv4 nor ARP (IPv6, VLAN-tagged, other ethertypes)",
-	"drop_arp_spoofed":     "dropped: ARP whose sender MAC or IP is not the sending pod's",
-	"drop_loopback":        "dropped: from a pod to 127.0.0.0/8 (reachable only through route_localnet)",
-	"drop_rev_ttl":         "dropped: reply of a masqueraded flow whose TTL expires on the hop into the pod",
-	"drop_nat_no_route":    "dropped: masquerade needed, but no route out of the uplink",
-	"drop_nat_too_big":     "dropped: masquerade needed, larger than the uplink MTU and DF clear",
-	"drop_nat_icmp":        "dropped: ICMP from a pod that masquerade cannot translate",
-	"nat_rev_lost":         "a flow's reverse NAT entry was gone or another flow's: re-allocated (should stay 0)",
-	"nat_gc":               "expired NAT entries removed by the garbage collector (packets = entries)",
-	"pass_service":         "to a Service CIDR: left to the host stack (kube-proxy) undecided",
-	"pass_stack_reply":     "answer of a flow the host stack delivered into a pod: back through the stack",
-	"drop_svc_no_dnat":     "dropped: uplink egress, a pod's packet to a Service CIDR nothing translated",
-	"remote_native":        "to a pod of another node: FIB lookup and bpf_redirect_neigh out of the uplink (native routing)",
-	"remote_vxlan":         "to a pod of another node: VXLAN tunnel key set, redirected to the VXLAN device",
-	"from_remote":          "from a pod of another node, delivered into a pod of this node by bpf_redirect_peer",
-	"drop_tunnel_forged":   "dropped: VXLAN packet whose outer source is not the node owning its inner source (or pod traffic of a VXLAN node arriving unencapsulated)",
-	"drop_tunnel_no_pod":   "dropped: decapsulated VXLAN packet neither for a pod of this node nor for the node itself",
-	"tunnel_to_host":       "VXLAN: from another node's pod to this node's own address, handed to the host stack",
-	"lb_dnat":              "services \"ebpf\": a pod's packet to a Service translated to its backend",
-	"lb_rev_nat":           "services \"ebpf\": a backend's answer translated back to the Service address",
-	"lb_hairpin":           "services \"ebpf\": a pod reaching itself through its Service (service-loopback address)",
-	"lb_reject":            "services \"ebpf\": a Service without endpoints answered with ICMP port unreachable",
-	"drop_lb_no_local":     "dropped: services \"ebpf\", traffic policy Local and no backend on this node",
-	"drop_lb":              "dropped: services \"ebpf\", translation failed (helper error, map full, unknown hairpin answer)",
-	"drop_policy_ct_quota": "dropped: new flow of a pod that opened its share of conntrack entries this minute",
-	"drop_policy_rst":      "dropped: TCP RST of a tracked flow with a sequence number out of window (forged)",
-	"pass_shaped":          "to or from a pod with bandwidth limits: through the host stack and its veth's qdiscs",
-	"lb_xdp_dnat":          "services \"ebpf\", nodePortAcceleration: a packet from outside to a NodePort / external IP translated at the uplink's XDP",
-	"remote_stack_reply":   "from another node's pod: an answer to a flow the host stack translated (kube-proxy DNAT to a backend off the node), handed to the stack",
-	"lb_snat_remote":       "services \"ebpf\": from outside the node to a backend on another node, SNATed to the node address",
-}
-
 // readCounters reads the network's datapath counters: the eBPF metrics map
 // summed over CPUs, or the packet and byte counters of the network's
 // iptables rules.
@@ -107,7 +55,8 @@ func readEBPFCounters(conf *cni.NetConf) ([]counter, error) {
 	}
 	rows := make([]counter, 0, len(vals))
 	for name, v := range vals {
-		rows = append(rows, counter{Name: name, Packets: v.Packets, Bytes: v.Bytes, Description: metricDescriptions[name]})
+		desc, _ := ebpfdp.MetricDescription(name)
+		rows = append(rows, counter{Name: name, Packets: v.Packets, Bytes: v.Bytes, Description: desc})
 	}
 	sort.Slice(rows, func(i, j int) bool { return rows[i].Name < rows[j].Name })
 	return rows, nil

@@ -9,19 +9,8 @@ import (
 	"testing"
 	"time"
 
-	ternbpf "github.com/ternlabs/tern/bpf"
-	ebpfdp "github.com/ternlabs/tern/datapath/ebpf"
 	iptdp "github.com/ternlabs/tern/datapath/iptables"
 )
-
-// TestMetricDescriptions: every metric of the C enum has a description.
-func TestMetricDescriptions(t *testing.T) {
-	for m := ternbpf.TernMetric(0); m < ternbpf.TernMetricMETRIC_MAX; m++ {
-		if name := ebpfdp.MetricName(m); metricDescriptions[name] == "" {
-			t.Errorf("metric %s (%d) has no description in metricDescriptions", name, m)
-		}
-	}
-}
 
 // TestIptablesCounters reads a network's rules out of an iptables-save -c
 // dump shaped like the one datapath/iptables writes (another network's

@@ -99,15 +99,7 @@ func Run(args []string, stdout, stderr io.Writer) error {
 	if *output != "table" && *output != "json" {
 		return fmt.Errorf("unknown output format %q", *output)
 	}
-	path := *confPath
-	if path == "" {
-		p, err := cni.FindConfFile(cni.DefaultConfDir)
-		if err != nil {
-			return err
-		}
-		path = p
-	}
-	conf, err := cni.LoadConfFile(path)
+	conf, err := loadConf(*confPath)
 	if err != nil {
 		return err
 	}

@@ -27,7 +27,7 @@ import (
 )
 
 // policyVerdictWords name the policy events' verdicts; every other reason
-// is a metric, described once in metricDescriptions.
+// is a metric, described once with its name (ebpfdp.MetricDescription).
 var policyVerdictWords = map[string]string{
 	"policy_allowed_ingress": "allowed by NetworkPolicy: the destination's ingress rules",
 	"policy_allowed_egress":  "allowed by NetworkPolicy: the source's egress rules",
@@ -36,7 +36,7 @@ var policyVerdictWords = map[string]string{
 // describeReason says what a metric or policy verdict means, for monitor
 // and explain.
 func describeReason(r string) string {
-	if w, ok := metricDescriptions[r]; ok {
+	if w, ok := ebpfdp.MetricDescription(r); ok {
 		return w
 	}
 	if w, ok := policyVerdictWords[r]; ok {

@@ -2,8 +2,7 @@ package ebpf
 
 import (
 	"encoding/binary"
-	"errors"
-	"fmt"
+	"net"
 
 	ternbpf "github.com/ternlabs/tern/bpf"
 	"github.com/ternlabs/tern/policy/compile"
@@ -30,25 +29,7 @@ func (d *Datapath) forgetChurned(prev, next *compile.RuleSet) error {
 	if err != nil {
 		return err
 	}
-	var (
-		key   ternbpf.TernPolicyCtKey
-		val   ternbpf.TernPolicyCtEntry
-		stale []ternbpf.TernPolicyCtKey
-	)
-	it := ct.Iterate()
-	for it.Next(&key, &val) {
-		if drop[key.LoAddr] || drop[key.HiAddr] {
-			stale = append(stale, key)
-		}
-	}
-	var errs []error
-	if err := it.Err(); err != nil {
-		errs = append(errs, fmt.Errorf("iterate %s: %w", ternbpf.TernMapTernPolicyCt, err))
-	}
-	for _, k := range stale {
-		if err := deleteKey(ct, k); err != nil {
-			errs = append(errs, fmt.Errorf("delete from %s: %w", ternbpf.TernMapTernPolicyCt, err))
-		}
-	}
-	return errors.Join(errs...)
+	return forgetFlows(ternbpf.TernMapTernPolicyCt, ct, func(ip net.IP) bool {
+		return drop[binary.NativeEndian.Uint32(ip.To4())]
+	})
 }

@@ -10,9 +10,10 @@ import (
 	ternbpf "github.com/ternlabs/tern/bpf"
 )
 
-// TestMetricNames keeps metricNames in step with the C enum metric, read
+// TestMetricNames keeps metricTable in step with the C enum metric, read
 // from the object's BTF: one name per enumerator below METRIC_MAX, in enum
-// order, lower-cased and without the METRIC_ prefix.
+// order, lower-cased and without the METRIC_ prefix, each with a
+// description.
 func TestMetricNames(t *testing.T) {
 	spec, err := ternbpf.LoadTern()
 	if err != nil {
@@ -32,12 +33,15 @@ func TestMetricNames(t *testing.T) {
 		}
 		seen[v.Value] = true
 		want := strings.ToLower(strings.TrimPrefix(v.Name, "METRIC_"))
-		if v.Value >= uint64(len(metricNames)) {
-			t.Errorf("C %s = %d has no entry in metricNames (len %d)", v.Name, v.Value, len(metricNames))
+		if v.Value >= uint64(len(metricTable)) {
+			t.Errorf("C %s = %d has no entry in metricTable (len %d)", v.Name, v.Value, len(metricTable))
 			continue
 		}
-		if got := metricNames[v.Value]; got != want {
-			t.Errorf("metricNames[%d] = %q, C enumerator %s wants %q", v.Value, got, v.Name, want)
+		if got := metricTable[v.Value].name; got != want {
+			t.Errorf("metricTable[%d].name = %q, C enumerator %s wants %q", v.Value, got, v.Name, want)
+		}
+		if d, ok := MetricDescription(want); !ok || d == "" {
+			t.Errorf("metric %s (%d) has no description in metricTable", want, v.Value)
 		}
 		if got := MetricName(ternbpf.TernMetric(v.Value)); got != want {
 			t.Errorf("MetricName(%d) = %q, want %q", v.Value, got, want)
@@ -46,8 +50,8 @@ func TestMetricNames(t *testing.T) {
 	if maxValue == 0 {
 		t.Fatal("enum metric has no METRIC_MAX")
 	}
-	if uint64(len(metricNames)) != maxValue {
-		t.Errorf("metricNames has %d names, C METRIC_MAX is %d", len(metricNames), maxValue)
+	if uint64(len(metricTable)) != maxValue {
+		t.Errorf("metricTable has %d metrics, C METRIC_MAX is %d", len(metricTable), maxValue)
 	}
 	for i := range maxValue {
 		if !seen[i] {

@@ -1,11 +1,7 @@
 package ebpf
 
 import (
-	"errors"
-	"fmt"
 	"net"
-
-	cilium "github.com/cilium/ebpf"
 
 	ternbpf "github.com/ternlabs/tern/bpf"
 )
@@ -20,39 +16,7 @@ func (d *Datapath) syncServiceCIDRs() error {
 	if err != nil {
 		return err
 	}
-	want := map[ternbpf.TernLpmV4Key]bool{}
-	for _, n := range d.cfg.ServiceCIDRs {
-		if k, ok := lpmKey(n); ok {
-			want[k] = true
-		}
-	}
-	var (
-		key   ternbpf.TernLpmV4Key
-		val   uint8
-		stale []ternbpf.TernLpmV4Key
-	)
-	it := m.Iterate()
-	for it.Next(&key, &val) {
-		if want[key] {
-			delete(want, key)
-		} else {
-			stale = append(stale, key)
-		}
-	}
-	if err := it.Err(); err != nil {
-		return fmt.Errorf("iterate service CIDRs: %w", err)
-	}
-	for k := range want {
-		if err := m.Put(k, uint8(1)); err != nil {
-			return fmt.Errorf("add service CIDR: %w", err)
-		}
-	}
-	for _, k := range stale {
-		if err := m.Delete(k); err != nil && !errors.Is(err, cilium.ErrKeyNotExist) {
-			return fmt.Errorf("remove service CIDR: %w", err)
-		}
-	}
-	return nil
+	return syncLPMSet(m, d.cfg.ServiceCIDRs, "service CIDR")
 }
 
 // forgetStackFlows deletes the tern_stack_ct flows with an address drop
@@ -66,25 +30,5 @@ func (d *Datapath) forgetStackFlows(drop func(ip net.IP) bool) error {
 	if err != nil {
 		return err
 	}
-	var (
-		key   ternbpf.TernPolicyCtKey
-		val   ternbpf.TernPolicyCtEntry
-		stale []ternbpf.TernPolicyCtKey
-	)
-	it := m.Iterate()
-	for it.Next(&key, &val) {
-		if drop(natIP(key.LoAddr)) || drop(natIP(key.HiAddr)) {
-			stale = append(stale, key)
-		}
-	}
-	if err := it.Err(); err != nil {
-		return fmt.Errorf("iterate %s: %w", ternbpf.TernMapTernStackCt, err)
-	}
-	var errs []error
-	for _, k := range stale {
-		if err := m.Delete(k); err != nil && !errors.Is(err, cilium.ErrKeyNotExist) {
-			errs = append(errs, fmt.Errorf("delete from %s: %w", ternbpf.TernMapTernStackCt, err))
-		}
-	}
-	return errors.Join(errs...)
+	return forgetFlows(ternbpf.TernMapTernStackCt, m, drop)
 }

@@ -388,6 +388,13 @@ func (d *Datapath) syncNoMasq() error {
 	if err != nil {
 		return err
 	}
+	return syncLPMSet(m, cidrs, "no-masquerade CIDR")
+}
+
+// syncLPMSet makes m, an LPM map used as a set of IPv4 prefixes (value 1),
+// hold exactly cidrs (IPv6 ones are left out), by difference: a prefix that
+// stays is never missing meanwhile. what names the prefixes in errors.
+func syncLPMSet(m *cilium.Map, cidrs []net.IPNet, what string) error {
 	want := map[ternbpf.TernLpmV4Key]bool{}
 	for _, n := range cidrs {
 		if k, ok := lpmKey(n); ok {
@@ -408,16 +415,16 @@ func (d *Datapath) syncNoMasq() error {
 		}
 	}
 	if err := it.Err(); err != nil {
-		return fmt.Errorf("iterate no-masquerade CIDRs: %w", err)
+		return fmt.Errorf("iterate %ss: %w", what, err)
 	}
 	for k := range want {
 		if err := m.Put(k, uint8(1)); err != nil {
-			return fmt.Errorf("add no-masquerade CIDR: %w", err)
+			return fmt.Errorf("add %s: %w", what, err)
 		}
 	}
 	for _, k := range stale {
 		if err := m.Delete(k); err != nil && !errors.Is(err, cilium.ErrKeyNotExist) {
-			return fmt.Errorf("remove no-masquerade CIDR: %w", err)
+			return fmt.Errorf("remove %s: %w", what, err)
 		}
 	}
 	return nil

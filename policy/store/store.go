@@ -340,7 +340,7 @@ func (s *Store) balance(n Node, st *manifest.State, hosts []net.IP) (undo func()
 		}
 		return nil
 	}
-	if err := s.saveJSON(s.appliedServicesPath(n.Network), next); err != nil {
+	if err := saveJSON(s.appliedServicesPath(n.Network), "services", next); err != nil {
 		return nil, errors.Join(err, restore())
 	}
 	return func() error {
@@ -350,7 +350,7 @@ func (s *Store) balance(n Node, st *manifest.State, hosts []net.IP) (undo func()
 				err = fmt.Errorf("services: undo: %w", e)
 			}
 		} else {
-			err = s.saveJSON(s.appliedServicesPath(n.Network), prev)
+			err = saveJSON(s.appliedServicesPath(n.Network), "services", prev)
 		}
 		return errors.Join(err, restore())
 	}, nil
@@ -366,26 +366,34 @@ func (s *Store) AppliedServices(network string) (*services.Table, error) {
 }
 
 func (s *Store) loadAppliedServices(network string) (*services.Table, error) {
-	b, err := os.ReadFile(s.appliedServicesPath(network))
+	return loadJSON[services.Table](s.appliedServicesPath(network))
+}
+
+// saveJSON writes v (what it is, for errors) as indented JSON to path,
+// atomically.
+func saveJSON(path, what string, v any) error {
+	b, err := json.MarshalIndent(v, "", "  ")
+	if err != nil {
+		return fmt.Errorf("policy store: encode %s: %w", what, err)
+	}
+	return writeFileAtomic(path, append(b, '\n'))
+}
+
+// loadJSON decodes the JSON file at path; nil, and no error, when there is
+// no file.
+func loadJSON[T any](path string) (*T, error) {
+	b, err := os.ReadFile(path)
 	if errors.Is(err, os.ErrNotExist) {
 		return nil, nil
 	}
 	if err != nil {
 		return nil, fmt.Errorf("policy store: %w", err)
 	}
-	t := &services.Table{}
-	if err := json.Unmarshal(b, t); err != nil {
-		return nil, fmt.Errorf("policy store: decode %s: %w", s.appliedServicesPath(network), err)
+	v := new(T)
+	if err := json.Unmarshal(b, v); err != nil {
+		return nil, fmt.Errorf("policy store: decode %s: %w", path, err)
 	}
-	return t, nil
-}
-
-func (s *Store) saveJSON(path string, v any) error {
-	b, err := json.MarshalIndent(v, "", "  ")
-	if err != nil {
-		return fmt.Errorf("policy store: encode: %w", err)
-	}
-	return writeFileAtomic(path, append(b, '\n'))
+	return v, nil
 }
 
 // Topology builds the policy topology of a network on this node: its
@@ -482,34 +490,15 @@ func (s *Store) loadState() (*manifest.State, error) {
 }
 
 func (s *Store) saveState(st *manifest.State) error {
-	b, err := json.MarshalIndent(st, "", "  ")
-	if err != nil {
-		return fmt.Errorf("policy store: encode state: %w", err)
-	}
-	return writeFileAtomic(s.statePath(), append(b, '\n'))
+	return saveJSON(s.statePath(), "state", st)
 }
 
 func (s *Store) loadApplied(network string) (*compile.RuleSet, error) {
-	b, err := os.ReadFile(s.appliedPath(network))
-	if errors.Is(err, os.ErrNotExist) {
-		return nil, nil
-	}
-	if err != nil {
-		return nil, fmt.Errorf("policy store: %w", err)
-	}
-	rs := &compile.RuleSet{}
-	if err := json.Unmarshal(b, rs); err != nil {
-		return nil, fmt.Errorf("policy store: decode %s: %w", s.appliedPath(network), err)
-	}
-	return rs, nil
+	return loadJSON[compile.RuleSet](s.appliedPath(network))
 }
 
 func (s *Store) saveApplied(network string, rs *compile.RuleSet) error {
-	b, err := json.MarshalIndent(rs, "", "  ")
-	if err != nil {
-		return fmt.Errorf("policy store: encode rule set: %w", err)
-	}
-	return writeFileAtomic(s.appliedPath(network), append(b, '\n'))
+	return saveJSON(s.appliedPath(network), "rule set", rs)
 }
 
 func exists(path string) bool {

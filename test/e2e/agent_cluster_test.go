@@ -8,7 +8,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/containernetworking/plugins/pkg/ns"
 	corev1 "k8s.io/api/core/v1"
 	networkingv1 "k8s.io/api/networking/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
@@ -30,40 +29,21 @@ type agentCluster struct {
 	t      *testing.T
 	cp     *testutil.ControlPlane
 	client kubernetes.Interface
-	fab    ns.NetNS
+	fab    *fabric
 	mode   string
 	args   []string // ternd flags every node gets
 	nodes  []*agentWorld
 	joined int // nodes linked so far: numbers their addresses
 }
 
-// The fabric's subnets and its address (the nodes' gateway) in each.
-const (
-	fabricSubnetA = "192.0.2."
-	fabricSubnetB = "198.51.100."
-	fabricGateway = "254"
-)
-
 // newAgentCluster starts a control plane and the fabric. Nodes come with
 // addNode.
 func newAgentCluster(t *testing.T, mode, dp string) *agentCluster {
 	t.Helper()
 	cp := testutil.StartControlPlane(t)
-	c := &agentCluster{t: t, cp: cp, client: cp.Client(t), fab: testutil.NewNetNS(t, "fab"), mode: mode,
+	return &agentCluster{t: t, cp: cp, client: cp.Client(t), mode: mode,
+		fab:  newFabric(t, map[string]string{"brA": "192.0.2.", "brB": "198.51.100."}),
 		args: []string{"--routing", mode, "--datapath", dp, "--uplink", agentUplink}}
-	cmds := [][]string{{"sysctl", "-qw", "net.ipv4.ip_forward=1"}}
-	for _, br := range []struct{ name, subnet string }{{"brA", fabricSubnetA}, {"brB", fabricSubnetB}} {
-		cmds = append(cmds,
-			[]string{"ip", "link", "add", br.name, "type", "bridge"},
-			[]string{"ip", "addr", "add", br.subnet + fabricGateway + "/24", "dev", br.name},
-			[]string{"ip", "link", "set", br.name, "up"})
-	}
-	for _, cmd := range cmds {
-		if _, err := testutil.ExecIn(c.fab, cmd[0], cmd[1:]...); err != nil {
-			t.Fatal(err)
-		}
-	}
-	return c
 }
 
 // addNode creates a Node object with podCIDR and a simulated node linked
@@ -74,30 +54,11 @@ func (c *agentCluster) addNode(podCIDR string) *agentWorld {
 	c.t.Helper()
 	w := prepareAgentNode(c.t, c.cp, c.client, podCIDR, c.args...)
 	c.joined++
-	subnet, br := fabricSubnetA, "brA"
+	br := "brA"
 	if c.mode == routing.ModeVXLAN && c.joined >= 3 {
-		subnet, br = fabricSubnetB, "brB"
+		br = "brB"
 	}
-	w.ip = fmt.Sprintf("%s%d", subnet, c.joined)
-	peer := fmt.Sprintf("up%d", c.joined)
-	if _, err := w.node.Exec(c.t, "ip", "link", "add", agentUplink, "type", "veth", "peer", "name", peer, "netns", testutil.NSName(c.fab)); err != nil {
-		c.t.Fatal(err)
-	}
-	for _, cmd := range [][]string{
-		{"ip", "addr", "add", w.ip + "/24", "dev", agentUplink},
-		{"ip", "link", "set", agentUplink, "up"},
-		{"ip", "route", "add", "default", "via", subnet + fabricGateway},
-	} {
-		if _, err := w.node.Exec(c.t, cmd[0], cmd[1:]...); err != nil {
-			c.t.Fatal(err)
-		}
-	}
-	for _, cmd := range [][]string{{"ip", "link", "set", peer, "master", br}, {"ip", "link", "set", peer, "up"}} {
-		if _, err := testutil.ExecIn(c.fab, cmd[0], cmd[1:]...); err != nil {
-			c.t.Fatal(err)
-		}
-	}
-	// The links go with the node namespaces.
+	w.ip = c.fab.link(c.t, w.node, agentUplink, br, c.joined)
 	c.nodes = append(c.nodes, w)
 	return w
 }
@@ -117,6 +78,17 @@ func (c *agentCluster) joinNode(podCIDR string) *agentWorld {
 
 // routeTo is the route a node's agent makes to w's pods.
 func (w *agentWorld) routeTo() string { return w.podCIDR + " via " + w.ip }
+
+// runAgentClusters runs test as a subtest "<routing mode>/<datapath>" for
+// every routing mode and datapath.
+func runAgentClusters(t *testing.T, test func(t *testing.T, mode, dp string)) {
+	testutil.RequirePrivileged(t)
+	for _, mode := range []string{routing.ModeNative, routing.ModeVXLAN} {
+		for _, dp := range []string{"ebpf", "iptables"} {
+			t.Run(mode+"/"+dp, func(t *testing.T) { test(t, mode, dp) })
+		}
+	}
+}
 
 // waitMesh waits until every node of nodes routes to the pods of every
 // other one, and nothing else, and returns the longest wait from since.
@@ -144,14 +116,7 @@ func waitMesh(step string, since time.Time, nodes ...*agentWorld) time.Duration 
 // other node and its pod gets its labels' allowances there; a node removed
 // takes its routes with it; an IP of a deleted pod reused on another node
 // by a pod with other labels does not inherit the old pod's allowances.
-func TestAgentThreeNodes(t *testing.T) {
-	testutil.RequirePrivileged(t)
-	for _, mode := range []string{routing.ModeNative, routing.ModeVXLAN} {
-		for _, dp := range []string{"ebpf", "iptables"} {
-			t.Run(mode+"/"+dp, func(t *testing.T) { testAgentThreeNodes(t, mode, dp) })
-		}
-	}
-}
+func TestAgentThreeNodes(t *testing.T) { runAgentClusters(t, testAgentThreeNodes) }
 
 func testAgentThreeNodes(t *testing.T, mode, dp string) {
 	c := newAgentCluster(t, mode, dp)

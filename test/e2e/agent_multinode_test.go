@@ -78,24 +78,17 @@ func (w *agentWorld) waitRoutes(step string, since time.Time, want ...string) ti
 	return took
 }
 
-// TestAgentTwoNodes: two simulated nodes, each with its own ternd in native
-// routing mode, pods on both. The routes between the nodes' pod CIDRs come
-// from the agents, which read the other node's pod CIDR and InternalIP from
-// its Node object: pods reach each other across nodes with their own
-// addresses. Policy on one node selects peers on the other by labels that
-// only the API server knows (the remote pods' labels and status.podIPs),
-// and a label change on a remote pod reaches the other node's datapath. A
-// Node deleted from the API takes its routes with it; ternd --uninstall
-// removes the rest. On both datapaths (the eBPF one also fills its table of
-// remote pod CIDRs from the same node list).
-func TestAgentTwoNodes(t *testing.T) {
-	testutil.RequirePrivileged(t)
-	for _, mode := range []string{routing.ModeNative, routing.ModeVXLAN} {
-		for _, dp := range []string{"iptables", "ebpf"} {
-			t.Run(mode+"/"+dp, func(t *testing.T) { testAgentTwoNodes(t, mode, dp) })
-		}
-	}
-}
+// TestAgentTwoNodes: two simulated nodes, each with its own ternd, pods on
+// both, in native and VXLAN routing. The routes between the nodes' pod
+// CIDRs come from the agents, which read the other node's pod CIDR and
+// InternalIP from its Node object: pods reach each other across nodes with
+// their own addresses. Policy on one node selects peers on the other by
+// labels that only the API server knows (the remote pods' labels and
+// status.podIPs), and a label change on a remote pod reaches the other
+// node's datapath. A Node deleted from the API takes its routes with it;
+// ternd --uninstall removes the rest. On both datapaths (the eBPF one also
+// fills its table of remote pod CIDRs from the same node list).
+func TestAgentTwoNodes(t *testing.T) { runAgentClusters(t, testAgentTwoNodes) }
 
 func testAgentTwoNodes(t *testing.T, mode, dp string) {
 	c := newAgentCluster(t, mode, dp)

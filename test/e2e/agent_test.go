@@ -372,23 +372,10 @@ type stream struct {
 	done       chan struct{}
 }
 
-func startStream(t *testing.T, from *k8sPod, to *k8sPod, port string) *stream {
+func startStream(t *testing.T, from *k8sPod, to *k8sPod, port int) *stream {
 	t.Helper()
-	l, err := testutil.ListenTCP(to.NS, "0.0.0.0:"+port)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { l.Close() })
-	go func() {
-		for {
-			c, err := l.Accept()
-			if err != nil {
-				return
-			}
-			go func() { io.Copy(c, c); c.Close() }()
-		}
-	}()
-	c, err := testutil.Dial(from.NS, "tcp", net.JoinHostPort(to.IP, port))
+	serveTCP(t, to.NS, port, func(c net.Conn) { go func() { io.Copy(c, c); c.Close() }() })
+	c, err := testutil.Dial(from.NS, "tcp", net.JoinHostPort(to.IP, strconv.Itoa(port)))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -551,7 +538,7 @@ func TestAgent(t *testing.T) {
 	expect(t, "policy in force", tcp(bad, srv, 80, false), tcp(cli, srv, 80, true), tcp(out, srv, 80, true))
 
 	// kill -9 under traffic: the established flow goes on, nothing opens.
-	s := startStream(t, cli, srv, "7000")
+	s := startStream(t, cli, srv, 7000)
 	time.Sleep(300 * time.Millisecond)
 	agent.kill9()
 	expect(t, "agent killed", tcp(bad, srv, 80, false), tcp(cli, srv, 80, true), tcp(out, srv, 80, true))
@@ -569,7 +556,7 @@ func TestAgent(t *testing.T) {
 
 	// The API server goes away for a while: forwarding and enforcement
 	// go on; the agent catches up when it is back.
-	s = startStream(t, out, srv, "7001")
+	s = startStream(t, out, srv, 7001)
 	cp.StopAPIServer()
 	expect(t, "API server down", tcp(cli, srv, 80, true), tcp(out, srv, 80, true), tcp(bad, srv, 80, true))
 	if err := w.get("/healthz", "9963", nil); err != nil {

@@ -114,9 +114,10 @@ func (p *chainPod) del(t *testing.T, n *testutil.Node, conf []byte) {
 	}
 }
 
-// greeter serves TCP on port in namespace n: it writes the address the
-// connection came from and a newline, then echoes. It stops with the test.
-func greeter(t *testing.T, n ns.NetNS, port int) {
+// serveTCP listens on port in n and hands each connection to handle (in
+// the accepting goroutine: handle starts its own for long work) until the
+// test ends and closes the listener.
+func serveTCP(t *testing.T, n ns.NetNS, port int, handle func(net.Conn)) {
 	t.Helper()
 	l, err := testutil.ListenTCP(n, "0.0.0.0:"+strconv.Itoa(port))
 	if err != nil {
@@ -129,23 +130,35 @@ func greeter(t *testing.T, n ns.NetNS, port int) {
 			if err != nil {
 				return
 			}
-			go func() {
-				defer c.Close()
-				_ = c.SetDeadline(time.Now().Add(10 * time.Second))
-				fmt.Fprintf(c, "%s\n", c.RemoteAddr())
-				buf := make([]byte, 512)
-				for {
-					k, err := c.Read(buf)
-					if err != nil {
-						return
-					}
-					if _, err := c.Write(buf[:k]); err != nil {
-						return
-					}
-				}
-			}()
+			handle(c)
 		}
 	}()
+}
+
+// closeConn is serveTCP's handler that accepts and closes.
+func closeConn(c net.Conn) { c.Close() }
+
+// greeter serves TCP on port in namespace n: it writes the address the
+// connection came from and a newline, then echoes. It stops with the test.
+func greeter(t *testing.T, n ns.NetNS, port int) {
+	t.Helper()
+	serveTCP(t, n, port, func(c net.Conn) {
+		go func() {
+			defer c.Close()
+			_ = c.SetDeadline(time.Now().Add(10 * time.Second))
+			fmt.Fprintf(c, "%s\n", c.RemoteAddr())
+			buf := make([]byte, 512)
+			for {
+				k, err := c.Read(buf)
+				if err != nil {
+					return
+				}
+				if _, err := c.Write(buf[:k]); err != nil {
+					return
+				}
+			}
+		}()
+	})
 }
 
 // greet connects from n to addr, reads the greeting (the source address

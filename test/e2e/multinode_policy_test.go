@@ -9,9 +9,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/containernetworking/plugins/pkg/ns"
-
-	"github.com/ternlabs/tern/internal/testutil"
 	"github.com/ternlabs/tern/routing"
 )
 
@@ -94,25 +91,6 @@ status: {podIP: %s, podIPs: [{ip: %s}]}
 `, p.Namespace, p.Name, strings.Join(l, ", "), node, p.IP, p.IP)
 }
 
-// serveTCP accepts and closes connections on port in n.
-func serveTCP(t *testing.T, n ns.NetNS, port int) {
-	t.Helper()
-	l, err := testutil.ListenTCP(n, fmt.Sprintf("0.0.0.0:%d", port))
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { l.Close() })
-	go func() {
-		for {
-			c, err := l.Accept()
-			if err != nil {
-				return
-			}
-			c.Close()
-		}
-	}()
-}
-
 type mnPolicyWorld struct {
 	*multiNode
 	ternctl string
@@ -134,7 +112,7 @@ func newMNPolicyWorld(t *testing.T, dp, mode string) *mnPolicyWorld {
 		w.confs = append(w.confs, f)
 		for _, pl := range mnPolicyPlacement[2*i : 2*i+2] {
 			p := addK8sPod(t, n.Node, n.conf, pl.ns, pl.name)
-			serveTCP(t, p.NS, 81)
+			serveTCP(t, p.NS, 81, closeConn)
 			w.pods[p.String()] = p
 			w.nodeOf[p.String()] = n
 		}

@@ -39,7 +39,7 @@ type mnNode struct {
 }
 
 type multiNode struct {
-	fab   ns.NetNS
+	fab   *fabric
 	dp    string
 	mode  string
 	nodes []*mnNode
@@ -49,58 +49,18 @@ func (w *multiNode) String() string { return w.dp + "/" + w.mode }
 
 func newMultiNode(t *testing.T, dp, mode string) *multiNode {
 	t.Helper()
-	w := &multiNode{fab: testutil.NewNetNS(t, "fab"), dp: dp, mode: mode}
-	fabCmds := [][]string{{"sysctl", "-qw", "net.ipv4.ip_forward=1"}}
-	bridges := map[string]string{"brA": "192.168.77.254/24"}
+	subnets := map[string]string{"brA": "192.168.77."}
 	if mode == routing.ModeVXLAN {
-		bridges = map[string]string{"brA": "192.168.78.254/24", "brB": "192.168.79.254/24"}
+		subnets = map[string]string{"brA": "192.168.78.", "brB": "192.168.79."}
 	}
-	for br, addr := range bridges {
-		fabCmds = append(fabCmds,
-			[]string{"ip", "link", "add", br, "type", "bridge"},
-			[]string{"ip", "addr", "add", addr, "dev", br},
-			[]string{"ip", "link", "set", br, "up"})
-	}
-	for _, c := range fabCmds {
-		if _, err := testutil.ExecIn(w.fab, c[0], c[1:]...); err != nil {
-			t.Fatal(err)
-		}
-	}
+	w := &multiNode{fab: newFabric(t, subnets), dp: dp, mode: mode}
 	for i := 1; i <= 3; i++ {
-		ip, br, gw := fmt.Sprintf("192.168.77.%d", i), "brA", "192.168.77.254"
-		if mode == routing.ModeVXLAN {
-			ip, gw = fmt.Sprintf("192.168.78.%d", i), "192.168.78.254"
-			if i == 3 {
-				ip, br, gw = "192.168.79.3", "brB", "192.168.79.254"
-			}
+		br := "brA"
+		if mode == routing.ModeVXLAN && i == 3 {
+			br = "brB"
 		}
-		n := &mnNode{Node: testutil.NewNode(t), name: fmt.Sprintf("node%d", i), ip: ip,
-			podCIDR: fmt.Sprintf("10.77.%d.0/24", 80+i)}
-		peer := fmt.Sprintf("n%d", i)
-		err := n.NS.Do(func(ns.NetNS) error {
-			return netlink.LinkAdd(&netlink.Veth{
-				LinkAttrs: netlink.LinkAttrs{Name: mnUplink},
-				PeerName:  peer, PeerNamespace: netlink.NsFd(int(w.fab.Fd())),
-			})
-		})
-		if err != nil {
-			t.Fatalf("%s: uplink veth: %v", n.name, err)
-		}
-		t.Cleanup(func() { _, _ = n.Exec(t, "ip", "link", "del", mnUplink) })
-		for _, c := range [][]string{
-			{"ip", "addr", "add", ip + "/24", "dev", mnUplink},
-			{"ip", "link", "set", mnUplink, "up"},
-			{"ip", "route", "add", "default", "via", gw},
-		} {
-			if _, err := n.Exec(t, c[0], c[1:]...); err != nil {
-				t.Fatal(err)
-			}
-		}
-		for _, c := range [][]string{{"ip", "link", "set", peer, "master", br}, {"ip", "link", "set", peer, "up"}} {
-			if _, err := testutil.ExecIn(w.fab, c[0], c[1:]...); err != nil {
-				t.Fatal(err)
-			}
-		}
+		n := &mnNode{Node: testutil.NewNode(t), name: fmt.Sprintf("node%d", i), podCIDR: fmt.Sprintf("10.77.%d.0/24", 80+i)}
+		n.ip = w.fab.link(t, n.Node, mnUplink, br, i)
 		extra := map[string]any{"uplink": mnUplink, "routing": mode}
 		if mode == routing.ModeVXLAN {
 			extra["mtu"] = nil // the plugin sizes it: uplink MTU - 50

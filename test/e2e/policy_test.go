@@ -70,37 +70,10 @@ func addK8sPod(t *testing.T, n *testutil.Node, conf []byte, namespace, name stri
 func serve(t *testing.T, n ns.NetNS) {
 	t.Helper()
 	for _, port := range policyTCPPorts {
-		l, err := testutil.ListenTCP(n, "0.0.0.0:"+strconv.Itoa(port))
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { l.Close() })
-		go func() {
-			for {
-				c, err := l.Accept()
-				if err != nil {
-					return
-				}
-				c.Close()
-			}
-		}()
+		serveTCP(t, n, port, closeConn)
 	}
 	for _, port := range policyUDPPorts {
-		pc, err := testutil.ListenUDP(n, "0.0.0.0:"+strconv.Itoa(port))
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { pc.Close() })
-		go func() {
-			buf := make([]byte, 512)
-			for {
-				k, peer, err := pc.ReadFrom(buf)
-				if err != nil {
-					return
-				}
-				pc.WriteTo(buf[:k], peer)
-			}
-		}()
+		udpEchoServer(t, n, port)
 	}
 }
 

@@ -101,36 +101,11 @@ func testPolicyKeepsEstablished(t *testing.T, dp string) {
 // until the test ends.
 func serveEcho(t *testing.T, n ns.NetNS) {
 	t.Helper()
-	l, err := testutil.ListenTCP(n, "0.0.0.0:"+strconv.Itoa(establishedTCPPort))
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { l.Close() })
-	go func() {
-		for {
-			c, err := l.Accept()
-			if err != nil {
-				return
-			}
-			t.Cleanup(func() { c.Close() })
-			go io.Copy(c, c)
-		}
-	}()
-	pc, err := testutil.ListenUDP(n, "0.0.0.0:"+strconv.Itoa(establishedUDPPort))
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { pc.Close() })
-	go func() {
-		buf := make([]byte, 512)
-		for {
-			k, peer, err := pc.ReadFrom(buf)
-			if err != nil {
-				return
-			}
-			pc.WriteTo(buf[:k], peer)
-		}
-	}()
+	serveTCP(t, n, establishedTCPPort, func(c net.Conn) {
+		t.Cleanup(func() { c.Close() })
+		go io.Copy(c, c)
+	})
+	udpEchoServer(t, n, establishedUDPPort)
 }
 
 // echoTCP sends msg on c and reads it back.

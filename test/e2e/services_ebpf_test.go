@@ -4,7 +4,6 @@ import (
 	"bufio"
 	"errors"
 	"fmt"
-	"io"
 	"net"
 	"os"
 	"path/filepath"
@@ -198,37 +197,6 @@ ports: [{name: https, port: %[16]d}]
 endpoints: [{addresses: [%[15]s]}]
 `, a, b, c, lbWeb, lbWho, lbSelf, lbRemote, lbEmpty, lbChurn, churnC, w.remotePort, extIP, namedTCP,
 		lbNode, extNodeIP, nodePort)
-}
-
-// serveNamed runs, in n, a TCP server on port that greets each connection
-// with name and then echoes lines.
-func serveNamed(t *testing.T, n ns.NetNS, port int, name string) {
-	t.Helper()
-	l, err := testutil.ListenTCP(n, "0.0.0.0:"+strconv.Itoa(port))
-	if err != nil {
-		t.Fatal(err)
-	}
-	var wg sync.WaitGroup
-	t.Cleanup(func() {
-		l.Close()
-		wg.Wait()
-	})
-	wg.Go(func() {
-		for {
-			c, err := l.Accept()
-			if err != nil {
-				return
-			}
-			wg.Go(func() {
-				defer c.Close()
-				_ = c.SetDeadline(time.Now().Add(60 * time.Second))
-				if _, err := fmt.Fprintf(c, "%s\n", name); err != nil {
-					return
-				}
-				_, _ = io.Copy(c, c)
-			})
-		}
-	})
 }
 
 // TestServicesEBPF drives Tern's own load balancer end to end: ClusterIP
@@ -545,34 +513,4 @@ func udpQuery(n ns.NetNS, addr string) bool {
 	buf := make([]byte, 16)
 	k, err := c.Read(buf)
 	return err == nil && string(buf[:k]) == "query"
-}
-
-// serveWhoamiOn is serveWhoami on another port.
-func serveWhoamiOn(t *testing.T, n ns.NetNS, port int) {
-	t.Helper()
-	l, err := testutil.ListenTCP(n, "0.0.0.0:"+strconv.Itoa(port))
-	if err != nil {
-		t.Fatal(err)
-	}
-	var wg sync.WaitGroup
-	t.Cleanup(func() {
-		l.Close()
-		wg.Wait()
-	})
-	wg.Go(func() {
-		for {
-			c, err := l.Accept()
-			if err != nil {
-				return
-			}
-			wg.Go(func() {
-				defer c.Close()
-				_ = c.SetDeadline(time.Now().Add(10 * time.Second))
-				if _, err := fmt.Fprintf(c, "%s\n", c.RemoteAddr()); err != nil {
-					return
-				}
-				_, _ = io.Copy(c, c)
-			})
-		}
-	})
 }

@@ -154,9 +154,27 @@ func (w *svcWorld) ext(name string, port int, want bool) reach {
 
 // serveWhoami runs, in n, a TCP server on whoamiPort that greets each
 // connection with its remote address and then echoes (tcpSeen's protocol).
-func serveWhoami(t *testing.T, n ns.NetNS) {
+func serveWhoami(t *testing.T, n ns.NetNS) { serveWhoamiOn(t, n, whoamiPort) }
+
+// serveWhoamiOn is serveWhoami on another port.
+func serveWhoamiOn(t *testing.T, n ns.NetNS, port int) {
 	t.Helper()
-	l, err := testutil.ListenTCP(n, "0.0.0.0:"+strconv.Itoa(whoamiPort))
+	serveGreeting(t, n, port, 10*time.Second, func(c net.Conn) string { return c.RemoteAddr().String() })
+}
+
+// serveNamed runs, in n, a TCP server on port that greets each connection
+// with name and then echoes lines.
+func serveNamed(t *testing.T, n ns.NetNS, port int, name string) {
+	t.Helper()
+	serveGreeting(t, n, port, 60*time.Second, func(net.Conn) string { return name })
+}
+
+// serveGreeting runs, in n, a TCP server on port that writes greet's line
+// to each connection and then echoes, each connection for at most
+// deadline. At the end of the test it stops and waits for its connections.
+func serveGreeting(t *testing.T, n ns.NetNS, port int, deadline time.Duration, greet func(net.Conn) string) {
+	t.Helper()
+	l, err := testutil.ListenTCP(n, "0.0.0.0:"+strconv.Itoa(port))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -173,8 +191,8 @@ func serveWhoami(t *testing.T, n ns.NetNS) {
 			}
 			wg.Go(func() {
 				defer c.Close()
-				_ = c.SetDeadline(time.Now().Add(10 * time.Second))
-				if _, err := fmt.Fprintf(c, "%s\n", c.RemoteAddr()); err != nil {
+				_ = c.SetDeadline(time.Now().Add(deadline))
+				if _, err := fmt.Fprintf(c, "%s\n", greet(c)); err != nil {
 					return
 				}
 				_, _ = io.Copy(c, c)
