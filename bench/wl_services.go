@@ -30,6 +30,7 @@ var svcMetrics = []sweepMetric{
 	{"install_ms", "Install time from the previous count (ternctl apply/delete, or iptables-restore)", "ms", Informational, ""},
 	{"nat_rules", "Rules in the node's nat table", "", Informational, ""},
 	{"crr_errors", "Failed connections", "", Informational, ""},
+	{"crr_slow", "Connections over 100 ms", "", Informational, ""},
 }
 
 func svcChartHeading(base string) string {
@@ -147,8 +148,8 @@ func (w *servicesWorkload) measure(ctx context.Context, wc *WorkloadContext, t *
 	if err != nil {
 		return fmt.Errorf("connection rate to %s:%d: %w", dst, ports.crr, err)
 	}
-	m[name("conns_per_s")], m[name("crr_p50_us")], m[name("crr_p99_us")], m[name("crr_errors")] =
-		crr["conns_per_s"], crr["p50_us"], crr["p99_us"], crr["errors"]
+	m[name("conns_per_s")], m[name("crr_p50_us")], m[name("crr_p99_us")], m[name("crr_errors")], m[name("crr_slow")] =
+		crr["conns_per_s"], crr["p50_us"], crr["p99_us"], crr["errors"], crr["slow"]
 	for _, udp := range []bool{false, true} {
 		sw := &sockperfWorkload{udp: udp}
 		port := ports.tcp
