@@ -76,6 +76,11 @@ type crrResult struct {
 	p50, p99 float64 // connection time, µs
 	slow     int64   // connections that took over 100 ms (a SYN retransmitted)
 	answered int64   // connections the server answered (whole sample)
+	// total is the connections the client completed over the whole
+	// sample (warm-up included); cliCPU and srvCPU the CPU time (µs) the
+	// client and server used over it.
+	total          int64
+	cliCPU, srvCPU float64
 }
 
 // parseCRR reads tern-crr's "key value" lines into r.
@@ -107,6 +112,12 @@ func parseCRR(out []byte, r *crrResult) error {
 			r.slow = int64(v)
 		case "answered":
 			r.answered = int64(v)
+		case "total":
+			r.total = int64(v)
+		case "cpu_us":
+			r.cliCPU = v
+		case "server_cpu_us":
+			r.srvCPU = v
 		}
 	}
 	if !seen["conns"] && !seen["answered"] {
@@ -129,7 +140,11 @@ func crrMetrics(r crrResult) (map[string]float64, error) {
 	if r.window <= 0 {
 		return nil, errors.New("tern-crr: no measured window")
 	}
+	if r.total < r.conns || r.cliCPU <= 0 || r.srvCPU <= 0 {
+		return nil, fmt.Errorf("tern-crr: %d connections in all, %d in the window, CPU %v/%v µs: inconsistent", r.total, r.conns, r.cliCPU, r.srvCPU)
+	}
 	return map[string]float64{
+		"cpu_us":      (r.cliCPU + r.srvCPU) / float64(r.total),
 		"conns_per_s": float64(r.conns) / r.window,
 		"p50_us":      r.p50,
 		"p99_us":      r.p99,

@@ -15,13 +15,13 @@ import (
 
 func TestParseCRR(t *testing.T) {
 	var r crrResult
-	if err := parseCRR([]byte("conns 1200\nerrors 3\nwindow_s 0.500000\np50_us 40.5\np99_us 300.5\nover_100ms 2\n"), &r); err != nil {
+	if err := parseCRR([]byte("conns 1200\nerrors 3\nwindow_s 0.500000\ntotal 2000\ncpu_us 30000\np50_us 40.5\np99_us 300.5\nover_100ms 2\n"), &r); err != nil {
 		t.Fatal(err)
 	}
-	if err := parseCRR([]byte("answered 1500\n"), &r); err != nil {
+	if err := parseCRR([]byte("answered 2000\nserver_cpu_us 20000\n"), &r); err != nil {
 		t.Fatal(err)
 	}
-	want := crrResult{conns: 1200, errors: 3, window: 0.5, p50: 40.5, p99: 300.5, slow: 2, answered: 1500}
+	want := crrResult{conns: 1200, errors: 3, window: 0.5, p50: 40.5, p99: 300.5, slow: 2, answered: 2000, total: 2000, cliCPU: 30000, srvCPU: 20000}
 	if r != want {
 		t.Fatalf("parsed %+v, want %+v", r, want)
 	}
@@ -29,7 +29,7 @@ func TestParseCRR(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if m["conns_per_s"] != 2400 || m["p50_us"] != 40.5 || m["errors"] != 3 || m["slow"] != 2 {
+	if m["conns_per_s"] != 2400 || m["p50_us"] != 40.5 || m["errors"] != 3 || m["slow"] != 2 || m["cpu_us"] != 25 {
 		t.Errorf("metrics %v", m)
 	}
 	if err := parseCRR([]byte("tern-crr: bind: Address already in use\n"), &r); err == nil {
@@ -43,7 +43,8 @@ func TestParseCRR(t *testing.T) {
 func TestCRRMetricsRejects(t *testing.T) {
 	for name, r := range map[string]crrResult{
 		"no connection":     {conns: 0, errors: 40, window: 1, answered: 0},
-		"not to the server": {conns: 500, window: 1, answered: 499},
+		"not to the server": {conns: 500, window: 1, answered: 499, total: 500, cliCPU: 1, srvCPU: 1},
+		"no CPU time":       {conns: 500, window: 1, answered: 500, total: 500},
 	} {
 		if m, err := crrMetrics(r); err == nil {
 			t.Errorf("%s: accepted: %v", name, m)

@@ -20,7 +20,11 @@ import (
 // generator and shows in the rate. Connections that complete during the
 // measured window count; the warm-up before it does not. The server counts
 // the connections it answered: a sample where it answered fewer than the
-// client completed fails. This is the test that shows the cost of
+// client completed fails. The CPU time both processes used (getrusage,
+// which counts the datapath's softirq work done in their context) over
+// the connections they completed gives a cost per connection that other
+// processes' load on the CPU does not change the way it changes the rate.
+// This is the test that shows the cost of
 // conntrack and of stateful rule sets.
 type connRateWorkload struct{}
 
@@ -36,6 +40,7 @@ func (*connRateWorkload) Metrics() []MetricSpec {
 		{Name: "p99_us", Title: "p99 connection time", Unit: "µs", Better: LowerIsBetter},
 		{Name: "errors", Title: "Failed connections", Unit: "", Better: Informational},
 		{Name: "slow", Title: "Connections over 100 ms", Unit: "", Better: Informational},
+		{Name: "cpu_us", Title: "CPU per connection (client + server processes, with the softirq work that ran in their context)", Unit: "µs", Better: LowerIsBetter},
 	}
 }
 func (*connRateWorkload) Available() error           { return needTools("cc") }

@@ -18,8 +18,11 @@
  * that complete inside the measured window (after OMIT_MS of warm-up, for
  * DURATION_MS), and stops early when it has started MAX_CONNS (a bound on
  * the conntrack entries one sample leaves in the node). It prints:
- *   conns N / errors N / window_s S / p50_us U / p99_us U
- * The server answers until SIGTERM and then prints "answered N".
+ *   conns N / errors N / window_s S / total N / cpu_us U / p50_us U /
+ *   p99_us U / over_100ms N
+ * (total: connections completed over the whole run, warm-up included;
+ * cpu_us: the client's CPU time over the run). The server answers until
+ * SIGTERM and then prints "answered N" and "server_cpu_us U".
  * A connection that fails or has not completed after 2 s is an error.
  */
 #define _GNU_SOURCE
@@ -33,12 +36,24 @@
 #include <string.h>
 #include <signal.h>
 #include <sys/epoll.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
 
 #define HIST_US 100000 /* latency bins of 1 µs; the last one holds the rest */
 #define CONN_TIMEOUT_NS 2000000000LL
+
+/* cpu_us is the CPU time this process used, user and system: the system
+ * part includes the softirq work (veths, tc programs, netfilter) that ran
+ * in its context, which is where a veth's receive path runs for the
+ * packets the process sends. */
+static double cpu_us(void)
+{
+	struct rusage ru;
+	getrusage(RUSAGE_SELF, &ru);
+	return (double)(ru.ru_utime.tv_sec + ru.ru_stime.tv_sec) * 1e6 + (double)(ru.ru_utime.tv_usec + ru.ru_stime.tv_usec);
+}
 
 static uint64_t now_ns(void)
 {
@@ -141,7 +156,7 @@ static int server(struct sockaddr_in addr)
 			close(fd); /* also leaves the epoll set */
 		}
 	}
-	printf("answered %llu\n", answered);
+	printf("answered %llu\nserver_cpu_us %.0f\n", answered, cpu_us());
 	return 0;
 }
 
@@ -180,7 +195,7 @@ static int client(struct sockaddr_in addr, int inflight, long omit_ms, long dur_
 		die("calloc");
 	uint64_t t_start = now_ns() + (uint64_t)omit_ms * 1000000ull;
 	uint64_t t_end = t_start + (uint64_t)dur_ms * 1000000ull;
-	uint64_t started = 0, done = 0, errors = 0, last_done_ns = 0;
+	uint64_t started = 0, done = 0, total = 0, errors = 0, last_done_ns = 0;
 	struct linger lg = {.l_onoff = 1, .l_linger = 0};
 	char b = 'x';
 
@@ -253,6 +268,7 @@ static int client(struct sockaddr_in addr, int inflight, long omit_ms, long dur_
 				uint64_t t1 = now_ns();
 				close(s->fd); /* SO_LINGER {1, 0}: RST, no TIME_WAIT */
 				s->state = IDLE;
+				total++;
 				if (t1 >= t_start && t1 <= t_end) {
 					uint64_t us = (t1 - s->t0) / 1000;
 					hist[us > HIST_US ? HIST_US : us]++;
@@ -266,7 +282,8 @@ static int client(struct sockaddr_in addr, int inflight, long omit_ms, long dur_
 	double window = (double)dur_ms / 1000.0;
 	if (started >= (uint64_t)max_conns && last_done_ns > t_start && last_done_ns < t_end)
 		window = (double)(last_done_ns - t_start) / 1e9;
-	printf("conns %llu\nerrors %llu\nwindow_s %.6f\n", (unsigned long long)done, (unsigned long long)errors, window);
+	printf("conns %llu\nerrors %llu\nwindow_s %.6f\ntotal %llu\ncpu_us %.0f\n", (unsigned long long)done,
+	       (unsigned long long)errors, window, (unsigned long long)total, cpu_us());
 	if (done > 0)
 		printf("p50_us %.1f\np99_us %.1f\nover_100ms %llu\n", percentile(done, 50), percentile(done, 99),
 		       (unsigned long long)hist[HIST_US]);
