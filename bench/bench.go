@@ -304,6 +304,8 @@ type runner struct {
 	// unavailable marks (workload, path) pairs found unavailable while
 	// running: they are not tried again.
 	unavailable map[[2]string]bool
+	// crr is the connection-rate generator, built on first use.
+	crr crrTool
 }
 
 func (r *runner) logf(format string, args ...any) {

@@ -3,6 +3,7 @@ package bench
 import (
 	"fmt"
 	"slices"
+	"strconv"
 	"strings"
 )
 
@@ -25,7 +26,9 @@ func (r *Results) renderServices(b *strings.Builder, wl WorkloadResult) bool {
 		"on `kube-proxy` and `iptables-kube-proxy` they are kube-proxy's iptables-mode rules (internal/kubeproxy, the writer the e2e tests use) written with `iptables-restore --noflush`, "+
 		"the target in the middle of KUBE-SERVICES (kube-proxy writes Services in map order: a new connection walks half of them on average). "+
 		"The client dials the ClusterIP, except on `direct`, which dials the server pod's IP with the same Services present. "+
-		"The tcp-crr, tcp-rr and udp-rr measurements run as above; then the path proves its Service machinery translated the traffic. "+
+		"The connection rate is tern-crr (a C client and server built with cc, one epoll thread each, pinned like sockperf: "+strconv.Itoa(crrInFlight)+" connections in flight, each connect, 1 byte each way, RST close); "+
+		"its CPU per connection is the CPU time client and server used (getrusage, with the softirq work that ran in their context) over the connections they completed, steadier than the rate when other processes share the CPU. "+
+		"The ping-pongs are sockperf, as tcp-rr and udp-rr; then the path proves its Service machinery translated the traffic. "+
 		"**× direct** and **ebpf × …** are paired ratios at the same count; **× %s** is the paired ratio to the same path at %s Services, each within one repetition.\n\n",
 		svcTargetIP, groupThousands(int64(l.counts[0])), groupThousands(int64(l.counts[0])))
 	first := l.counts[0]

@@ -1,36 +1,36 @@
 package bench
 
 import (
+	"bytes"
 	"context"
-	"errors"
 	"fmt"
-	"io"
 	"net"
 	"strconv"
-	"sync"
 	"time"
 )
 
-const (
-	// crrWorkers is the number of client connections in flight.
-	crrWorkers = 4
-	// crrMaxLatencies bounds the latencies kept per worker.
-	crrMaxLatencies = 500_000
-)
-
-// connRateWorkload is a small Go client and server: the client (4
-// goroutines whose sockets are created in the client pod) connects, sends
-// one byte, reads one byte and the server's close, then closes; the
-// server (a listener created in the server pod) reads one byte, answers
-// one and closes first, so TIME_WAIT stays on the server side and the
-// client does not run out of ports. Connections that complete during the
-// measured window count; the warm-up before it does not. This is the test
-// that shows the cost of conntrack and of stateful rule sets.
+// connRateWorkload is tern-crr (bench/crr/tern-crr.c, built at bench time
+// with cc): a client in the client pod keeps crrInFlight connections open
+// with non-blocking connects and epoll; each connects, sends one byte,
+// reads the server's one-byte answer and aborts (SO_LINGER {1, 0}: RST, so
+// no TIME_WAIT on either side and no port runs out); the server in the
+// server pod (one epoll thread) answers and closes. Client and server are
+// pinned like sockperf and iperf3 (--pin), so the datapath's per-connection
+// work (the veths, softirq, conntrack, rules) lands on the same CPU as the
+// generator and shows in the rate. Connections that complete during the
+// measured window count; the warm-up before it does not. The server counts
+// the connections it answered: a sample where it answered fewer than the
+// client completed fails. The CPU time both processes used (getrusage,
+// which counts the datapath's softirq work done in their context) over
+// the connections they completed gives a cost per connection that other
+// processes' load on the CPU does not change the way it changes the rate.
+// This is the test that shows the cost of
+// conntrack and of stateful rule sets.
 type connRateWorkload struct{}
 
 func (*connRateWorkload) Name() string { return "tcp-crr" }
 func (*connRateWorkload) Title() string {
-	return "TCP connection rate (connect, 1 byte each way, close; Go, 4 in flight)"
+	return "TCP connection rate (connect, 1 byte each way, close; tern-crr, C and epoll, " + strconv.Itoa(crrInFlight) + " in flight)"
 }
 func (*connRateWorkload) Short() string { return "TCP connection rate" }
 func (*connRateWorkload) Metrics() []MetricSpec {
@@ -39,9 +39,11 @@ func (*connRateWorkload) Metrics() []MetricSpec {
 		{Name: "p50_us", Title: "p50 connection time", Unit: "µs", Better: LowerIsBetter},
 		{Name: "p99_us", Title: "p99 connection time", Unit: "µs", Better: LowerIsBetter},
 		{Name: "errors", Title: "Failed connections", Unit: "", Better: Informational},
+		{Name: "slow", Title: "Connections over 100 ms", Unit: "", Better: Informational},
+		{Name: "cpu_us", Title: "CPU per connection (client + server processes, with the softirq work that ran in their context)", Unit: "µs", Better: LowerIsBetter},
 	}
 }
-func (*connRateWorkload) Available() error           { return nil }
+func (*connRateWorkload) Available() error           { return needTools("cc") }
 func (*connRateWorkload) Supports(t *Topology) error { return nil }
 func (*connRateWorkload) Traffic() bool              { return true }
 
@@ -53,113 +55,42 @@ func (*connRateWorkload) Run(ctx context.Context, wc *WorkloadContext, t *Topolo
 // server listening on its pod IP and that port (dst is the pod IP, or a
 // Service address translated to it).
 func measureConnRate(ctx context.Context, wc *WorkloadContext, t *Topology, dst net.IP, port int) (map[string]float64, error) {
-	ln, err := t.Server.NS.Listen("tcp4", net.JoinHostPort(t.Server.IP.String(), strconv.Itoa(port)))
+	bin, err := wc.r.crr.build(ctx, wc.r.tmp)
 	if err != nil {
-		return nil, fmt.Errorf("listen in server pod: %w", err)
+		return nil, err
 	}
-	var handlers sync.WaitGroup
-	defer handlers.Wait()
-	defer ln.Close()
-	handlers.Add(1)
-	go func() {
-		defer handlers.Done()
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			handlers.Add(1)
-			go func() {
-				defer handlers.Done()
-				defer c.Close()
-				_ = c.SetDeadline(time.Now().Add(5 * time.Second))
-				b := make([]byte, 1)
-				if _, err := io.ReadFull(c, b); err == nil {
-					_, _ = c.Write(b)
-				}
-			}()
-		}
-	}()
-
-	addr := net.JoinHostPort(dst.String(), strconv.Itoa(port))
-	start := time.Now().Add(wc.Omit)
-	end := start.Add(wc.Duration)
-	type result struct {
-		done, errs int
-		lat        []float64
-		fatal      error
-	}
-	results := make([]result, crrWorkers)
-	var wg sync.WaitGroup
-	for i := range results {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			res := &results[i]
-			res.fatal = t.Client.NS.Do(func() error {
-				b := make([]byte, 1)
-				for ctx.Err() == nil {
-					t0 := time.Now()
-					if t0.After(end) {
-						return nil
-					}
-					err := oneConnection(addr, b)
-					t1 := time.Now()
-					if err != nil {
-						res.errs++
-						time.Sleep(time.Millisecond)
-						continue
-					}
-					if t1.After(start) && !t1.After(end) {
-						res.done++
-						if len(res.lat) < crrMaxLatencies {
-							res.lat = append(res.lat, float64(t1.Sub(t0))/float64(time.Microsecond))
-						}
-					}
-				}
-				return ctx.Err()
-			})
-		}()
-	}
-	wg.Wait()
-	var done, errs int
-	var lat []float64
-	for _, r := range results {
-		if r.fatal != nil {
-			return nil, r.fatal
-		}
-		done += r.done
-		errs += r.errs
-		lat = append(lat, r.lat...)
-	}
-	if done == 0 {
-		return nil, fmt.Errorf("no connection completed (%d failed)", errs)
-	}
-	return map[string]float64{
-		"conns_per_s": float64(done) / wc.Duration.Seconds(),
-		"p50_us":      Percentile(lat, 50),
-		"p99_us":      Percentile(lat, 99),
-		"errors":      float64(errs),
-	}, nil
+	return runCRR(ctx, bin, wc, t.Client.NS, t.Server.NS, t.Server.IP, dst, port)
 }
 
-// oneConnection connects, sends one byte, reads the answer and the
-// server's close, and closes.
-func oneConnection(addr string, b []byte) error {
-	c, err := net.DialTimeout("tcp4", addr, 2*time.Second)
+// runCRR runs one tern-crr sample: the server in srvNS bound to
+// listen:port, the client in cliNS dialling dst:port.
+func runCRR(ctx context.Context, bin string, wc *WorkloadContext, cliNS, srvNS *Netns, listen, dst net.IP, port int) (map[string]float64, error) {
+	p := strconv.Itoa(port)
+	var srvOut bytes.Buffer
+	srv, err := srvNS.Start(ctx, wc.Pinned(bin, "server", listen.String(), p), &srvOut)
 	if err != nil {
-		return err
+		return nil, err
 	}
-	defer c.Close()
-	_ = c.SetDeadline(time.Now().Add(2 * time.Second))
-	if _, err := c.Write(b); err != nil {
-		return err
+	defer srv.Stop()
+	if err := srvNS.waitListening(ctx, "tcp", port, srv, 5*time.Second); err != nil {
+		return nil, fmt.Errorf("tern-crr server: %w", err)
 	}
-	if _, err := io.ReadFull(c, b); err != nil {
-		return err
+	cctx, cancel := context.WithTimeout(ctx, wc.Duration+wc.Omit+30*time.Second)
+	defer cancel()
+	out, err := cliNS.Run(cctx, wc.Pinned(bin, "client", dst.String(), p, strconv.Itoa(crrInFlight),
+		strconv.FormatInt(wc.Omit.Milliseconds(), 10), strconv.FormatInt(wc.Duration.Milliseconds(), 10),
+		strconv.Itoa(crrMaxConns))...)
+	if err != nil {
+		return nil, fmt.Errorf("tern-crr client: %w", err)
 	}
-	if n, err := c.Read(b); n != 0 || !errors.Is(err, io.EOF) {
-		return fmt.Errorf("expected the server's close, got %d bytes, %v", n, err)
+	var res crrResult
+	if err := parseCRR(out, &res); err != nil {
+		return nil, err
 	}
-	return nil
+	// The server prints what it answered when it is stopped.
+	srv.Stop()
+	if err := parseCRR(srvOut.Bytes(), &res); err != nil {
+		return nil, fmt.Errorf("tern-crr server: %w", err)
+	}
+	return crrMetrics(res)
 }

@@ -29,7 +29,9 @@ var svcMetrics = []sweepMetric{
 	{"udp_p99_us", "UDP ping-pong p99 latency", "µs", LowerIsBetter, ""},
 	{"install_ms", "Install time from the previous count (ternctl apply/delete, or iptables-restore)", "ms", Informational, ""},
 	{"nat_rules", "Rules in the node's nat table", "", Informational, ""},
+	{"crr_cpu_us", "CPU per connection (tern-crr client + server, with the softirq work in their context)", "µs", LowerIsBetter, ""},
 	{"crr_errors", "Failed connections", "", Informational, ""},
+	{"crr_slow", "Connections over 100 ms", "", Informational, ""},
 }
 
 func svcChartHeading(base string) string {
@@ -147,8 +149,8 @@ func (w *servicesWorkload) measure(ctx context.Context, wc *WorkloadContext, t *
 	if err != nil {
 		return fmt.Errorf("connection rate to %s:%d: %w", dst, ports.crr, err)
 	}
-	m[name("conns_per_s")], m[name("crr_p50_us")], m[name("crr_p99_us")], m[name("crr_errors")] =
-		crr["conns_per_s"], crr["p50_us"], crr["p99_us"], crr["errors"]
+	m[name("conns_per_s")], m[name("crr_p50_us")], m[name("crr_p99_us")], m[name("crr_errors")], m[name("crr_slow")], m[name("crr_cpu_us")] =
+		crr["conns_per_s"], crr["p50_us"], crr["p99_us"], crr["errors"], crr["slow"], crr["cpu_us"]
 	for _, udp := range []bool{false, true} {
 		sw := &sockperfWorkload{udp: udp}
 		port := ports.tcp
