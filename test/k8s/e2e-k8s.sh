@@ -7,11 +7,10 @@
 #
 # Environment:
 #   TERN_E2E_DATAPATHS   configurations to run, in order (default
-#                        "iptables ebpf"): iptables and ebpf are those
-#                        datapaths beside kube-proxy; ebpf-svc is the eBPF
-#                        datapath with services "ebpf" and no kube-proxy
-#                        (opt-in: its e2e.test suites cannot start yet, see
-#                        README, Real-node e2e)
+#                        "iptables ebpf ebpf-svc"): iptables and ebpf are
+#                        those datapaths beside kube-proxy; ebpf-svc is the
+#                        eBPF datapath with services "ebpf" and no
+#                        kube-proxy
 #   TERN_K8S_ARTIFACTS   logs, JUnit reports, summary.md (default /tmp/tern-k8s-artifacts)
 #   TERN_E2E_TIMEOUT     ginkgo timeout per suite (default 90m)
 #
@@ -34,7 +33,7 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 NODE_SH=$ROOT/test/k8s/node.sh
 ARTIFACTS=${TERN_K8S_ARTIFACTS:-/tmp/tern-k8s-artifacts}
-DATAPATHS=${TERN_E2E_DATAPATHS:-iptables ebpf}
+DATAPATHS=${TERN_E2E_DATAPATHS:-iptables ebpf ebpf-svc}
 GINKGO_TIMEOUT=${TERN_E2E_TIMEOUT:-90m}
 SUITES=("$@")
 [ ${#SUITES[@]} -gt 0 ] || SUITES=(cri rollout netpol conformance)
