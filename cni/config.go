@@ -94,7 +94,9 @@ type NetConf struct {
 	NodePortAcceleration string `json:"nodePortAcceleration,omitempty"`
 	// ServiceCIDR lists the ranges kube-proxy's ClusterIPs come from. The
 	// eBPF datapath hands pod traffic to them to the host stack (where
-	// kube-proxy's DNAT is) instead of masquerading or redirecting it.
+	// kube-proxy's DNAT is) instead of masquerading or redirecting it;
+	// both datapaths drop what kube-proxy left untranslated (no such
+	// Service or port) rather than send it off the node.
 	ServiceCIDR []string `json:"serviceCIDR,omitempty"`
 	// TCAttach forces how programs attach: "auto" (default: TCX, else
 	// clsact), "tcx" or "legacy". For kernels and tests that need one.

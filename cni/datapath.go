@@ -63,6 +63,7 @@ func (c *NetConf) newDatapath(subnet *net.IPNet, gateway net.IP) (datapath.Datap
 			ClusterCIDR:        c.clusterCIDR,
 			IPMasq:             c.masquerade(),
 			NonMasqueradeCIDRs: c.nonMasq,
+			ServiceCIDRs:       c.serviceCIDR,
 		})
 	}
 	return nil, fmt.Errorf("unknown datapath %q", c.Datapath)

@@ -14,7 +14,8 @@
 //   - the bridge (Config.Bridge) holding Gateway/prefix of Subnet;
 //   - net.ipv4.ip_forward=1 and net.bridge.bridge-nf-call-iptables=1;
 //   - filter chain TERN-FWD-<hash>, jumped to from FORWARD (first rule),
-//     accepting replies (conntrack), sending new connections through the
+//     accepting replies (conntrack), dropping pods' packets to a Service
+//     CIDR that kube-proxy left untranslated, sending new connections through the
 //     NetworkPolicy dispatch chain TERN-POL-<hash> (see policy.go), then
 //     accepting what enters or leaves the bridge;
 //   - with NetworkPolicy in force, ipsets TERN-C-<hash>-* and chains
@@ -56,6 +57,12 @@ type Config struct {
 	ClusterCIDR        *net.IPNet // destinations never masqueraded; nil means Subnet
 	IPMasq             bool       // masquerade pod traffic leaving ClusterCIDR
 	NonMasqueradeCIDRs []net.IPNet
+	// ServiceCIDRs are the ranges kube-proxy's ClusterIPs come from: a
+	// pod's packet still addressed to one in FORWARD had no kube-proxy
+	// rule (no such Service or port) and is dropped, as the eBPF datapath
+	// drops it at the uplink; masqueraded, it would leave the node and
+	// anything out there could answer for the ClusterIP.
+	ServiceCIDRs []net.IPNet
 }
 
 // Datapath is the bridge-and-iptables datapath of one network.
@@ -113,6 +120,15 @@ func New(cfg Config) (*Datapath, error) {
 		nonMasq = append(nonMasq, nn)
 	}
 	cfg.NonMasqueradeCIDRs = nonMasq
+	svc := make([]net.IPNet, 0, len(cfg.ServiceCIDRs))
+	for _, n := range cfg.ServiceCIDRs {
+		nn, err := ipv4Net(n)
+		if err != nil {
+			return nil, fmt.Errorf("iptables datapath: service CIDR: %w", err)
+		}
+		svc = append(svc, nn)
+	}
+	cfg.ServiceCIDRs = svc
 
 	fwd, nat := ChainNames(cfg.Network)
 	comment := "tern:" + cfg.Network

@@ -76,12 +76,18 @@ type jump struct {
 
 func (d *Datapath) fwdChainSpec() chain {
 	br := d.cfg.Bridge
-	return chain{table: "filter", name: d.fwdChain, rules: [][]string{
-		{"-m", "conntrack", "--ctstate", "RELATED,ESTABLISHED", "-j", "ACCEPT"},
-		{"-j", d.pol.names.dispatch}, // NetworkPolicy of new connections (policy.go)
-		{"-i", br, "-j", "ACCEPT"},
-		{"-o", br, "-j", "ACCEPT"},
-	}}
+	rules := [][]string{{"-m", "conntrack", "--ctstate", "RELATED,ESTABLISHED", "-j", "ACCEPT"}}
+	// kube-proxy's DNAT ran in PREROUTING: a pod's packet still addressed
+	// to a Service range here had no rule (Config.ServiceCIDRs).
+	for _, n := range d.cfg.ServiceCIDRs {
+		rules = append(rules, []string{"-i", br, "-d", n.String(), "-j", "DROP"})
+	}
+	rules = append(rules,
+		[]string{"-j", d.pol.names.dispatch}, // NetworkPolicy of new connections (policy.go)
+		[]string{"-i", br, "-j", "ACCEPT"},
+		[]string{"-o", br, "-j", "ACCEPT"},
+	)
+	return chain{table: "filter", name: d.fwdChain, rules: rules}
 }
 
 func (d *Datapath) natChainSpec() chain {

@@ -244,10 +244,13 @@ func testServicesKubeProxy(t *testing.T, dp string) {
 	)
 
 	// A ClusterIP nothing translates (no such Service) must not leave the
-	// node with the pod's address: ext counts what reaches it from the
-	// pods' range for the Service range.
+	// node, with the pod's address or masqueraded (anything out there
+	// could answer for it: on the real node a proxy of the machine's
+	// network did, and the conformance spec "same port and different
+	// protocols" saw its TCP port answer after the Service lost it): ext
+	// counts what reaches it for the Service range.
 	if _, err := testutil.ExecIn(w.snatWorld.ext, "iptables", "-w", "5", "-t", "raw", "-I", "PREROUTING",
-		"-s", svcTestCIDRs, "-d", svcCIDR); err != nil {
+		"-d", svcCIDR); err != nil {
 		t.Fatal(err)
 	}
 	expect(t, "a ClusterIP without a Service",
@@ -259,7 +262,7 @@ func testServicesKubeProxy(t *testing.T, dp string) {
 		t.Fatal(err)
 	}
 	if leaked := pktCount(t, out, svcCIDR); leaked != 0 {
-		t.Errorf("%d packets to the Service range left the node with a pod address:\n%s", leaked, out)
+		t.Errorf("%d packets to the Service range left the node:\n%s", leaked, out)
 	}
 
 	// The backend's ICMP port unreachable reaches the client's socket,
