@@ -29,7 +29,7 @@ type remoteWorld struct {
 	tunnel     int // a VXLAN device's ifindex (external mode)
 }
 
-func newRemoteWorld(t *testing.T) *remoteWorld {
+func newRemoteWorld(t testing.TB) *remoteWorld {
 	t.Helper()
 	w := &remoteWorld{natWorld: newNATWorld(t, natOptions{})}
 	spec, err := LoadTernTunnel()
@@ -72,7 +72,7 @@ func newRemoteWorld(t *testing.T) *remoteWorld {
 
 // setRemote makes remoteCIDR belong to remoteNode, natively routed or
 // through the tunnel.
-func (w *remoteWorld) setRemote(t *testing.T, tunnel bool) {
+func (w *remoteWorld) setRemote(t testing.TB, tunnel bool) {
 	t.Helper()
 	v := TernRemoteNode{NodeIp: natAddr(remoteNode)}
 	if tunnel {

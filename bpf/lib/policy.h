@@ -394,6 +394,26 @@ static __always_inline enum policy_result policy_decide(const struct ep_policy *
 	return POLICY_PASS;
 }
 
+/* policy_ends_of copies the policy state of the packet's ends: src of peer
+ * (the sender, see policy_check), dst of daddr; zero when an end has none
+ * (0 is never an identity). Copies: the maps may change under us, a
+ * decision needs one view. Only the decision of a new flow (and of a
+ * fragment without its first) reads them: a packet of a tracked flow
+ * passes on its conntrack entry alone, whatever its ends' policy state, so
+ * it does not pay for these two lookups. */
+static __always_inline void policy_ends_of(struct ep_policy *src, struct ep_policy *dst,
+					   __be32 peer, __be32 daddr)
+{
+	struct ep_policy *ep;
+
+	ep = bpf_map_lookup_elem(&tern_ep_policy, &peer);
+	if (ep)
+		*src = *ep;
+	ep = bpf_map_lookup_elem(&tern_ep_policy, &daddr);
+	if (ep)
+		*dst = *ep;
+}
+
 /* policy_check decides an IPv4 packet from saddr to daddr whose header the
  * caller has parsed (ihl, frag_off and id as in the header). peer is the
  * address that stands for the sender in the decision: saddr, except for a
@@ -407,23 +427,11 @@ static __always_inline enum policy_result policy_check(struct __sk_buff *skb, __
 	struct policy_frag_key fkey = {};
 	struct policy_ct_entry *e;
 	struct policy_ct_key key;
-	struct ep_policy *ep;
 	__be16 sport = 0, dport = 0, pport = 0;
 	struct l4 l4 = {};
 	enum policy_result r;
 	int hi, reply;
 	__u64 now;
-
-	/* Copies: the maps may change under us, a decision needs one view. */
-	ep = bpf_map_lookup_elem(&tern_ep_policy, &peer);
-	if (ep)
-		src = *ep;
-	ep = bpf_map_lookup_elem(&tern_ep_policy, &daddr);
-	if (ep)
-		dst = *ep;
-	/* Neither end with policy state (0 is never an identity) still
-	 * goes on: the flow is tracked, so that a policy applied later finds
-	 * it established. */
 
 	if (parse_l4(skb, proto, ihl, frag_off, &l4) != L4_OK)
 		return POLICY_DROP_TRUNCATED;
@@ -438,6 +446,7 @@ static __always_inline enum policy_result policy_check(struct __sk_buff *skb, __
 		 * cannot have the rest. */
 		if (bpf_map_lookup_elem(&tern_policy_frag, &fkey))
 			return POLICY_PASS;
+		policy_ends_of(&src, &dst, peer, daddr);
 		if (src.flags & EP_POLICY_F_EGRESS)
 			return POLICY_DROP_EGRESS;
 		if (dst.flags & EP_POLICY_F_INGRESS)
@@ -507,6 +516,7 @@ static __always_inline enum policy_result policy_check(struct __sk_buff *skb, __
 	if (proto == IPPROTO_ICMP && policy_icmp_related(skb, &l4, daddr, now))
 		goto pass; /* tracked as part of its flow: no entry of its own */
 
+	policy_ends_of(&src, &dst, peer, daddr);
 	r = policy_decide(&src, &dst, peer, daddr, proto, pport);
 	if (r != POLICY_PASS)
 		return r;

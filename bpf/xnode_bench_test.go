@@ -1,0 +1,136 @@
+package bpf
+
+import (
+	"bytes"
+	"encoding/binary"
+	"fmt"
+	"net"
+	"runtime"
+	"slices"
+	"testing"
+	"time"
+	"unsafe"
+
+	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/asm"
+	"github.com/containernetworking/plugins/pkg/ns"
+	"golang.org/x/sys/unix"
+)
+
+// BenchmarkXNodePath: the programs one packet of an established UDP flow
+// meets on the cross-node path with native routing (ternbench's
+// ebpf-native), kernel-timed with BPF_PROG_TEST_RUN in the multi-node
+// tests' namespace (remoteWorld): "from-pod" is pod a's packet to a pod of
+// another node (anti-spoofing, policy conntrack, tern_stack_ct, FIB lookup,
+// bpf_redirect_neigh), "to-uplink" the same packet leaving by the uplink,
+// "from-uplink" that pod's answer arriving for a (tern_stack_ct, policy
+// conntrack, bpf_redirect_peer). No NetworkPolicy selects the pods (as in
+// ternbench). One run per call: the redirects rewrite the frame (TTL,
+// MACs). Reported: the mean and the median of the kernel's per-run times.
+// "empty" is a program that only returns TC_ACT_UNSPEC: the floor of the
+// method (the clock reads and the run's own setup), to subtract.
+//
+//	go test -run XXX -bench BenchmarkXNodePath ./bpf/
+func BenchmarkXNodePath(b *testing.B) {
+	w := newRemoteWorld(b)
+	w.reset(b)
+	w.setRemote(b, false)
+	out := natPkt{srcMAC: w.a.mac, dstMAC: w.a.hostMAC, src: w.a.ip, dst: natOtherPod,
+		proto: unix.IPPROTO_UDP, sport: 40000, dport: 11111, payload: make([]byte, 14)}.frame()
+	left := natPkt{srcMAC: w.uplinkMAC, dstMAC: net.HardwareAddr{2, 0, 0, 0, 0, 2}, src: w.a.ip, dst: natOtherPod,
+		ttl: 63, proto: unix.IPPROTO_UDP, sport: 40000, dport: 11111, payload: make([]byte, 14)}.frame()
+	empty, err := ebpf.NewProgram(&ebpf.ProgramSpec{Type: ebpf.SchedCLS, License: "GPL",
+		Instructions: asm.Instructions{asm.Mov.Imm(asm.R0, -1), asm.Return()}})
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer empty.Close()
+	in := natPkt{srcMAC: net.HardwareAddr{2, 0, 0, 0, 0, 2}, dstMAC: w.uplinkMAC, src: natOtherPod, dst: w.a.ip,
+		proto: unix.IPPROTO_UDP, sport: 11111, dport: 40000, payload: make([]byte, 14)}.frame()
+	for _, c := range []struct {
+		name    string
+		prog    *ebpf.Program
+		ifindex int
+		frame   []byte
+		verdict uint32
+	}{
+		{"empty", empty, w.uplink, in, natActOK},
+		{"from-pod", w.fromPod, w.a.ifindex, out, natActRedirect},
+		{"to-uplink", w.toUplink, w.uplink, left, natActOK},
+		{"from-uplink", w.fromUplink, w.uplink, in, natActRedirect},
+	} {
+		b.Run(c.name, func(b *testing.B) {
+			runtime.LockOSThread()
+			defer runtime.UnlockOSThread()
+			err := w.ns.Do(func(ns.NetNS) error {
+				// The first packet opens the flow's conntrack entry.
+				if _, _, err := timedRun(c.prog, c.ifindex, c.frame); err != nil {
+					return err
+				}
+				times := make([]time.Duration, 0, b.N)
+				for range b.N {
+					v, d, err := timedRun(c.prog, c.ifindex, c.frame)
+					if err != nil {
+						return err
+					}
+					if v != c.verdict {
+						return fmt.Errorf("verdict %#x, want %#x", v, c.verdict)
+					}
+					times = append(times, d)
+				}
+				var total time.Duration
+				for _, d := range times {
+					total += d
+				}
+				slices.Sort(times)
+				b.ReportMetric(float64(total.Nanoseconds())/float64(b.N), "ns/pkt")
+				b.ReportMetric(float64(times[len(times)/2].Nanoseconds()), "p50-ns/pkt")
+				return nil
+			})
+			if err != nil {
+				b.Fatal(err)
+			}
+		})
+	}
+}
+
+// timedRun is one BPF_PROG_TEST_RUN of prog on frame as received on
+// ifindex, with the kernel's run time: ebpf.Program.Benchmark cannot pass
+// the context (the interface), ebpf.Program.Run does not return the time.
+func timedRun(prog *ebpf.Program, ifindex int, frame []byte) (uint32, time.Duration, error) {
+	var ctx bytes.Buffer
+	if err := binary.Write(&ctx, binary.NativeEndian, natSkb{Ifindex: uint32(ifindex)}); err != nil {
+		return 0, 0, err
+	}
+	ctxIn := ctx.Bytes()
+	data := make([]byte, len(frame)+256)
+	ctxOut := make([]byte, 512)
+	// union bpf_attr, the test member (include/uapi/linux/bpf.h).
+	attr := struct {
+		progFD, retval, dataSizeIn, dataSizeOut uint32
+		dataIn, dataOut                         uint64
+		repeat, duration, ctxSizeIn, ctxSizeOut uint32
+		ctxIn, ctxOut                           uint64
+		flags, cpu, batchSize, _                uint32
+	}{
+		progFD:      uint32(prog.FD()),
+		dataSizeIn:  uint32(len(frame)),
+		dataSizeOut: uint32(len(data)),
+		dataIn:      uint64(uintptr(unsafe.Pointer(&frame[0]))),
+		dataOut:     uint64(uintptr(unsafe.Pointer(&data[0]))),
+		repeat:      1,
+		ctxSizeIn:   uint32(len(ctxIn)),
+		ctxSizeOut:  uint32(len(ctxOut)),
+		ctxIn:       uint64(uintptr(unsafe.Pointer(&ctxIn[0]))),
+		ctxOut:      uint64(uintptr(unsafe.Pointer(&ctxOut[0]))),
+	}
+	_, _, errno := unix.Syscall(unix.SYS_BPF, unix.BPF_PROG_TEST_RUN, uintptr(unsafe.Pointer(&attr)), unsafe.Sizeof(attr))
+	runtime.KeepAlive(frame)
+	runtime.KeepAlive(data)
+	runtime.KeepAlive(ctxIn)
+	runtime.KeepAlive(ctxOut)
+	if errno != 0 {
+		return 0, 0, fmt.Errorf("BPF_PROG_TEST_RUN: %w", errno)
+	}
+	return attr.retval, time.Duration(attr.duration), nil
+}
