@@ -8,8 +8,11 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"runtime"
+	"unsafe"
 
 	cilium "github.com/cilium/ebpf"
+	"golang.org/x/sys/unix"
 
 	ternbpf "github.com/ternlabs/tern/bpf"
 	"github.com/ternlabs/tern/loader"
@@ -229,23 +232,43 @@ func natGCStamp(objs *loader.Objects) string {
 	if m == nil {
 		return ""
 	}
-	pi, err := p.Info()
+	pid, err := objID(p.FD())
 	if err != nil {
 		return ""
 	}
-	pid, ok := pi.ID()
-	if !ok {
-		return ""
-	}
-	mi, err := m.Info()
+	mid, err := objID(m.FD())
 	if err != nil {
-		return ""
-	}
-	mid, ok := mi.ID()
-	if !ok {
 		return ""
 	}
 	return fmt.Sprintf("%s %d %d\n", bytes.TrimSpace(boot), pid, mid)
+}
+
+// objID returns the kernel ID of the program or map behind fd: the
+// second field of bpf_prog_info and bpf_map_info, read with
+// BPF_OBJ_GET_INFO_BY_FD into a buffer just large enough for it (the
+// kernel copies no more than info_len). Program.Info would also read
+// /proc/self/fdinfo and the program's instructions.
+func objID(fd int) (uint32, error) {
+	var info [2]uint32 // type, id
+	attr := struct {
+		bpfFD   uint32
+		infoLen uint32
+		info    uint64
+	}{bpfFD: uint32(fd), infoLen: uint32(unsafe.Sizeof(info)), info: uint64(uintptr(unsafe.Pointer(&info)))}
+	for {
+		_, _, errno := unix.Syscall(unix.SYS_BPF, unix.BPF_OBJ_GET_INFO_BY_FD, uintptr(unsafe.Pointer(&attr)), unsafe.Sizeof(attr))
+		runtime.KeepAlive(&info)
+		switch errno {
+		case 0:
+			if info[1] == 0 {
+				return 0, errors.New("no object id")
+			}
+			return info[1], nil
+		case unix.EINTR:
+			continue
+		}
+		return 0, errno
+	}
 }
 
 // writeStamp replaces dir/name with data (temp file and rename: a reader

@@ -273,6 +273,20 @@ func TestNATGCOnOpen(t *testing.T) {
 	if _, err := fmt.Sscanf(string(stamp), "%s %d %d", &boot, &prog, &timer); err != nil {
 		t.Fatalf("record %q: %v", stamp, err)
 	}
+	// The record names the kernel objects the datapath opened.
+	pi, err := n.dp.objs.Programs[ternbpf.TernProgTernNatGc].Info()
+	if err != nil {
+		t.Fatal(err)
+	}
+	mi, err := n.dp.objs.Maps[ternbpf.TernMapTernNatGcTimer].Info()
+	if err != nil {
+		t.Fatal(err)
+	}
+	pid, _ := pi.ID()
+	mid, _ := mi.ID()
+	if boot != "boot-a" || prog != uint64(pid) || timer != uint64(mid) {
+		t.Errorf("record %q, want boot-a, program %d, timer map %d", stamp, pid, mid)
+	}
 	for _, c := range []struct {
 		name   string
 		record string
