@@ -20,7 +20,9 @@ LDFLAGS   := -X github.com/ternlabs/tern/loader.Release=$(RELEASE)
 
 build:
 	@mkdir -p $(BIN)
-	$(GO) build -ldflags "$(LDFLAGS)" -o $(BIN)/tern ./cmd/tern
+	# The plugin is exec'd for every CNI command: static, as in the image
+	# (no dynamic loader and glibc start-up, ~0.7 ms of each exec).
+	CGO_ENABLED=0 $(GO) build -ldflags "$(LDFLAGS)" -o $(BIN)/tern ./cmd/tern
 	$(GO) build -ldflags "$(LDFLAGS)" -o $(BIN)/ternctl ./cmd/ternctl
 	$(GO) build -ldflags "$(LDFLAGS)" -o $(BIN)/ternd ./cmd/ternd
 	$(GO) build -o $(BIN)/ternbench ./cmd/ternbench

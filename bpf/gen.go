@@ -13,3 +13,6 @@ package bpf
 //go:generate go tool bpf2go -cc clang-19 -cflags "-O2 -g -Wall -Werror -mcpu=v3 -I/usr/include/x86_64-linux-gnu" -target bpfel -no-global-types TernTunnel tc_tunnel.c
 //go:generate go tool bpf2go -cc clang-19 -cflags "-O2 -g -Wall -Werror -mcpu=v3 -I/usr/include/x86_64-linux-gnu" -target bpfel -no-global-types -type sock_rev_key -type sock_config TernSock sock_lb.c
 //go:generate go tool bpf2go -cc clang-19 -cflags "-O2 -g -Wall -Werror -mcpu=v3 -I/usr/include/x86_64-linux-gnu" -target bpfel -no-global-types TernXDP xdp_uplink.c
+
+// After the objects: their version (ObjectVersion), hashed once here.
+//go:generate go run ./internal/objversion

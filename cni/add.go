@@ -88,30 +88,12 @@ func cmdAdd(args *skel.CmdArgs) (err error) {
 	}
 	defer closeDatapath(dp)
 
-	recs := newRecords(conf.StateDir, conf.Name)
-	lock, err := loader.Lock(recs.lockPath())
-	if err != nil {
-		return err
-	}
-	defer lock.Unlock()
-
-	if err := dp.EnsureNode(); err != nil {
-		return fmt.Errorf("prepare node datapath: %w", err)
-	}
-	existing, err := recs.list()
-	if err != nil {
-		return err
-	}
-	others := make([]*datapath.Endpoint, 0, len(existing)+1)
-	for _, r := range existing {
-		others = append(others, r.endpoint())
-	}
-	others = withoutAttachment(others, args.ContainerID, args.IfName)
-	// The node may have lost the other pods' datapath state (pins).
-	if err := conf.restoreEndpoints(dp, others); err != nil {
-		return err
-	}
-
+	// The pod's own plumbing (veth pair, addresses, routes, the node's
+	// route and neighbour entry for it) touches nothing another ADD or DEL
+	// does: it is done before the records lock, so parallel ADDs overlap
+	// it instead of queueing for it. The address is this pod's alone (a
+	// DEL releases it only after its teardown, under the lock), and the
+	// pod can send nothing through the datapath before AddEndpoint below.
 	hostName := hostVethName(args.ContainerID, args.IfName)
 	alias := fmt.Sprintf("tern:%s:%s:%s", conf.Name, args.ContainerID, args.IfName)
 	pl, err := createVeth(podNS, hostName, args.IfName, conf.MTU, truncate(alias, 127))
@@ -145,6 +127,30 @@ func cmdAdd(args *skel.CmdArgs) (err error) {
 		if err := routeToPod(ep); err != nil {
 			return err
 		}
+	}
+
+	recs := newRecords(conf.StateDir, conf.Name)
+	lock, err := loader.Lock(recs.lockPath())
+	if err != nil {
+		return err
+	}
+	defer lock.Unlock()
+
+	if err := dp.EnsureNode(); err != nil {
+		return fmt.Errorf("prepare node datapath: %w", err)
+	}
+	existing, err := recs.list()
+	if err != nil {
+		return err
+	}
+	others := make([]*datapath.Endpoint, 0, len(existing)+1)
+	for _, r := range existing {
+		others = append(others, r.endpoint())
+	}
+	others = withoutAttachment(others, args.ContainerID, args.IfName)
+	// The node may have lost the other pods' datapath state (pins).
+	if err := conf.restoreEndpoints(dp, others); err != nil {
+		return err
 	}
 
 	// NetworkPolicy before forwarding: the rule set in force, with this

@@ -8,7 +8,6 @@ import (
 	"github.com/containernetworking/cni/pkg/skel"
 	"github.com/containernetworking/cni/pkg/types"
 	current "github.com/containernetworking/cni/pkg/types/100"
-	"github.com/containernetworking/plugins/pkg/ip"
 	"github.com/containernetworking/plugins/pkg/netlinksafe"
 	"github.com/containernetworking/plugins/pkg/ns"
 
@@ -104,8 +103,15 @@ func findChainedPod(conf *NetConf, podNS ns.NetNS, ifname string) (*chainedPod, 
 			return fmt.Errorf("is a %s, not a veth", lk.Type())
 		}
 		p.podMAC = lk.Attrs().HardwareAddr
-		_, peer, err = ip.GetVethPeerIfindex(ifname)
-		return err
+		// The peer's ifindex is IFLA_LINK (ParentIndex), as
+		// plugins/pkg/ip.GetVethPeerIfindex reads it on every kernel
+		// Tern runs on; not importing that package keeps its
+		// dependencies' init (knftables, go-iptables) out of every
+		// exec of the plugin.
+		if peer = lk.Attrs().ParentIndex; peer <= 0 {
+			return fmt.Errorf("veth without a peer ifindex (IFLA_LINK)")
+		}
+		return nil
 	})
 	if err != nil {
 		return nil, nil, fmt.Errorf("chained mode: pod interface %s: %w", ifname, err)

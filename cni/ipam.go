@@ -10,7 +10,6 @@ import (
 	"github.com/containernetworking/cni/pkg/invoke"
 	"github.com/containernetworking/cni/pkg/types"
 	current "github.com/containernetworking/cni/pkg/types/100"
-	plugipam "github.com/containernetworking/plugins/pkg/ipam"
 
 	"github.com/ternlabs/tern/ipam"
 )
@@ -23,10 +22,14 @@ func (c *NetConf) ipamStore() (*ipam.Store, error) {
 }
 
 // ipamAdd allocates the pod's address: from the built-in store, or by
-// delegating to the plugin named in ipam.type (found via CNI_PATH).
+// delegating to the plugin named in ipam.type (found via CNI_PATH). The
+// delegation calls invoke directly, as plugins/pkg/ipam's ExecAdd, ExecDel
+// and ExecCheck do: that package imports plugins/pkg/ip, whose
+// dependencies' package init (knftables, go-iptables) every exec of the
+// plugin would pay.
 func (c *NetConf) ipamAdd(containerID, ifname string, stdin []byte) (*current.Result, error) {
 	if !c.builtinIPAM() {
-		r, err := plugipam.ExecAdd(c.IPAM.Type, stdin)
+		r, err := invoke.DelegateAdd(context.TODO(), c.IPAM.Type, stdin, nil)
 		if err != nil {
 			return nil, fmt.Errorf("delegate ADD to IPAM plugin %s: %w", c.IPAM.Type, err)
 		}
@@ -56,7 +59,7 @@ func (c *NetConf) ipamDel(containerID, ifname string, stdin []byte) error {
 		return nil // the plugin before Tern owns the address
 	}
 	if !c.builtinIPAM() {
-		if err := plugipam.ExecDel(c.IPAM.Type, stdin); err != nil {
+		if err := invoke.DelegateDel(context.TODO(), c.IPAM.Type, stdin, nil); err != nil {
 			return fmt.Errorf("delegate DEL to IPAM plugin %s: %w", c.IPAM.Type, err)
 		}
 		return nil
@@ -74,7 +77,7 @@ func (c *NetConf) ipamCheck(containerID, ifname string, stdin []byte, ip net.IP)
 		return nil // the plugin before Tern owns the address
 	}
 	if !c.builtinIPAM() {
-		if err := plugipam.ExecCheck(c.IPAM.Type, stdin); err != nil {
+		if err := invoke.DelegateCheck(context.TODO(), c.IPAM.Type, stdin, nil); err != nil {
 			return fmt.Errorf("IPAM plugin %s CHECK: %w", c.IPAM.Type, err)
 		}
 		return nil

@@ -46,6 +46,24 @@ type Allocation struct {
 // per operation, so Stores in different processes, and different Store
 // values in one process, exclude each other. The mutex is for goroutines
 // sharing one Store value.
+//
+// Durability: nothing is fsynced. A record is complete before its name
+// exists (written to a temp file, then hard-linked), and the page cache
+// survives the crash of any process, so a killed plugin loses or doubles
+// nothing. What an fsync would add is a record that survives a crash of
+// the kernel or the machine, and such a crash takes with it everything an
+// allocation stands for: the pod's network namespace, its veth and the
+// datapath's pinned maps live in kernel memory only, and after the reboot
+// the runtime adds every pod again (and deletes the old sandboxes, whose
+// records are released if they survived and are nothing to release if
+// not). A lost record therefore frees an address no live pod holds, and
+// cannot lead to one address for two pods. The one crash leftover that
+// needs care is a record whose name reached the disk before its contents
+// (an empty file): readRecords removes it, as nothing else can leave one.
+// The reference host-local plugin does not fsync either; the two fsyncs
+// cost each ADD 2-5 ms while the store's lock is held (36 ms at worst on
+// the shared test machine), which ten ADDs in parallel pay one after the
+// other (docs/cni-add-profile.md).
 type Store struct {
 	dir  string
 	pool *Pool
@@ -150,13 +168,7 @@ func (s *Store) Allocate(containerID, ifname string) (net.IP, error) {
 				// something outside this package can do that. Skip it.
 				continue
 			}
-			if err := s.commit(c); err != nil {
-				// Undo so that a failed ADD does not leak the address.
-				if rmErr := os.Remove(filepath.Join(s.dir, c.String())); rmErr != nil {
-					return fmt.Errorf("%w (undo reservation of %s: %v)", err, c, rmErr)
-				}
-				return err
-			}
+			s.commit(c)
 			ip = c
 			return nil
 		}
@@ -168,19 +180,12 @@ func (s *Store) Allocate(containerID, ifname string) (net.IP, error) {
 	return ip, nil
 }
 
-// commit records ip as the last reserved address and makes the new record
-// durable.
-//
-// The hint is renamed into place without an fsync of its own: readLast
-// takes a missing or garbled hint for "start at the beginning", so a crash
-// costs at most a different next address, while an fsync costs an ADD
-// milliseconds (docs/cni-add-profile.md). The directory sync below makes
-// the reservation's name durable; its contents were synced by reserve.
-func (s *Store) commit(ip net.IP) error {
-	if err := writeFileAtomic(s.dir, lastFile, []byte(ip.String()+"\n"), false); err != nil {
-		return err
-	}
-	return syncDir(s.dir)
+// commit records ip as the last reserved address, best effort: readLast
+// takes a missing or garbled hint for "start at the beginning", so failing
+// to write it costs at most a different next address, never the
+// reservation.
+func (s *Store) commit(ip net.IP) {
+	_ = writeFileAtomic(s.dir, lastFile, []byte(ip.String()+"\n"))
 }
 
 // Release frees every address held by containerID and ifname. Releasing an
@@ -194,7 +199,6 @@ func (s *Store) Release(containerID, ifname string) error {
 		if err != nil {
 			return err
 		}
-		removed := false
 		for _, r := range records {
 			if r.ContainerID != containerID || r.IfName != ifname {
 				continue
@@ -202,10 +206,6 @@ func (s *Store) Release(containerID, ifname string) error {
 			if err := os.Remove(filepath.Join(s.dir, r.IP.String())); err != nil && !errors.Is(err, fs.ErrNotExist) {
 				return fmt.Errorf("remove record of %s: %w", r.IP, err)
 			}
-			removed = true
-		}
-		if removed {
-			return syncDir(s.dir)
 		}
 		return nil
 	})
@@ -323,9 +323,20 @@ func (s *Store) readRecords() ([]Allocation, error) {
 		if ip == nil || ip.String() != e.Name() || !e.Type().IsRegular() {
 			continue
 		}
-		data, err := os.ReadFile(filepath.Join(s.dir, e.Name()))
+		path := filepath.Join(s.dir, e.Name())
+		data, err := os.ReadFile(path)
 		if err != nil {
 			return nil, fmt.Errorf("read record of %s: %w", ip, err)
+		}
+		if len(bytes.TrimSpace(data)) == 0 {
+			// Only a crash of the machine leaves an empty record (its name
+			// reached the disk, its contents did not: see Store), and that
+			// crash took the pod that held the address with it. Callers
+			// hold the lock, so no writer is half way through it.
+			if err := os.Remove(path); err != nil && !errors.Is(err, fs.ErrNotExist) {
+				return nil, fmt.Errorf("remove empty record of %s: %w", ip, err)
+			}
+			continue
 		}
 		id, ifname := parseOwner(data)
 		out = append(out, Allocation{IP: ip, ContainerID: id, IfName: ifname})
@@ -365,7 +376,7 @@ func (s *Store) readLast() (uint32, bool) {
 // and a reader never sees a half-written record. It reports false if ip
 // was already taken.
 func (s *Store) reserve(ip net.IP, containerID, ifname string) (bool, error) {
-	tmp, err := createTemp(s.dir, []byte(containerID+"\n"+ifname+"\n"), true)
+	tmp, err := createTemp(s.dir, []byte(containerID+"\n"+ifname+"\n"))
 	if err != nil {
 		return false, fmt.Errorf("reserve %s: %w", ip, err)
 	}
@@ -383,10 +394,9 @@ func (s *Store) reserve(ip net.IP, containerID, ifname string) (bool, error) {
 	return true, nil
 }
 
-// writeFileAtomic replaces dir/name with data via a temp file and rename,
-// syncing the data first when sync is set.
-func writeFileAtomic(dir, name string, data []byte, sync bool) error {
-	tmp, err := createTemp(dir, data, sync)
+// writeFileAtomic replaces dir/name with data via a temp file and rename.
+func writeFileAtomic(dir, name string, data []byte) error {
+	tmp, err := createTemp(dir, data)
 	if err != nil {
 		return fmt.Errorf("write %s: %w", name, err)
 	}
@@ -397,10 +407,9 @@ func writeFileAtomic(dir, name string, data []byte, sync bool) error {
 	return nil
 }
 
-// createTemp writes data to a new temp file in dir, synced when sync is
-// set, and returns its path. Syncing before the file gets its real name
-// means a crash cannot leave a record that exists but is empty.
-func createTemp(dir string, data []byte, sync bool) (string, error) {
+// createTemp writes data to a new temp file in dir and returns its path.
+// Not synced: see Store on durability.
+func createTemp(dir string, data []byte) (string, error) {
 	f, err := os.CreateTemp(dir, tempPrefix)
 	if err != nil {
 		return "", fmt.Errorf("create temp file: %w", err)
@@ -410,9 +419,6 @@ func createTemp(dir string, data []byte, sync bool) (string, error) {
 	if err == nil {
 		err = f.Chmod(recordPerm)
 	}
-	if err == nil && sync {
-		err = f.Sync()
-	}
 	if closeErr := f.Close(); err == nil {
 		err = closeErr
 	}
@@ -421,21 +427,6 @@ func createTemp(dir string, data []byte, sync bool) (string, error) {
 		return "", fmt.Errorf("write temp file: %w", err)
 	}
 	return name, nil
-}
-
-// syncDir makes created, renamed and removed names in dir durable.
-func syncDir(dir string) error {
-	d, err := os.Open(dir)
-	if err != nil {
-		return fmt.Errorf("sync store dir: %w", err)
-	}
-	defer d.Close()
-	// Some filesystems cannot fsync a directory; their names are as durable
-	// as they will get.
-	if err := d.Sync(); err != nil && !errors.Is(err, syscall.EINVAL) {
-		return fmt.Errorf("sync store dir: %w", err)
-	}
-	return nil
 }
 
 // checkOwner rejects owners that cannot round-trip through a record file.

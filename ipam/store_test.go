@@ -552,3 +552,26 @@ func TestMultiProcess(t *testing.T) {
 	pool := mustPool(t, Config{Subnet: "10.244.1.0/24"})
 	checkRecords(t, dir, pool, func(i int) (string, string) { return owners[i][0], owners[i][1] }, procs*helperAllocs, ips)
 }
+
+// TestEmptyRecordFromCrash: records are not fsynced, so a crash of the
+// machine can leave a record whose name is on disk but not its contents.
+// Its pod died in that crash: the address is free again (here the only
+// one of the pool), and the empty record is gone.
+func TestEmptyRecordFromCrash(t *testing.T) {
+	dir := t.TempDir()
+	s := mustStore(t, dir, mustPool(t, Config{Subnet: "10.0.0.0/30"}))
+	if err := os.WriteFile(filepath.Join(dir, "10.0.0.2"), nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	mustFree(t, s, 1)
+	if got := listString(t, s); got != "" {
+		t.Errorf("List with only an empty record = %q, want none", got)
+	}
+	if err := os.WriteFile(filepath.Join(dir, "10.0.0.2"), []byte("\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	mustAllocate(t, s, "after-reboot", "eth0", "10.0.0.2")
+	if got, want := listString(t, s), "10.0.0.2=after-reboot/eth0"; got != want {
+		t.Errorf("List = %s, want %s", got, want)
+	}
+}

@@ -196,7 +196,7 @@ func (l *Loader) openPinned(names *objectNames, progDir string) (*Objects, error
 		objs.Maps[name] = m
 	}
 	for _, name := range names.Programs {
-		p, err := ebpf.LoadPinnedProgram(filepath.Join(progDir, name), nil)
+		p, err := loadPinnedProgram(filepath.Join(progDir, name))
 		if err != nil {
 			objs.Close()
 			return nil, fmt.Errorf("open pinned program %s: %w", name, err)

@@ -108,12 +108,13 @@ func (d *Datapath) open() error {
 	if err != nil {
 		return err
 	}
-	// Every command that opens the datapath re-arms the NAT garbage
-	// collector's timer (a new program version takes it over) and
+	// The command that opens a new version of the programs (or a new
+	// timer map) arms the NAT garbage collector's timer with it and
 	// collects once: the timer keeps collecting with no Tern process
-	// running. Objects without it (tests' loaders) have nothing to arm.
+	// running (armNATGC). Objects without it (tests' loaders) have
+	// nothing to arm.
 	if _, err := objs.Program(ternbpf.TernProgTernNatGc); err == nil {
-		if _, err := runNATGC(objs); err != nil {
+		if err := d.armNATGC(objs); err != nil {
 			objs.Close()
 			return err
 		}

@@ -1,16 +1,21 @@
 package ebpf
 
 import (
+	"bytes"
 	"crypto/rand"
 	"encoding/binary"
 	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
+	"runtime"
+	"unsafe"
 
 	cilium "github.com/cilium/ebpf"
+	"golang.org/x/sys/unix"
 
 	ternbpf "github.com/ternlabs/tern/bpf"
+	"github.com/ternlabs/tern/loader"
 )
 
 // NAT map sizing. The two NAT maps (tern_nat, tern_nat_rev) are
@@ -172,4 +177,115 @@ func runNATGC(objs interface {
 		return 0, fmt.Errorf("arm NAT garbage collector: error %d", int32(ret))
 	}
 	return int(ret), nil
+}
+
+// natGCStampFile records, in the state directory, which timer the NAT
+// garbage collector runs on: "<boot id> <program id> <timer map id>" of
+// the last successful runNATGC. The timer re-arms itself at every tick and
+// lives as long as its map, so while the pinned program and timer map are
+// the ones on record, running tern_nat_gc again (a BPF_PROG_TEST_RUN and a
+// pass over both NAT maps, about 1 ms of CPU) at every CNI command changes
+// nothing: the timer collects every nat_gc_interval seconds, and the port
+// allocator reclaims idle ports by itself when it needs one. A new program
+// version, a recreated timer map (lost pins, resized maps) or a reboot
+// (kernel object IDs start over; the boot ID tells) does not match the
+// record, and the command that opens it arms the timer, as every command
+// did before. The record is written after the run succeeded, so a crash in
+// between makes the next command arm again; it is not synced (lost in a
+// crash with the page cache, it only costs one more run).
+const natGCStampFile = "nat-gc-armed"
+
+// bootIDPath is the kernel's random ID of this boot (a variable for tests).
+var bootIDPath = "/proc/sys/kernel/random/boot_id"
+
+// armNATGC runs tern_nat_gc unless the record says this program already
+// armed this timer map since boot.
+func (d *Datapath) armNATGC(objs *loader.Objects) error {
+	stamp := natGCStamp(objs)
+	path := filepath.Join(d.cfg.StateDir, natGCStampFile)
+	if stamp != "" && d.cfg.StateDir != "" {
+		if b, err := os.ReadFile(path); err == nil && string(b) == stamp {
+			return nil
+		}
+	}
+	if _, err := runNATGC(objs); err != nil {
+		return err
+	}
+	if stamp != "" && d.cfg.StateDir != "" {
+		writeStamp(d.cfg.StateDir, natGCStampFile, stamp) // best effort: a missing record costs one more run
+	}
+	return nil
+}
+
+// natGCStamp returns the record of the running collector's identity, ""
+// if any part of it is unknown (then every open runs the collector).
+func natGCStamp(objs *loader.Objects) string {
+	boot, err := os.ReadFile(bootIDPath)
+	if err != nil || len(boot) == 0 {
+		return ""
+	}
+	p, err := objs.Program(ternbpf.TernProgTernNatGc)
+	if err != nil {
+		return ""
+	}
+	m := objs.Maps[ternbpf.TernMapTernNatGcTimer]
+	if m == nil {
+		return ""
+	}
+	pid, err := objID(p.FD())
+	if err != nil {
+		return ""
+	}
+	mid, err := objID(m.FD())
+	if err != nil {
+		return ""
+	}
+	return fmt.Sprintf("%s %d %d\n", bytes.TrimSpace(boot), pid, mid)
+}
+
+// objID returns the kernel ID of the program or map behind fd: the
+// second field of bpf_prog_info and bpf_map_info, read with
+// BPF_OBJ_GET_INFO_BY_FD into a buffer just large enough for it (the
+// kernel copies no more than info_len). Program.Info would also read
+// /proc/self/fdinfo and the program's instructions.
+func objID(fd int) (uint32, error) {
+	var info [2]uint32 // type, id
+	attr := struct {
+		bpfFD   uint32
+		infoLen uint32
+		info    uint64
+	}{bpfFD: uint32(fd), infoLen: uint32(unsafe.Sizeof(info)), info: uint64(uintptr(unsafe.Pointer(&info)))}
+	for {
+		_, _, errno := unix.Syscall(unix.SYS_BPF, unix.BPF_OBJ_GET_INFO_BY_FD, uintptr(unsafe.Pointer(&attr)), unsafe.Sizeof(attr))
+		runtime.KeepAlive(&info)
+		switch errno {
+		case 0:
+			if info[1] == 0 {
+				return 0, errors.New("no object id")
+			}
+			return info[1], nil
+		case unix.EINTR:
+			continue
+		}
+		return 0, errno
+	}
+}
+
+// writeStamp replaces dir/name with data (temp file and rename: a reader
+// sees the old record or the new one), ignoring errors.
+func writeStamp(dir, name, data string) {
+	f, err := os.CreateTemp(dir, "."+name+"-")
+	if err != nil {
+		return
+	}
+	_, err = f.WriteString(data)
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err == nil {
+		err = os.Rename(f.Name(), filepath.Join(dir, name))
+	}
+	if err != nil {
+		_ = os.Remove(f.Name())
+	}
 }

@@ -3,6 +3,7 @@ package ebpf
 import (
 	"encoding/binary"
 	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
@@ -172,11 +173,27 @@ func TestNATMapMigration(t *testing.T) {
 	}
 }
 
-// TestNATGCOnOpen: opening the datapath (every CNI command does) collects
-// expired NAT pairs at once, and arms the in-kernel collector.
+// TestNATGCOnOpen: opening the datapath arms the in-kernel NAT collector
+// and collects expired NAT pairs at once when the collector's timer is not
+// on record as armed by the opened program on the opened timer map since
+// boot (natGCStampFile): first open, record missing, another boot, another
+// program (an upgrade), another timer map. When the record matches, the
+// open runs nothing (the timer collects within nat_gc_interval).
 func TestNATGCOnOpen(t *testing.T) {
 	n := newNode(t, loader.ModeTCX)
+	bootID := filepath.Join(t.TempDir(), "boot_id")
+	if err := os.WriteFile(bootID, []byte("boot-a\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	oldBootID := bootIDPath
+	bootIDPath = bootID
+	t.Cleanup(func() { bootIDPath = oldBootID })
 	n.do(t, n.dp.open)
+	stampPath := filepath.Join(n.state, natGCStampFile)
+	stamp, err := os.ReadFile(stampPath)
+	if err != nil {
+		t.Fatalf("no record of the armed collector after the first open: %v", err)
+	}
 	fwd := natPinnedMap(t, n.bpffs, ternbpf.TernMapTernNat)
 	rev := natPinnedMap(t, n.bpffs, ternbpf.TernMapTernNatRev)
 	ip := func(a, b, c, d byte) uint32 { return binary.NativeEndian.Uint32([]byte{a, b, c, d}) }
@@ -193,32 +210,106 @@ func TestNATGCOnOpen(t *testing.T) {
 		}
 		return fk, rk
 	}
-	// last_seen 1 ns after boot: idle for as long as the machine is up
-	// (more than the 60 s UDP timeout on any test machine).
-	efk, erk := put(1, 41000)
-	lfk, lrk := put(1<<63, 42000) // far in the future: never idle
-	again := New(Config{BPFFSDir: n.bpffs, StateDir: n.state})
-	t.Cleanup(again.Close)
-	n.do(t, again.open)
-	var e ternbpf.TernNatEntry
-	for _, c := range []struct {
-		m    *cilium.Map
-		k    ternbpf.TernNatTuple
-		want bool
-	}{{fwd, efk, false}, {rev, erk, false}, {fwd, lfk, true}, {rev, lrk, true}} {
-		err := c.m.Lookup(c.k, &e)
-		if err != nil && !errors.Is(err, cilium.ErrKeyNotExist) {
-			t.Fatal(err)
-		}
-		if (err == nil) != c.want {
-			t.Errorf("%+v present %v, want %v", c.k, err == nil, c.want)
+	// openAndCheck puts an expired pair (last_seen 1 ns after boot: idle
+	// for as long as the machine is up, more than the 60 s UDP timeout on
+	// any test machine) and a live one, opens the datapath anew and checks
+	// the expired pair is gone (collected) or still there.
+	openAndCheck := func(name string, collected bool) {
+		t.Helper()
+		efk, erk := put(1, 41000)
+		lfk, lrk := put(1<<63, 42000) // far in the future: never idle
+		again := New(Config{BPFFSDir: n.bpffs, StateDir: n.state})
+		defer again.Close()
+		n.do(t, again.open)
+		var e ternbpf.TernNatEntry
+		for _, c := range []struct {
+			m    *cilium.Map
+			k    ternbpf.TernNatTuple
+			want bool
+		}{{fwd, efk, !collected}, {rev, erk, !collected}, {fwd, lfk, true}, {rev, lrk, true}} {
+			err := c.m.Lookup(c.k, &e)
+			if err != nil && !errors.Is(err, cilium.ErrKeyNotExist) {
+				t.Fatal(err)
+			}
+			if (err == nil) != c.want {
+				t.Errorf("%s: %+v present %v, want %v", name, c.k, err == nil, c.want)
+			}
 		}
 	}
-	counters, err := ReadMetrics(again.objs.Maps[ternbpf.TernMapTernMetrics])
+	// recordIs checks the record after a run names the running collector.
+	recordIs := func(name string, want []byte) {
+		t.Helper()
+		if b, err := os.ReadFile(stampPath); err != nil || string(b) != string(want) {
+			t.Errorf("%s: record after the run %q (%v), want %q", name, b, err, want)
+		}
+	}
+
+	openAndCheck("record current", false)
+	counters, err := ReadMetrics(n.dp.objs.Maps[ternbpf.TernMapTernMetrics])
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := counters["nat_gc"].Packets; got != 0 {
+		t.Errorf("record current: nat_gc %d, want 0 (the collector ran)", got)
+	}
+
+	if err := os.Remove(stampPath); err != nil {
+		t.Fatal(err)
+	}
+	openAndCheck("record missing", true)
+	recordIs("record missing", stamp)
+	counters, err = ReadMetrics(n.dp.objs.Maps[ternbpf.TernMapTernMetrics])
 	if err != nil {
 		t.Fatal(err)
 	}
 	if got := counters["nat_gc"].Packets; got != 2 {
 		t.Errorf("nat_gc %d, want 2", got)
 	}
+
+	// Another program or another timer map than on record: an upgrade
+	// loaded new programs, or the maps were recreated.
+	var boot string
+	var prog, timer uint64
+	if _, err := fmt.Sscanf(string(stamp), "%s %d %d", &boot, &prog, &timer); err != nil {
+		t.Fatalf("record %q: %v", stamp, err)
+	}
+	// The record names the kernel objects the datapath opened.
+	pi, err := n.dp.objs.Programs[ternbpf.TernProgTernNatGc].Info()
+	if err != nil {
+		t.Fatal(err)
+	}
+	mi, err := n.dp.objs.Maps[ternbpf.TernMapTernNatGcTimer].Info()
+	if err != nil {
+		t.Fatal(err)
+	}
+	pid, _ := pi.ID()
+	mid, _ := mi.ID()
+	if boot != "boot-a" || prog != uint64(pid) || timer != uint64(mid) {
+		t.Errorf("record %q, want boot-a, program %d, timer map %d", stamp, pid, mid)
+	}
+	for _, c := range []struct {
+		name   string
+		record string
+	}{
+		{"another program", fmt.Sprintf("%s %d %d\n", boot, prog+1, timer)},
+		{"another timer map", fmt.Sprintf("%s %d %d\n", boot, prog, timer+1)},
+		{"garbled record", "x"},
+	} {
+		if err := os.WriteFile(stampPath, []byte(c.record), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		openAndCheck(c.name, true)
+		recordIs(c.name, stamp)
+	}
+
+	// After a reboot the kernel's object IDs start over: the same IDs on
+	// record from another boot do not count.
+	if err := os.WriteFile(bootID, []byte("boot-b\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	openAndCheck("another boot", true)
+	if b, _ := os.ReadFile(stampPath); !strings.HasPrefix(string(b), "boot-b ") {
+		t.Errorf("record after a run on another boot: %q", b)
+	}
+	openAndCheck("record current again", false)
 }
