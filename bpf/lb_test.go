@@ -28,7 +28,7 @@ type lbBackend struct {
 
 // lbReset empties every map of natWorld.reset and the load balancer's,
 // and marks the endpoints as balanced by Tern.
-func lbReset(t *testing.T, w *natWorld) {
+func lbReset(t testing.TB, w *natWorld) {
 	t.Helper()
 	w.reset(t)
 	for _, name := range []string{TernMapTernLbSvc, TernMapTernLbBackends, TernMapTernLbRev, TernMapTernLbCt, TernMapTernLbAffinity, TernMapTernEpPolicy, TernMapTernPolicyCt} {
@@ -43,7 +43,7 @@ func lbReset(t *testing.T, w *natWorld) {
 	}
 }
 
-func clearMap(t *testing.T, m *ebpf.Map) {
+func clearMap(t testing.TB, m *ebpf.Map) {
 	t.Helper()
 	var (
 		k, v []byte
@@ -64,7 +64,7 @@ func clearMap(t *testing.T, m *ebpf.Map) {
 }
 
 // lbService writes a frontend with its rev-NAT entry and backend slots.
-func lbService(t *testing.T, w *natWorld, vip netip.Addr, port uint16, proto uint8, id uint32, svc TernLbSvc, backends ...lbBackend) {
+func lbService(t testing.TB, w *natWorld, vip netip.Addr, port uint16, proto uint8, id uint32, svc TernLbSvc, backends ...lbBackend) {
 	t.Helper()
 	svc.Id, svc.Count = id, uint32(len(backends))
 	for i, b := range backends {
@@ -280,6 +280,50 @@ func TestLBAffinity(t *testing.T) {
 	}
 	if got := send(w.a, 32000); natAddr(got) == aff.Addr {
 		t.Errorf("went to %s, which left its slot", got)
+	}
+}
+
+// The reply entry of a pod's flow carries its frontend (LB_CT_F_FRONTEND),
+// so the answer is translated without the tern_lb_rev lookup: with that
+// entry deleted it still leaves from the Service address. A reply entry
+// written by an older object (the client's address in it, no flag) is
+// still translated through tern_lb_rev.
+func TestLBReplyCarriesFrontend(t *testing.T) {
+	w := newNATWorld(t, natOptions{})
+	redirect := uint32(natActRedirect)
+	lbReset(t, w)
+	lbService(t, w, lbVIP, 53, unix.IPPROTO_UDP, 7, TernLbSvc{}, lbBackend{w.b.ip, 5353})
+	lbRun(t, w, w.fromPod, w.a.ifindex, w.podFrame(w.a, natPkt{dst: lbVIP, proto: unix.IPPROTO_UDP, sport: 40000, dport: 53}),
+		redirect, TernMetricMETRIC_LB_DNAT, TernMetricMETRIC_REDIRECT_PEER)
+	rk := TernNatTuple{Saddr: natAddr(w.b.ip), Daddr: natAddr(w.a.ip), Sport: natPort(5353), Dport: natPort(40000), Proto: unix.IPPROTO_UDP}
+	var e TernLbCtEntry
+	if err := w.maps[TernMapTernLbCt].Lookup(rk, &e); err != nil {
+		t.Fatalf("reply entry: %v", err)
+	}
+	if e.Flags&uint16(TernLbCtFlagsLB_CT_F_FRONTEND) == 0 || e.Addr != natAddr(lbVIP) || e.Port != natPort(53) {
+		t.Fatalf("reply entry %+v does not carry the frontend %s:53", e, lbVIP)
+	}
+	if err := w.maps[TernMapTernLbRev].Delete(uint32(7)); err != nil {
+		t.Fatal(err)
+	}
+	answer := w.podFrame(w.b, natPkt{dst: w.a.ip, proto: unix.IPPROTO_UDP, sport: 5353, dport: 40000})
+	out := lbRun(t, w, w.fromPod, w.b.ifindex, answer, redirect, TernMetricMETRIC_LB_REV_NAT, TernMetricMETRIC_REDIRECT_PEER)
+	if p := natParse(t, out); p.src != lbVIP || p.sport != 53 {
+		t.Errorf("answer left from %s:%d, want %s:53", p.src, p.sport, lbVIP)
+	}
+
+	// An entry as an older object wrote it: through tern_lb_rev.
+	e.Flags &^= uint16(TernLbCtFlagsLB_CT_F_FRONTEND)
+	e.Addr, e.Port = natAddr(w.a.ip), natPort(40000)
+	if err := w.maps[TernMapTernLbCt].Put(rk, e); err != nil {
+		t.Fatal(err)
+	}
+	if err := w.maps[TernMapTernLbRev].Put(uint32(7), TernLbBackend{Addr: natAddr(lbVIP), Port: natPort(53)}); err != nil {
+		t.Fatal(err)
+	}
+	out = lbRun(t, w, w.fromPod, w.b.ifindex, answer, redirect, TernMetricMETRIC_LB_REV_NAT, TernMetricMETRIC_REDIRECT_PEER)
+	if p := natParse(t, out); p.src != lbVIP || p.sport != 53 {
+		t.Errorf("older entry: answer left from %s:%d, want %s:53", p.src, p.sport, lbVIP)
 	}
 }
 

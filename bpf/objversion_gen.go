@@ -3,4 +3,4 @@
 package bpf
 
 // objectVersion is objhash.Sum of the embedded objects (ObjectVersion).
-const objectVersion = "23fd7badd42b"
+const objectVersion = "715cc8fed5f9"

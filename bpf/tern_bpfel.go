@@ -144,6 +144,7 @@ const (
 	TernLbCtFlagsLB_CT_F_HAIRPIN  TernLbCtFlags = 512
 	TernLbCtFlagsLB_CT_F_EXTERNAL TernLbCtFlags = 1024
 	TernLbCtFlagsLB_CT_F_SNAT     TernLbCtFlags = 2048
+	TernLbCtFlagsLB_CT_F_FRONTEND TernLbCtFlags = 4096
 )
 
 type TernLbScratch struct {

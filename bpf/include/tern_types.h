@@ -301,7 +301,11 @@ struct lb_backend {
  *    backend it is pinned to;
  *  - reply (LB_CT_F_REPLY; the backend's answer as it sends it): the
  *    client's address and port the answer goes to (for a hairpin, the pod
- *    behind the loopback address). */
+ *    behind the loopback address), or, with LB_CT_F_FRONTEND, the
+ *    frontend the answer comes from (the client's address and port are
+ *    the key's destination then): lb_reply rewrites the source without
+ *    looking the frontend up in tern_lb_rev, one hash lookup less per
+ *    answer packet. */
 struct lb_ct_entry {
 	__u64 last_seen;
 	__be32 addr;
@@ -322,6 +326,7 @@ enum lb_ct_flags {
 	LB_CT_F_HAIRPIN = 1 << 9,
 	LB_CT_F_EXTERNAL = 1 << 10, /* reply entry: the client is outside the node (came in by the uplink) */
 	LB_CT_F_SNAT = 1 << 11,     /* reply entry keyed by the node address and its SNAT port (lib/lb_remote.h) */
+	LB_CT_F_FRONTEND = 1 << 12, /* reply entry: addr and port are the frontend's, not the client's */
 };
 
 /* lb_affinity_key: key of tern_lb_affinity (ClientIP session affinity). */

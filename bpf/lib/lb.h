@@ -323,10 +323,16 @@ __noinline int lb_from_pod(struct __sk_buff *skb, const struct endpoint *src, st
 		s->rk.proto = proto;
 		__builtin_memset(&s->ne, 0, sizeof(s->ne));
 		s->ne.last_seen = now;
-		s->ne.addr = saddr;
-		s->ne.port = l4.sport;
 		s->ne.rev_id = svc->id;
-		s->ne.flags = LB_CT_F_REPLY | (b.addr == saddr ? LB_CT_F_HAIRPIN : 0);
+		if (b.addr == saddr) { /* the pod behind the loopback address */
+			s->ne.addr = saddr;
+			s->ne.port = l4.sport;
+			s->ne.flags = LB_CT_F_REPLY | LB_CT_F_HAIRPIN;
+		} else { /* the client is the key's destination */
+			s->ne.addr = fk.addr;
+			s->ne.port = fk.port;
+			s->ne.flags = LB_CT_F_REPLY | LB_CT_F_FRONTEND;
+		}
 		if (bpf_map_update_elem(&tern_lb_ct, &s->rk, &s->ne, BPF_ANY) < 0)
 			goto drop;
 		s->ne.addr = b.addr;
@@ -368,7 +374,8 @@ __noinline int lb_reply(struct __sk_buff *skb, const struct endpoint *src, struc
 	struct lb_ct_entry *e;
 	struct lb_backend *fe;
 	struct l4 l4 = {};
-
+	__be32 fe_addr;
+	__be16 fe_port;
 	__u8 proto;
 
 	struct bpf_fib_lookup *fib;
@@ -399,13 +406,22 @@ __noinline int lb_reply(struct __sk_buff *skb, const struct endpoint *src, struc
 	e = bpf_map_lookup_elem(&tern_lb_ct, rk);
 	if (!e || !(e->flags & LB_CT_F_REPLY) || (e->flags & LB_CT_F_HAIRPIN))
 		return LB_CONTINUE;
-	fe = bpf_map_lookup_elem(&tern_lb_rev, &e->rev_id);
-	if (!fe)
-		return LB_CONTINUE; /* the frontend is gone: the client has no flow to match it either */
+	if (e->flags & LB_CT_F_FRONTEND) {
+		/* A frontend's removal purges its entries (datapath/ebpf's
+		 * purgeLBFlows), so the entry's frontend is still current. */
+		fe_addr = e->addr;
+		fe_port = e->port;
+	} else {
+		fe = bpf_map_lookup_elem(&tern_lb_rev, &e->rev_id);
+		if (!fe)
+			return LB_CONTINUE; /* the frontend is gone: the client has no flow to match it either */
+		fe_addr = fe->addr;
+		fe_port = fe->port;
+	}
 	lb_ct_touch(e, bpf_ktime_get_ns(), tcp_close_flags(&l4, NAT_F_FIN_REMOTE));
-	if (lb_rewrite(skb, proto, l4.off, IP_SADDR_OFF, p->saddr, fe->addr, l4.off, l4.sport, fe->port) < 0)
+	if (lb_rewrite(skb, proto, l4.off, IP_SADDR_OFF, p->saddr, fe_addr, l4.off, l4.sport, fe_port) < 0)
 		goto drop;
-	p->saddr = fe->addr;
+	p->saddr = fe_addr;
 	count(METRIC_LB_REV_NAT, skb->len);
 	if (!(e->flags & LB_CT_F_EXTERNAL))
 		return LB_CONTINUE;
@@ -415,7 +431,7 @@ __noinline int lb_reply(struct __sk_buff *skb, const struct endpoint *src, struc
 		return TERN_PASS;
 	}
 	fib = (struct bpf_fib_lookup *)s->fib; /* s: looked up for the key above */
-	if (fib_lookup_v4(skb, fib, p->saddr, p->daddr, 0, proto, fe->port, l4.dport) !=
+	if (fib_lookup_v4(skb, fib, p->saddr, p->daddr, 0, proto, fe_port, l4.dport) !=
 	    BPF_FIB_LKUP_RET_SUCCESS ||
 	    decrement_ttl_at(skb, p->ttl) < 0)
 		goto drop;
