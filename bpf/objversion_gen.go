@@ -3,4 +3,4 @@
 package bpf
 
 // objectVersion is objhash.Sum of the embedded objects (ObjectVersion).
-const objectVersion = "715cc8fed5f9"
+const objectVersion = "e292fb5fdc0f"

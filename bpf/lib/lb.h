@@ -245,11 +245,57 @@ struct lb_pkt {
 	__u8 ihl;
 	__u8 ttl;
 	__u8 pad;
+	/* What lb_from_pod learnt of the packet for lb_reply (enum
+	 * lb_pkt_reply; 0: nothing, lb_reply looks the packet up), and the
+	 * frontend an answer leaves from. */
+	__be32 fe_addr;
+	__be16 fe_port;
+	__u8 reply;
+	__u8 pad2;
+};
+
+/* lb_pkt.reply. lb_from_pod looks the packet up in tern_lb_ct once, as
+ * sent: a forward entry is a Service request, a reply entry a backend's
+ * answer; lb_reply, after policy, uses what it found instead of a second
+ * lookup of the same tuple. */
+enum lb_pkt_reply {
+	LB_PKT_LOOKUP = 0,       /* unknown (lb_reply's other callers): look up */
+	LB_PKT_NOT_REPLY = 1,    /* no answer of a Service flow */
+	LB_PKT_REPLY = 2,        /* an answer: from fe_addr:fe_port */
+	LB_PKT_REPLY_EXTERNAL = 3, /* ... to a client outside the node */
 };
 
 /* The entry points below are global functions: the verifier checks each
  * once, on its own, instead of once per path of tern_from_pod that reaches
  * it (which multiplied the states of policy and SNAT beyond its limit). */
+
+/* lb_reply_found records in p the frontend of a backend's answer whose
+ * reply entry e was found (a hairpin's goes to lb_hairpin_reply instead)
+ * and refreshes e. Returns -1 when e gives no way back: a hairpin entry,
+ * or an older object's entry (without LB_CT_F_FRONTEND) whose frontend is
+ * gone from tern_lb_rev. */
+static __always_inline int lb_reply_found(struct lb_ct_entry *e, const struct l4 *l4, struct lb_pkt *p)
+{
+	struct lb_backend *fe;
+
+	if (e->flags & LB_CT_F_HAIRPIN)
+		return -1;
+	if (e->flags & LB_CT_F_FRONTEND) {
+		/* A frontend's removal purges its entries (datapath/ebpf's
+		 * purgeLBFlows), so the entry's frontend is still current. */
+		p->fe_addr = e->addr;
+		p->fe_port = e->port;
+	} else {
+		fe = bpf_map_lookup_elem(&tern_lb_rev, &e->rev_id);
+		if (!fe)
+			return -1; /* the frontend is gone: the client has no flow to match it either */
+		p->fe_addr = fe->addr;
+		p->fe_port = fe->port;
+	}
+	p->reply = (e->flags & LB_CT_F_EXTERNAL) ? LB_PKT_REPLY_EXTERNAL : LB_PKT_REPLY;
+	lb_ct_touch(e, bpf_ktime_get_ns(), tcp_close_flags(l4, NAT_F_FIN_REMOTE));
+	return 0;
+}
 
 /* lb_from_pod translates a packet src sent to a Service frontend. It
  * returns LB_CONTINUE with *daddr set to the backend (or unchanged: not a
@@ -282,17 +328,9 @@ __noinline int lb_from_pod(struct __sk_buff *skb, const struct endpoint *src, st
 	if (*daddr == lb_loopback_ip)
 		return lb_hairpin_reply(skb, src, saddr, proto, ttl, &l4);
 
-	fk.addr = *daddr;
-	fk.port = l4.dport;
-	fk.proto = proto;
-	svc = bpf_map_lookup_elem(&tern_lb_svc, &fk);
-	if (!svc)
-		return LB_CONTINUE;
-
 	s = lb_scratch();
 	if (!s)
 		goto drop;
-	now = bpf_ktime_get_ns();
 	__builtin_memset(&s->ck, 0, sizeof(s->ck));
 	s->ck.saddr = saddr;
 	s->ck.daddr = *daddr;
@@ -300,12 +338,35 @@ __noinline int lb_from_pod(struct __sk_buff *skb, const struct endpoint *src, st
 	s->ck.dport = l4.dport;
 	s->ck.proto = proto;
 	e = bpf_map_lookup_elem(&tern_lb_ct, &s->ck);
-	if (e && !(e->flags & LB_CT_F_REPLY) && e->rev_id == svc->id &&
-	    !ct_expired(e->last_seen, now, proto, NAT_F_SEEN_REPLY | e->flags)) {
+	if (e && (e->flags & LB_CT_F_REPLY)) {
+		/* A backend's answer: lb_reply translates it after policy. */
+		if (lb_reply_found(e, &l4, p) < 0)
+			p->reply = LB_PKT_NOT_REPLY;
+		return LB_CONTINUE;
+	}
+	/* The clock only for a flow's entry or a frontend's packet: a read
+	 * costs as much as a map lookup here, and pod-to-pod traffic has
+	 * neither. */
+	now = e ? bpf_ktime_get_ns() : 0;
+	if (e && !ct_expired(e->last_seen, now, proto, NAT_F_SEEN_REPLY | e->flags)) {
+		/* An established flow, pinned to its backend. Its frontend
+		 * needs no lookup: removing a frontend, or giving its address
+		 * another id, purges its flows (datapath/ebpf's
+		 * purgeLBFlows) before the id can serve again. */
 		b.addr = e->addr;
 		b.port = e->port;
 		lb_ct_touch(e, now, tcp_close_flags(&l4, NAT_F_FIN_POD));
 	} else {
+		fk.addr = *daddr;
+		fk.port = l4.dport;
+		fk.proto = proto;
+		svc = bpf_map_lookup_elem(&tern_lb_svc, &fk);
+		if (!svc) {
+			p->reply = LB_PKT_NOT_REPLY;
+			return LB_CONTINUE;
+		}
+		if (!now)
+			now = bpf_ktime_get_ns();
 		if (lb_pick(skb, svc, saddr, now, &b, s) < 0) {
 			if (svc->flags & LB_SVC_F_DROP) {
 				count(METRIC_DROP_LB_NO_LOCAL, skb->len);
@@ -341,6 +402,8 @@ __noinline int lb_from_pod(struct __sk_buff *skb, const struct endpoint *src, st
 		if (bpf_map_update_elem(&tern_lb_ct, &s->ck, &s->ne, BPF_ANY) < 0)
 			goto drop;
 	}
+	/* DNATed: not an answer (lb_reply need not look). */
+	p->reply = LB_PKT_NOT_REPLY;
 
 	if (lb_rewrite(skb, proto, l4.off, IP_DADDR_OFF, *daddr, b.addr, l4.off + 2, l4.dport, b.port) < 0)
 		goto drop;
@@ -372,10 +435,7 @@ __noinline int lb_reply(struct __sk_buff *skb, const struct endpoint *src, struc
 {
 	struct nat_tuple *rk;
 	struct lb_ct_entry *e;
-	struct lb_backend *fe;
 	struct l4 l4 = {};
-	__be32 fe_addr;
-	__be16 fe_port;
 	__u8 proto;
 
 	struct bpf_fib_lookup *fib;
@@ -384,6 +444,8 @@ __noinline int lb_reply(struct __sk_buff *skb, const struct endpoint *src, struc
 	_Static_assert(sizeof(*fib) == sizeof(s->fib), "struct bpf_fib_lookup in lb_scratch");
 	if (!p || !src)
 		return TC_ACT_SHOT;
+	if (p->reply == LB_PKT_NOT_REPLY)
+		return LB_CONTINUE;
 	if (!(src->flags & ENDPOINT_F_LB))
 		return LB_CONTINUE;
 	proto = p->proto;
@@ -391,47 +453,40 @@ __noinline int lb_reply(struct __sk_buff *skb, const struct endpoint *src, struc
 		return LB_CONTINUE;
 	if (parse_l4(skb, proto, p->ihl, p->frag_off, &l4) != L4_OK || l4.nonfirst)
 		return LB_CONTINUE;
-	/* The key in the scratch map, not on the stack: this function's frame
-	 * adds to tern_from_pod's, and the verifier bounds the sum. */
-	s = lb_scratch();
-	if (!s)
-		return LB_CONTINUE;
-	rk = &s->rk;
-	__builtin_memset(rk, 0, sizeof(*rk));
-	rk->saddr = p->saddr;
-	rk->daddr = p->daddr;
-	rk->sport = l4.sport;
-	rk->dport = l4.dport;
-	rk->proto = proto;
-	e = bpf_map_lookup_elem(&tern_lb_ct, rk);
-	if (!e || !(e->flags & LB_CT_F_REPLY) || (e->flags & LB_CT_F_HAIRPIN))
-		return LB_CONTINUE;
-	if (e->flags & LB_CT_F_FRONTEND) {
-		/* A frontend's removal purges its entries (datapath/ebpf's
-		 * purgeLBFlows), so the entry's frontend is still current. */
-		fe_addr = e->addr;
-		fe_port = e->port;
-	} else {
-		fe = bpf_map_lookup_elem(&tern_lb_rev, &e->rev_id);
-		if (!fe)
-			return LB_CONTINUE; /* the frontend is gone: the client has no flow to match it either */
-		fe_addr = fe->addr;
-		fe_port = fe->port;
+	if (p->reply == LB_PKT_LOOKUP) {
+		/* The key in the scratch map, not on the stack: this
+		 * function's frame adds to tern_from_pod's, and the verifier
+		 * bounds the sum. */
+		s = lb_scratch();
+		if (!s)
+			return LB_CONTINUE;
+		rk = &s->rk;
+		__builtin_memset(rk, 0, sizeof(*rk));
+		rk->saddr = p->saddr;
+		rk->daddr = p->daddr;
+		rk->sport = l4.sport;
+		rk->dport = l4.dport;
+		rk->proto = proto;
+		e = bpf_map_lookup_elem(&tern_lb_ct, rk);
+		if (!e || !(e->flags & LB_CT_F_REPLY) || lb_reply_found(e, &l4, p) < 0)
+			return LB_CONTINUE;
 	}
-	lb_ct_touch(e, bpf_ktime_get_ns(), tcp_close_flags(&l4, NAT_F_FIN_REMOTE));
-	if (lb_rewrite(skb, proto, l4.off, IP_SADDR_OFF, p->saddr, fe_addr, l4.off, l4.sport, fe_port) < 0)
+	if (lb_rewrite(skb, proto, l4.off, IP_SADDR_OFF, p->saddr, p->fe_addr, l4.off, l4.sport, p->fe_port) < 0)
 		goto drop;
-	p->saddr = fe_addr;
+	p->saddr = p->fe_addr;
 	count(METRIC_LB_REV_NAT, skb->len);
-	if (!(e->flags & LB_CT_F_EXTERNAL))
+	if (p->reply != LB_PKT_REPLY_EXTERNAL)
 		return LB_CONTINUE;
 	/* To a client outside the node, from a node address. */
 	if (p->ttl <= 1) {
 		count(METRIC_PASS_TTL, skb->len);
 		return TERN_PASS;
 	}
-	fib = (struct bpf_fib_lookup *)s->fib; /* s: looked up for the key above */
-	if (fib_lookup_v4(skb, fib, p->saddr, p->daddr, 0, proto, fe_port, l4.dport) !=
+	s = lb_scratch();
+	if (!s)
+		goto drop;
+	fib = (struct bpf_fib_lookup *)s->fib;
+	if (fib_lookup_v4(skb, fib, p->saddr, p->daddr, 0, proto, p->fe_port, l4.dport) !=
 	    BPF_FIB_LKUP_RET_SUCCESS ||
 	    decrement_ttl_at(skb, p->ttl) < 0)
 		goto drop;
