@@ -281,6 +281,23 @@ func TestLBAffinity(t *testing.T) {
 	if got := send(w.a, 32000); natAddr(got) == aff.Addr {
 		t.Errorf("went to %s, which left its slot", got)
 	}
+
+	// A stamp ahead of the program's clock (written with the fine clock
+	// by sock_lb.c, read here with the coarse one, which lags it by up
+	// to a tick) is fresh: the flows keep the affinity backend.
+	if err := w.maps[TernMapTernLbAffinity].Lookup(ak, &aff); err != nil {
+		t.Fatal(err)
+	}
+	pinned := aff.Addr
+	for sport := uint16(33000); sport < 33040; sport++ {
+		aff.LastSeen = natMonoNow(t) + 1e9
+		if err := w.maps[TernMapTernLbAffinity].Put(ak, aff); err != nil {
+			t.Fatal(err)
+		}
+		if got := send(w.a, sport); natAddr(got) != pinned {
+			t.Fatalf("stamp ahead of the clock: flow %d went to %s, not the affinity backend", sport, got)
+		}
+	}
 }
 
 // The reply entry of a pod's flow carries its frontend (LB_CT_F_FRONTEND),

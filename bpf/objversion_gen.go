@@ -3,4 +3,4 @@
 package bpf
 
 // objectVersion is objhash.Sum of the embedded objects (ObjectVersion).
-const objectVersion = "e292fb5fdc0f"
+const objectVersion = "5f281b50358c"

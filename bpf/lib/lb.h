@@ -293,7 +293,7 @@ static __always_inline int lb_reply_found(struct lb_ct_entry *e, const struct l4
 		p->fe_port = fe->port;
 	}
 	p->reply = (e->flags & LB_CT_F_EXTERNAL) ? LB_PKT_REPLY_EXTERNAL : LB_PKT_REPLY;
-	lb_ct_touch(e, bpf_ktime_get_ns(), tcp_close_flags(l4, NAT_F_FIN_REMOTE));
+	lb_ct_touch(e, bpf_ktime_get_coarse_ns(), tcp_close_flags(l4, NAT_F_FIN_REMOTE));
 	return 0;
 }
 
@@ -344,10 +344,14 @@ __noinline int lb_from_pod(struct __sk_buff *skb, const struct endpoint *src, st
 			p->reply = LB_PKT_NOT_REPLY;
 		return LB_CONTINUE;
 	}
-	/* The clock only for a flow's entry or a frontend's packet: a read
-	 * costs as much as a map lookup here, and pod-to-pod traffic has
-	 * neither. */
-	now = e ? bpf_ktime_get_ns() : 0;
+	/* The coarse clock (as of the last tick), as policy's: timeouts are
+	 * seconds, and bpf_ktime_get_ns reads the clock source (~25 ns under
+	 * KVM); read only for a flow's entry or a frontend's packet, which
+	 * pod-to-pod traffic has neither of. Entries and affinity stamps
+	 * written with the fine clock (sock_lb.c, the uplink) may be up to a
+	 * tick ahead of it: ct_expired, lb_ct_touch and lb_select allow for
+	 * that. */
+	now = e ? bpf_ktime_get_coarse_ns() : 0;
 	if (e && !ct_expired(e->last_seen, now, proto, NAT_F_SEEN_REPLY | e->flags)) {
 		/* An established flow, pinned to its backend. Its frontend
 		 * needs no lookup: removing a frontend, or giving its address
@@ -366,7 +370,7 @@ __noinline int lb_from_pod(struct __sk_buff *skb, const struct endpoint *src, st
 			return LB_CONTINUE;
 		}
 		if (!now)
-			now = bpf_ktime_get_ns();
+			now = bpf_ktime_get_coarse_ns();
 		if (lb_pick(skb, svc, saddr, now, &b, s) < 0) {
 			if (svc->flags & LB_SVC_F_DROP) {
 				count(METRIC_DROP_LB_NO_LOCAL, skb->len);

@@ -34,7 +34,10 @@ static __always_inline int lb_select(const struct lb_svc *svc, __be32 client, __
 		return -1;
 	if (svc->affinity_timeout) {
 		a = bpf_map_lookup_elem(&tern_lb_affinity, &ak);
-		if (a && now - a->last_seen <= (__u64)svc->affinity_timeout * NSEC_PER_SEC) {
+		/* (a stamp up to a tick ahead of now: written with the fine
+		 * clock, read with the coarse one) */
+		if (a && (now <= a->last_seen ||
+			  now - a->last_seen <= (__u64)svc->affinity_timeout * NSEC_PER_SEC)) {
 			/* Still a backend of the frontend? Scanning the slots
 			 * would cost a loop; affinity is to the backend, so a
 			 * backend that left is detected by its address not
