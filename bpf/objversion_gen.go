@@ -3,4 +3,4 @@
 package bpf
 
 // objectVersion is objhash.Sum of the embedded objects (ObjectVersion).
-const objectVersion = "23fd7badd42b"
+const objectVersion = "02ec3f8aeee6"
