@@ -3,4 +3,4 @@
 package bpf
 
 // objectVersion is objhash.Sum of the embedded objects (ObjectVersion).
-const objectVersion = "02ec3f8aeee6"
+const objectVersion = "581816fdbfeb"
