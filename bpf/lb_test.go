@@ -466,6 +466,45 @@ func TestLBNodePortFromUplink(t *testing.T) {
 	lbRun(t, w, w.fromUplink, w.uplink, in.frame(), natActOK, TernMetricMETRIC_PASS_UPLINK)
 }
 
+// tern_lb_empty (lib/lb.h, lb_no_frontends): while it is clear, the uplink
+// looks frontends up (a NodePort is translated); set, it skips the lookup,
+// which the datapath only lets happen when tern_lb_svc holds no frontend
+// (datapath/ebpf TestLBEmptyFlag): here it is set over a frontend to show
+// the program reads it; the packet then goes to the stack untranslated, as
+// one for no frontend does. Cleared again, the frontend is back.
+func TestLBNoFrontendsFlag(t *testing.T) {
+	w := newNATWorld(t, natOptions{})
+	lbReset(t, w)
+	setEmpty := func(v uint32) {
+		t.Helper()
+		if err := w.maps[TernMapTernLbEmpty].Put(uint32(0), v); err != nil {
+			t.Fatal(err)
+		}
+	}
+	t.Cleanup(func() { setEmpty(0) })
+	client := natServer
+	lbService(t, w, natNodeIP, 30080, unix.IPPROTO_TCP, 8, TernLbSvc{}, lbBackend{w.b.ip, 8080})
+	in := natPkt{src: client, dst: natNodeIP, proto: unix.IPPROTO_TCP, sport: 45000, dport: 30080, tcpFlags: natTCPSyn}
+	in.srcMAC, in.dstMAC = []byte{2, 0, 0, 0, 0, 2}, w.uplinkMAC
+	translated := func(sport uint16) {
+		t.Helper()
+		in.sport = sport
+		out := lbRun(t, w, w.fromUplink, w.uplink, in.frame(), natActRedirect, TernMetricMETRIC_LB_DNAT, TernMetricMETRIC_REDIRECT_PEER)
+		if p := natParse(t, out); p.dst != w.b.ip || p.dport != 8080 {
+			t.Errorf("NodePort DNATed to %s:%d", p.dst, p.dport)
+		}
+	}
+	translated(45000)
+	setEmpty(1)
+	in.sport = 45001
+	out := lbRun(t, w, w.fromUplink, w.uplink, in.frame(), natActOK, TernMetricMETRIC_PASS_UPLINK)
+	if p := natParse(t, out); p.dst != natNodeIP || p.dport != 30080 {
+		t.Errorf("with the flag set: %s:%d, want untouched", p.dst, p.dport)
+	}
+	setEmpty(0)
+	translated(45002)
+}
+
 // TestLBNodePortRemoteBackend: a NodePort from outside the node whose
 // backend is a pod of another node (externalTrafficPolicy Cluster,
 // lib/lb_remote.h): DNATed to the backend and SNATed to the node address

@@ -3,4 +3,4 @@
 package bpf
 
 // objectVersion is objhash.Sum of the embedded objects (ObjectVersion).
-const objectVersion = "5f281b50358c"
+const objectVersion = "b649d7c42bb3"

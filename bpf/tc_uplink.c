@@ -249,9 +249,11 @@ int tern_from_uplink(struct __sk_buff *skb)
 		struct lb_pkt lp = { .saddr = saddr, .daddr = daddr, .frag_off = frag_off,
 				     .id = id, .proto = proto, .ihl = ihl, .ttl = ttl };
 
-		/* Translated by the XDP program already (lib/lb_xdp.h)? */
+		/* Translated by the XDP program already (lib/lb_xdp.h)?
+		 * Checked even without frontends: a frame XDP translated
+		 * just before the last one went keeps its translation. */
 		ret = lb_xdp_translated(skb, &lp);
-		if (ret == LB_CONTINUE)
+		if (ret == LB_CONTINUE && !lb_no_frontends())
 			ret = lb_uplink_frontend(skb, &lp);
 		if (ret == LB_UPLINK_REMOTE)
 			return lb_to_remote(skb, &lp);

@@ -406,6 +406,7 @@ const (
 	TernMapTernLbAffinity       = "tern_lb_affinity"
 	TernMapTernLbBackends       = "tern_lb_backends"
 	TernMapTernLbCt             = "tern_lb_ct"
+	TernMapTernLbEmpty          = "tern_lb_empty"
 	TernMapTernLbRev            = "tern_lb_rev"
 	TernMapTernLbScratch        = "tern_lb_scratch"
 	TernMapTernLbSvc            = "tern_lb_svc"
@@ -513,6 +514,7 @@ type TernMapSpecs struct {
 	TernLbAffinity    *ebpf.MapSpec `ebpf:"tern_lb_affinity"`
 	TernLbBackends    *ebpf.MapSpec `ebpf:"tern_lb_backends"`
 	TernLbCt          *ebpf.MapSpec `ebpf:"tern_lb_ct"`
+	TernLbEmpty       *ebpf.MapSpec `ebpf:"tern_lb_empty"`
 	TernLbRev         *ebpf.MapSpec `ebpf:"tern_lb_rev"`
 	TernLbScratch     *ebpf.MapSpec `ebpf:"tern_lb_scratch"`
 	TernLbSvc         *ebpf.MapSpec `ebpf:"tern_lb_svc"`
@@ -592,6 +594,7 @@ type TernMaps struct {
 	TernLbAffinity    *ebpf.Map `ebpf:"tern_lb_affinity"`
 	TernLbBackends    *ebpf.Map `ebpf:"tern_lb_backends"`
 	TernLbCt          *ebpf.Map `ebpf:"tern_lb_ct"`
+	TernLbEmpty       *ebpf.Map `ebpf:"tern_lb_empty"`
 	TernLbRev         *ebpf.Map `ebpf:"tern_lb_rev"`
 	TernLbScratch     *ebpf.Map `ebpf:"tern_lb_scratch"`
 	TernLbSvc         *ebpf.Map `ebpf:"tern_lb_svc"`
@@ -623,6 +626,7 @@ func (m *TernMaps) Close() error {
 		m.TernLbAffinity,
 		m.TernLbBackends,
 		m.TernLbCt,
+		m.TernLbEmpty,
 		m.TernLbRev,
 		m.TernLbScratch,
 		m.TernLbSvc,

@@ -41,6 +41,7 @@ const (
 	TernSockMapTernLbAffinity        = "tern_lb_affinity"
 	TernSockMapTernLbBackends        = "tern_lb_backends"
 	TernSockMapTernLbCt              = "tern_lb_ct"
+	TernSockMapTernLbEmpty           = "tern_lb_empty"
 	TernSockMapTernLbRev             = "tern_lb_rev"
 	TernSockMapTernLbSvc             = "tern_lb_svc"
 	TernSockMapTernMetrics           = "tern_metrics"
@@ -141,6 +142,7 @@ type TernSockMapSpecs struct {
 	TernLbAffinity    *ebpf.MapSpec `ebpf:"tern_lb_affinity"`
 	TernLbBackends    *ebpf.MapSpec `ebpf:"tern_lb_backends"`
 	TernLbCt          *ebpf.MapSpec `ebpf:"tern_lb_ct"`
+	TernLbEmpty       *ebpf.MapSpec `ebpf:"tern_lb_empty"`
 	TernLbRev         *ebpf.MapSpec `ebpf:"tern_lb_rev"`
 	TernLbSvc         *ebpf.MapSpec `ebpf:"tern_lb_svc"`
 	TernMetrics       *ebpf.MapSpec `ebpf:"tern_metrics"`
@@ -211,6 +213,7 @@ type TernSockMaps struct {
 	TernLbAffinity    *ebpf.Map `ebpf:"tern_lb_affinity"`
 	TernLbBackends    *ebpf.Map `ebpf:"tern_lb_backends"`
 	TernLbCt          *ebpf.Map `ebpf:"tern_lb_ct"`
+	TernLbEmpty       *ebpf.Map `ebpf:"tern_lb_empty"`
 	TernLbRev         *ebpf.Map `ebpf:"tern_lb_rev"`
 	TernLbSvc         *ebpf.Map `ebpf:"tern_lb_svc"`
 	TernMetrics       *ebpf.Map `ebpf:"tern_metrics"`
@@ -243,6 +246,7 @@ func (m *TernSockMaps) Close() error {
 		m.TernLbAffinity,
 		m.TernLbBackends,
 		m.TernLbCt,
+		m.TernLbEmpty,
 		m.TernLbRev,
 		m.TernLbSvc,
 		m.TernMetrics,

@@ -26,6 +26,7 @@ const (
 	TernTunnelMapTernLbAffinity       = "tern_lb_affinity"
 	TernTunnelMapTernLbBackends       = "tern_lb_backends"
 	TernTunnelMapTernLbCt             = "tern_lb_ct"
+	TernTunnelMapTernLbEmpty          = "tern_lb_empty"
 	TernTunnelMapTernLbRev            = "tern_lb_rev"
 	TernTunnelMapTernLbScratch        = "tern_lb_scratch"
 	TernTunnelMapTernLbSvc            = "tern_lb_svc"
@@ -129,6 +130,7 @@ type TernTunnelMapSpecs struct {
 	TernLbAffinity    *ebpf.MapSpec `ebpf:"tern_lb_affinity"`
 	TernLbBackends    *ebpf.MapSpec `ebpf:"tern_lb_backends"`
 	TernLbCt          *ebpf.MapSpec `ebpf:"tern_lb_ct"`
+	TernLbEmpty       *ebpf.MapSpec `ebpf:"tern_lb_empty"`
 	TernLbRev         *ebpf.MapSpec `ebpf:"tern_lb_rev"`
 	TernLbScratch     *ebpf.MapSpec `ebpf:"tern_lb_scratch"`
 	TernLbSvc         *ebpf.MapSpec `ebpf:"tern_lb_svc"`
@@ -208,6 +210,7 @@ type TernTunnelMaps struct {
 	TernLbAffinity    *ebpf.Map `ebpf:"tern_lb_affinity"`
 	TernLbBackends    *ebpf.Map `ebpf:"tern_lb_backends"`
 	TernLbCt          *ebpf.Map `ebpf:"tern_lb_ct"`
+	TernLbEmpty       *ebpf.Map `ebpf:"tern_lb_empty"`
 	TernLbRev         *ebpf.Map `ebpf:"tern_lb_rev"`
 	TernLbScratch     *ebpf.Map `ebpf:"tern_lb_scratch"`
 	TernLbSvc         *ebpf.Map `ebpf:"tern_lb_svc"`
@@ -239,6 +242,7 @@ func (m *TernTunnelMaps) Close() error {
 		m.TernLbAffinity,
 		m.TernLbBackends,
 		m.TernLbCt,
+		m.TernLbEmpty,
 		m.TernLbRev,
 		m.TernLbScratch,
 		m.TernLbSvc,

@@ -26,6 +26,7 @@ const (
 	TernUplinkMapTernLbAffinity       = "tern_lb_affinity"
 	TernUplinkMapTernLbBackends       = "tern_lb_backends"
 	TernUplinkMapTernLbCt             = "tern_lb_ct"
+	TernUplinkMapTernLbEmpty          = "tern_lb_empty"
 	TernUplinkMapTernLbRev            = "tern_lb_rev"
 	TernUplinkMapTernLbScratch        = "tern_lb_scratch"
 	TernUplinkMapTernLbSvc            = "tern_lb_svc"
@@ -131,6 +132,7 @@ type TernUplinkMapSpecs struct {
 	TernLbAffinity    *ebpf.MapSpec `ebpf:"tern_lb_affinity"`
 	TernLbBackends    *ebpf.MapSpec `ebpf:"tern_lb_backends"`
 	TernLbCt          *ebpf.MapSpec `ebpf:"tern_lb_ct"`
+	TernLbEmpty       *ebpf.MapSpec `ebpf:"tern_lb_empty"`
 	TernLbRev         *ebpf.MapSpec `ebpf:"tern_lb_rev"`
 	TernLbScratch     *ebpf.MapSpec `ebpf:"tern_lb_scratch"`
 	TernLbSvc         *ebpf.MapSpec `ebpf:"tern_lb_svc"`
@@ -210,6 +212,7 @@ type TernUplinkMaps struct {
 	TernLbAffinity    *ebpf.Map `ebpf:"tern_lb_affinity"`
 	TernLbBackends    *ebpf.Map `ebpf:"tern_lb_backends"`
 	TernLbCt          *ebpf.Map `ebpf:"tern_lb_ct"`
+	TernLbEmpty       *ebpf.Map `ebpf:"tern_lb_empty"`
 	TernLbRev         *ebpf.Map `ebpf:"tern_lb_rev"`
 	TernLbScratch     *ebpf.Map `ebpf:"tern_lb_scratch"`
 	TernLbSvc         *ebpf.Map `ebpf:"tern_lb_svc"`
@@ -241,6 +244,7 @@ func (m *TernUplinkMaps) Close() error {
 		m.TernLbAffinity,
 		m.TernLbBackends,
 		m.TernLbCt,
+		m.TernLbEmpty,
 		m.TernLbRev,
 		m.TernLbScratch,
 		m.TernLbSvc,

@@ -26,6 +26,7 @@ const (
 	TernXDPMapTernLbAffinity       = "tern_lb_affinity"
 	TernXDPMapTernLbBackends       = "tern_lb_backends"
 	TernXDPMapTernLbCt             = "tern_lb_ct"
+	TernXDPMapTernLbEmpty          = "tern_lb_empty"
 	TernXDPMapTernLbRev            = "tern_lb_rev"
 	TernXDPMapTernLbScratch        = "tern_lb_scratch"
 	TernXDPMapTernLbSvc            = "tern_lb_svc"
@@ -129,6 +130,7 @@ type TernXDPMapSpecs struct {
 	TernLbAffinity    *ebpf.MapSpec `ebpf:"tern_lb_affinity"`
 	TernLbBackends    *ebpf.MapSpec `ebpf:"tern_lb_backends"`
 	TernLbCt          *ebpf.MapSpec `ebpf:"tern_lb_ct"`
+	TernLbEmpty       *ebpf.MapSpec `ebpf:"tern_lb_empty"`
 	TernLbRev         *ebpf.MapSpec `ebpf:"tern_lb_rev"`
 	TernLbScratch     *ebpf.MapSpec `ebpf:"tern_lb_scratch"`
 	TernLbSvc         *ebpf.MapSpec `ebpf:"tern_lb_svc"`
@@ -208,6 +210,7 @@ type TernXDPMaps struct {
 	TernLbAffinity    *ebpf.Map `ebpf:"tern_lb_affinity"`
 	TernLbBackends    *ebpf.Map `ebpf:"tern_lb_backends"`
 	TernLbCt          *ebpf.Map `ebpf:"tern_lb_ct"`
+	TernLbEmpty       *ebpf.Map `ebpf:"tern_lb_empty"`
 	TernLbRev         *ebpf.Map `ebpf:"tern_lb_rev"`
 	TernLbScratch     *ebpf.Map `ebpf:"tern_lb_scratch"`
 	TernLbSvc         *ebpf.Map `ebpf:"tern_lb_svc"`
@@ -239,6 +242,7 @@ func (m *TernXDPMaps) Close() error {
 		m.TernLbAffinity,
 		m.TernLbBackends,
 		m.TernLbCt,
+		m.TernLbEmpty,
 		m.TernLbRev,
 		m.TernLbScratch,
 		m.TernLbSvc,

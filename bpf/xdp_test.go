@@ -217,3 +217,32 @@ func TestXDPNodePortPassesTheRest(t *testing.T) {
 		t.Errorf("XDP translated without a node config")
 	}
 }
+
+// tern_lb_empty set (no frontend on the node, lib/lb.h lb_no_frontends):
+// XDP skips the frontend lookup and passes the frame unmarked and
+// untouched, as it passes one for no frontend. The flag is set over a
+// frontend here only to show it is read (the datapath sets it only when
+// tern_lb_svc is empty: datapath/ebpf TestLBEmptyFlag); cleared, the
+// frontend is translated again.
+func TestXDPNoFrontendsFlag(t *testing.T) {
+	w := newNATWorld(t, natOptions{})
+	xdp := loadXDP(t, w)
+	lbReset(t, w)
+	setEmpty := func(v uint32) {
+		t.Helper()
+		if err := w.maps[TernMapTernLbEmpty].Put(uint32(0), v); err != nil {
+			t.Fatal(err)
+		}
+	}
+	lbService(t, w, natNodeIP, 30080, unix.IPPROTO_TCP, 8, TernLbSvc{}, lbBackend{w.b.ip, 8080})
+	in := natPkt{src: natServer, dst: natNodeIP, proto: unix.IPPROTO_TCP, sport: 45000, dport: 30080, tcpFlags: natTCPSyn}
+	setEmpty(1)
+	frame := w.uplinkFrame(in)
+	if out, marked := xdpRun(t, w, xdp, frame); marked || !bytes.Equal(out, frame) {
+		t.Errorf("with the flag set: XDP changed the frame (marked %v)", marked)
+	}
+	setEmpty(0)
+	if out, marked := xdpRun(t, w, xdp, frame, TernMetricMETRIC_LB_XDP_DNAT); !marked || natParse(t, out).dst != w.b.ip {
+		t.Errorf("flag clear: not translated to the backend (marked %v)", marked)
+	}
+}

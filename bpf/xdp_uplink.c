@@ -190,6 +190,8 @@ int tern_xdp_uplink(struct xdp_md *ctx)
 	l4.sport = ports[0];
 	l4.dport = ports[1];
 
+	if (lb_no_frontends())
+		return XDP_PASS; /* no Service frontend on the node (tern_lb_empty) */
 	fk.addr = daddr;
 	fk.port = l4.dport;
 	fk.proto = l4.proto;

@@ -35,6 +35,14 @@ func BenchmarkXNodePath(b *testing.B) {
 	w := newRemoteWorld(b)
 	w.reset(b)
 	w.setRemote(b, false)
+	// No Service frontend, as on ternbench's nodes (kube-proxy mode):
+	// the node's set-up marks tern_lb_empty (datapath/ebpf syncLBEmpty).
+	// By name: the same file benchmarks objects without the flag.
+	if m, ok := w.maps["tern_lb_empty"]; ok {
+		if err := m.Put(uint32(0), uint32(1)); err != nil {
+			b.Fatal(err)
+		}
+	}
 	out := natPkt{srcMAC: w.a.mac, dstMAC: w.a.hostMAC, src: w.a.ip, dst: natOtherPod,
 		proto: unix.IPPROTO_UDP, sport: 40000, dport: 11111, payload: make([]byte, 14)}.frame()
 	left := natPkt{srcMAC: w.uplinkMAC, dstMAC: net.HardwareAddr{2, 0, 0, 0, 0, 2}, src: w.a.ip, dst: natOtherPod,

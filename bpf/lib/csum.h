@@ -11,6 +11,7 @@
 #include <linux/in.h>
 #include <linux/ip.h>
 #include <bpf/bpf_helpers.h>
+#include <bpf/bpf_endian.h>
 
 #define IP_OFF        ETH_HLEN
 #define IP_TTL_OFF    (ETH_HLEN + offsetof(struct iphdr, ttl))
@@ -38,11 +39,25 @@ static __always_inline __u32 l4_csum_off(__u8 proto)
 }
 
 /* decrement_ttl_at acts as the router the pod believes it talks to: TTL
- * minus one, IP checksum fixed. ttl is the current value (already > 1). */
+ * minus one, IP checksum fixed. ttl is the current value (already > 1).
+ * Written in place, as the kernel's ip_decrease_ttl does (the checksum
+ * adjusted for the TTL byte's 0x0100 in its 16-bit word): no helper call.
+ * The header is in the linear part (the programs parsed it there); if a
+ * helper left it otherwise, the two helpers do it. */
 static __always_inline int decrement_ttl_at(struct __sk_buff *skb, __u8 ttl)
 {
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	struct iphdr *iph = data + IP_OFF;
 	__u8 new_ttl = ttl - 1;
 
+	if ((void *)(iph + 1) <= data_end && iph->ttl == ttl) {
+		__u32 check = (__u32)iph->check + (__u32)bpf_htons(0x0100);
+
+		iph->check = (__u16)(check + (check >= 0xffff));
+		iph->ttl = new_ttl;
+		return 0;
+	}
 	/* TTL is the high byte of a 16-bit word whose low byte (protocol)
 	 * stays: replacing the bytes as a word keeps the checksum exact. */
 	if (bpf_l3_csum_replace(skb, IP_CSUM_OFF, bpf_htons((__u16)ttl << 8),

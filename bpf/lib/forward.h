@@ -13,6 +13,21 @@
 #include "verdict.h"
 #include "shaped.h"
 
+/* set_macs writes h_dest and h_source (12 bytes at macs) in place, with
+ * no helper call; a frame whose Ethernet header is not in the linear part
+ * (none the programs parsed) takes bpf_skb_store_bytes. */
+static __always_inline int set_macs(struct __sk_buff *skb, const __u8 *macs)
+{
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+
+	if (data + 2 * ETH_ALEN <= data_end) {
+		__builtin_memcpy(data, macs, 2 * ETH_ALEN);
+		return 0;
+	}
+	return bpf_skb_store_bytes(skb, offsetof(struct ethhdr, h_dest), macs, 2 * ETH_ALEN, 0) < 0 ? -1 : 0;
+}
+
 /* deliver_to_endpoint routes the packet into dst's namespace: TTL minus one,
  * MACs rewritten as the pod's gateway would send them, bpf_redirect_peer
  * into the pod (no host routing, no netfilter). ttl is the packet's current
@@ -38,8 +53,7 @@ static __always_inline int deliver_to_endpoint(struct __sk_buff *skb, const stru
 			       offsetof(struct endpoint, pod_mac) + ETH_ALEN &&
 		       offsetof(struct ethhdr, h_source) == offsetof(struct ethhdr, h_dest) + ETH_ALEN,
 		       "pod_mac, host_mac as h_dest, h_source");
-	if (decrement_ttl_at(skb, ttl) < 0 ||
-	    bpf_skb_store_bytes(skb, offsetof(struct ethhdr, h_dest), dst->pod_mac, 2 * ETH_ALEN, 0) < 0) {
+	if (decrement_ttl_at(skb, ttl) < 0 || set_macs(skb, dst->pod_mac) < 0) {
 		count(METRIC_DROP_REDIRECT, skb->len);
 		return TC_ACT_SHOT;
 	}

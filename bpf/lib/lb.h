@@ -143,6 +143,18 @@ static __always_inline struct lb_scratch *lb_scratch(void)
 	return bpf_map_lookup_elem(&tern_lb_scratch, &zero);
 }
 
+/* lb_no_frontends reports that tern_lb_svc is known to be empty
+ * (tern_lb_empty, maps.h): no packet can be a frontend's, so the frontend
+ * lookup (L4 parse and a hash miss per packet) can be skipped with the
+ * verdict it would give. */
+static __always_inline int lb_no_frontends(void)
+{
+	__u32 zero = 0;
+	__u32 *empty = bpf_map_lookup_elem(&tern_lb_empty, &zero);
+
+	return empty && *empty;
+}
+
 /* lb_reject turns the client's packet into ICMP port unreachable from the
  * frontend, quoting the packet's IPv4 header and first 8 bytes of L4 (RFC
  * 792), and sends it back into the pod. */

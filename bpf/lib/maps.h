@@ -307,6 +307,22 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } tern_lb_ct SEC(".maps");
 
+/* tern_lb_empty: index 0 is nonzero while tern_lb_svc is known to hold no
+ * frontend at all (kube-proxy mode, or no Service): the uplink program then
+ * skips the per-packet frontend lookup (lib/lb.h, lb_no_frontends). Written
+ * by the Services apply path only (datapath/ebpf ApplyLBTable, under its
+ * lock): set after the last frontend is deleted, cleared before the first
+ * one is written. Zero, what a new map holds (a fresh node, or objects
+ * upgraded over pinned frontends), means "look", so a stale or missing
+ * flag costs a lookup, never a frontend. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u32);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} tern_lb_empty SEC(".maps");
+
 /* tern_lb_affinity: (client, frontend id) -> backend, ClientIP affinity. */
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);

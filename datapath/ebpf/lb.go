@@ -37,13 +37,18 @@ import (
 //     client's connection ends instead of waiting for a backend that is
 //     gone); a UDP flow (DNS) just moves on. Which backends went is known
 //     from prev (backends and draining ones) and, whatever prev says, from
-//     the slots the maps held.
+//     the slots the maps held;
+//   - tern_lb_empty says "no frontend at all" only while that is true: it
+//     is cleared before a frontend is written and set once the last one is
+//     gone, so the uplink programs that skip their frontend lookup on it
+//     never skip a frontend.
 
 var _ datapath.ServiceBalancer = (*Datapath)(nil)
 
-// LBMaps are the load balancer's maps.
+// LBMaps are the load balancer's maps. Empty is tern_lb_empty, the
+// "tern_lb_svc holds no frontend" flag of the uplink programs.
 type LBMaps struct {
-	Svc, Backends, Rev, CT, Affinity *cilium.Map
+	Svc, Backends, Rev, CT, Affinity, Empty *cilium.Map
 }
 
 // LBMapsOf picks the load balancer's maps out of a loaded collection.
@@ -51,9 +56,9 @@ func LBMapsOf(maps map[string]*cilium.Map) (LBMaps, error) {
 	m := LBMaps{
 		Svc: maps[ternbpf.TernMapTernLbSvc], Backends: maps[ternbpf.TernMapTernLbBackends],
 		Rev: maps[ternbpf.TernMapTernLbRev], CT: maps[ternbpf.TernMapTernLbCt],
-		Affinity: maps[ternbpf.TernMapTernLbAffinity],
+		Affinity: maps[ternbpf.TernMapTernLbAffinity], Empty: maps[ternbpf.TernMapTernLbEmpty],
 	}
-	if m.Svc == nil || m.Backends == nil || m.Rev == nil || m.CT == nil || m.Affinity == nil {
+	if m.Svc == nil || m.Backends == nil || m.Rev == nil || m.CT == nil || m.Affinity == nil || m.Empty == nil {
 		return m, errors.New("the loaded objects lack the load balancer's maps")
 	}
 	return m, nil
@@ -77,6 +82,44 @@ func (d *Datapath) ApplyServices(prev, next *services.Table) error {
 	}
 	defer lock.Unlock()
 	return ApplyLBTable(m, prev, next)
+}
+
+// syncLBEmpty sets tern_lb_empty when tern_lb_svc holds no frontend: a
+// node whose networks all leave Services to kube-proxy never applies a
+// Service table, and its uplink programs would look every packet up in an
+// empty map. Under the load balancer's lock, as ApplyServices. Objects
+// without the load balancer's maps (tests' loaders) have nothing to mark.
+func (d *Datapath) syncLBEmpty() error {
+	m, err := LBMapsOf(d.objs.Maps)
+	if err != nil {
+		return nil
+	}
+	// Set already (the common case, an ADD on a set-up node): no lock.
+	// Only ApplyLBTable clears it, and it writes a frontend right after.
+	var empty uint32
+	if err := m.Empty.Lookup(uint32(0), &empty); err == nil && empty != 0 {
+		return nil
+	}
+	lock, err := loader.Lock(filepath.Join(d.cfg.StateDir, "bpf-lb.lock"))
+	if err != nil {
+		return err
+	}
+	defer lock.Unlock()
+	return markLBEmpty(m)
+}
+
+// markLBEmpty sets tern_lb_empty if tern_lb_svc holds no frontend. The
+// caller holds the load balancer's lock.
+func markLBEmpty(m LBMaps) error {
+	var k ternbpf.TernLbSvcKey
+	err := m.Svc.NextKey(nil, &k)
+	if err == nil {
+		return nil // a frontend: the flag stays as ApplyLBTable left it
+	}
+	if !errors.Is(err, cilium.ErrKeyNotExist) {
+		return fmt.Errorf("read %s: %w", ternbpf.TernMapTernLbSvc, err)
+	}
+	return setLBEmpty(m, true)
 }
 
 func lbAddr(a netip.Addr) uint32 {
@@ -137,6 +180,13 @@ func ApplyLBTable(m LBMaps, prev, next *services.Table) error {
 		}
 		want[lbFrontendKey(e.Frontend)] = e
 	}
+	// Frontends to write: the flag that lets the programs skip their
+	// lookup goes first.
+	if len(want) > 0 {
+		if err := setLBEmpty(m, false); err != nil {
+			return err
+		}
+	}
 	gone := map[uint32]bool{}       // frontend ids whose flows all end
 	removed := map[lbFlowKey]bool{} // backends whose flows end
 	if prev != nil {
@@ -183,7 +233,31 @@ func ApplyLBTable(m LBMaps, prev, next *services.Table) error {
 			return fmt.Errorf("frontend %s: %w", e.Frontend, err)
 		}
 	}
-	return purgeLBFlows(m, nil, removed)
+	if err := purgeLBFlows(m, nil, removed); err != nil {
+		return err
+	}
+	// No frontend left (this is the only writer, under its lock): the
+	// programs may skip the lookup from now on.
+	if len(want) == 0 {
+		return setLBEmpty(m, true)
+	}
+	return nil
+}
+
+// setLBEmpty writes tern_lb_empty, unless it holds that already.
+func setLBEmpty(m LBMaps, empty bool) error {
+	var want uint32
+	if empty {
+		want = 1
+	}
+	var have uint32
+	if err := m.Empty.Lookup(uint32(0), &have); err == nil && have == want {
+		return nil
+	}
+	if err := m.Empty.Put(uint32(0), want); err != nil {
+		return fmt.Errorf("write %s: %w", ternbpf.TernMapTernLbEmpty, err)
+	}
+	return nil
 }
 
 // applyFrontend writes one frontend and its slots by difference.

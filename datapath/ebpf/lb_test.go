@@ -31,8 +31,64 @@ func newLBMaps(t *testing.T) LBMaps {
 	return LBMaps{
 		Svc: mk(ternbpf.TernMapTernLbSvc), Backends: mk(ternbpf.TernMapTernLbBackends),
 		Rev: mk(ternbpf.TernMapTernLbRev), CT: mk(ternbpf.TernMapTernLbCt),
-		Affinity: mk(ternbpf.TernMapTernLbAffinity),
+		Affinity: mk(ternbpf.TernMapTernLbAffinity), Empty: mk(ternbpf.TernMapTernLbEmpty),
 	}
+}
+
+func lbEmpty(t *testing.T, m LBMaps) bool {
+	t.Helper()
+	var v uint32
+	if err := m.Empty.Lookup(uint32(0), &v); err != nil {
+		t.Fatal(err)
+	}
+	return v != 0
+}
+
+// tern_lb_empty, which lets the uplink programs skip their frontend lookup
+// (bpf TestLBNoFrontendsFlag), is set only while tern_lb_svc holds no
+// frontend: a new map says "look"; markLBEmpty (node set-up of a node that
+// never applies a Service table) sets it on an empty map and leaves it
+// alone over a frontend; ApplyLBTable clears it with the first frontend,
+// keeps it clear while one is left, sets it when the last goes.
+func TestLBEmptyFlag(t *testing.T) {
+	m := newLBMaps(t)
+	if lbEmpty(t, m) {
+		t.Fatal("a new map says empty")
+	}
+	if err := markLBEmpty(m); err != nil {
+		t.Fatal(err)
+	}
+	if !lbEmpty(t, m) {
+		t.Fatal("no frontend, not marked empty")
+	}
+	fe := func(port, id uint16) services.Entry {
+		return services.Entry{Frontend: services.Frontend{IP: netip.MustParseAddr("192.168.1.10"), Port: port, Proto: services.ProtoTCP},
+			ID: id, Backends: []services.Backend{{IP: netip.MustParseAddr("10.244.1.5"), Port: 8080}}}
+	}
+	apply := func(wantEmpty bool, entries ...services.Entry) {
+		t.Helper()
+		if err := ApplyLBTable(m, nil, &services.Table{Entries: entries}); err != nil {
+			t.Fatal(err)
+		}
+		if got := lbEmpty(t, m); got != wantEmpty {
+			t.Errorf("%d frontends: empty flag %v", len(entries), got)
+		}
+		if n := lbCount[ternbpf.TernLbSvcKey, ternbpf.TernLbSvc](t, m.Svc); n != len(entries) {
+			t.Errorf("%d frontends in the map, want %d", n, len(entries))
+		}
+	}
+	apply(false, fe(30080, 1))
+	if err := markLBEmpty(m); err != nil {
+		t.Fatal(err)
+	}
+	if lbEmpty(t, m) {
+		t.Error("marked empty over a frontend")
+	}
+	apply(false, fe(30080, 1), fe(30081, 2))
+	apply(false, fe(30081, 2))
+	apply(true)
+	apply(true)
+	apply(false, fe(30082, 3))
 }
 
 func lbSlots(t *testing.T, m LBMaps, f services.Frontend) (ternbpf.TernLbSvc, []netip.AddrPort) {

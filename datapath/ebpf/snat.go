@@ -301,6 +301,9 @@ func (d *Datapath) ensureSNAT() error {
 	if err := d.ensureXDP(up); err != nil {
 		return err
 	}
+	if err := d.syncLBEmpty(); err != nil {
+		return err
+	}
 	return d.writeNodeConfig(ternbpf.TernNodeConfig{
 		NodeIp:        binary.NativeEndian.Uint32(up.IP.To4()),
 		UplinkIfindex: uint32(up.Ifindex),

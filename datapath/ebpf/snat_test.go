@@ -243,6 +243,13 @@ func TestSNATNode(t *testing.T) {
 			if got := snatLen(t, nomasq); got != 2 {
 				t.Errorf("tern_nomasq holds %d prefixes, want 2", got)
 			}
+			// No Service table applied, no frontend: the uplink programs
+			// skip their frontend lookup (tern_lb_empty, TestLBEmptyFlag).
+			lbEmptyMap, _ := dp.objs.Map(ternbpf.TernMapTernLbEmpty)
+			var lbEmpty uint32
+			if err := lbEmptyMap.Lookup(uint32(0), &lbEmpty); err != nil || lbEmpty != 1 {
+				t.Errorf("tern_lb_empty %d (%v) after EnsureNode without frontends, want 1", lbEmpty, err)
+			}
 			if v := n.sysctl(t, "ip_forward"); v != "1" {
 				t.Errorf("ip_forward = %s", v)
 			}
