@@ -3,10 +3,7 @@ package bpf
 import (
 	"fmt"
 	"net/netip"
-	"runtime"
-	"slices"
 	"testing"
-	"time"
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/asm"
@@ -66,34 +63,9 @@ func BenchmarkLBPath(b *testing.B) {
 				fillLBCT(b, w.maps[TernMapTernLbCt])
 			}
 			b.Run(fmt.Sprintf("%s/frontends=%d", c.name, n), func(b *testing.B) {
-				runtime.LockOSThread()
-				defer runtime.UnlockOSThread()
-				err := w.ns.Do(func(ns.NetNS) error {
-					// The first packet opens the flow's entries (for the
-					// replies: the request before them did).
-					if _, _, err := timedRun(c.prog, c.ifindex, c.frame(-1)); err != nil {
-						return err
-					}
-					times := make([]time.Duration, 0, b.N)
-					for run := range b.N {
-						v, d, err := timedRun(c.prog, c.ifindex, c.frame(run))
-						if err != nil {
-							return err
-						}
-						if v != c.verdict {
-							return fmt.Errorf("verdict %#x, want %#x", v, c.verdict)
-						}
-						times = append(times, d)
-					}
-					var total time.Duration
-					for _, d := range times {
-						total += d
-					}
-					slices.Sort(times)
-					b.ReportMetric(float64(total.Nanoseconds())/float64(b.N), "ns/pkt")
-					b.ReportMetric(float64(times[len(times)/2].Nanoseconds()), "p50-ns/pkt")
-					return nil
-				})
+				// The first packet opens the flow's entries (for the
+				// replies: the request before them did).
+				err := w.ns.Do(func(ns.NetNS) error { return benchRuns(b, c.prog, c.ifindex, c.frame, c.verdict) })
 				if err != nil {
 					b.Fatal(err)
 				}
