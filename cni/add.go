@@ -146,7 +146,7 @@ func cmdAdd(args *skel.CmdArgs) (err error) {
 	tr.mark("plumbing")
 
 	recs := newRecords(conf.StateDir, conf.Name)
-	lock, err := loader.LockFIFO(recs.lockPath())
+	lock, err := loader.Lock(recs.lockPath())
 	if err != nil {
 		return err
 	}

@@ -163,7 +163,7 @@ func cmdAddChained(args *skel.CmdArgs, conf *NetConf) (err error) {
 	}
 	defer closeDatapath(dp)
 	recs := newRecords(conf.StateDir, conf.Name)
-	lock, err := loader.LockFIFO(recs.lockPath())
+	lock, err := loader.Lock(recs.lockPath())
 	if err != nil {
 		return err
 	}

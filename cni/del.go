@@ -38,7 +38,7 @@ func cmdDel(args *skel.CmdArgs) error {
 // state, the veth pair, the record, and node state when it was the last.
 func (c *NetConf) teardown(containerID, ifname string) error {
 	recs := newRecords(c.StateDir, c.Name)
-	lock, err := loader.LockFIFO(recs.lockPath())
+	lock, err := loader.Lock(recs.lockPath())
 	if err != nil {
 		return err
 	}

@@ -10,10 +10,7 @@ import (
 
 // FileLock is an exclusive flock on a file. It serialises plugin processes
 // that change node-wide state (loading programs, attaching, wiring chains).
-type FileLock struct {
-	f      *os.File
-	ticket *os.File // LockFIFO's place in the queue, released after f
-}
+type FileLock struct{ f *os.File }
 
 // Lock blocks until it holds the lock file path, creating it if needed.
 func Lock(path string) (*FileLock, error) {
@@ -39,16 +36,8 @@ func Lock(path string) (*FileLock, error) {
 
 // Unlock releases the lock.
 func (l *FileLock) Unlock() error {
-	err := unix.Flock(int(l.f.Fd()), unix.LOCK_UN)
-	l.f.Close()
-	if l.ticket != nil {
-		// The next in line wakes when the ticket's flock goes, which
-		// is after the lock itself is free; the file goes first, so
-		// the next one does not take a live ticket for a dead one's.
-		os.Remove(l.ticket.Name())
-		l.ticket.Close()
-	}
-	if err != nil {
+	defer l.f.Close()
+	if err := unix.Flock(int(l.f.Fd()), unix.LOCK_UN); err != nil {
 		return fmt.Errorf("unlock %s: %w", l.f.Name(), err)
 	}
 	return nil
