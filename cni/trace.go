@@ -10,8 +10,8 @@ import (
 )
 
 // An opt-in timing trace of one plugin command, to find where the slow
-// ADDs of a parallel burst wait (docs/cni-add-profile.md, "The tail of
-// the parallel ADD"). With TERN_TRACE_FILE set, ADD appends one line to
+// ADDs of a parallel burst wait (docs/cni-add-profile.md, "Third
+// pass"). With TERN_TRACE_FILE set, ADD appends one line to
 // that file: the command's phases as milliseconds since the package was
 // initialised, the wall clock at that point, the process's CPU time and
 // the time its threads spent runnable but waiting for a CPU (schedstat).

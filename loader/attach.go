@@ -367,7 +367,7 @@ type clsactDevice struct {
 // created for a pod that does not run yet. Each of those two is a netlink
 // request that waits for the RTNL, which ten parallel ADDs creating their
 // veths keep busy, and it was waited for with the records lock held
-// (docs/cni-add-profile.md, "The tail of the parallel ADD"). Where the
+// (docs/cni-add-profile.md, "Third pass"). Where the
 // device has a qdisc already (an ingress qdisc, a clsact with filters) it
 // does nothing and returns false: the attach then checks as before, and
 // may refuse clsact and fall back to TCX.

@@ -190,11 +190,8 @@ func (d *Datapath) endpointValue(ep *datapath.Endpoint) (ternbpf.TernEndpoint, e
 	return v, nil
 }
 
-// AddEndpoint registers the pod in the endpoints map, makes its gateway
-// address answer on the node, then attaches the program: the map entry
-// must exist before the first packet is checked.
 // TraceMark, when set, is told when each step of AddEndpoint ends (the
-// plugin's opt-in timing trace).
+// plugin's opt-in timing trace, TERN_TRACE_FILE).
 var TraceMark func(string)
 
 func traceMark(s string) {
@@ -203,6 +200,9 @@ func traceMark(s string) {
 	}
 }
 
+// AddEndpoint registers the pod in the endpoints map, makes its gateway
+// address answer on the node, then attaches the program: the map entry
+// must exist before the first packet is checked.
 func (d *Datapath) AddEndpoint(ep *datapath.Endpoint) error {
 	m, err := d.endpoints()
 	if err != nil {
