@@ -14,6 +14,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/ternlabs/tern/datapath"
+	ebpfdp "github.com/ternlabs/tern/datapath/ebpf"
 	"github.com/ternlabs/tern/loader"
 )
 
@@ -23,6 +24,11 @@ func CmdAdd(args *skel.CmdArgs) error {
 }
 
 func cmdAdd(args *skel.CmdArgs) (err error) {
+	tr := newTrace()
+	if tr != nil {
+		ebpfdp.TraceMark = tr.mark
+	}
+	defer func() { tr.write("ADD", args.ContainerID, err) }()
 	conf, err := ParseConfig(args.StdinData)
 	if err != nil {
 		return err
@@ -49,6 +55,7 @@ func cmdAdd(args *skel.CmdArgs) (err error) {
 	if conf.MTU, err = conf.podMTU(); err != nil {
 		return err
 	}
+	tr.mark("setup")
 
 	// Undo completed steps if a later one fails. Undo errors are reported
 	// on stderr (stdout carries the CNI error), never silently dropped.
@@ -69,6 +76,7 @@ func cmdAdd(args *skel.CmdArgs) (err error) {
 		return err
 	}
 	undo = append(undo, func() error { return conf.ipamDel(args.ContainerID, args.IfName, args.StdinData) })
+	tr.mark("ipam")
 
 	ipc, err := podIPv4(ipamRes)
 	if err != nil {
@@ -87,6 +95,7 @@ func cmdAdd(args *skel.CmdArgs) (err error) {
 		return err
 	}
 	defer closeDatapath(dp)
+	tr.mark("datapath")
 
 	// The pod's own plumbing (veth pair, addresses, routes, the node's
 	// route and neighbour entry for it) touches nothing another ADD or DEL
@@ -101,6 +110,7 @@ func cmdAdd(args *skel.CmdArgs) (err error) {
 		return err
 	}
 	undo = append(undo, func() error { return deleteHostVeth(hostName) })
+	tr.mark("veth")
 	if pl.podMAC, err = setPodMAC(podNS, args.IfName, rc.Mac, pl.podMAC); err != nil {
 		return err
 	}
@@ -128,6 +138,12 @@ func cmdAdd(args *skel.CmdArgs) (err error) {
 			return err
 		}
 	}
+	if pp, ok := dp.(podPreparer); ok {
+		if err := pp.PreparePod(ep); err != nil {
+			return err
+		}
+	}
+	tr.mark("plumbing")
 
 	recs := newRecords(conf.StateDir, conf.Name)
 	lock, err := loader.Lock(recs.lockPath())
@@ -135,10 +151,12 @@ func cmdAdd(args *skel.CmdArgs) (err error) {
 		return err
 	}
 	defer lock.Unlock()
+	tr.mark("locked")
 
 	if err := dp.EnsureNode(); err != nil {
 		return fmt.Errorf("prepare node datapath: %w", err)
 	}
+	tr.mark("ensure")
 	existing, err := recs.list()
 	if err != nil {
 		return err
@@ -152,6 +170,7 @@ func cmdAdd(args *skel.CmdArgs) (err error) {
 	if err := conf.restoreEndpoints(dp, others); err != nil {
 		return err
 	}
+	tr.mark("restore")
 
 	// NetworkPolicy before forwarding: the rule set in force, with this
 	// pod in it, is applied before AddEndpoint lets its first packet
@@ -160,6 +179,7 @@ func cmdAdd(args *skel.CmdArgs) (err error) {
 		return err
 	}
 	undo = append(undo, func() error { return conf.syncPolicy(dp, others) })
+	tr.mark("policy")
 
 	// Undo registered first: AddEndpoint can fail half way (map entry
 	// written, one hook attached), and DelEndpoint removes whatever part
@@ -168,6 +188,7 @@ func cmdAdd(args *skel.CmdArgs) (err error) {
 	if err := dp.AddEndpoint(ep); err != nil {
 		return fmt.Errorf("add endpoint to datapath: %w", err)
 	}
+	tr.mark("endpoint")
 
 	rec := &record{
 		ContainerID:  args.ContainerID,
@@ -188,6 +209,7 @@ func cmdAdd(args *skel.CmdArgs) (err error) {
 	if err := recs.save(rec); err != nil {
 		return err
 	}
+	tr.mark("saved")
 
 	result := &current.Result{
 		CNIVersion: current.ImplementedSpecVersion,
@@ -209,6 +231,12 @@ func cmdAdd(args *skel.CmdArgs) (err error) {
 		result.Routes = append(result.Routes, &types.Route{Dst: *r.Dst, GW: r.Gw})
 	}
 	return types.PrintResult(result, conf.CNIVersion)
+}
+
+// podPreparer is a datapath that does part of AddEndpoint's work on the
+// pod's own devices before the records lock (datapath/ebpf's PreparePod).
+type podPreparer interface {
+	PreparePod(ep *datapath.Endpoint) error
 }
 
 // openPodNS opens CNI_NETNS and makes sure it is a network namespace that

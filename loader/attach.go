@@ -317,19 +317,13 @@ func detachPinnedTCX(pin string) {
 }
 
 func (l *Loader) attachLegacy(prog *ebpf.Program, ifname string, ifindex int, hook Hook) error {
-	qdisc := &netlink.GenericQdisc{
-		QdiscAttrs: netlink.QdiscAttrs{
-			LinkIndex: ifindex,
-			Handle:    netlink.MakeHandle(0xffff, 0),
-			Parent:    netlink.HANDLE_CLSACT,
-		},
-		QdiscType: "clsact",
-	}
-	if err := netlink.QdiscReplace(qdisc); err != nil {
-		return fmt.Errorf("add clsact qdisc to %s: %w (%w)", ifname, err, errClsactRefused)
-	}
-	if err := checkClsBPFSlot(ifindex, hook); err != nil {
-		return fmt.Errorf("attach cls_bpf %s to %s: %w (%w)", hook, ifname, err, errClsactRefused)
+	if !l.freshClsact[clsactDevice{ifname, ifindex}] {
+		if err := netlink.QdiscReplace(clsactQdisc(ifindex)); err != nil {
+			return fmt.Errorf("add clsact qdisc to %s: %w (%w)", ifname, err, errClsactRefused)
+		}
+		if err := checkClsBPFSlot(ifindex, hook); err != nil {
+			return fmt.Errorf("attach cls_bpf %s to %s: %w (%w)", hook, ifname, err, errClsactRefused)
+		}
 	}
 	if err := replaceClsBPF(ifindex, hook, prog); err != nil {
 		return fmt.Errorf("attach cls_bpf %s to %s: %w", hook, ifname, err)
@@ -342,6 +336,54 @@ func (l *Loader) attachLegacy(prog *ebpf.Program, ifname string, ifindex int, ho
 		return fmt.Errorf("record legacy attachment: %w", err)
 	}
 	return nil
+}
+
+func clsactQdisc(ifindex int) *netlink.GenericQdisc {
+	return &netlink.GenericQdisc{
+		QdiscAttrs: netlink.QdiscAttrs{
+			LinkIndex: ifindex,
+			Handle:    netlink.MakeHandle(0xffff, 0),
+			Parent:    netlink.HANDLE_CLSACT,
+		},
+		QdiscType: "clsact",
+	}
+}
+
+// clsactDevice names a device by name and index: a device deleted and
+// created again under the same name has another index.
+type clsactDevice struct {
+	name  string
+	index int
+}
+
+// PrepareClsact creates the clsact qdisc on a device that has none, before
+// the caller takes the lock under which it attaches (CNI ADD: the records
+// lock that serialises a network's ADDs; the qdisc is the pod's own veth's
+// and shares nothing with other pods). It reports whether it created the
+// qdisc. When it did, this loader's later cls_bpf attach to the device
+// skips what attachLegacy otherwise does first: replacing the qdisc and
+// listing the filters for a foreign one at Tern's priority. A qdisc
+// created here had no filter, and the device is one the caller has just
+// created for a pod that does not run yet. Each of those two is a netlink
+// request that waits for the RTNL, which ten parallel ADDs creating their
+// veths keep busy, and it was waited for with the records lock held
+// (docs/cni-add-profile.md, "Third pass"). Where the
+// device has a qdisc already (an ingress qdisc, a clsact with filters) it
+// does nothing and returns false: the attach then checks as before, and
+// may refuse clsact and fall back to TCX.
+func (l *Loader) PrepareClsact(ifname string, ifindex int) (bool, error) {
+	err := netlink.QdiscAdd(clsactQdisc(ifindex))
+	if errors.Is(err, unix.EEXIST) || errors.Is(err, unix.EINVAL) {
+		return false, nil // a qdisc is there (ingress and clsact exclude each other)
+	}
+	if err != nil {
+		return false, fmt.Errorf("add clsact qdisc to %s: %w", ifname, err)
+	}
+	if l.freshClsact == nil {
+		l.freshClsact = make(map[clsactDevice]bool)
+	}
+	l.freshClsact[clsactDevice{ifname, ifindex}] = true
+	return true, nil
 }
 
 // errClsactRefused marks an attachLegacy failure before Tern's filter is in
@@ -488,6 +530,11 @@ func (l *Loader) legacyAttachments() ([]legacyAttachment, error) {
 // Detach removes the attachment of hook on ifname, whatever its mode.
 // Missing pieces are fine: the interface may already be gone.
 func (l *Loader) Detach(ifname string, hook Hook) error {
+	for d := range l.freshClsact {
+		if d.name == ifname {
+			delete(l.freshClsact, d) // a filter may come back: check again
+		}
+	}
 	return l.Held(func() error {
 		var errs []error
 		detachPinnedTCX(l.linkPin(ifname, hook))

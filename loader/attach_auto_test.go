@@ -152,3 +152,103 @@ func TestAttachKeepsKind(t *testing.T) {
 		})
 	}
 }
+
+// TestPrepareClsact: the clsact qdisc created before the records lock lets
+// the cls_bpf attach skip its qdisc replace and foreign-filter check, but
+// only on a device where PrepareClsact created the qdisc: where an ingress
+// qdisc or a clsact qdisc with a foreign filter at Tern's priority is
+// already there, it reports false and the attach checks and falls back to
+// TCX as without it, leaving the foreign qdisc and filter alone.
+func TestPrepareClsact(t *testing.T) {
+	testutil.RequirePrivileged(t)
+	n := testutil.NewNetNS(t, "ldp")
+	l := newLoader(t)
+	objs := load(t, l)
+	id := progID(t, objs)
+	prepare := func(v veth) bool {
+		t.Helper()
+		var fresh bool
+		do(t, n, func() error {
+			var err error
+			fresh, err = l.PrepareClsact(v.name, v.index)
+			return err
+		})
+		return fresh
+	}
+	attachIn := func(v veth) Mode {
+		t.Helper()
+		var used Mode
+		do(t, n, func() error {
+			var err error
+			used, err = l.Attach(objs, v.name, v.index, HookPodIngress, ModeClsactFirst)
+			return err
+		})
+		return used
+	}
+
+	t.Run("fresh veth", func(t *testing.T) {
+		v := addVeth(t, n)
+		if !prepare(v) {
+			t.Fatal("PrepareClsact on a veth without qdisc: not fresh")
+		}
+		if used := attachIn(v); used != ModeLegacy {
+			t.Fatalf("used %q, want legacy", used)
+		}
+		if f := clsBPFFilters(t, n, v); len(f) != 1 || f[0].Id != int(id) {
+			t.Errorf("cls_bpf filters %+v, want one of program %d", f, id)
+		}
+		if got := tcxPrograms(t, n, v); len(got) != 0 {
+			t.Errorf("tcx programs %v, want none", got)
+		}
+		if err := checkAttached(n, l, objs, v); err != nil {
+			t.Errorf("CheckAttached: %v", err)
+		}
+		detach(t, n, l, v)
+		if f := clsBPFFilters(t, n, v); len(f) != 0 {
+			t.Errorf("cls_bpf filters after detach %+v, want none", f)
+		}
+	})
+
+	t.Run("ingress qdisc", func(t *testing.T) {
+		v := addVeth(t, n)
+		do(t, n, func() error {
+			return netlink.QdiscAdd(&netlink.Ingress{QdiscAttrs: netlink.QdiscAttrs{
+				LinkIndex: v.index, Handle: netlink.MakeHandle(0xffff, 0), Parent: netlink.HANDLE_INGRESS}})
+		})
+		if prepare(v) {
+			t.Fatal("PrepareClsact next to an ingress qdisc: fresh")
+		}
+		if used := attachIn(v); used != ModeTCX {
+			t.Fatalf("used %q, want tcx", used)
+		}
+		if got := tcxPrograms(t, n, v); len(got) != 1 || got[0] != id {
+			t.Errorf("tcx programs %v, want [%d]", got, id)
+		}
+		detach(t, n, l, v)
+	})
+
+	t.Run("foreign filter at Tern's priority", func(t *testing.T) {
+		v := addVeth(t, n)
+		f := newForeignProgs(t)
+		do(t, n, func() error {
+			if err := netlink.QdiscAdd(clsactQdisc(v.index)); err != nil {
+				return err
+			}
+			return netlink.FilterAdd(&netlink.BpfFilter{
+				FilterAttrs: netlink.FilterAttrs{LinkIndex: v.index, Parent: netlink.HANDLE_MIN_INGRESS,
+					Handle: 0x99, Protocol: unix.ETH_P_ALL, Priority: clsBPFPriority},
+				Fd: f.passOK.FD(), Name: "foreign", DirectAction: true,
+			})
+		})
+		if prepare(v) {
+			t.Fatal("PrepareClsact on a clsact qdisc with a foreign filter: fresh")
+		}
+		if used := attachIn(v); used != ModeTCX {
+			t.Fatalf("used %q, want tcx", used)
+		}
+		if fs := clsBPFFilters(t, n, v); len(fs) != 1 || fs[0].Name != "foreign" {
+			t.Errorf("cls_bpf filters %+v, want the foreign one only", fs)
+		}
+		detach(t, n, l, v)
+	})
+}

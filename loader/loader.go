@@ -40,6 +40,10 @@ type Loader struct {
 	// Spec, when set, replaces Specs with a single object (tests use it
 	// to simulate an upgrade).
 	Spec func() (*ebpf.CollectionSpec, error)
+
+	// freshClsact holds the devices on which PrepareClsact created the
+	// clsact qdisc in this process (see there).
+	freshClsact map[clsactDevice]bool
 }
 
 // New returns a loader for the embedded object.

@@ -190,6 +190,16 @@ func (d *Datapath) endpointValue(ep *datapath.Endpoint) (ternbpf.TernEndpoint, e
 	return v, nil
 }
 
+// TraceMark, when set, is told when each step of AddEndpoint ends (the
+// plugin's opt-in timing trace, TERN_TRACE_FILE).
+var TraceMark func(string)
+
+func traceMark(s string) {
+	if TraceMark != nil {
+		TraceMark(s)
+	}
+}
+
 // AddEndpoint registers the pod in the endpoints map, makes its gateway
 // address answer on the node, then attaches the program: the map entry
 // must exist before the first packet is checked.
@@ -218,9 +228,11 @@ func (d *Datapath) AddEndpoint(ep *datapath.Endpoint) error {
 	if err != nil {
 		return err
 	}
+	traceMark("ep.snat")
 	if err := ensureGatewayAddr(ep.Gateway); err != nil {
 		return err
 	}
+	traceMark("ep.gw")
 	// The receiving side first: once tern_from_pod lets the pod's first
 	// packet out, what comes back through the host meets its policy.
 	mode := d.podAttachMode(ep.Shaped)
@@ -235,6 +247,23 @@ func (d *Datapath) AddEndpoint(ep *datapath.Endpoint) error {
 		if mode == loader.ModeClsactFirst && used == loader.ModeTCX {
 			mode = loader.ModeAuto
 		}
+		traceMark("ep.attach")
+	}
+	return nil
+}
+
+// PreparePod readies the pod's host veth for its programs before the
+// caller takes the records lock: the clsact qdisc, when the pod's veth is
+// to get cls_bpf filters. AddEndpoint then attaches them without the two
+// netlink requests per hook that would otherwise wait for the RTNL with
+// the lock held (loader.PrepareClsact). Nothing here reaches the datapath:
+// a qdisc without filters runs nothing. Optional: AddEndpoint works
+// without it.
+func (d *Datapath) PreparePod(ep *datapath.Endpoint) error {
+	switch d.podAttachMode(ep.Shaped) {
+	case loader.ModeClsactFirst, loader.ModeLegacy:
+		_, err := d.loader.PrepareClsact(ep.HostVeth, ep.HostIfindex)
+		return err
 	}
 	return nil
 }

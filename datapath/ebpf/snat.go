@@ -507,6 +507,10 @@ func addPortRange(cur string, lo, hi uint16) (string, bool) {
 // told from the administrator's.
 const gatewayLabel = "lo:tern"
 
+// loopbackIfindex is lo's interface index, the same in every network
+// namespace since Linux 3.7 (LOOPBACK_IFINDEX).
+const loopbackIfindex = 1
+
 // ensureGatewayAddr assigns the pods' gateway address to the node's lo as
 // a /32: pods route everything via it (through a permanent neighbour entry,
 // no ARP), and with the address local to the node, traffic to it (ping,
@@ -515,15 +519,40 @@ func ensureGatewayAddr(gw net.IP) error {
 	if gw.To4() == nil {
 		return nil
 	}
-	lo, err := netlinksafe.LinkByName("lo")
-	if err != nil {
-		return fmt.Errorf("look up lo: %w", err)
+	// lo is interface 1 in every network namespace (the kernel's
+	// LOOPBACK_IFINDEX): no look-up, one netlink request fewer per ADD.
+	lo := &netlink.Device{LinkAttrs: netlink.LinkAttrs{Index: loopbackIfindex, Name: "lo"}}
+	// Present for every ADD but a node's first: looked for first, since
+	// recent kernels dump addresses under RCU, without the RTNL, and an
+	// RTM_NEWADDR waits for the RTNL, which the other ADDs' veths and
+	// routes keep busy while this one holds the records lock. Present
+	// means the same address with the same /32 prefix, as RTM_NEWADDR
+	// would find it (it answers EEXIST for that and adds a /32 next to,
+	// say, a /24).
+	if has, err := hasHostAddr(lo, gw.To4()); err != nil {
+		return err
+	} else if has {
+		return nil
 	}
 	addr := &netlink.Addr{IPNet: &net.IPNet{IP: gw.To4(), Mask: net.CIDRMask(32, 32)}, Label: gatewayLabel}
 	if err := netlink.AddrAdd(lo, addr); err != nil && !errors.Is(err, unix.EEXIST) {
 		return fmt.Errorf("add gateway address %s to lo: %w", gw, err)
 	}
 	return nil
+}
+
+// hasHostAddr reports whether lk has ip/32.
+func hasHostAddr(lk netlink.Link, ip net.IP) (bool, error) {
+	addrs, err := netlinksafe.AddrList(lk, netlink.FAMILY_V4)
+	if err != nil {
+		return false, fmt.Errorf("addresses of %s: %w", lk.Attrs().Name, err)
+	}
+	for _, a := range addrs {
+		if ones, bits := a.Mask.Size(); a.IP.Equal(ip) && ones == 32 && bits == 32 {
+			return true, nil
+		}
+	}
+	return false, nil
 }
 
 func checkGatewayAddr(gw net.IP) error {
