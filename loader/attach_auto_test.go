@@ -5,7 +5,9 @@ import (
 	"slices"
 	"testing"
 
+	"github.com/cilium/ebpf"
 	"github.com/containernetworking/plugins/pkg/netlinksafe"
+	"github.com/containernetworking/plugins/pkg/ns"
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 
@@ -24,13 +26,7 @@ func TestAttachClsactFirst(t *testing.T) {
 	id := progID(t, objs)
 	attachIn := func(v veth, mode Mode) Mode {
 		t.Helper()
-		var used Mode
-		do(t, n, func() error {
-			var err error
-			used, err = l.Attach(objs, v.name, v.index, HookPodIngress, mode)
-			return err
-		})
-		return used
+		return attachUsing(t, n, l, objs, v, mode)
 	}
 
 	t.Run("fresh veth", func(t *testing.T) {
@@ -38,15 +34,7 @@ func TestAttachClsactFirst(t *testing.T) {
 		if used := attachIn(v, ModeClsactFirst); used != ModeLegacy {
 			t.Fatalf("used %q, want legacy", used)
 		}
-		if f := clsBPFFilters(t, n, v); len(f) != 1 || f[0].Id != int(id) {
-			t.Errorf("cls_bpf filters %+v, want one of program %d", f, id)
-		}
-		if got := tcxPrograms(t, n, v); len(got) != 0 {
-			t.Errorf("tcx programs %v, want none", got)
-		}
-		if err := checkAttached(n, l, objs, v); err != nil {
-			t.Errorf("CheckAttached: %v", err)
-		}
+		wantClsBPF(t, n, l, objs, v, id)
 		detach(t, n, l, v)
 	})
 
@@ -177,13 +165,7 @@ func TestPrepareClsact(t *testing.T) {
 	}
 	attachIn := func(v veth) Mode {
 		t.Helper()
-		var used Mode
-		do(t, n, func() error {
-			var err error
-			used, err = l.Attach(objs, v.name, v.index, HookPodIngress, ModeClsactFirst)
-			return err
-		})
-		return used
+		return attachUsing(t, n, l, objs, v, ModeClsactFirst)
 	}
 
 	t.Run("fresh veth", func(t *testing.T) {
@@ -194,15 +176,7 @@ func TestPrepareClsact(t *testing.T) {
 		if used := attachIn(v); used != ModeLegacy {
 			t.Fatalf("used %q, want legacy", used)
 		}
-		if f := clsBPFFilters(t, n, v); len(f) != 1 || f[0].Id != int(id) {
-			t.Errorf("cls_bpf filters %+v, want one of program %d", f, id)
-		}
-		if got := tcxPrograms(t, n, v); len(got) != 0 {
-			t.Errorf("tcx programs %v, want none", got)
-		}
-		if err := checkAttached(n, l, objs, v); err != nil {
-			t.Errorf("CheckAttached: %v", err)
-		}
+		wantClsBPF(t, n, l, objs, v, id)
 		detach(t, n, l, v)
 		if f := clsBPFFilters(t, n, v); len(f) != 0 {
 			t.Errorf("cls_bpf filters after detach %+v, want none", f)
@@ -251,4 +225,19 @@ func TestPrepareClsact(t *testing.T) {
 		}
 		detach(t, n, l, v)
 	})
+}
+
+// wantClsBPF checks that v's pod ingress hook holds program id as its one
+// cls_bpf filter, no TCX program, and that CHECK accepts it.
+func wantClsBPF(t *testing.T, n ns.NetNS, l *Loader, objs *Objects, v veth, id ebpf.ProgramID) {
+	t.Helper()
+	if f := clsBPFFilters(t, n, v); len(f) != 1 || f[0].Id != int(id) {
+		t.Errorf("cls_bpf filters %+v, want one of program %d", f, id)
+	}
+	if got := tcxPrograms(t, n, v); len(got) != 0 {
+		t.Errorf("tcx programs %v, want none", got)
+	}
+	if err := checkAttached(n, l, objs, v); err != nil {
+		t.Errorf("CheckAttached: %v", err)
+	}
 }

@@ -209,6 +209,19 @@ func checkAttached(n ns.NetNS, l *Loader, objs *Objects, v veth) error {
 	})
 }
 
+// attachUsing attaches the pod ingress program to v in mode, inside n, and
+// returns the mode the loader used (auto modes choose one).
+func attachUsing(t *testing.T, n ns.NetNS, l *Loader, objs *Objects, v veth, mode Mode) Mode {
+	t.Helper()
+	var used Mode
+	do(t, n, func() error {
+		var err error
+		used, err = l.Attach(objs, v.name, v.index, HookPodIngress, mode)
+		return err
+	})
+	return used
+}
+
 func attach(t *testing.T, n ns.NetNS, l *Loader, objs *Objects, v veth, mode Mode) {
 	t.Helper()
 	do(t, n, func() error {
