@@ -85,9 +85,17 @@ func TestPolicyUpdateNeverOpens(t *testing.T) {
 			}
 			wg.Go(func() { udpProbeLoop(ctx, client.NS, web.IP+":53", &attempts, leak) })
 
-			const updates = 24
-			for i := range updates {
-				w.mustTernctl("apply", "-f", files[(i+1)%2])
+			// At least 24 updates, in pairs (B, then A: rule set A is in
+			// force at the end), and more until 240 probes have run
+			// during them: an update can take less time than a denied
+			// TCP probe (which waits out its 150 ms), and the test must
+			// keep its probes rather than its update count.
+			const minUpdates, maxUpdates, minProbes = 24, 240, 240
+			updates := 0
+			for updates < minUpdates || (attempts.Load() < minProbes && updates < maxUpdates) {
+				w.mustTernctl("apply", "-f", files[1])
+				w.mustTernctl("apply", "-f", files[0])
+				updates += 2
 			}
 			// Keep probing a moment after the last update.
 			time.Sleep(300 * time.Millisecond)
@@ -97,7 +105,7 @@ func TestPolicyUpdateNeverOpens(t *testing.T) {
 			if l := leaks.Load(); l > 0 {
 				t.Errorf("%d of %d denied probes got through during %d policy updates, e.g. %v", l, attempts.Load(), updates, leakWhat)
 			}
-			if a := attempts.Load(); a < 10*updates {
+			if a := attempts.Load(); a < minProbes {
 				t.Errorf("only %d denied probes ran during %d updates: the test proves nothing", a, updates)
 			}
 			expect(t, "after the updates (rule set A)", tcp(client, web, 8080, false), tcp(api, web, 8080, true))
