@@ -157,15 +157,10 @@ func cmdAdd(args *skel.CmdArgs) (err error) {
 		return fmt.Errorf("prepare node datapath: %w", err)
 	}
 	tr.mark("ensure")
-	existing, err := recs.list()
+	others, err := recs.endpointsWithout(args.ContainerID, args.IfName)
 	if err != nil {
 		return err
 	}
-	others := make([]*datapath.Endpoint, 0, len(existing)+1)
-	for _, r := range existing {
-		others = append(others, r.endpoint())
-	}
-	others = withoutAttachment(others, args.ContainerID, args.IfName)
 	// The node may have lost the other pods' datapath state (pins).
 	if err := conf.restoreEndpoints(dp, others); err != nil {
 		return err

@@ -185,15 +185,10 @@ func cmdAddChained(args *skel.CmdArgs, conf *NetConf) (err error) {
 		PodName:      string(k8s.K8S_POD_NAME),
 		Shaped:       rc.shaped(),
 	}
-	existing, err := recs.list()
+	others, err := recs.endpointsWithout(args.ContainerID, args.IfName)
 	if err != nil {
 		return err
 	}
-	others := make([]*datapath.Endpoint, 0, len(existing)+1)
-	for _, r := range existing {
-		others = append(others, r.endpoint())
-	}
-	others = withoutAttachment(others, args.ContainerID, args.IfName)
 	if err := conf.syncPolicy(dp, append(others, ep)); err != nil {
 		return err
 	}

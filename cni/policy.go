@@ -92,14 +92,19 @@ func (c *NetConf) syncPolicyAfterDel(dp datapath.Datapath, eps []*datapath.Endpo
 	return c.Network().Sync(enf, eps)
 }
 
-// withoutAttachment returns eps without the attachment (containerID,
-// ifname).
-func withoutAttachment(eps []*datapath.Endpoint, containerID, ifname string) []*datapath.Endpoint {
-	out := make([]*datapath.Endpoint, 0, len(eps))
-	for _, ep := range eps {
-		if ep.ContainerID != containerID || ep.IfName != ifname {
-			out = append(out, ep)
+// endpointsWithout returns the datapath endpoints of the network's records
+// but the attachment (containerID, ifname): the pods an ADD of that
+// attachment finds already there (a record of its own is a retried ADD's).
+func (rs records) endpointsWithout(containerID, ifname string) ([]*datapath.Endpoint, error) {
+	existing, err := rs.list()
+	if err != nil {
+		return nil, err
+	}
+	out := make([]*datapath.Endpoint, 0, len(existing)+1)
+	for _, r := range existing {
+		if r.ContainerID != containerID || r.IfName != ifname {
+			out = append(out, r.endpoint())
 		}
 	}
-	return out
+	return out, nil
 }
