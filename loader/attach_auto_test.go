@@ -10,8 +10,6 @@ import (
 	"github.com/containernetworking/plugins/pkg/ns"
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
-
-	"github.com/ternlabs/tern/internal/testutil"
 )
 
 // TestAttachClsactFirst: auto mode's choice for an unshaped pod attaches a
@@ -19,11 +17,7 @@ import (
 // (an ingress qdisc, as the bandwidth plugin adds) or a foreign filter holds
 // Tern's priority; the foreign qdisc and filter are left as they were.
 func TestAttachClsactFirst(t *testing.T) {
-	testutil.RequirePrivileged(t)
-	n := testutil.NewNetNS(t, "ldr")
-	l := newLoader(t)
-	objs := load(t, l)
-	id := progID(t, objs)
+	n, l, objs, id := attachWorld(t, "ldr")
 	attachIn := func(v veth, mode Mode) Mode {
 		t.Helper()
 		return attachUsing(t, n, l, objs, v, mode)
@@ -103,11 +97,7 @@ func TestAttachClsactFirst(t *testing.T) {
 // link is updated, not joined by a filter, and a clsact filter replaced, not
 // joined by a TCX link; either would run the program twice.
 func TestAttachKeepsKind(t *testing.T) {
-	testutil.RequirePrivileged(t)
-	n := testutil.NewNetNS(t, "ldr")
-	l := newLoader(t)
-	objs := load(t, l)
-	id := progID(t, objs)
+	n, l, objs, id := attachWorld(t, "ldr")
 	for _, tc := range []struct {
 		first, again, want Mode
 	}{
@@ -148,11 +138,7 @@ func TestAttachKeepsKind(t *testing.T) {
 // already there, it reports false and the attach checks and falls back to
 // TCX as without it, leaving the foreign qdisc and filter alone.
 func TestPrepareClsact(t *testing.T) {
-	testutil.RequirePrivileged(t)
-	n := testutil.NewNetNS(t, "ldp")
-	l := newLoader(t)
-	objs := load(t, l)
-	id := progID(t, objs)
+	n, l, objs, id := attachWorld(t, "ldp")
 	prepare := func(v veth) bool {
 		t.Helper()
 		var fresh bool

@@ -209,6 +209,18 @@ func checkAttached(n ns.NetNS, l *Loader, objs *Objects, v veth) error {
 	})
 }
 
+// attachWorld is the set-up of the attach tests: a network namespace
+// (named after prefix), a loader with its objects loaded, and the ID of
+// the pod ingress program they attach.
+func attachWorld(t *testing.T, prefix string) (ns.NetNS, *Loader, *Objects, ebpf.ProgramID) {
+	t.Helper()
+	testutil.RequirePrivileged(t)
+	n := testutil.NewNetNS(t, prefix)
+	l := newLoader(t)
+	objs := load(t, l)
+	return n, l, objs, progID(t, objs)
+}
+
 // attachUsing attaches the pod ingress program to v in mode, inside n, and
 // returns the mode the loader used (auto modes choose one).
 func attachUsing(t *testing.T, n ns.NetNS, l *Loader, objs *Objects, v veth, mode Mode) Mode {
@@ -359,11 +371,7 @@ func TestLoadConcurrent(t *testing.T) {
 }
 
 func TestAttachTCX(t *testing.T) {
-	testutil.RequirePrivileged(t)
-	n := testutil.NewNetNS(t, "ldr")
-	l := newLoader(t)
-	objs := load(t, l)
-	id := progID(t, objs)
+	n, l, objs, id := attachWorld(t, "ldr")
 	v := addVeth(t, n)
 
 	attach(t, n, l, objs, v, ModeTCX)
@@ -402,11 +410,7 @@ func TestAttachTCX(t *testing.T) {
 // TestAttachTCXAgain: attaching again replaces the attachment, right away
 // (a retried ADD), with exactly one program left running.
 func TestAttachTCXAgain(t *testing.T) {
-	testutil.RequirePrivileged(t)
-	n := testutil.NewNetNS(t, "ldr")
-	l := newLoader(t)
-	objs := load(t, l)
-	id := progID(t, objs)
+	n, l, objs, id := attachWorld(t, "ldr")
 	v := addVeth(t, n)
 
 	for range 3 {
@@ -435,11 +439,7 @@ func TestAttachTCXAgain(t *testing.T) {
 // TestAttachTCXRecreatedInterface: a link pin left by a deleted interface
 // of the same name does not stop the new interface from being attached.
 func TestAttachTCXRecreatedInterface(t *testing.T) {
-	testutil.RequirePrivileged(t)
-	n := testutil.NewNetNS(t, "ldr")
-	l := newLoader(t)
-	objs := load(t, l)
-	id := progID(t, objs)
+	n, l, objs, id := attachWorld(t, "ldr")
 	v := addVeth(t, n)
 	attach(t, n, l, objs, v, ModeTCX)
 	delLink(t, n, v)
@@ -468,11 +468,7 @@ func TestAttachTCXRecreatedInterface(t *testing.T) {
 }
 
 func TestAttachLegacy(t *testing.T) {
-	testutil.RequirePrivileged(t)
-	n := testutil.NewNetNS(t, "ldr")
-	l := newLoader(t)
-	objs := load(t, l)
-	id := progID(t, objs)
+	n, l, objs, id := attachWorld(t, "ldr")
 	v := addVeth(t, n)
 
 	attach(t, n, l, objs, v, ModeLegacy)
