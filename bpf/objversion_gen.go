@@ -3,4 +3,4 @@
 package bpf
 
 // objectVersion is objhash.Sum of the embedded objects (ObjectVersion).
-const objectVersion = "b649d7c42bb3"
+const objectVersion = "4014cac6c47d"

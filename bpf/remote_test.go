@@ -2,6 +2,7 @@ package bpf
 
 import (
 	"bytes"
+	"fmt"
 	"net"
 	"net/netip"
 	"testing"
@@ -163,16 +164,7 @@ func TestRemote(t *testing.T) {
 		// stack, whose conntrack reverses the DNAT, not into b.
 		name: "remote backend's answer to a stack-DNATed flow, native", remote: "native",
 		run: func(t *testing.T) (uint32, []byte) {
-			k, hi := stackKey(w.b.ip, 53, natOtherPod, 4000, unix.IPPROTO_UDP)
-			e := TernPolicyCtEntry{LastSeen: natMonoNow(t)}
-			if hi {
-				e.Flags = uint16(TernPolicyCtFlagsPOLICY_CT_F_ORIG_HI)
-			}
-			m := w.maps[TernMapTernStackCt]
-			if err := m.Put(k, e); err != nil {
-				t.Fatal(err)
-			}
-			t.Cleanup(func() { _ = m.Delete(k) })
+			noteStackFlow(t, w.maps, w.b.ip, 53, natOtherPod, 4000, unix.IPPROTO_UDP, 0)
 			return w.fromUplinkRun(t, udpTo(natOtherPod, w.b.ip, 0))
 		},
 		wantVerdict: natActOK, wantMetric: TernMetricMETRIC_REMOTE_STACK_REPLY,
@@ -226,4 +218,103 @@ func TestRemote(t *testing.T) {
 			}
 		})
 	}
+}
+
+// TestStackOwnedHint: a flow's policy conntrack entry remembers that the
+// host stack has no part in it (POLICY_CT_F_NO_STACK, set when stack_owned
+// found no tern_stack_ct flow), and the flow's later packets skip that
+// lookup, both ways across nodes: a pod's packet to a remote pod
+// (tern_from_pod) and a remote pod's packet to a local one
+// (tern_from_uplink). A tern_stack_ct entry written under the mark (not as
+// stack_note_delivered writes it: it clears the mark) is not seen: the
+// proof that the lookup is skipped. Written as stack_note_delivered
+// writes it, the flow's packets go to the stack again. A flow the stack
+// delivered first never gets the mark.
+func TestStackOwnedHint(t *testing.T) {
+	w := newRemoteWorld(t)
+	udpP := uint8(unix.IPPROTO_UDP)
+	noStack := uint16(TernPolicyCtFlagsPOLICY_CT_F_NO_STACK)
+	policyFlags := func(t *testing.T, a netip.Addr, ap uint16, b netip.Addr, bp uint16) uint16 {
+		t.Helper()
+		k, _ := stackKey(a, ap, b, bp, udpP)
+		var e TernPolicyCtEntry
+		if err := w.maps[TernMapTernPolicyCtOther].Lookup(k, &e); err != nil {
+			t.Fatalf("no policy conntrack entry for %v:%d <-> %v:%d: %v", a, ap, b, bp, err)
+		}
+		return e.Flags
+	}
+	plantRaw := func(t *testing.T, a netip.Addr, ap uint16, b netip.Addr, bp uint16) {
+		t.Helper()
+		k, hi := stackKey(a, ap, b, bp, udpP)
+		e := TernPolicyCtEntry{LastSeen: natMonoNow(t)}
+		if hi {
+			e.Flags = uint16(TernPolicyCtFlagsPOLICY_CT_F_ORIG_HI)
+		}
+		if err := w.maps[TernMapTernStackCt].Put(k, e); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { _ = w.maps[TernMapTernStackCt].Delete(k) })
+	}
+	want := func(t *testing.T, what string, got, want uint32) {
+		t.Helper()
+		if got != want {
+			t.Errorf("%s: verdict %#x, want %#x", what, got, want)
+		}
+	}
+
+	for _, c := range []struct {
+		name   string
+		run    func(t *testing.T) uint32
+		a      netip.Addr // the flow's ends, as stackKey takes them
+		ap, bp uint16
+		b      netip.Addr
+	}{{
+		name: "pod to remote pod (tern_from_pod)",
+		run: func(t *testing.T) uint32 {
+			v, _ := w.fromPodRun(t, w.a, natPkt{dst: natOtherPod, proto: udpP, sport: 41000, dport: 53, payload: []byte("hint")})
+			return v
+		},
+		a: w.a.ip, ap: 41000, b: natOtherPod, bp: 53,
+	}, {
+		name: "remote pod to pod (tern_from_uplink)",
+		run: func(t *testing.T) uint32 {
+			v, _ := w.fromUplinkRun(t, natPkt{src: natOtherPod, dst: w.b.ip, proto: udpP, sport: 41001, dport: 53, payload: []byte("hint")})
+			return v
+		},
+		a: natOtherPod, ap: 41001, b: w.b.ip, bp: 53,
+	}} {
+		t.Run(c.name, func(t *testing.T) {
+			w.reset(t)
+			w.setRemote(t, false)
+			want(t, "first packet", c.run(t), natActRedirect)
+			if f := policyFlags(t, c.a, c.ap, c.b, c.bp); f&noStack == 0 {
+				t.Fatalf("policy conntrack flags %#x after the first packet, want NO_STACK", f)
+			}
+			plantRaw(t, c.a, c.ap, c.b, c.bp)
+			want(t, "under the mark, a tern_stack_ct entry written past stack_note_delivered", c.run(t), natActRedirect)
+			noteStackFlow(t, w.maps, c.a, c.ap, c.b, c.bp, udpP, 0)
+			want(t, "after stack_note_delivered", c.run(t), natActOK)
+			if f := policyFlags(t, c.a, c.ap, c.b, c.bp); f&noStack != 0 {
+				t.Errorf("policy conntrack flags %#x after a packet to the stack, want no NO_STACK", f)
+			}
+		})
+	}
+
+	t.Run("a flow the stack delivered first", func(t *testing.T) {
+		w.reset(t)
+		w.setRemote(t, false)
+		// The stack DNATed a:41002 -> ClusterIP to the remote pod
+		// (tern_to_uplink recorded it); its answers come back to a.
+		noteStackFlow(t, w.maps, w.a.ip, 41002, natOtherPod, 53, udpP, 0)
+		answer := func(t *testing.T) uint32 {
+			v, _ := w.fromUplinkRun(t, natPkt{src: natOtherPod, dst: w.a.ip, proto: udpP, sport: 53, dport: 41002, payload: []byte("hint")})
+			return v
+		}
+		for i := range 2 {
+			want(t, fmt.Sprintf("answer %d", i+1), answer(t), natActOK)
+		}
+		if f := policyFlags(t, w.a.ip, 41002, natOtherPod, 53); f&noStack != 0 {
+			t.Errorf("policy conntrack flags %#x, want no NO_STACK", f)
+		}
+	})
 }

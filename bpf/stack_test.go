@@ -37,17 +37,38 @@ func stackKey(a netip.Addr, ap uint16, b netip.Addr, bp uint16, proto uint8) (Te
 	return TernPolicyCtKey{LoAddr: sa, HiAddr: sb, LoPort: pa, HiPort: pb, Proto: proto}, false
 }
 
-// noteDelivered writes the entry tern_to_pod writes when the stack
-// delivers orig's flow (from:fp to to:tp) into a pod, last seen age ago.
+// noteDelivered does what tern_to_pod does when the stack delivers orig's
+// flow (from:fp to to:tp) into a pod: noteStackFlow, last seen age ago.
 func (w *polTest) noteDelivered(t *testing.T, from netip.Addr, fp uint16, to netip.Addr, tp uint16, proto uint8, age time.Duration) {
+	t.Helper()
+	noteStackFlow(t, w.objs.maps, from, fp, to, tp, proto, age)
+}
+
+// noteStackFlow does what stack_note_delivered does for the flow from:fp
+// -> to:tp (tern_to_pod, tern_to_uplink; unreachable in BPF_PROG_TEST_RUN,
+// whose packets carry no conntrack entry): the tern_stack_ct entry, last
+// seen age ago, and the flow's policy conntrack entry, if any, cleared of
+// POLICY_CT_F_NO_STACK.
+func noteStackFlow(t *testing.T, maps map[string]*ebpf.Map, from netip.Addr, fp uint16, to netip.Addr, tp uint16, proto uint8, age time.Duration) {
 	t.Helper()
 	k, hi := stackKey(from, fp, to, tp, proto)
 	e := TernPolicyCtEntry{LastSeen: natMonoNow(t) - uint64(age)}
 	if hi {
 		e.Flags = uint16(TernPolicyCtFlagsPOLICY_CT_F_ORIG_HI)
 	}
-	if err := w.objs.maps[TernMapTernStackCt].Put(k, e); err != nil {
+	if err := maps[TernMapTernStackCt].Put(k, e); err != nil {
 		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = maps[TernMapTernStackCt].Delete(k) })
+	for _, name := range []string{TernMapTernPolicyCt, TernMapTernPolicyCtOther} {
+		var pe TernPolicyCtEntry
+		if err := maps[name].Lookup(k, &pe); err != nil {
+			continue
+		}
+		pe.Flags &^= uint16(TernPolicyCtFlagsPOLICY_CT_F_NO_STACK)
+		if err := maps[name].Put(k, pe); err != nil {
+			t.Fatal(err)
+		}
 	}
 }
 

@@ -392,6 +392,7 @@ int tern_from_pod(struct __sk_buff *skb)
 	struct lb_pkt lp = {};
 	struct ip4 ip;
 	__be16 ip_id;
+	int no_stack = 0; /* policy: no flow of the host stack (stack_owned) */
 	int v;
 
 	/* A tag the veth's receive path took off (skb_vlan_untag): the
@@ -464,16 +465,21 @@ int tern_from_pod(struct __sk_buff *skb)
 
 	/* A Service address (never a pod's): kube-proxy's DNAT in the host
 	 * stack decides where it goes, and policy is decided on the
-	 * translated packet (tern_to_pod, lib/stack.h). */
+	 * translated packet (tern_to_pod, lib/stack.h). A pod of this node or
+	 * of another is not asked about: pod and Service CIDRs are disjoint
+	 * in a working cluster (kube-proxy's rules would take the pods'
+	 * packets too), and the pod-to-pod paths skip a lookup. */
 	dst = bpf_map_lookup_elem(&tern_endpoints, &ip.daddr);
-	if (!dst && to_service_cidr(ip.daddr)) {
+	rn = dst ? NULL : remote_lookup(ip.daddr);
+	if (!dst && !rn && to_service_cidr(ip.daddr)) {
 		count(METRIC_PASS_SERVICE, skb->len);
 		return TERN_PASS;
 	}
 
 	/* NetworkPolicy, once the source is known to be this pod's own (a
 	 * forged source would be policed as the pod it claims to be). */
-	if (!policy_pass(skb, ip.saddr, ip.daddr, ip.proto, ip.ihl, ip.frag_off, ip_id))
+	if (!policy_pass_flow(skb, ip.saddr, ip.daddr, ip.saddr, ip.proto, ip.ihl, ip.frag_off, ip_id,
+			      &no_stack))
 		return TC_ACT_SHOT;
 
 	/* A backend's answer to a Service flow: from the Service address
@@ -495,7 +501,7 @@ int tern_from_pod(struct __sk_buff *skb)
 	if (dst) {
 		/* An answer to a flow the stack delivered (e.g. DNATed from a
 		 * ClusterIP): only the stack can translate it back. */
-		if (stack_owned(skb, ip.saddr, ip.daddr, ip.proto, ip.ihl, ip.frag_off)) {
+		if (!no_stack && stack_owned(skb, ip.saddr, ip.daddr, ip.proto, ip.ihl, ip.frag_off)) {
 			count(METRIC_PASS_STACK_REPLY, skb->len);
 			return TERN_PASS;
 		}
@@ -506,9 +512,8 @@ int tern_from_pod(struct __sk_buff *skb)
 	 * never masqueraded; but an answer to a flow this node's stack
 	 * delivered (a NodePort or hostPort hit from that pod) goes back
 	 * through the stack, which reverses its DNAT. */
-	rn = remote_lookup(ip.daddr);
 	if (rn) {
-		if (stack_owned(skb, ip.saddr, ip.daddr, ip.proto, ip.ihl, ip.frag_off)) {
+		if (!no_stack && stack_owned(skb, ip.saddr, ip.daddr, ip.proto, ip.ihl, ip.frag_off)) {
 			count(METRIC_PASS_STACK_REPLY, skb->len);
 			return TERN_PASS;
 		}
@@ -522,7 +527,7 @@ int tern_from_pod(struct __sk_buff *skb)
 	cfg = node_config();
 	if (cfg && cfg->node_ip && cfg->uplink_ifindex && (src->flags & ENDPOINT_F_MASQ) &&
 	    !multicast_or_broadcast(ip.daddr) && !nomasq(ip.daddr)) {
-		if (stack_owned(skb, ip.saddr, ip.daddr, ip.proto, ip.ihl, ip.frag_off)) {
+		if (!no_stack && stack_owned(skb, ip.saddr, ip.daddr, ip.proto, ip.ihl, ip.frag_off)) {
 			count(METRIC_PASS_STACK_REPLY, skb->len);
 			return TERN_PASS;
 		}

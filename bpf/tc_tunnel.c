@@ -120,7 +120,5 @@ no_pod:
 		if (ret != LB_CONTINUE)
 			return ret;
 	}
-	if (xnode_stack_reply(skb, &lp, 1))
-		return TERN_PASS;
-	return xnode_deliver(skb, ep, &lp);
+	return xnode_deliver(skb, ep, &lp, 1);
 }

@@ -302,9 +302,7 @@ int tern_from_uplink(struct __sk_buff *skb)
 			struct lb_pkt rp = { .saddr = saddr, .daddr = daddr, .frag_off = frag_off,
 					     .id = id, .proto = proto, .ihl = ihl, .ttl = ttl };
 
-			if (xnode_stack_reply(skb, &rp, 0))
-				return TERN_PASS;
-			return xnode_deliver(skb, ep, &rp);
+			return xnode_deliver(skb, ep, &rp, 0);
 		}
 	}
 

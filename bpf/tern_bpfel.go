@@ -323,6 +323,7 @@ const (
 	TernPolicyCtFlagsPOLICY_CT_F_RST        TernPolicyCtFlags = 16
 	TernPolicyCtFlagsPOLICY_CT_F_SEQ_ORIG   TernPolicyCtFlags = 32
 	TernPolicyCtFlagsPOLICY_CT_F_SEQ_REPLY  TernPolicyCtFlags = 64
+	TernPolicyCtFlagsPOLICY_CT_F_NO_STACK   TernPolicyCtFlags = 128
 )
 
 type TernPolicyCtKey struct {

@@ -241,6 +241,11 @@ enum policy_ct_flags {
 	POLICY_CT_F_RST = 1 << 4,        /* TCP RST either way */
 	POLICY_CT_F_SEQ_ORIG = 1 << 5,   /* seq_hi[0] holds the originator's sequence */
 	POLICY_CT_F_SEQ_REPLY = 1 << 6,  /* seq_hi[1] holds the responder's sequence */
+	/* tern_stack_ct had no entry for the flow when a packet of it was
+	 * checked (lib/stack.h stack_owned), and none was written since
+	 * (stack_note_delivered clears it): its later packets skip that
+	 * lookup. Flows the host stack delivered never get it. */
+	POLICY_CT_F_NO_STACK = 1 << 7,
 };
 
 /* policy_frag_key: key of tern_policy_frag. A non-first IPv4 fragment has

@@ -418,10 +418,14 @@ static __always_inline void policy_ends_of(struct ep_policy *src, struct ep_poli
  * caller has parsed (ihl, frag_off and id as in the header). peer is the
  * address that stands for the sender in the decision: saddr, except for a
  * packet the host stack source-NATed (lib/stack.h), where it is the
- * original client's. The flow is tracked under the packet's own tuple. */
+ * original client's. The flow is tracked under the packet's own tuple.
+ * no_stack (NULL: not asked; else the caller's 0) is set when the packet
+ * passed on a live entry marked POLICY_CT_F_NO_STACK: the caller need not
+ * ask stack_owned about it. */
 static __always_inline enum policy_result policy_check(struct __sk_buff *skb, __be32 saddr,
 						       __be32 daddr, __be32 peer, __u8 proto,
-						       __u8 ihl, __be16 frag_off, __be16 id)
+						       __u8 ihl, __be16 frag_off, __be16 id,
+						       int *no_stack)
 {
 	struct ep_policy src = {}, dst = {};
 	struct policy_frag_key fkey = {};
@@ -509,6 +513,8 @@ static __always_inline enum policy_result policy_check(struct __sk_buff *skb, __
 				e->last_seen = now;
 			if ((flags | add) != flags)
 				e->flags = flags | add;
+			if (no_stack && (flags & POLICY_CT_F_NO_STACK))
+				*no_stack = 1;
 			goto pass;
 		}
 	}
@@ -556,14 +562,14 @@ pass:
 	return POLICY_PASS;
 }
 
-/* policy_pass_as enforces policy on a packet, peer standing for the sender
- * (see policy_check): it returns 1 when the packet may go on, 0 when it
- * must be dropped (counted by reason). */
-static __always_inline int policy_pass_as(struct __sk_buff *skb, __be32 saddr, __be32 daddr,
-					  __be32 peer, __u8 proto, __u8 ihl, __be16 frag_off,
-					  __be16 id)
+/* policy_pass_flow enforces policy on a packet, peer standing for the
+ * sender (see policy_check, also for no_stack): it returns 1 when the
+ * packet may go on, 0 when it must be dropped (counted by reason). */
+static __always_inline int policy_pass_flow(struct __sk_buff *skb, __be32 saddr, __be32 daddr,
+					    __be32 peer, __u8 proto, __u8 ihl, __be16 frag_off,
+					    __be16 id, int *no_stack)
 {
-	switch (policy_check(skb, saddr, daddr, peer, proto, ihl, frag_off, id)) {
+	switch (policy_check(skb, saddr, daddr, peer, proto, ihl, frag_off, id, no_stack)) {
 	case POLICY_PASS:
 		return 1;
 	case POLICY_DROP_EGRESS:
@@ -584,6 +590,14 @@ static __always_inline int policy_pass_as(struct __sk_buff *skb, __be32 saddr, _
 		count(METRIC_DROP_TRUNCATED, skb->len);
 		return 0;
 	}
+}
+
+/* policy_pass_as is policy_pass_flow without the conntrack's hint. */
+static __always_inline int policy_pass_as(struct __sk_buff *skb, __be32 saddr, __be32 daddr,
+					  __be32 peer, __u8 proto, __u8 ihl, __be16 frag_off,
+					  __be16 id)
+{
+	return policy_pass_flow(skb, saddr, daddr, peer, proto, ihl, frag_off, id, NULL);
 }
 
 /* policy_pass enforces policy on a packet as its sender sent it. */

@@ -96,19 +96,6 @@ static __always_inline int remote_forward(struct __sk_buff *skb, const struct re
 	return redirect_neigh_v4(&fib);
 }
 
-/* remote_deliver hands a packet from a pod of another node to the local pod
- * ep: the pod's ingress policy (the sender's egress was decided on its own
- * node), then bpf_redirect_peer, skipping the host stack and the pod
- * veth's egress program. Returns a tc verdict. */
-static __always_inline int remote_deliver(struct __sk_buff *skb, const struct endpoint *ep,
-					  __be32 saddr, __be32 daddr, __u8 proto, __u8 ihl,
-					  __be16 frag_off, __be16 id, __u8 ttl)
-{
-	if (!policy_pass(skb, saddr, daddr, proto, ihl, frag_off, id))
-		return TC_ACT_SHOT;
-	return deliver_to_endpoint(skb, ep, ttl, METRIC_FROM_REMOTE);
-}
-
 /* tunnel_from_owner reports whether a decapsulated packet with inner source
  * saddr came from the node that owns saddr's pod CIDR: the tunnel key's
  * remote address (the outer source) must be that node's IP. No key (not

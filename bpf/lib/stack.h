@@ -244,10 +244,25 @@ static __always_inline int stack_error_owned(struct __sk_buff *skb, const struct
 	return e && !policy_ct_expired(e, bpf_ktime_get_coarse_ns(), inner.protocol);
 }
 
+/* stack_mark_no_stack marks the policy conntrack entry of key (the same
+ * key as tern_stack_ct's) POLICY_CT_F_NO_STACK: stack_owned found no flow
+ * of the host stack under it. Once per flow (and again after its entry was
+ * replaced): policy_check reports the mark, and its callers skip
+ * stack_owned for the flow's later packets. */
+static __always_inline void stack_mark_no_stack(__u8 proto, const struct policy_ct_key *key)
+{
+	struct policy_ct_entry *pe = policy_ct_lookup(proto, key);
+
+	/* A plain store, as policy_check's flag updates: a flag another CPU
+	 * set at the same moment may be lost, and is set again. */
+	if (pe && !(pe->flags & POLICY_CT_F_NO_STACK))
+		pe->flags |= POLICY_CT_F_NO_STACK;
+}
+
 /* stack_owned reports whether the packet saddr -> daddr (a pod's, at
  * tern_from_pod) answers a flow the host stack delivered into the pod, and
- * refreshes that flow. Its cost on the fast path: parsing the L4 header and
- * one hash lookup. */
+ * refreshes that flow. Its cost: parsing the L4 header and one hash lookup;
+ * on no flow, the mark that spares the flow's later packets both (above). */
 static __always_inline int stack_owned(struct __sk_buff *skb, __be32 saddr, __be32 daddr, __u8 proto,
 				       __u8 ihl, __be16 frag_off)
 {
@@ -267,11 +282,11 @@ static __always_inline int stack_owned(struct __sk_buff *skb, __be32 saddr, __be
 	flow_ports(&l4, &sport, &dport);
 	hi = policy_ct_key_of(&key, saddr, daddr, sport, dport, proto);
 	e = bpf_map_lookup_elem(&tern_stack_ct, &key);
-	if (!e)
+	now = e ? bpf_ktime_get_coarse_ns() : 0;
+	if (!e || policy_ct_expired(e, now, proto)) {
+		stack_mark_no_stack(proto, &key);
 		return 0;
-	now = bpf_ktime_get_coarse_ns();
-	if (policy_ct_expired(e, now, proto))
-		return 0;
+	}
 	{
 		int reply = !(e->flags & POLICY_CT_F_ORIG_HI) != !hi;
 		__u16 add = policy_tcp_flags(&l4, reply) | (reply ? POLICY_CT_F_SEEN_REPLY : 0);
@@ -312,13 +327,24 @@ static __always_inline void stack_note_delivered(struct __sk_buff *skb, __be32 s
 	if (e && !policy_ct_expired(e, now, proto) && !(l4.proto == IPPROTO_TCP && (l4.tcp_flags & TCP_FLAG_SYN))) {
 		if (now > e->last_seen + CT_REFRESH_NS)
 			e->last_seen = now;
-		return;
+	} else {
+		ne.last_seen = now;
+		ne.flags = (hi ? POLICY_CT_F_ORIG_HI : 0) | policy_tcp_flags(&l4, 0);
+		/* Failing (no free LRU node), the answers take the fast
+		 * path: the flow breaks as it did without this, nothing
+		 * opens. */
+		if (bpf_map_update_elem(&tern_stack_ct, &key, &ne, BPF_ANY) < 0)
+			return;
 	}
-	ne.last_seen = now;
-	ne.flags = (hi ? POLICY_CT_F_ORIG_HI : 0) | policy_tcp_flags(&l4, 0);
-	/* Failing (no free LRU node), the answers take the fast path: the
-	 * flow breaks as it did without this, nothing opens. */
-	bpf_map_update_elem(&tern_stack_ct, &key, &ne, BPF_ANY);
+	/* A mark of the flow's policy entry (stack_mark_no_stack: a packet
+	 * of the same tuple checked while the stack had no such flow, e.g.
+	 * its entry was evicted, or checked in the instant before it was
+	 * written) would send the answers past the stack. Cleared after the
+	 * write, on every packet the stack delivers: its slow path pays one
+	 * more lookup, the fast path none. */
+	e = policy_ct_lookup(proto, &key);
+	if (e && (e->flags & POLICY_CT_F_NO_STACK))
+		e->flags &= ~POLICY_CT_F_NO_STACK;
 }
 
 /* stack_reply_tracked reports whether a reply the host stack reverse-

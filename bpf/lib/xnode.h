@@ -37,19 +37,46 @@ static __noinline int xnode_stack_reply(struct __sk_buff *skb, const struct lb_p
 	return 1;
 }
 
-/* xnode_deliver hands p (from another node's pod, not a stack reply) to
- * the local pod ep: ep's ingress policy (the sender's egress was decided on
- * its own node), then bpf_redirect_peer (remote_deliver). In a frame of its
- * own, called from the program itself (not from xnode_stack_reply's
- * frame): the verifier bounds a frame plus its deepest chain of callees to
- * 512 bytes. Returns a tc verdict. */
-static __noinline int xnode_deliver(struct __sk_buff *skb, const struct endpoint *ep,
-				    const struct lb_pkt *p)
+/* xnode_policy decides p, from another node's pod, with the local pod's
+ * ingress policy (the sender's egress was decided on its own node).
+ * Returns XNODE_DROP, XNODE_PASS, or XNODE_PASS_NO_STACK when the flow's
+ * conntrack entry says the host stack has no part in it
+ * (POLICY_CT_F_NO_STACK). Out of line, and not calling xnode_stack_reply
+ * itself: the verifier bounds a frame plus its deepest chain of callees to
+ * 512 bytes, and policy's locals and stack_owned's would add up. */
+#define XNODE_DROP 0
+#define XNODE_PASS 1
+#define XNODE_PASS_NO_STACK 2
+static __noinline int xnode_policy(struct __sk_buff *skb, const struct lb_pkt *p)
 {
-	if (!ep || !p)
+	int no_stack = 0;
+
+	if (!p)
+		return XNODE_DROP;
+	if (!policy_pass_flow(skb, p->saddr, p->daddr, p->saddr, p->proto, p->ihl, p->frag_off,
+			      p->id, &no_stack))
+		return XNODE_DROP;
+	return no_stack ? XNODE_PASS_NO_STACK : XNODE_PASS;
+}
+
+/* xnode_deliver hands p, from another node's pod, to the local pod ep:
+ * policy (xnode_policy); then an answer to a flow the host stack DNATed
+ * (xnode_stack_reply) goes to the stack, anything else into the pod with
+ * bpf_redirect_peer. Policy comes first so that the flow's conntrack entry
+ * can spare most packets the tern_stack_ct lookup. The stack's answers meet
+ * the same decision as when the lookup came first: they pass on the entry
+ * tern_to_uplink made for their flow (without one, tern_to_pod would have
+ * decided them as a new flow too). Returns a tc verdict. */
+static __always_inline int xnode_deliver(struct __sk_buff *skb, const struct endpoint *ep,
+					 const struct lb_pkt *p, int to_host)
+{
+	int v = xnode_policy(skb, p);
+
+	if (v == XNODE_DROP)
 		return TC_ACT_SHOT;
-	return remote_deliver(skb, ep, p->saddr, p->daddr, p->proto, p->ihl, p->frag_off, p->id,
-			      p->ttl);
+	if (v != XNODE_PASS_NO_STACK && xnode_stack_reply(skb, p, to_host))
+		return TERN_PASS;
+	return deliver_to_endpoint(skb, ep, p->ttl, METRIC_FROM_REMOTE);
 }
 
 #endif /* TERN_XNODE_H */

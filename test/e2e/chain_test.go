@@ -206,8 +206,12 @@ func udpEchoServer(t *testing.T, n ns.NetNS, port int) {
 }
 
 // udpEchoVia sends datagrams from n to addr until one comes back (5 s).
-func udpEchoVia(n ns.NetNS, addr string) error {
-	c, err := dialFrom(n, "udp", addr, 0)
+func udpEchoVia(n ns.NetNS, addr string) error { return udpEchoFrom(n, addr, 0) }
+
+// udpEchoFrom is udpEchoVia from local port lport (0: any). The socket is
+// connected to addr: an answer from any other address is not read.
+func udpEchoFrom(n ns.NetNS, addr string, lport int) error {
+	c, err := dialFrom(n, "udp", addr, lport)
 	if err != nil {
 		return err
 	}

@@ -229,6 +229,33 @@ func TestServicesKubeProxy(t *testing.T) {
 	}
 }
 
+// TestServicesAfterDirectFlow: a pod's socket talks to a backend pod
+// directly, then, from the same port, to the backend's ClusterIP: once the
+// stack has DNATed it, the second flow has the first one's tuple, and its
+// answers must come back through the stack, from the ClusterIP. On the eBPF
+// datapath the first flow's policy conntrack entry was marked "no flow of
+// the host stack" (POLICY_CT_F_NO_STACK, which spares later packets the
+// tern_stack_ct lookup); the stack's delivery of the second flow clears it,
+// or the backend's answers would go past the stack, from its own address,
+// and the client's socket (connected to the ClusterIP) would never read
+// them.
+func TestServicesAfterDirectFlow(t *testing.T) {
+	for _, dp := range []string{"iptables", "ebpf"} {
+		t.Run(dp, func(t *testing.T) {
+			testutil.RequirePrivileged(t)
+			t.Parallel()
+			w := newSvcWorld(t, dp)
+			const port = 41053
+			if err := udpEchoFrom(w.a.NS, net.JoinHostPort(w.b.IP, "53"), port); err != nil {
+				t.Fatalf("A:%d -> B:53 directly: %v", port, err)
+			}
+			if err := udpEchoFrom(w.a.NS, net.JoinHostPort(svcWeb, "53"), port); err != nil {
+				t.Fatalf("A:%d -> %s:53 (DNATed to B:53) after the direct flow: %v", port, svcWeb, err)
+			}
+		})
+	}
+}
+
 func testServicesKubeProxy(t *testing.T, dp string) {
 	w := newSvcWorld(t, dp)
 	a, b, c := w.a, w.b, w.c
