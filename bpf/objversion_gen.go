@@ -3,4 +3,4 @@
 package bpf
 
 // objectVersion is objhash.Sum of the embedded objects (ObjectVersion).
-const objectVersion = "4014cac6c47d"
+const objectVersion = "9693c77cb23d"

@@ -243,18 +243,6 @@ func TestStackOwnedHint(t *testing.T) {
 		}
 		return e.Flags
 	}
-	plantRaw := func(t *testing.T, a netip.Addr, ap uint16, b netip.Addr, bp uint16) {
-		t.Helper()
-		k, hi := stackKey(a, ap, b, bp, udpP)
-		e := TernPolicyCtEntry{LastSeen: natMonoNow(t)}
-		if hi {
-			e.Flags = uint16(TernPolicyCtFlagsPOLICY_CT_F_ORIG_HI)
-		}
-		if err := w.maps[TernMapTernStackCt].Put(k, e); err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { _ = w.maps[TernMapTernStackCt].Delete(k) })
-	}
 	want := func(t *testing.T, what string, got, want uint32) {
 		t.Helper()
 		if got != want {
@@ -290,7 +278,7 @@ func TestStackOwnedHint(t *testing.T) {
 			if f := policyFlags(t, c.a, c.ap, c.b, c.bp); f&noStack == 0 {
 				t.Fatalf("policy conntrack flags %#x after the first packet, want NO_STACK", f)
 			}
-			plantRaw(t, c.a, c.ap, c.b, c.bp)
+			putStackFlow(t, w.maps, c.a, c.ap, c.b, c.bp, udpP, 0)
 			want(t, "under the mark, a tern_stack_ct entry written past stack_note_delivered", c.run(t), natActRedirect)
 			noteStackFlow(t, w.maps, c.a, c.ap, c.b, c.bp, udpP, 0)
 			want(t, "after stack_note_delivered", c.run(t), natActOK)

@@ -51,15 +51,7 @@ func (w *polTest) noteDelivered(t *testing.T, from netip.Addr, fp uint16, to net
 // POLICY_CT_F_NO_STACK.
 func noteStackFlow(t *testing.T, maps map[string]*ebpf.Map, from netip.Addr, fp uint16, to netip.Addr, tp uint16, proto uint8, age time.Duration) {
 	t.Helper()
-	k, hi := stackKey(from, fp, to, tp, proto)
-	e := TernPolicyCtEntry{LastSeen: natMonoNow(t) - uint64(age)}
-	if hi {
-		e.Flags = uint16(TernPolicyCtFlagsPOLICY_CT_F_ORIG_HI)
-	}
-	if err := maps[TernMapTernStackCt].Put(k, e); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = maps[TernMapTernStackCt].Delete(k) })
+	k := putStackFlow(t, maps, from, fp, to, tp, proto, age)
 	for _, name := range []string{TernMapTernPolicyCt, TernMapTernPolicyCtOther} {
 		var pe TernPolicyCtEntry
 		if err := maps[name].Lookup(k, &pe); err != nil {
@@ -70,6 +62,23 @@ func noteStackFlow(t *testing.T, maps map[string]*ebpf.Map, from netip.Addr, fp 
 			t.Fatal(err)
 		}
 	}
+}
+
+// putStackFlow writes only the tern_stack_ct entry of the flow from:fp ->
+// to:tp, last seen age ago (removed at the end of the test), and returns
+// its key.
+func putStackFlow(t *testing.T, maps map[string]*ebpf.Map, from netip.Addr, fp uint16, to netip.Addr, tp uint16, proto uint8, age time.Duration) TernPolicyCtKey {
+	t.Helper()
+	k, hi := stackKey(from, fp, to, tp, proto)
+	e := TernPolicyCtEntry{LastSeen: natMonoNow(t) - uint64(age)}
+	if hi {
+		e.Flags = uint16(TernPolicyCtFlagsPOLICY_CT_F_ORIG_HI)
+	}
+	if err := maps[TernMapTernStackCt].Put(k, e); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = maps[TernMapTernStackCt].Delete(k) })
+	return k
 }
 
 func (w *polTest) serviceCIDR(t *testing.T, cidr string) {

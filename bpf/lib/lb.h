@@ -264,6 +264,12 @@ struct lb_pkt {
 	__be16 fe_port;
 	__u8 reply;
 	__u8 pad2;
+	/* An answer's L4 header as lb_reply_found saw it (valid with
+	 * LB_PKT_REPLY*): lb_reply rewrites it without parsing it again. */
+	__u16 l4_off;
+	__be16 sport;
+	__be16 dport;
+	__u16 pad3;
 };
 
 /* lb_pkt.reply. lb_from_pod looks the packet up in tern_lb_ct once, as
@@ -282,8 +288,8 @@ enum lb_pkt_reply {
  * it (which multiplied the states of policy and SNAT beyond its limit). */
 
 /* lb_reply_found records in p the frontend of a backend's answer whose
- * reply entry e was found (a hairpin's goes to lb_hairpin_reply instead)
- * and refreshes e. Returns -1 when e gives no way back: a hairpin entry,
+ * reply entry e was found (a hairpin's goes to lb_hairpin_reply instead),
+ * and the answer's L4 header l4, and refreshes e. Returns -1 when e gives no way back: a hairpin entry,
  * or an older object's entry (without LB_CT_F_FRONTEND) whose frontend is
  * gone from tern_lb_rev. */
 static __always_inline int lb_reply_found(struct lb_ct_entry *e, const struct l4 *l4, struct lb_pkt *p)
@@ -305,6 +311,9 @@ static __always_inline int lb_reply_found(struct lb_ct_entry *e, const struct l4
 		p->fe_port = fe->port;
 	}
 	p->reply = (e->flags & LB_CT_F_EXTERNAL) ? LB_PKT_REPLY_EXTERNAL : LB_PKT_REPLY;
+	p->l4_off = l4->off;
+	p->sport = l4->sport;
+	p->dport = l4->dport;
 	lb_ct_touch(e, bpf_ktime_get_coarse_ns(), tcp_close_flags(l4, NAT_F_FIN_REMOTE));
 	return 0;
 }
@@ -467,9 +476,9 @@ __noinline int lb_reply(struct __sk_buff *skb, const struct endpoint *src, struc
 	proto = p->proto;
 	if (proto != IPPROTO_TCP && proto != IPPROTO_UDP && proto != IPPROTO_SCTP)
 		return LB_CONTINUE;
-	if (parse_l4(skb, proto, p->ihl, p->frag_off, &l4) != L4_OK || l4.nonfirst)
-		return LB_CONTINUE;
 	if (p->reply == LB_PKT_LOOKUP) {
+		if (parse_l4(skb, proto, p->ihl, p->frag_off, &l4) != L4_OK || l4.nonfirst)
+			return LB_CONTINUE;
 		/* The key in the scratch map, not on the stack: this
 		 * function's frame adds to tern_from_pod's, and the verifier
 		 * bounds the sum. */
@@ -487,7 +496,8 @@ __noinline int lb_reply(struct __sk_buff *skb, const struct endpoint *src, struc
 		if (!e || !(e->flags & LB_CT_F_REPLY) || lb_reply_found(e, &l4, p) < 0)
 			return LB_CONTINUE;
 	}
-	if (lb_rewrite(skb, proto, l4.off, IP_SADDR_OFF, p->saddr, p->fe_addr, l4.off, l4.sport, p->fe_port) < 0)
+	if (lb_rewrite(skb, proto, p->l4_off, IP_SADDR_OFF, p->saddr, p->fe_addr, p->l4_off, p->sport,
+		       p->fe_port) < 0)
 		goto drop;
 	p->saddr = p->fe_addr;
 	count(METRIC_LB_REV_NAT, skb->len);
@@ -502,7 +512,7 @@ __noinline int lb_reply(struct __sk_buff *skb, const struct endpoint *src, struc
 	if (!s)
 		goto drop;
 	fib = (struct bpf_fib_lookup *)s->fib;
-	if (fib_lookup_v4(skb, fib, p->saddr, p->daddr, 0, proto, p->fe_port, l4.dport) !=
+	if (fib_lookup_v4(skb, fib, p->saddr, p->daddr, 0, proto, p->fe_port, p->dport) !=
 	    BPF_FIB_LKUP_RET_SUCCESS ||
 	    decrement_ttl_at(skb, p->ttl) < 0)
 		goto drop;
