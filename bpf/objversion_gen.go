@@ -3,4 +3,4 @@
 package bpf
 
 // objectVersion is objhash.Sum of the embedded objects (ObjectVersion).
-const objectVersion = "9693c77cb23d"
+const objectVersion = "5f7b22466d11"

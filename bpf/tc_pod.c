@@ -194,6 +194,18 @@ drop:
 	return TC_ACT_SHOT;
 }
 
+/* stack_answer reports (and counts) a packet that answers a flow the host
+ * stack delivered into the pod (lib/stack.h stack_owned): only the stack
+ * can translate it back. no_stack: policy found the flow marked as none
+ * of the stack's (POLICY_CT_F_NO_STACK), and the question is skipped. */
+static __always_inline int stack_answer(struct __sk_buff *skb, const struct ip4 *ip, int no_stack)
+{
+	if (no_stack || !stack_owned(skb, ip->saddr, ip->daddr, ip->proto, ip->ihl, ip->frag_off))
+		return 0;
+	count(METRIC_PASS_STACK_REPLY, skb->len);
+	return 1;
+}
+
 /* snat_lookup_now is snat_lookup (lib/nat.h) in a frame of its own, at the
  * current time: the port search (SipHash state, candidate ports) would
  * otherwise sit in tern_from_pod's frame, and the verifier bounds a frame
@@ -501,10 +513,8 @@ int tern_from_pod(struct __sk_buff *skb)
 	if (dst) {
 		/* An answer to a flow the stack delivered (e.g. DNATed from a
 		 * ClusterIP): only the stack can translate it back. */
-		if (!no_stack && stack_owned(skb, ip.saddr, ip.daddr, ip.proto, ip.ihl, ip.frag_off)) {
-			count(METRIC_PASS_STACK_REPLY, skb->len);
+		if (stack_answer(skb, &ip, no_stack))
 			return TERN_PASS;
-		}
 		return deliver_to_endpoint(skb, dst, ip.ttl, METRIC_REDIRECT_PEER);
 	}
 
@@ -513,10 +523,8 @@ int tern_from_pod(struct __sk_buff *skb)
 	 * delivered (a NodePort or hostPort hit from that pod) goes back
 	 * through the stack, which reverses its DNAT. */
 	if (rn) {
-		if (!no_stack && stack_owned(skb, ip.saddr, ip.daddr, ip.proto, ip.ihl, ip.frag_off)) {
-			count(METRIC_PASS_STACK_REPLY, skb->len);
+		if (stack_answer(skb, &ip, no_stack))
 			return TERN_PASS;
-		}
 		return remote_out(skb, rn, &ip);
 	}
 
@@ -527,10 +535,8 @@ int tern_from_pod(struct __sk_buff *skb)
 	cfg = node_config();
 	if (cfg && cfg->node_ip && cfg->uplink_ifindex && (src->flags & ENDPOINT_F_MASQ) &&
 	    !multicast_or_broadcast(ip.daddr) && !nomasq(ip.daddr)) {
-		if (!no_stack && stack_owned(skb, ip.saddr, ip.daddr, ip.proto, ip.ihl, ip.frag_off)) {
-			count(METRIC_PASS_STACK_REPLY, skb->len);
+		if (stack_answer(skb, &ip, no_stack))
 			return TERN_PASS;
-		}
 		return snat_out(skb, &ip, cfg);
 	}
 
