@@ -12,6 +12,8 @@ import (
 	"slices"
 	"strings"
 	"time"
+
+	ternbpf "github.com/ternlabs/tern/bpf"
 )
 
 const (
@@ -130,6 +132,8 @@ func (r *runner) buildPlugins(ctx context.Context, version string) map[string]st
 		if needTern {
 			if _, err := os.Stat(filepath.Join(r.binDir, "tern")); err != nil {
 				markTern("plugin tern not in --plugin-dir " + r.binDir)
+			} else if why := objectsMismatch(ctx, filepath.Join(r.binDir, "tern")); why != "" {
+				markTern(why)
 			}
 			if r.needTernctl() {
 				if _, err := os.Stat(filepath.Join(r.binDir, "ternctl")); err != nil {
@@ -161,6 +165,8 @@ func (r *runner) buildPlugins(ctx context.Context, version string) map[string]st
 		}
 		if err := r.buildTern(ctx); err != nil {
 			markTern("cmd/tern does not build: " + err.Error())
+		} else if why := objectsMismatch(ctx, filepath.Join(r.binDir, "tern")); why != "" {
+			markTern(why)
 		} else if r.needTernctl() {
 			if err := goRun(ctx, r.cfg.SourceDir, nil, "build", "-o", r.binDir+"/", "./cmd/ternctl"); err != nil {
 				r.noTernctl = "cmd/ternctl (which applies NetworkPolicy) does not build: " + err.Error()
@@ -206,6 +212,27 @@ func (r *runner) buildTern(ctx context.Context) error {
 		pkgs = append(pkgs, "./cmd/tern-ipam")
 	}
 	return goRun(ctx, r.cfg.SourceDir, staticBuild, append([]string{"build", "-o", r.binDir + "/"}, pkgs...)...)
+}
+
+// objectsMismatch says why the tern plugin at path cannot be measured by
+// this ternbench, or "" when it can: it must carry the BPF objects
+// ternbench was built with. A node's loader swaps all of its attachments to
+// the objects of whichever binary loads last (a different version counts as
+// an upgrade), and ternbench loads its own on the multi-node paths (the
+// routing table): with another plugin build, the paths would silently run
+// ternbench's programs, not the plugin's.
+func objectsMismatch(ctx context.Context, path string) string {
+	cmd := exec.CommandContext(ctx, path)
+	cmd.Env = []string{} // no CNI_COMMAND: the plugin says what it is
+	out, _ := cmd.CombinedOutput()
+	v, ok := ternbpf.ObjectsOf(string(out))
+	switch {
+	case !ok:
+		return fmt.Sprintf("plugin %s does not name its BPF objects (%q): build it and ternbench from one tree (make build)", path, lastLines(string(out), 2))
+	case v != ternbpf.ObjectVersion():
+		return fmt.Sprintf("plugin %s carries BPF objects %s, this ternbench %s: the nodes would run ternbench's programs; build both from one tree (make build) and run that tree's bin/ternbench", path, v, ternbpf.ObjectVersion())
+	}
+	return ""
 }
 
 // staticBuild builds the CNI plugins, Tern's and the reference ones, as

@@ -7,6 +7,8 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+
+	ternbpf "github.com/ternlabs/tern/bpf"
 )
 
 func TestMissingPluginsMakePathsUnavailable(t *testing.T) {
@@ -29,6 +31,38 @@ func TestMissingPluginsMakePathsUnavailable(t *testing.T) {
 	}
 	if _, ok := un[PathLimit]; ok {
 		t.Error("the limit needs no plugin")
+	}
+}
+
+// TestPluginOfOtherObjectsUnavailable: a tern plugin that carries other BPF
+// objects than ternbench (another build) makes the Tern paths unavailable,
+// with the reason: the nodes would run ternbench's programs. The plugin is
+// a script that describes itself as cmd/tern does (run without
+// CNI_COMMAND).
+func TestPluginOfOtherObjectsUnavailable(t *testing.T) {
+	for _, c := range []struct {
+		name, about, want string
+	}{
+		{"same objects", "tern: eBPF CNI plugin, " + ternbpf.AboutObjects(), ""},
+		{"other objects", "tern: eBPF CNI plugin, BPF objects 0123abcd", "carries BPF objects 0123abcd, this ternbench " + ternbpf.ObjectVersion()},
+		{"objects not named", "tern: eBPF CNI plugin", "does not name its BPF objects"},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			dir := t.TempDir()
+			script := "#!/bin/sh\n[ -z \"$CNI_COMMAND\" ] && echo '" + c.about + "' >&2\nexit 0\n"
+			if err := os.WriteFile(filepath.Join(dir, "tern"), []byte(script), 0o755); err != nil {
+				t.Fatal(err)
+			}
+			r := &runner{cfg: Config{Paths: []string{PathLimit, PathEBPF, PathIptables}, PluginDir: dir, Log: io.Discard}}
+			un := r.buildPlugins(context.Background(), "v1.9.1")
+			for _, p := range []string{PathEBPF, PathIptables} {
+				if got, ok := un[p]; c.want == "" && ok {
+					t.Errorf("%s unavailable: %s", p, got)
+				} else if c.want != "" && !strings.Contains(got, c.want) {
+					t.Errorf("%s: reason %q, want it to say %q", p, got, c.want)
+				}
+			}
+		})
 	}
 }
 

@@ -2,6 +2,7 @@ package bpf
 
 import (
 	"fmt"
+	"strings"
 
 	"github.com/cilium/ebpf"
 )
@@ -13,6 +14,24 @@ import (
 // objects cost every exec of the CNI plugin about a millisecond of CPU.
 func ObjectVersion() string {
 	return objectVersion
+}
+
+// AboutObjects is how the binaries that embed the objects name them when
+// asked what they are ("BPF objects <version>"); ObjectsOf reads it back.
+func AboutObjects() string { return aboutObjectsPrefix + objectVersion }
+
+const aboutObjectsPrefix = "BPF objects "
+
+// ObjectsOf finds the object version in a text AboutObjects wrote, and
+// reports whether there was one.
+func ObjectsOf(text string) (string, bool) {
+	_, rest, ok := strings.Cut(text, aboutObjectsPrefix)
+	if !ok {
+		return "", false
+	}
+	v, _, _ := strings.Cut(rest, "\n")
+	v = strings.TrimSpace(v)
+	return v, v != ""
 }
 
 // LoadSpecs returns the specs of every embedded object, in load order. The

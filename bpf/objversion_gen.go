@@ -3,4 +3,4 @@
 package bpf
 
 // objectVersion is objhash.Sum of the embedded objects (ObjectVersion).
-const objectVersion = "5f7b22466d11"
+const objectVersion = "ae43f4244e24"

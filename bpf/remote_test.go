@@ -306,3 +306,124 @@ func TestStackOwnedHint(t *testing.T) {
 		}
 	})
 }
+
+// TestRemoteFIBCache: tern_from_pod asks the FIB where a remote node's pods
+// are once per REMOTE_FIB_TTL_NS and keeps the answer in the node's
+// tern_remote entry (lib/remote.h): a packet with the answer fresh follows
+// it without a lookup (a route changed meanwhile is not seen), an expired
+// answer is looked up again (the new route is followed), package routing's
+// rewrite of the entry (zeros) drops it, a packet larger than the cached
+// MTU asks the FIB (FRAG_NEEDED: to the stack, for path MTU discovery), and
+// a failed lookup caches nothing.
+func TestRemoteFIBCache(t *testing.T) {
+	w := newRemoteWorld(t)
+	w.reset(t)
+	w.clearRemote(t)
+	w.setRemote(t, false)
+	key := TernLpmV4Key{Prefixlen: uint32(remoteCIDR.Bits()), Addr: natAddr(remoteCIDR.Addr())}
+	entry := func() TernRemoteNode {
+		t.Helper()
+		var v TernRemoteNode
+		if err := w.maps[TernMapTernRemote].Lookup(key, &v); err != nil {
+			t.Fatal(err)
+		}
+		return v
+	}
+	gateway := netip.MustParseAddr("192.0.2.4") // another host on the uplink's subnet
+	dst := net.IPNet{IP: remoteCIDR.Addr().AsSlice(), Mask: net.CIDRMask(remoteCIDR.Bits(), 32)}
+	route := func(via netip.Addr) {
+		t.Helper()
+		err := w.ns.Do(func(ns.NetNS) error {
+			return netlink.RouteReplace(&netlink.Route{Dst: &dst, Gw: via.AsSlice(), LinkIndex: w.uplink})
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	var mtu int
+	if err := w.ns.Do(func(ns.NetNS) error {
+		lk, err := netlink.LinkByIndex(w.uplink)
+		if err == nil {
+			mtu = lk.Attrs().MTU
+		}
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	send := func(payload int) uint32 {
+		t.Helper()
+		p := natPkt{dst: natOtherPod, proto: unix.IPPROTO_UDP, sport: 4000, dport: 53, payload: make([]byte, payload)}
+		v, _ := w.fromPodRun(t, w.a, p)
+		return v
+	}
+	wantCached := func(step string, nh netip.Addr) {
+		t.Helper()
+		e := entry()
+		if e.FibUntil == 0 || e.FibIfindex != uint32(w.uplink) || e.FibNh != natAddr(nh) || e.FibMtu != uint32(mtu) {
+			t.Errorf("%s: entry %+v, want the answer cached: uplink %d, next hop %s, MTU %d", step, e, w.uplink, nh, mtu)
+		}
+	}
+
+	if e := entry(); e.FibUntil != 0 {
+		t.Fatalf("a new entry has an answer cached: %+v", e)
+	}
+	if v := send(32); v != natActRedirect {
+		t.Fatalf("first packet: verdict %#x, want redirect", v)
+	}
+	wantCached("first packet", remoteNode)
+	first := entry()
+
+	// The route moves; the answer is fresh: the next packet does not ask.
+	route(gateway)
+	if v := send(32); v != natActRedirect {
+		t.Fatalf("cached: verdict %#x, want redirect", v)
+	}
+	if e := entry(); e != first {
+		t.Errorf("a packet with the answer fresh looked the FIB up again: %+v, was %+v", e, first)
+	}
+
+	// Expired: asked again, the new route is followed.
+	stale := first
+	stale.FibUntil = 1
+	if err := w.maps[TernMapTernRemote].Put(key, stale); err != nil {
+		t.Fatal(err)
+	}
+	if v := send(32); v != natActRedirect {
+		t.Fatalf("expired: verdict %#x, want redirect", v)
+	}
+	wantCached("after expiry", gateway)
+
+	// Larger than the cached MTU allows: the FIB decides (FRAG_NEEDED:
+	// the stack answers the pod), the cache stays as it is.
+	before := entry()
+	w.reset(t)
+	if v := send(mtu + 100); v != natActOK {
+		t.Errorf("oversized packet: verdict %#x, want the stack's (FRAG_NEEDED)", v)
+	}
+	w.wantMetrics(t, map[TernMetric]uint64{TernMetricMETRIC_PASS_HOST: 1})
+	if e := entry(); e != before {
+		t.Errorf("the oversized packet changed the cache: %+v, was %+v", e, before)
+	}
+
+	// Package routing writes the entry again (zeros): nothing cached; a
+	// failed lookup (the pod CIDR made unreachable) leaves it so.
+	w.setRemote(t, false)
+	err := w.ns.Do(func(ns.NetNS) error {
+		return netlink.RouteReplace(&netlink.Route{Dst: &dst, Type: unix.RTN_UNREACHABLE})
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	w.reset(t)
+	if v := send(32); v != natActOK {
+		t.Errorf("unreachable: verdict %#x, want the stack's", v)
+	}
+	if e := entry(); e.FibUntil != 0 {
+		t.Errorf("a failed lookup was cached: %+v", e)
+	}
+	route(remoteNode)
+	if v := send(32); v != natActRedirect {
+		t.Fatalf("route back: verdict %#x, want redirect", v)
+	}
+	wantCached("route back", remoteNode)
+}

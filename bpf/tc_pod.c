@@ -387,7 +387,7 @@ static __noinline int shaped_off_uplink_ip(struct __sk_buff *skb, const struct e
  * structures would otherwise sit in tern_from_pod's frame, and the
  * verifier bounds a frame plus its deepest callee (the load balancer's) to
  * 512 bytes. */
-static __noinline int remote_out(struct __sk_buff *skb, const struct remote_node *rn,
+static __noinline int remote_out(struct __sk_buff *skb, struct remote_node *rn,
 				 const struct ip4 *ip)
 {
 	return remote_forward(skb, rn, ip->saddr, ip->daddr, ip->tos, ip->proto, ip->ttl);
@@ -397,7 +397,7 @@ SEC("tc")
 int tern_from_pod(struct __sk_buff *skb)
 {
 	struct endpoint *src, *dst;
-	const struct remote_node *rn;
+	struct remote_node *rn;
 	struct node_config *cfg;
 	struct ethhdr *eth;
 	struct iphdr *iph;

@@ -340,6 +340,10 @@ int tern_to_uplink(struct __sk_buff *skb)
 	__be16 frag_off, id;
 	__u8 proto, ihl;
 
+	if (skb->tc_index & TERN_TC_INDEX_DECIDED) {
+		skb->tc_index &= ~TERN_TC_INDEX_DECIDED;
+		return TERN_PASS;
+	}
 	/* Not IPv4, or not a translated flow of a local pod: not ours. */
 	if (parse_ipv4(skb, &eth, &iph) != PARSE_IPV4)
 		return TERN_PASS;

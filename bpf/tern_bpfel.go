@@ -391,6 +391,11 @@ type TernRemoteNode struct {
 	_             structs.HostLayout
 	NodeIp        uint32
 	TunnelIfindex uint32
+	FibIfindex    uint32
+	FibNh         uint32
+	FibMtu        uint32
+	FibPad        uint32
+	FibUntil      uint64
 }
 
 // Names of all BPF objects in the ELF.

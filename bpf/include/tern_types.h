@@ -46,6 +46,14 @@ struct node_config {
 struct remote_node {
 	__be32 node_ip;         /* the node's InternalIP: next hop (native) or tunnel remote (VXLAN) */
 	__u32 tunnel_ifindex;   /* VXLAN device (external mode) to redirect to; 0 = native routing */
+	/* Native routing: the FIB's last answer for this node's pods, kept
+	 * by tern_from_pod until fib_until (bpf_ktime_get_coarse_ns), see
+	 * lib/remote.h. Package routing writes zeros (nothing cached). */
+	__u32 fib_ifindex;      /* interface the FIB chose */
+	__be32 fib_nh;          /* its next hop (the gateway, or the pod when on-link) */
+	__u32 fib_mtu;          /* that interface's MTU */
+	__u32 fib_pad;
+	__u64 fib_until;        /* 0: nothing cached */
 };
 
 /* lpm_v4_key: key of tern_nomasq (LPM trie of destinations that keep the

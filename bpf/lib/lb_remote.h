@@ -89,7 +89,7 @@ static __always_inline int lb_snat_port(struct __sk_buff *skb, struct lb_ct_entr
  * Returns a tc verdict. Global, as lb.h's entry points. */
 __noinline int lb_to_remote(struct __sk_buff *skb, struct lb_pkt *p)
 {
-	const struct remote_node *rn;
+	struct remote_node *rn;
 	struct node_config *cfg;
 	struct lb_ct_entry *fe;
 	struct lb_scratch *s;

@@ -39,11 +39,55 @@
 #define TERN_TUNNEL_TTL 64
 
 /* remote_lookup returns the node whose pod CIDR holds addr, or NULL. */
-static __always_inline const struct remote_node *remote_lookup(__be32 addr)
+static __always_inline struct remote_node *remote_lookup(__be32 addr)
 {
 	struct lpm_v4_key key = { .prefixlen = 32, .addr = addr };
 
 	return bpf_map_lookup_elem(&tern_remote, &key);
+}
+
+/* REMOTE_FIB_TTL_NS: how long a node's cached FIB answer is used. */
+#define REMOTE_FIB_TTL_NS 1000000000ULL
+
+/* remote_fib_next_hop finds where a packet for a pod of the native node rn
+ * leaves (interface and next hop), and returns BPF_FIB_LKUP_RET_SUCCESS or
+ * what the FIB said instead. The FIB is asked once per second per node, not
+ * per packet (the lookup was ~2.5% of a cross-node ping-pong's latency,
+ * bench/example-multinode/round4): its answer is kept in rn's tern_remote
+ * entry, so the datapath follows a change of the node's routes or of
+ * forwarding, neighbours aside (bpf_redirect_neigh resolves those per
+ * packet), within REMOTE_FIB_TTL_NS,
+ * and at once when package routing rewrites the entry (its zeros: nothing
+ * cached). A packet larger than the cached interface MTU allows asks the
+ * FIB, which answers FRAG_NEEDED (or passes a GSO packet): path MTU
+ * discovery sees every change at once. The cache is per node, not per
+ * flow: a pod CIDR routed over several paths (ECMP) takes the path of the
+ * last lookup for a second, where the FIB would spread flows by address.
+ * Concurrent writers write the answer of lookups made moments apart;
+ * fib_until, written last, is what makes an answer usable. */
+static __always_inline long remote_fib_next_hop(struct __sk_buff *skb, struct remote_node *rn,
+						__be32 saddr, __be32 daddr, __u8 tos, __u8 proto,
+						__u32 *ifindex, __be32 *nh)
+{
+	struct bpf_fib_lookup fib;
+	__u64 now = bpf_ktime_get_coarse_ns();
+	long rc;
+
+	if (now < rn->fib_until && skb->len <= rn->fib_mtu + ETH_HLEN) {
+		*ifindex = rn->fib_ifindex;
+		*nh = rn->fib_nh;
+		return BPF_FIB_LKUP_RET_SUCCESS;
+	}
+	rc = fib_lookup_v4(skb, &fib, saddr, daddr, tos, proto, 0, 0);
+	if (rc != BPF_FIB_LKUP_RET_SUCCESS)
+		return rc;
+	*ifindex = fib.ifindex;
+	*nh = fib.ipv4_dst;
+	rn->fib_ifindex = fib.ifindex;
+	rn->fib_nh = fib.ipv4_dst;
+	rn->fib_mtu = fib.mtu_result; /* the interface's MTU: tot_len was 0 */
+	rn->fib_until = now + REMOTE_FIB_TTL_NS;
+	return rc;
 }
 
 /* remote_forward sends a pod's packet to a pod of the node rn (egress policy
@@ -51,14 +95,15 @@ static __always_inline const struct remote_node *remote_lookup(__be32 addr)
  * expiring, a native route the FIB does not resolve, a packet larger than
  * the route's MTU) goes to the stack, which answers the pod with the ICMP
  * error. Returns a tc verdict. */
-static __always_inline int remote_forward(struct __sk_buff *skb, const struct remote_node *rn,
+static __always_inline int remote_forward(struct __sk_buff *skb, struct remote_node *rn,
 					  __be32 saddr, __be32 daddr, __u8 tos, __u8 proto, __u8 ttl)
 {
-	struct bpf_fib_lookup fib;
 	struct bpf_tunnel_key key;
 	__u32 tunnel = rn->tunnel_ifindex;
 	__be32 node_ip = rn->node_ip;
-	long rc;
+	struct bpf_redir_neigh nh = { .nh_family = AF_INET };
+	struct node_config *cfg;
+	__u32 ifindex;
 
 	if (ttl <= 1) {
 		count(METRIC_PASS_TTL, skb->len);
@@ -81,8 +126,8 @@ static __always_inline int remote_forward(struct __sk_buff *skb, const struct re
 		count(METRIC_REMOTE_VXLAN, skb->len);
 		return bpf_redirect(tunnel, 0);
 	}
-	rc = fib_lookup_v4(skb, &fib, saddr, daddr, tos, proto, 0, 0);
-	if (rc != BPF_FIB_LKUP_RET_SUCCESS) {
+	if (remote_fib_next_hop(skb, rn, saddr, daddr, tos, proto, &ifindex, &nh.ipv4_nh) !=
+	    BPF_FIB_LKUP_RET_SUCCESS) {
 		/* FRAG_NEEDED (the stack tells the pod the MTU), no route,
 		 * forwarding off: the stack's answer is the right one. */
 		count(METRIC_PASS_HOST, skb->len);
@@ -93,7 +138,12 @@ static __always_inline int remote_forward(struct __sk_buff *skb, const struct re
 		return TC_ACT_SHOT;
 	}
 	count(METRIC_REMOTE_NATIVE, skb->len);
-	return redirect_neigh_v4(&fib);
+	/* Out of the uplink, whose tern_to_uplink takes the bit off again;
+	 * out of another interface it would travel on with the skb. */
+	cfg = node_config();
+	if (cfg && ifindex == cfg->uplink_ifindex)
+		skb->tc_index |= TERN_TC_INDEX_DECIDED;
+	return bpf_redirect_neigh(ifindex, &nh, sizeof(nh), 0);
 }
 
 /* tunnel_from_owner reports whether a decapsulated packet with inner source

@@ -15,4 +15,13 @@
  * (TC_ACT_SHOT) and redirects stay final. */
 #define TERN_PASS TC_ACT_UNSPEC
 
+/* TERN_TC_INDEX_DECIDED, a bit of skb->tc_index (a field no other user of
+ * this kernel's tc reads: its classifier and qdisc, tcindex and dsmark, are
+ * gone): set on a packet for another node's pod that a Tern program sends
+ * out of the uplink itself (remote_forward, lib/remote.h), having decided
+ * everything tern_to_uplink would (it answers for the stack's packets):
+ * tern_to_uplink passes it at once and takes the bit off, so it goes no
+ * further. */
+#define TERN_TC_INDEX_DECIDED 0x8000
+
 #endif /* TERN_VERDICT_H */

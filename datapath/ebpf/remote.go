@@ -53,7 +53,9 @@ func (d *Datapath) SyncRemotes(remotes []datapath.Remote) error {
 		return fmt.Errorf("iterate %s: %w", ternbpf.TernMapTernRemote, err)
 	}
 	for k, v := range want {
-		if cur, ok := have[k]; ok && cur == v {
+		// The rest of an entry is the programs' (a cached FIB answer,
+		// bpf/lib/remote.h): an unchanged node keeps it.
+		if cur, ok := have[k]; ok && cur.NodeIp == v.NodeIp && cur.TunnelIfindex == v.TunnelIfindex {
 			continue
 		}
 		if err := m.Put(k, v); err != nil {
