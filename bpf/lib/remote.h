@@ -54,17 +54,17 @@ static __always_inline struct remote_node *remote_lookup(__be32 addr)
  * what the FIB said instead. The FIB is asked once per second per node, not
  * per packet (the lookup was ~2.5% of a cross-node ping-pong's latency,
  * bench/example-multinode/round4): its answer is kept in rn's tern_remote
- * entry, so the datapath follows a change of the node's routes or of
- * forwarding, neighbours aside (bpf_redirect_neigh resolves those per
- * packet), within REMOTE_FIB_TTL_NS,
- * and at once when package routing rewrites the entry (its zeros: nothing
- * cached). A packet larger than the cached interface MTU allows asks the
- * FIB, which answers FRAG_NEEDED (or passes a GSO packet): path MTU
- * discovery sees every change at once. The cache is per node, not per
- * flow: a pod CIDR routed over several paths (ECMP) takes the path of the
- * last lookup for a second, where the FIB would spread flows by address.
- * Concurrent writers write the answer of lookups made moments apart;
- * fib_until, written last, is what makes an answer usable. */
+ * entry. So the datapath follows a change of the node's routes or of
+ * forwarding within REMOTE_FIB_TTL_NS, and at once when package routing
+ * rewrites the entry (its zeros: nothing cached); bpf_redirect_neigh still
+ * resolves the neighbour per packet. A packet larger than the cached
+ * interface MTU allows asks the FIB, which answers FRAG_NEEDED (or passes a
+ * GSO packet): path MTU discovery sees every change at once. The answer is
+ * per pod CIDR, not per destination: a route more specific than the CIDR
+ * (one remote pod's /32 elsewhere) or ECMP paths for it are not followed
+ * packet by packet; the answer of the last lookup serves the whole CIDR
+ * for a second. Concurrent writers write the answers of lookups made
+ * moments apart; fib_until, written last, is what makes an answer usable. */
 static __always_inline long remote_fib_next_hop(struct __sk_buff *skb, struct remote_node *rn,
 						__be32 saddr, __be32 daddr, __u8 tos, __u8 proto,
 						__u32 *ifindex, __be32 *nh)
