@@ -3,4 +3,4 @@
 package bpf
 
 // objectVersion is objhash.Sum of the embedded objects (ObjectVersion).
-const objectVersion = "ae43f4244e24"
+const objectVersion = "b80bdc4e36a4"

@@ -33,17 +33,24 @@ static __always_inline long fib_lookup_v4(struct __sk_buff *skb, struct bpf_fib_
 	return bpf_fib_lookup(skb, p, sizeof(*p), BPF_FIB_LOOKUP_SKIP_NEIGH);
 }
 
-/* redirect_neigh_v4 sends the packet out of the interface the lookup chose,
- * to its next hop (the gateway, or the destination when on-link: the lookup
- * left it in ipv4_dst). The kernel fills in both MAC addresses. */
-static __always_inline long redirect_neigh_v4(const struct bpf_fib_lookup *p)
+/* redirect_neigh_via sends the packet out of ifindex to the IPv4 next hop
+ * nh_ip. The kernel resolves the neighbour and fills in both MAC addresses. */
+static __always_inline long redirect_neigh_via(__u32 ifindex, __be32 nh_ip)
 {
 	struct bpf_redir_neigh nh = {
 		.nh_family = AF_INET,
-		.ipv4_nh = p->ipv4_dst,
+		.ipv4_nh = nh_ip,
 	};
 
-	return bpf_redirect_neigh(p->ifindex, &nh, sizeof(nh), 0);
+	return bpf_redirect_neigh(ifindex, &nh, sizeof(nh), 0);
+}
+
+/* redirect_neigh_v4 sends the packet out of the interface the lookup chose,
+ * to its next hop (the gateway, or the destination when on-link: the lookup
+ * left it in ipv4_dst). */
+static __always_inline long redirect_neigh_v4(const struct bpf_fib_lookup *p)
+{
+	return redirect_neigh_via(p->ifindex, p->ipv4_dst);
 }
 
 #endif /* TERN_FIB_H */

@@ -101,7 +101,7 @@ static __always_inline int remote_forward(struct __sk_buff *skb, struct remote_n
 	struct bpf_tunnel_key key;
 	__u32 tunnel = rn->tunnel_ifindex;
 	__be32 node_ip = rn->node_ip;
-	struct bpf_redir_neigh nh = { .nh_family = AF_INET };
+	__be32 nh;
 	struct node_config *cfg;
 	__u32 ifindex;
 
@@ -126,7 +126,7 @@ static __always_inline int remote_forward(struct __sk_buff *skb, struct remote_n
 		count(METRIC_REMOTE_VXLAN, skb->len);
 		return bpf_redirect(tunnel, 0);
 	}
-	if (remote_fib_next_hop(skb, rn, saddr, daddr, tos, proto, &ifindex, &nh.ipv4_nh) !=
+	if (remote_fib_next_hop(skb, rn, saddr, daddr, tos, proto, &ifindex, &nh) !=
 	    BPF_FIB_LKUP_RET_SUCCESS) {
 		/* FRAG_NEEDED (the stack tells the pod the MTU), no route,
 		 * forwarding off: the stack's answer is the right one. */
@@ -143,7 +143,7 @@ static __always_inline int remote_forward(struct __sk_buff *skb, struct remote_n
 	cfg = node_config();
 	if (cfg && ifindex == cfg->uplink_ifindex)
 		skb->tc_index |= TERN_TC_INDEX_DECIDED;
-	return bpf_redirect_neigh(ifindex, &nh, sizeof(nh), 0);
+	return redirect_neigh_via(ifindex, nh);
 }
 
 /* tunnel_from_owner reports whether a decapsulated packet with inner source
